@@ -1,0 +1,177 @@
+"""Model configuration and named presets with the published shapes.
+
+One frozen `ModelConfig` describes every supported family (GPT-2, Llama 3, Qwen2/2.5,
+Mistral): the families differ only in the fields below, never in separate model classes.
+Experiment files hold the same fields in an ml-collections `ConfigDict` (`config.model`);
+`ModelConfig.from_dict` turns it back into this dataclass and validates it.
+"""
+
+import dataclasses
+from typing import Any
+
+from llmjax.errors import ConfigError, closest
+
+# Registries of the choices a config can name. The modules that implement them import these
+# names, so grep leads from a config value to its code.
+NORMS = ('rmsnorm', 'layernorm')
+MLPS = ('swiglu', 'gelu')
+POSITIONS = ('rope', 'learned')
+ROPE_SCALINGS = ('', 'linear', 'dynamic', 'llama3')
+REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'qkv_proj')
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and choices of a decoder-only Transformer."""
+  vocab_size: int
+  num_layers: int
+  embed_dim: int
+  num_heads: int
+  num_kv_heads: int  # == num_heads: MHA; 1: MQA; otherwise GQA.
+  head_dim: int
+  mlp_dim: int
+  max_seq_len: int  # size of the learned position table; the longest context for RoPE models.
+  norm: str = 'rmsnorm'
+  norm_eps: float = 1e-5
+  mlp: str = 'swiglu'
+  position: str = 'rope'
+  rope_theta: float = 10_000.0
+  # RoPE scaling as in Hugging Face's `rope_scaling` (Llama 3.1+ uses 'llama3').
+  rope_scaling: str = ''
+  rope_scaling_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0  # llama3 only
+  rope_high_freq_factor: float = 4.0  # llama3 only
+  rope_original_max_len: int = 8192  # llama3 and dynamic: the pretraining context
+  qkv_bias: bool = False  # Qwen2 and GPT-2
+  out_bias: bool = False  # GPT-2: bias on the attention output projection
+  mlp_bias: bool = False  # GPT-2
+  tie_embeddings: bool = False  # the LM head reuses the input embedding
+  sliding_window: int = 0  # Mistral: attend to the last `sliding_window` tokens; 0 = no window.
+  dtype: str = 'float32'  # compute dtype of matmuls; softmax, norms and losses stay float32.
+  param_dtype: str = 'float32'
+  attention: str = 'xla'  # implementation name, see `llmjax.models.attention.IMPLEMENTATIONS`.
+  remat: str = 'none'  # see `llmjax.models.transformer.REMAT_POLICIES`.
+  scan_layers: bool = True  # one compiled block for all layers: compile time independent of depth.
+  init_std: float = 0.02
+
+  @classmethod
+  def from_dict(cls, d: Any) -> 'ModelConfig':
+    """Builds and validates a config from a dict/ConfigDict; unknown keys name the closest."""
+    d = dict(d)
+    d.pop('preset', None)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+      if key not in names:
+        raise ConfigError(f"model.{key}: unknown model key.{closest(key, names)}")
+    try:
+      cfg = cls(**d)
+    except TypeError as e:
+      missing = sorted(names - set(d))
+      raise ConfigError(f"model: missing keys {missing} ({e}); start from a preset.") from None
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    """Raises ConfigError naming the key and the fix."""
+    for key in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads',
+                'head_dim', 'mlp_dim', 'max_seq_len'):
+      if int(getattr(self, key)) <= 0:
+        raise ConfigError(f"model.{key}={getattr(self, key)} must be positive.")
+    if self.num_heads % self.num_kv_heads:
+      raise ConfigError(
+          f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads};"
+          f" pick a divisor of {self.num_heads}.")
+    for key, allowed in (('norm', NORMS), ('mlp', MLPS), ('position', POSITIONS),
+                         ('rope_scaling', ROPE_SCALINGS), ('remat', REMAT_POLICIES),
+                         ('dtype', DTYPES), ('param_dtype', DTYPES)):
+      value = getattr(self, key)
+      if value not in allowed:
+        raise ConfigError(f"model.{key}='{value}' is not one of {list(allowed)}."
+                          f"{closest(value, allowed)}")
+    if self.sliding_window < 0:
+      raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: none).")
+
+  @property
+  def num_params(self) -> int:
+    """Exact parameter count from the shapes (equals the sum over the params pytree)."""
+    d, h, kv, hd, f, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
+                          self.mlp_dim, self.vocab_size)
+    norm = d * (2 if self.norm == 'layernorm' else 1)
+    attn = d * h * hd + 2 * d * kv * hd + h * hd * d
+    attn += (h * hd + 2 * kv * hd) * self.qkv_bias + d * self.out_bias
+    mlp = (3 if self.mlp == 'swiglu' else 2) * d * f + (f + d) * self.mlp_bias
+    block = attn + mlp + 2 * norm
+    total = self.num_layers * block + v * d + norm
+    total += 0 if self.tie_embeddings else d * v
+    total += self.max_seq_len * d if self.position == 'learned' else 0
+    return total
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*d_attn*T.
+
+    N excludes the input embedding (a gather, not a matmul); attention is counted over the
+    full (non-causal) T x T score matrix, as in the PaLM MFU formula.
+    """
+    n_matmul = self.num_params - self.vocab_size * self.embed_dim * (not self.tie_embeddings)
+    if self.position == 'learned':
+      n_matmul -= self.max_seq_len * self.embed_dim
+    return 6 * n_matmul + 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+
+
+def _gpt2(layers, dim, heads):
+  return ModelConfig(
+      vocab_size=50257, num_layers=layers, embed_dim=dim, num_heads=heads, num_kv_heads=heads,
+      head_dim=dim // heads, mlp_dim=4 * dim, max_seq_len=1024, norm='layernorm', mlp='gelu',
+      position='learned', qkv_bias=True, out_bias=True, mlp_bias=True, tie_embeddings=True)
+
+
+def _llama3(layers, dim, heads, kv_heads, head_dim, mlp, tie, scaled):
+  # Llama 3.2 1B/3B ship with llama3 RoPE scaling (factor 32 over an 8192 pretraining context).
+  scaling = dict(rope_scaling='llama3', rope_scaling_factor=32.0, rope_low_freq_factor=1.0,
+                 rope_high_freq_factor=4.0, rope_original_max_len=8192) if scaled else {}
+  return ModelConfig(
+      vocab_size=128256, num_layers=layers, embed_dim=dim, num_heads=heads,
+      num_kv_heads=kv_heads, head_dim=head_dim, mlp_dim=mlp,
+      max_seq_len=131072 if scaled else 8192, rope_theta=500_000.0, tie_embeddings=tie,
+      **scaling)
+
+
+def _qwen25(layers, dim, heads, kv_heads, mlp, vocab, tie):
+  return ModelConfig(
+      vocab_size=vocab, num_layers=layers, embed_dim=dim, num_heads=heads,
+      num_kv_heads=kv_heads, head_dim=dim // heads, mlp_dim=mlp, max_seq_len=32768,
+      norm_eps=1e-6, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=tie)
+
+
+# Published shapes. `tiny` and `small` are the CPU benchmark sizes (the same as the Hugging Face
+# peer in benchmarks/), Llama-style; their vocab is replaced by the tokenizer's.
+PRESETS: dict[str, ModelConfig] = {
+    'tiny': ModelConfig(vocab_size=8192, num_layers=4, embed_dim=256, num_heads=4,
+                        num_kv_heads=2, head_dim=64, mlp_dim=704, max_seq_len=1024),
+    'small': ModelConfig(vocab_size=32000, num_layers=8, embed_dim=512, num_heads=8,
+                         num_kv_heads=4, head_dim=64, mlp_dim=1408, max_seq_len=2048),
+    'gpt2': _gpt2(12, 768, 12),
+    'gpt2-medium': _gpt2(24, 1024, 16),
+    'gpt2-large': _gpt2(36, 1280, 20),
+    'gpt2-xl': _gpt2(48, 1600, 25),
+    'llama3-1b': _llama3(16, 2048, 32, 8, 64, 8192, tie=True, scaled=True),
+    'llama3-3b': _llama3(28, 3072, 24, 8, 128, 8192, tie=True, scaled=True),
+    'llama3-8b': _llama3(32, 4096, 32, 8, 128, 14336, tie=False, scaled=False),
+    'qwen2.5-0.5b': _qwen25(24, 896, 14, 2, 4864, 151936, tie=True),
+    'qwen2.5-1.5b': _qwen25(28, 1536, 12, 2, 8960, 151936, tie=True),
+    'qwen2.5-7b': _qwen25(28, 3584, 28, 4, 18944, 152064, tie=False),
+    'mistral-7b': ModelConfig(
+        vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8,
+        head_dim=128, mlp_dim=14336, max_seq_len=32768, sliding_window=4096),
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+  """The named preset with `overrides` applied; unknown names list the presets."""
+  if name not in PRESETS:
+    raise ConfigError(f"model preset '{name}' is unknown.{closest(name, PRESETS)}"
+                      f" Presets: {', '.join(PRESETS)}.")
+  cfg = dataclasses.replace(PRESETS[name], **overrides)
+  cfg.validate()
+  return cfg

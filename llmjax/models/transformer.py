@@ -1,0 +1,143 @@
+"""The decoder-only Transformer: embeddings, a stack of pre-norm blocks, the LM head.
+
+    x = embed(tokens) (+ learned positions)
+    for each layer:  x = x + attn(norm(x));  x = x + mlp(norm(x))
+    logits = head(norm(x))
+
+Layers are stacked with `nn.scan` (one compiled block whatever the depth) and rematerialised
+by a named policy. The KV cache is an explicit value passed in and returned.
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from llmjax.models import axes
+from llmjax.models.attention import Attention, Mask
+from llmjax.models.config import ModelConfig
+from llmjax.models.layers import MLPS, NORMS, DenseGeneral, Embed
+
+# What the backward pass may keep from the forward pass instead of recomputing it.
+REMAT_POLICIES = {
+    'none': None,  # keep everything: fastest, most memory
+    'full': jax.checkpoint_policies.nothing_saveable,  # keep only block inputs
+    'dots': jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    'dots_no_batch': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    'qkv_proj': jax.checkpoint_policies.save_only_these_names('query_proj', 'key_proj', 'value_proj'),
+}
+
+
+@flax.struct.dataclass
+class Cache:
+  """KV cache of all layers. Sequence b holds `lengths[b]` valid entries."""
+  k: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  v: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  lengths: jax.Array  # [batch] int32
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> 'Cache':
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+
+class Block(nn.Module):
+  """One pre-norm Transformer block. Signature fits `nn.scan`: (x, *broadcast, xs) -> (x, ys)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, positions, mask, write_index, kv_cache):
+    cfg = self.cfg
+    norm = NORMS[cfg.norm]
+    h, kv_cache = Attention(cfg, name='attn')(norm(cfg, name='attn_norm')(x), positions, mask,
+                                              kv_cache, write_index)
+    x = x + h
+    x = x + MLPS[cfg.mlp](cfg, name='mlp')(norm(cfg, name='mlp_norm')(x))
+    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+    return x, kv_cache
+
+
+class Transformer(nn.Module):
+  """Decoder-only LM.
+
+  __call__(tokens [B, T], positions [B, T] | None, segment_ids [B, T] | None, cache | None)
+    -> (logits [B, T, vocab] float32, cache | None)
+
+  positions default to 0..T-1 (plus the cache lengths when decoding); segment_ids mark packed
+  documents (0 = padding), and tokens only attend within their own document.
+  """
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = Embed(cfg)
+    if cfg.position == 'learned':
+      self.pos_embed = self.param(
+          'pos_embedding', nn.with_logical_partitioning(nn.initializers.normal(0.01),
+                                                        (axes.POSITIONS, axes.EMBED)),
+          (cfg.max_seq_len, cfg.embed_dim), jnp.dtype(cfg.param_dtype))
+    block = Block
+    if cfg.remat != 'none':
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      self.layers = nn.scan(
+          block, variable_axes={'params': 0}, split_rngs={'params': True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name='layers')
+    else:
+      self.blocks = [block(cfg, name=f'layer_{i}') for i in range(cfg.num_layers)]
+    self.final_norm = NORMS[cfg.norm](cfg)
+    if not cfg.tie_embeddings:
+      self.head = DenseGeneral(cfg.vocab_size, (axes.EMBED, axes.VOCAB), cfg, out_dtype=jnp.float32)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+    cfg = self.cfg
+    b, t = tokens.shape
+    offset = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
+    if positions is None:
+      positions = offset[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    if cache is None:
+      mask = Mask(causal=True, sliding_window=cfg.sliding_window,
+                  q_segment_ids=segment_ids, kv_segment_ids=segment_ids)
+    else:
+      # Decoding: keys are cache slots; slot j holds position j, valid below lengths + t.
+      mask = Mask(causal=True, sliding_window=cfg.sliding_window, q_offset=cache.lengths,
+                  kv_lengths=cache.lengths + t)
+
+    x = self.embed.encode(tokens)  # [batch, length, embed]
+    if cfg.position == 'learned':
+      x = x + jnp.take(self.pos_embed, positions, axis=0).astype(x.dtype)
+    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+
+    kv = (cache.k, cache.v) if cache is not None else None
+    if cfg.scan_layers:
+      x, kv = self.layers(x, positions, mask, offset, kv)
+    else:
+      new_kv = []
+      for i, blk in enumerate(self.blocks):
+        x, layer_kv = blk(x, positions, mask, offset, None if kv is None else (kv[0][i], kv[1][i]))
+        new_kv.append(layer_kv)
+      if kv is not None:
+        kv = (jnp.stack([a for a, _ in new_kv]), jnp.stack([b_ for _, b_ in new_kv]))
+
+    x = self.final_norm(x)
+    logits = self.embed.decode(x) if cfg.tie_embeddings else self.head(x)
+    logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
+    if cache is not None:
+      cache = Cache(kv[0], kv[1], cache.lengths + t)
+    return logits, cache
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):
+  """Initialised params (a plain pytree of arrays) for `cfg`."""
+  model = Transformer(cfg)
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  return nn.meta.unbox(model.init(rng, tokens)['params'])
+
+
+def logical_axes(cfg: ModelConfig):
+  """The params pytree with a PartitionSpec of logical axis names at each leaf (no FLOPs)."""
+  model = Transformer(cfg)
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+  return nn.get_partition_spec(abstract)['params']
