@@ -1,0 +1,207 @@
+"""Experiment configs: loading `experiments/x.py:arg`, command-line overrides, validation.
+
+An experiment file defines `get_config(arg: str) -> ml_collections.ConfigDict`. The CLI spells
+it `--config=experiments/pretrain.py:model=llama3-1b,steps=10` and overrides single keys with
+`--config.train.steps=100`. Everything is checked here, before any array is allocated, and each
+problem is one line that names the key and the fix.
+"""
+
+import ast
+import dataclasses
+import importlib.util
+import os
+
+import ml_collections
+
+from llmjax.errors import ConfigError, closest
+from llmjax.models.config import ModelConfig, get_preset
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'model=tiny,steps=10' -> ConfigDict(model='tiny', steps=10) over `defaults`.
+
+  Values are parsed as Python literals where possible, else kept as strings; unknown names are
+  rejected so a typo in the `:arg` part fails loudly.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep:
+      raise ConfigError(f"config argument '{item}' is not key=value; write e.g. 'model=tiny'.")
+    if key not in defaults:
+      raise ConfigError(f"config argument '{key}' is unknown.{closest(key, defaults)}"
+                        f" Known: {', '.join(defaults)}.")
+    out[key] = _literal(value.strip(), type(defaults[key]))
+  return out
+
+
+def _literal(text: str, kind: type):
+  if kind is str:
+    return text
+  if kind is bool:
+    if text.lower() in ('true', '1', 'yes'):
+      return True
+    if text.lower() in ('false', '0', 'no'):
+      return False
+    raise ValueError(f"'{text}' is not a boolean")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  if kind is float and isinstance(value, int):
+    value = float(value)
+  return value
+
+
+def model_config_dict(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """A preset as a ConfigDict (every ModelConfig field, plus `preset`), for `config.model`."""
+  cfg = get_preset(preset, **overrides)
+  d = ml_collections.ConfigDict(dataclasses.asdict(cfg))
+  d.preset = preset
+  return d
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """Loads 'path/to/experiment.py[:arg]' by calling its get_config(arg)."""
+  path, _, arg = spec.partition(':')
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config: file '{path}' does not exist; pass e.g."
+                      " --config=experiments/quickstart.py.")
+  name = 'llmjax_experiment_' + os.path.splitext(os.path.basename(path))[0].replace('-', '_')
+  spec_ = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec_)
+  spec_.loader.exec_module(module)
+  if not hasattr(module, 'get_config'):
+    raise ConfigError(f"--config: {path} has no get_config(arg) function.")
+  return module.get_config(arg or None)
+
+
+def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+  """Sets config.a.b = text parsed to the type of the current value; typos name the closest key."""
+  node = config
+  parts = dotted.split('.')
+  for i, part in enumerate(parts):
+    keys = list(node.keys())
+    if part not in keys:
+      where = '.'.join(parts[:i]) or 'config'
+      raise ConfigError(f"--config.{dotted}: '{part}' is not a key of {where}.{closest(part, keys)}"
+                        f" Keys there: {', '.join(sorted(keys))}.")
+    if i < len(parts) - 1:
+      node = node[part]
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(f"--config.{dotted}: {'.'.join(parts[:i + 1])} is not a group of keys.")
+  current = node[parts[-1]]
+  try:
+    value = _literal(text, type(current)) if current is not None else _literal(text, object)
+    if current is not None and not isinstance(value, type(current)) and not (
+        isinstance(current, float) and isinstance(value, int)):
+      raise ValueError(f"expected {type(current).__name__}")
+  except ValueError as e:
+    raise ConfigError(f"--config.{dotted}={text}: {e}; the current value is {current!r}.") from None
+  node[parts[-1]] = value
+
+
+def parse_cli(argv: list[str], *, need_workdir: bool = True):
+  """Splits argv into (config, workdir, other flags); applies --config.x.y overrides in order."""
+  spec, workdir, overrides, rest = None, None, [], {}
+  for a in argv:
+    if not a.startswith('--'):
+      raise ConfigError(f"unexpected argument '{a}'; flags look like --name=value.")
+    name, _, value = a[2:].partition('=')
+    if name == 'config':
+      spec = value
+    elif name == 'workdir':
+      workdir = value
+    elif name.startswith('config.'):
+      overrides.append((name[len('config.'):], value))
+    else:
+      rest[name] = value
+  if spec is None:
+    raise ConfigError("missing --config=experiments/<job>.py[:arg]; e.g."
+                      " --config=experiments/quickstart.py.")
+  if need_workdir and not workdir:
+    raise ConfigError("missing --workdir=DIR: where checkpoints, logs and the tokenizer go.")
+  config = load_config(spec)
+  for dotted, value in overrides:
+    apply_override(config, dotted, value)
+  return config, workdir, rest
+
+
+def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> ModelConfig:
+  """Checks the whole config before anything compiles; returns the ModelConfig."""
+  model = ModelConfig.from_dict(config.model)
+  t = config.train
+  for key in ('steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every', 'grad_accum'):
+    if int(t[key]) <= 0:
+      raise ConfigError(f"train.{key}={t[key]} must be positive.")
+  if t.batch_size % t.grad_accum:
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
+                      f"{t.grad_accum}; pick a divisor.")
+  if config.data.seq_len > model.max_seq_len and model.position == 'learned':
+    raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
+                      f"{model.max_seq_len} (learned positions); lower data.seq_len.")
+  path = config.data.get('path', '')
+  if path:
+    import glob
+    if not glob.glob(path):
+      raise ConfigError(f"data.path='{path}' matches no file; pass an existing .txt/.jsonl file"
+                        " or glob, or '' for the embedded corpus.")
+  tok = config.data.get('tokenizer_path', '')
+  if tok and not os.path.isfile(tok):
+    raise ConfigError(f"data.tokenizer_path='{tok}' does not exist; pass a sentencepiece .model"
+                      " or '' to train one into the workdir.")
+  return model
+
+
+def base_config(model: str = 'tiny', **model_overrides) -> ml_collections.ConfigDict:
+  """Every key a training job reads, with defaults. Experiment files start from this."""
+  c = ml_collections.ConfigDict()
+  c.model = model_config_dict(model, **model_overrides)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ''  # local .txt/.jsonl file or glob; '' = the embedded generated corpus
+  c.data.tfds_name = ''  # a TFDS catalog name instead (needs network the first time)
+  c.data.text_key = 'text'  # JSONL field holding the document
+  c.data.seq_len = 256  # tokens per packed row
+  c.data.tokenizer_path = ''  # a sentencepiece .model; '' = train one into WORKDIR/tokenizer.model
+  c.data.vocab_size = 8192  # size of a trained tokenizer
+  c.data.tokenizer_type = 'bpe'  # 'bpe' or 'unigram'
+  c.data.eval_batches = 8  # batches of the validation split per evaluation
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 32  # global, across all hosts and devices
+  c.train.grad_accum = 1  # micro-batches per step: same update, 1/grad_accum of the activations
+  c.train.seed = 0  # initialisation and data order
+  c.train.lr = 3e-4
+  c.train.warmup_steps = 100
+  c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio (Chinchilla, Hoffmann et al.)
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95  # 0.95 rather than 0.999: steadier for LLMs (GPT-3, Llama)
+  c.train.grad_clip = 1.0  # global-norm clipping
+  c.train.log_every = 10
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
+  c.train.max_to_keep = 3
+  c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU when the device is not in the table
+  c.train.unigram_baseline_batches = 20  # training batches counted for the unigram baseline
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1  # -1: all remaining devices
+  c.mesh.tensor = 1
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = 'fsdp'  # a key of llmjax.sharding.RULES: 'data', 'fsdp', 'fsdp_tensor'
+
+  c.init = ml_collections.ConfigDict()
+  c.init.params_dir = ''  # start from the latest params of another llmjax workdir
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompts = ()  # printed with their continuations at every eval
+  c.sample.max_new_tokens = 48
+  c.sample.temperature = 0.0  # 0: greedy, so samples are reproducible
+  c.sample.top_k = 0
+  c.sample.top_p = 1.0
+  return c

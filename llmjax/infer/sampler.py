@@ -1,0 +1,124 @@
+"""KV-cache sampling: one prefill over the (right-padded) prompts, then a jitted decode loop.
+
+Prompts of different lengths share a batch: sequence b's prompt fills cache slots
+[0, len_b), and each decode step writes at slot `lengths[b]` (= its next position), so no
+sequence ever attends to another's padding. Greedy, temperature, top-k and top-p sampling;
+EOS per sequence (decoding stops when every sequence is done); stop strings are cut on the host.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.errors import UserError
+from llmjax.models.config import ModelConfig
+from llmjax.models.transformer import Cache, Transformer
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  max_new_tokens: int = 64
+  temperature: float = 1.0  # 0: greedy
+  top_k: int = 0  # 0: off
+  top_p: float = 1.0  # 1: off
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def sample_logits(logits: jax.Array, rng: jax.Array, p: SamplingParams) -> jax.Array:
+  """logits [batch, vocab] float32 -> token ids [batch] int32."""
+  if p.temperature == 0:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = logits / p.temperature
+  neg = jnp.finfo(jnp.float32).min
+  if p.top_k:
+    kth = jax.lax.top_k(logits, p.top_k)[0][:, -1:]  # [batch, 1]
+    logits = jnp.where(logits < kth, neg, logits)
+  if p.top_p < 1.0:
+    # Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
+    # probability mass reaches top_p; the most likely token is always kept.
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    cutoff_idx = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < p.top_p, axis=-1) - 1
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[:, None], axis=-1)
+    logits = jnp.where(logits < cutoff, neg, logits)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'params_', 'max_len', 'eos_id'))
+def _generate(params, tokens, lengths, rng, *, cfg: ModelConfig, params_: SamplingParams,
+              max_len: int, eos_id: int):
+  """tokens [B, T] right-padded, lengths [B] -> generated ids [B, max_new_tokens] (eos_id-padded)."""
+  model = Transformer(cfg)
+  batch = tokens.shape[0]
+  n_new = params_.max_new_tokens
+  cache = Cache.zeros(cfg, batch, max_len)
+  logits, cache = model.apply({'params': params}, tokens, cache=cache)  # prefill
+  cache = cache.replace(lengths=lengths)
+  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
+
+  def cond(carry):
+    i, _, _, done, _, _ = carry
+    return (i < n_new) & ~jnp.all(done)
+
+  def body(carry):
+    i, cache, last, done, out, rng = carry
+    rng, key = jax.random.split(rng)
+    tok = sample_logits(last, key, params_)
+    tok = jnp.where(done, eos_id, tok)
+    out = out.at[:, i].set(tok)
+    done = done | (tok == eos_id)
+    logits, cache = model.apply({'params': params}, tok[:, None], cache=cache)
+    return i + 1, cache, logits[:, 0], done, out, rng
+
+  out = jnp.full((batch, n_new), eos_id, jnp.int32)
+  done = jnp.zeros((batch,), bool)
+  carry = (jnp.int32(0), cache, last, done, out, rng)
+  return jax.lax.while_loop(cond, body, carry)[4]
+
+
+def generate(cfg: ModelConfig, params, prompts: list[list[int]], params_: SamplingParams, *,
+             eos_id: int, seed: int = 0) -> list[list[int]]:
+  """Samples a continuation for each prompt (token ids); each result stops before EOS.
+
+  Args:
+    prompts: token id lists of any lengths (>= 1).
+  Returns: per prompt, the generated ids (without the prompt, without EOS).
+  """
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise UserError("generate: every prompt needs at least one token (add a BOS token).")
+  longest = max(len(p) for p in prompts)
+  need = longest + params_.max_new_tokens
+  if need > cfg.max_seq_len:
+    raise UserError(f"prompt of {longest} tokens + max_new_tokens={params_.max_new_tokens} ="
+                    f" {need} exceeds the model context {cfg.max_seq_len}; shorten the prompt or"
+                    " lower max_new_tokens.")
+  # Round shapes up so prompts of similar lengths reuse one compiled program.
+  t = min(_round_up(longest, 16), cfg.max_seq_len)
+  max_len = min(_round_up(t + params_.max_new_tokens, 64), cfg.max_seq_len)
+  tokens = np.zeros((len(prompts), t), np.int32)
+  for i, p in enumerate(prompts):
+    tokens[i, :len(p)] = p
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  out = np.asarray(_generate(params, jnp.asarray(tokens), jnp.asarray(lengths),
+                             jax.random.key(seed), cfg=cfg, params_=params_, max_len=max_len,
+                             eos_id=eos_id))
+  results = []
+  for row in out.tolist():
+    results.append(row[:row.index(eos_id)] if eos_id in row else row)
+  return results
+
+
+def cut_at_stop(text: str, stop: list[str]) -> str:
+  """Truncates `text` before the first occurrence of any stop string."""
+  cut = len(text)
+  for s in stop:
+    i = text.find(s)
+    if s and i != -1:
+      cut = min(cut, i)
+  return text[:cut]

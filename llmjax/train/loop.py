@@ -1,0 +1,232 @@
+"""train_and_evaluate(config, workdir): the whole training job, readable top to bottom.
+
+Sections: config and workdir, mesh, data, model and sharded state, checkpoint resume, the
+jitted step, the loop (logging, eval, samples, checkpoints, preemption), the end of the run.
+Pretraining and fine-tuning share this loop; they differ in `loss_fn` and the batches.
+"""
+
+import math
+import os
+import signal
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax import config as config_lib
+from llmjax import sharding
+from llmjax.errors import ConfigError
+from llmjax.infer import sampler
+from llmjax.models.transformer import Transformer
+from llmjax.train import checkpoint, losses, metrics as metrics_lib
+from llmjax.train.optimizer import learning_rate_schedule, make_optimizer
+from llmjax.train.state import TrainState
+from llmjax.train.step import make_eval_step, make_train_step
+
+
+class _Preemption:
+  """Turns SIGTERM (TPU VM preemption, `kill`) into a flag the loop checks after each step."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def unigram_baseline(train_batches, eval_batches, vocab_size: int) -> float:
+  """Perplexity of a unigram model (add-one smoothed counts of training targets) on eval targets.
+
+  The floor a language model must beat to show it learned more than token frequencies.
+  """
+  counts = np.ones(vocab_size, np.float64)
+  for b in train_batches:
+    np.add.at(counts, b['targets'][b['loss_mask'] > 0], 1)
+  logp = np.log(counts / counts.sum())
+  nll, n = 0.0, 0
+  for b in eval_batches:
+    t = b['targets'][b['loss_mask'] > 0]
+    nll -= logp[t].sum()
+    n += t.size
+  return float(math.exp(nll / max(n, 1)))
+
+
+def _global_batch(local: dict, batch_sharding) -> dict:
+  """Host-local numpy rows -> global jax arrays sharded over the data-parallel axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
+  # --- Config and workdir -------------------------------------------------------------------
+  model_cfg = config_lib.validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  checkpoint.check_model_matches(workdir, model_cfg)
+  t = config.train
+
+  # --- Mesh -----------------------------------------------------------------------------------
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
+  if t.batch_size % (data_parallel * t.grad_accum):
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by data x fsdp ="
+                      f" {data_parallel} times train.grad_accum={t.grad_accum}; use a multiple"
+                      f" of {data_parallel * t.grad_accum}.")
+
+  # --- Data -----------------------------------------------------------------------------------
+  from llmjax import data as data_lib  # imported here: tokenizer training may be slow to import
+  tokenizer, train_ds, make_eval_batches = data_lib.build_data(
+      config.data, workdir, seed=t.seed, batch_size=t.batch_size,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                      f"{model_cfg.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}.")
+  train_iter = iter(train_ds)
+
+  # --- Model and sharded state ----------------------------------------------------------------
+  model = Transformer(model_cfg)
+  optimizer = make_optimizer(t)
+  schedule = learning_rate_schedule(t)
+
+  def init_state(rng):
+    boxed = model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
+    return TrainState.create(boxed, optimizer, rng)
+
+  abstract = jax.eval_shape(init_state, jax.random.key(t.seed))
+  state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+  abstract = nn.meta.unbox(abstract)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  def apply_fn(params, tokens, **kw):
+    return model.apply({'params': params}, tokens, **kw)
+
+  # --- Checkpoint resume (restores straight into the target shardings) ------------------------
+  manager = checkpoint.make_manager(workdir, max_to_keep=t.max_to_keep)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    abstract_sharded = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
+    state = checkpoint.restore(manager, abstract_sharded, train_iter)
+    resumed = state is not None
+    if state is None:
+      state = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=state_shardings)(
+          jax.random.key(t.seed))
+      if config.init.params_dir:  # fine-tuning: weights from another run's workdir
+        params, _ = checkpoint.restore_params(config.init.params_dir)
+        state = state.replace(params=jax.device_put(params, state_shardings.params))
+  checkpoint.write_model_config(workdir, model_cfg)
+  start_step = int(state.step)
+
+  # --- The jitted steps ------------------------------------------------------------------------
+  train_step = jax.jit(
+      make_train_step(apply_fn, losses.next_token_loss, optimizer, t.grad_accum),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(apply_fn, losses.next_token_loss),
+                      in_shardings=(state_shardings.params, batch_sharding))
+
+  def evaluate(params) -> dict:
+    loss_sum, weight_sum = 0.0, 0.0
+    for b in make_eval_batches():
+      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        aux = eval_step(params, _global_batch(b, batch_sharding))
+      loss_sum += float(aux['loss_sum'])
+      weight_sum += float(aux['weight_sum'])
+    loss = loss_sum / max(weight_sum, 1.0)
+    return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0))}
+
+  def print_samples(params, log):
+    prompts = list(config.sample.prompts)
+    if not prompts:
+      return
+    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    params_ = sampler.SamplingParams(max_new_tokens=config.sample.max_new_tokens,
+                                     temperature=config.sample.temperature,
+                                     top_k=config.sample.top_k, top_p=config.sample.top_p)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      outs = sampler.generate(model_cfg, params, ids, params_, eos_id=tokenizer.eos_id,
+                              seed=t.seed)
+    for p, o in zip(prompts, outs):
+      log.print(f"  sample: {p}{tokenizer.decode(o)!r}"[:400])
+
+  # --- Start-of-run report ---------------------------------------------------------------------
+  tokens_per_step = t.batch_size * config.data.seq_len
+  flops_per_token = model_cfg.flops_per_token(config.data.seq_len)
+  peak = metrics_lib.device_peak_flops(t.get('peak_flops', 0.0)) * jax.device_count()
+  log = metrics_lib.MetricsLogger(workdir, t.steps, start_step)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+  log.print(f"llmjax: {model_cfg.num_params:,} parameters ({config.model.get('preset', 'custom')}),"
+            f" {flops_per_token / 1e6:.1f} MFLOPs/token, mesh {dict(mesh.shape)},"
+            f" {jax.device_count()} x {jax.devices()[0].device_kind}"
+            + (f", resuming at step {start_step}" if resumed else ""))
+  if not resumed and t.unigram_baseline_batches:
+    base_iter = iter(train_ds)
+    baseline = unigram_baseline((next(base_iter) for _ in range(t.unigram_baseline_batches)),
+                                make_eval_batches(), tokenizer.vocab_size)
+    log.print(f"unigram baseline: eval perplexity {baseline:.2f}")
+    log.write(start_step, {'unigram_perplexity': baseline})
+
+  # --- The loop --------------------------------------------------------------------------------
+  last = {}
+  step = start_step
+  window_start, window_steps = time.time(), 0
+  with _Preemption() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    try:
+      while step < t.steps:
+        batch = _global_batch(next(train_iter), batch_sharding)
+        state, m = train_step(state, batch)
+        step += 1
+        window_steps += 1
+        log.step()
+        if step % t.log_every == 0 or step == t.steps:
+          m = jax.device_get(m)  # the only host sync outside eval and checkpoints
+          dt = time.time() - window_start
+          tps = tokens_per_step * window_steps / dt
+          last = {'loss': m['loss'], 'grad_norm': m['grad_norm'], 'tokens_per_s': tps,
+                  'lr': float(schedule(step))}
+          if peak:
+            last['mfu'] = tps * flops_per_token / peak
+          window_start, window_steps = time.time(), 0
+        if step % t.eval_every == 0 or step == t.steps:
+          last.update(evaluate(state.params))
+          log.print(f"step {step}: loss {last.get('loss', float('nan')):.4f}"
+                    f" eval_loss {last['eval_loss']:.4f} eval_ppl {last['eval_perplexity']:.2f}")
+          print_samples(state.params, log)
+          window_start = time.time()
+        if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
+          log.write(step, last)
+          last = {k: v for k, v in last.items() if not k.startswith('eval_')}
+        if step % t.checkpoint_every == 0 or step == t.steps or preempt.requested:
+          checkpoint.save(manager, step, state, train_iter, force=True)
+        if preempt.requested:
+          log.print(f"SIGTERM: saved step {step}; exiting. Rerun the same command to resume.")
+          break
+    except KeyboardInterrupt:
+      checkpoint.save(manager, step, state, train_iter, force=True)
+      log.print(f"interrupted: saved step {step}. Rerun the same command to resume.")
+      manager.wait_until_finished()
+      log.close()
+      raise
+  manager.wait_until_finished()
+  manager.close()
+  log.close()
+  curve = metrics_lib.plot_loss_curve(workdir)
+  if curve and jax.process_index() == 0:
+    print(f"loss curve: {curve}")
+  return {'step': step, **{k: float(v) for k, v in last.items()}}

@@ -1,0 +1,104 @@
+"""Run outputs: console progress bar, metrics.jsonl, TensorBoard events, the loss-curve PNG.
+
+Only process 0 writes; other hosts get a logger that does nothing, so the loop never needs to
+ask which host it is on.
+"""
+
+import json
+import os
+import time
+
+import jax
+
+# Peak dense bf16 FLOP/s per chip by `device_kind`, for MFU. Published vendor numbers.
+PEAK_FLOPS = {
+    'TPU v4': 275e12,
+    'TPU v5 lite': 197e12,  # v5e
+    'TPU v5e': 197e12,
+    'TPU v5': 459e12,  # v5p
+    'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12,  # v6e (Trillium)
+    'TPU v6e': 918e12,
+    'NVIDIA H100 80GB HBM3': 989e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA H200': 989e12,
+    'NVIDIA A100-SXM4-80GB': 312e12,
+    'NVIDIA A100-SXM4-40GB': 312e12,
+}
+
+
+def device_peak_flops(override: float = 0.0) -> float:
+  """Peak FLOP/s of one local device (0 when unknown, e.g. a CPU), or `override` if set."""
+  if override:
+    return float(override)
+  return PEAK_FLOPS.get(jax.devices()[0].device_kind, 0.0)
+
+
+class MetricsLogger:
+  """Writes one JSON object per logged step and TensorBoard scalars; shows a progress bar."""
+
+  def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
+    self.enabled = enabled and jax.process_index() == 0
+    self.workdir = workdir
+    if not self.enabled:
+      return
+    import tensorboardX
+    import tqdm
+    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
+                         unit='step', mininterval=1.0)
+    self.start = time.time()
+
+  def step(self, n: int = 1):
+    if self.enabled:
+      self.bar.update(n)
+
+  def write(self, step: int, metrics: dict):
+    if not self.enabled:
+      return
+    record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
+    self.jsonl.write(json.dumps(record) + '\n')
+    self.jsonl.flush()
+    for k, v in record.items():
+      if k != 'step':
+        self.tb.add_scalar(k, v, step)
+    shown = {k: record[k] for k in ('loss', 'eval_loss', 'tokens_per_s', 'mfu') if k in record}
+    self.bar.set_postfix({k: f'{v:.4g}' for k, v in shown.items()}, refresh=False)
+
+  def print(self, text: str):
+    if self.enabled:
+      self.bar.write(text)
+
+  def close(self):
+    if self.enabled:
+      self.bar.close()
+      self.jsonl.close()
+      self.tb.close()
+
+
+def plot_loss_curve(workdir: str) -> str | None:
+  """Reads metrics.jsonl and writes loss_curve.png (train and eval loss against step)."""
+  path = os.path.join(workdir, 'metrics.jsonl')
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return None
+  import matplotlib
+  matplotlib.use('Agg')  # no display on TPU VMs or CI
+  import matplotlib.pyplot as plt
+  rows = [json.loads(line) for line in open(path) if line.strip()]
+  fig, ax = plt.subplots(figsize=(6, 4))
+  train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
+  evals = [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
+  if train:
+    ax.plot(*zip(*train), label='train loss')
+  if evals:
+    ax.plot(*zip(*evals), 'o-', label='eval loss')
+  ax.set_xlabel('step')
+  ax.set_ylabel('cross-entropy (nats/token)')
+  ax.legend()
+  ax.grid(alpha=0.3)
+  out = os.path.join(workdir, 'loss_curve.png')
+  fig.tight_layout()
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return out
