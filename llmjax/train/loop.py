@@ -5,15 +5,18 @@ jitted step, the loop (logging, eval, samples, checkpoints, preemption), the end
 Pretraining and fine-tuning share this loop; they differ in `loss_fn` and the batches.
 """
 
+import dataclasses
 import math
 import os
 import signal
 import time
+from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from llmjax import config as config_lib
 from llmjax import sharding
@@ -70,6 +73,52 @@ def _global_batch(local: dict, batch_sharding) -> dict:
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in local.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """The compiled pieces of a training job on one mesh (also used by `llmjax.plan`)."""
+  model: Transformer
+  optimizer: optax.GradientTransformation
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their target shardings
+  state_shardings: TrainState  # NamedShardings
+  batch_sharding: jax.sharding.NamedSharding
+  init: Callable  # rng -> TrainState, created directly sharded
+  train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
+  eval_step: Callable  # jitted (params, batch) -> {'loss_sum', 'weight_sum'}
+
+
+def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss) -> Trainer:
+  """Builds the model, optimizer, sharded abstract state and the jitted steps for `mesh`.
+
+  Parameters and optimizer state get their shardings from the logical axis names of the
+  params (optax states mirror the params tree, so their moments inherit the same names).
+  """
+  model = Transformer(model_cfg)
+  optimizer = make_optimizer(config.train)
+
+  def init_state(rng):
+    boxed = model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
+    return TrainState.create(boxed, optimizer, rng)
+
+  abstract = jax.eval_shape(init_state, jax.random.key(0))
+  state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.meta.unbox(abstract), state_shardings)
+  batch_sharding = sharding.batch_sharding(mesh)
+
+  def apply_fn(params, tokens, **kw):
+    return model.apply({'params': params}, tokens, **kw)
+
+  init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_shardings)
+  train_step = jax.jit(
+      make_train_step(apply_fn, loss_fn, optimizer, config.train.grad_accum),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+      donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(apply_fn, loss_fn),
+                      in_shardings=(state_shardings.params, batch_sharding))
+  return Trainer(model, optimizer, abstract, state_shardings, batch_sharding, init, train_step,
+                 eval_step)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
   # --- Config and workdir -------------------------------------------------------------------
@@ -98,46 +147,24 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       f"{model_cfg.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}.")
   train_iter = iter(train_ds)
 
-  # --- Model and sharded state ----------------------------------------------------------------
-  model = Transformer(model_cfg)
-  optimizer = make_optimizer(t)
+  # --- Model, sharded state and the jitted steps -----------------------------------------------
+  trainer = make_trainer(config, model_cfg, mesh, rules)
+  state_shardings, batch_sharding = trainer.state_shardings, trainer.batch_sharding
+  train_step, eval_step = trainer.train_step, trainer.eval_step
   schedule = learning_rate_schedule(t)
-
-  def init_state(rng):
-    boxed = model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
-    return TrainState.create(boxed, optimizer, rng)
-
-  abstract = jax.eval_shape(init_state, jax.random.key(t.seed))
-  state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
-  abstract = nn.meta.unbox(abstract)
-  batch_sharding = sharding.batch_sharding(mesh)
-
-  def apply_fn(params, tokens, **kw):
-    return model.apply({'params': params}, tokens, **kw)
 
   # --- Checkpoint resume (restores straight into the target shardings) ------------------------
   manager = checkpoint.make_manager(workdir, max_to_keep=t.max_to_keep)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    abstract_sharded = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings)
-    state = checkpoint.restore(manager, abstract_sharded, train_iter)
+    state = checkpoint.restore(manager, trainer.abstract_state, train_iter)
     resumed = state is not None
     if state is None:
-      state = jax.jit(lambda r: nn.meta.unbox(init_state(r)), out_shardings=state_shardings)(
-          jax.random.key(t.seed))
+      state = trainer.init(jax.random.key(t.seed))
       if config.init.params_dir:  # fine-tuning: weights from another run's workdir
         params, _ = checkpoint.restore_params(config.init.params_dir)
         state = state.replace(params=jax.device_put(params, state_shardings.params))
   checkpoint.write_model_config(workdir, model_cfg)
   start_step = int(state.step)
-
-  # --- The jitted steps ------------------------------------------------------------------------
-  train_step = jax.jit(
-      make_train_step(apply_fn, losses.next_token_loss, optimizer, t.grad_accum),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-      donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(apply_fn, losses.next_token_loss),
-                      in_shardings=(state_shardings.params, batch_sharding))
 
   def evaluate(params) -> dict:
     loss_sum, weight_sum = 0.0, 0.0
