@@ -43,7 +43,7 @@ def make_train_step(apply_fn: Callable, loss_fn: Callable, optimizer: optax.Grad
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {'loss': aux['loss_sum'] / denom, 'tokens': aux['weight_sum'],
-               'grad_norm': optax.global_norm(grads)}
+               'grad_norm': optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

@@ -1,0 +1,95 @@
+"""Sample from a trained workdir or a Hugging Face checkpoint directory.
+
+    python -m llmjax.generate --workdir=/tmp/quickstart --prompt="Once upon a time"
+    python -m llmjax.generate --hf=HF_DIR --prompt_ids=1,2,3 --json --temperature=0
+
+Flags: --prompt (repeatable), --prompt_ids=1,2,3 (token ids, no BOS added), --max_new_tokens=64,
+--temperature=0.8 (0: greedy), --top_k=0, --top_p=1.0, --seed=0, --stop=STRING (repeatable),
+--json (print {"prompt_ids", "ids", "text"} per prompt instead of text).
+"""
+
+import json
+import os
+import sys
+
+from llmjax.errors import UserError
+
+FLAGS = {'workdir': '', 'hf': '', 'prompt': [], 'prompt_ids': '', 'max_new_tokens': 64,
+         'temperature': 0.8, 'top_k': 0, 'top_p': 1.0, 'seed': 0, 'stop': [], 'json': False}
+
+
+def parse_flags(argv: list[str]) -> dict:
+  from llmjax.errors import closest
+  flags = {k: (list(v) if isinstance(v, list) else v) for k, v in FLAGS.items()}
+  for a in argv:
+    name, eq, value = a.lstrip('-').partition('=')
+    if not a.startswith('--') or name not in FLAGS:
+      raise UserError(f"unknown flag '{a}'.{closest(name, FLAGS)} Flags: "
+                      + ', '.join('--' + k for k in FLAGS))
+    default = FLAGS[name]
+    if isinstance(default, list):
+      flags[name].append(value)
+    elif isinstance(default, bool):
+      flags[name] = value.lower() not in ('false', '0') if eq else True
+    else:
+      try:
+        flags[name] = type(default)(value)
+      except ValueError:
+        raise UserError(f"--{name}={value}: expected a {type(default).__name__}.") from None
+  if bool(flags['workdir']) == bool(flags['hf']):
+    raise UserError("pass exactly one of --workdir=DIR (an llmjax run) or --hf=HF_DIR.")
+  if not flags['prompt'] and not flags['prompt_ids']:
+    raise UserError("pass --prompt=TEXT (repeatable) or --prompt_ids=1,2,3.")
+  return flags
+
+
+def load(flags):
+  """(ModelConfig, params, tokenizer) from --workdir or --hf."""
+  if flags['hf']:
+    from llmjax.interop import load_hf
+    return load_hf(flags['hf'])
+  from llmjax.data.tokenizer import SentencePieceTokenizer
+  from llmjax.train import checkpoint
+  workdir = flags['workdir']
+  cfg = checkpoint.read_model_config(workdir)
+  params, _ = checkpoint.restore_params(workdir)
+  tok_path = os.path.join(workdir, 'tokenizer.model')
+  tokenizer = SentencePieceTokenizer.load(tok_path)
+  return cfg, params, tokenizer
+
+
+def main(argv: list[str]) -> int:
+  try:
+    flags = parse_flags(argv)
+    from llmjax.infer import sampler
+    cfg, params, tokenizer = load(flags)
+    if flags['prompt_ids']:
+      try:
+        prompts = [[int(x) for x in flags['prompt_ids'].split(',')]]
+      except ValueError:
+        raise UserError(f"--prompt_ids={flags['prompt_ids']}: expected comma-separated ints.") from None
+      bad = [i for i in prompts[0] if not 0 <= i < cfg.vocab_size]
+      if bad:
+        raise UserError(f"--prompt_ids: ids {bad} are outside the vocabulary [0, {cfg.vocab_size}).")
+    else:
+      bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
+      prompts = [bos + tokenizer.encode(p) for p in flags['prompt']]
+    sp = sampler.SamplingParams(max_new_tokens=flags['max_new_tokens'],
+                                temperature=flags['temperature'], top_k=flags['top_k'],
+                                top_p=flags['top_p'])
+    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else -1
+    outs = sampler.generate(cfg, params, prompts, sp, eos_id=eos, seed=flags['seed'])
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for prompt, ids in zip(prompts, outs):
+    text = sampler.cut_at_stop(tokenizer.decode(ids), flags['stop'])
+    if flags['json']:
+      print(json.dumps({'prompt_ids': prompt, 'ids': ids, 'text': text}))
+    else:
+      print(tokenizer.decode(prompt) + text)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

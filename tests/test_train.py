@@ -1,0 +1,121 @@
+"""Train-step tests: a hand-computed loss, memorisation, gradient accumulation, the sampler."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llmjax import config as config_lib
+from llmjax import sharding
+from llmjax.infer import sampler
+from llmjax.models import Transformer
+from llmjax.models.config import ModelConfig
+from llmjax.train import losses
+from llmjax.train.loop import make_trainer
+
+
+def test_cross_entropy_hand_computed():
+  logits = jnp.array([[[0.0, math.log(3.0)], [2.0, 2.0]]])  # p(1) = 3/4 ; p = 1/2
+  targets = jnp.array([[1, 0]])
+  loss_sum, w = losses.cross_entropy(logits, targets, jnp.array([[1.0, 1.0]]))
+  np.testing.assert_allclose(loss_sum, -math.log(0.75) - math.log(0.5), rtol=1e-6)
+  assert w == 2.0
+  loss_sum, w = losses.cross_entropy(logits, targets, jnp.array([[0.0, 1.0]]))
+  np.testing.assert_allclose(loss_sum, math.log(2.0), rtol=1e-6)
+
+
+def small_config(**train):
+  c = config_lib.base_config('tiny', vocab_size=32, num_layers=2, embed_dim=64, num_heads=4,
+                             num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=64)
+  c.train.update(dict(steps=200, lr=3e-3, warmup_steps=10, weight_decay=0.0, batch_size=4))
+  c.train.update(train)
+  return c
+
+
+def trainer_for(c):
+  cfg = ModelConfig.from_dict(c.model)
+  mesh = sharding.make_mesh(c.mesh)
+  return cfg, make_trainer(c, cfg, mesh, sharding.rules_from_config(c))
+
+
+def batch_of(rows: np.ndarray) -> dict:
+  b, t1 = rows.shape
+  return {'inputs': jnp.asarray(rows[:, :-1], jnp.int32), 'targets': jnp.asarray(rows[:, 1:], jnp.int32),
+          'segment_ids': jnp.ones((b, t1 - 1), jnp.int32),
+          'positions': jnp.broadcast_to(jnp.arange(t1 - 1, dtype=jnp.int32), (b, t1 - 1)),
+          'loss_mask': jnp.ones((b, t1 - 1), jnp.float32)}
+
+
+def test_tiny_model_memorises_a_repeated_sequence():
+  c = small_config(steps=150)
+  _, tr = trainer_for(c)
+  seq = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3] * 2)
+  batch = batch_of(np.stack([seq] * 4))
+  state = tr.init(jax.random.key(0))
+  for _ in range(150):
+    state, m = tr.train_step(state, batch)
+  assert float(m['loss']) < 0.05, float(m['loss'])
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  rng = np.random.default_rng(0)
+  rows = rng.integers(0, 32, (4, 17))
+  batch = batch_of(rows)
+  batch['loss_mask'] = batch['loss_mask'].at[0, :9].set(0.0)  # unequal token counts per micro-batch
+  results = []
+  for accum in (1, 2):
+    _, tr = trainer_for(small_config(grad_accum=accum))
+    state = tr.init(jax.random.key(0))
+    for _ in range(3):
+      state, m = tr.train_step(state, batch)
+    results.append((float(m['loss']), state.params))
+  np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def _model():
+  c = small_config()
+  cfg = ModelConfig.from_dict(c.model)
+  from llmjax.models import init_params
+  return cfg, init_params(cfg, jax.random.key(3))
+
+
+def test_greedy_sampling_equals_argmax_of_full_forward():
+  cfg, params = _model()
+  prompts = [[1, 5, 7, 2, 9], [4, 4]]
+  outs = sampler.generate(cfg, params, prompts, sampler.SamplingParams(max_new_tokens=6, temperature=0),
+                          eos_id=-1)
+  for prompt, out in zip(prompts, outs):
+    seq = list(prompt)
+    for _ in range(6):
+      logits, _ = Transformer(cfg).apply({'params': params}, jnp.array([seq]))
+      seq.append(int(jnp.argmax(logits[0, -1])))
+    assert out == seq[len(prompt):]
+
+
+def test_top_k_1_is_greedy_and_eos_stops():
+  cfg, params = _model()
+  prompts = [[1, 2, 3]]
+  greedy = sampler.generate(cfg, params, prompts, sampler.SamplingParams(8, temperature=0), eos_id=-1)
+  topk1 = sampler.generate(cfg, params, prompts, sampler.SamplingParams(8, temperature=1.0, top_k=1),
+                           eos_id=-1, seed=5)
+  assert greedy == topk1
+  eos = greedy[0][2]
+  stopped = sampler.generate(cfg, params, prompts, sampler.SamplingParams(8, temperature=0), eos_id=eos)
+  assert stopped[0] == greedy[0][:greedy[0].index(eos)]
+
+
+def test_top_p_keeps_the_nucleus():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  p = sampler.SamplingParams(temperature=1.0, top_p=0.7)
+  draws = {int(sampler.sample_logits(logits, jax.random.key(i), p)[0]) for i in range(200)}
+  assert draws == {0, 1}
+
+
+def test_prompt_longer_than_context_is_a_clear_error():
+  cfg, params = _model()
+  with pytest.raises(Exception, match='exceeds the model context 64'):
+    sampler.generate(cfg, params, [[1] * 60], sampler.SamplingParams(max_new_tokens=10), eos_id=-1)
