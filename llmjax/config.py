@@ -58,6 +58,8 @@ def model_config_dict(preset: str, **overrides) -> ml_collections.ConfigDict:
   """A preset as a ConfigDict (every ModelConfig field, plus `preset`), for `config.model`."""
   cfg = get_preset(preset, **overrides)
   d = ml_collections.ConfigDict(dataclasses.asdict(cfg))
+  if cfg.head_dim * cfg.num_heads == cfg.embed_dim:
+    d.head_dim = 0  # derived from embed_dim // num_heads, so overriding num_heads alone works
   d.preset = preset
   return d
 

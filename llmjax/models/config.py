@@ -29,7 +29,7 @@ class ModelConfig:
   embed_dim: int
   num_heads: int
   num_kv_heads: int  # == num_heads: MHA; 1: MQA; otherwise GQA.
-  head_dim: int
+  head_dim: int  # 0: embed_dim // num_heads
   mlp_dim: int
   max_seq_len: int  # size of the learned position table; the longest context for RoPE models.
   norm: str = 'rmsnorm'
@@ -72,8 +72,16 @@ class ModelConfig:
     cfg.validate()
     return cfg
 
+  def __post_init__(self):
+    if self.head_dim == 0 and self.num_heads > 0 and self.embed_dim % self.num_heads == 0:
+      object.__setattr__(self, 'head_dim', self.embed_dim // self.num_heads)
+
   def validate(self) -> None:
     """Raises ConfigError naming the key and the fix."""
+    if self.head_dim == 0 and self.num_heads > 0:
+      raise ConfigError(
+          f"model.num_heads={self.num_heads} does not divide model.embed_dim={self.embed_dim};"
+          " pick a divisor, or set model.head_dim explicitly.")
     for key in ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads',
                 'head_dim', 'mlp_dim', 'max_seq_len'):
       if int(getattr(self, key)) <= 0:

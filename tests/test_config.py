@@ -1,0 +1,68 @@
+"""Config loading, overrides and validation: one-line errors naming the key and the fix."""
+
+import pytest
+
+from llmjax import config as config_lib
+from llmjax.errors import ConfigError
+
+QUICKSTART = 'experiments/quickstart.py'
+
+
+def test_overrides_are_typed_and_applied_in_order():
+  c, workdir, rest = config_lib.parse_cli(
+      [f'--config={QUICKSTART}:steps=7', '--workdir=/tmp/x', '--config.train.lr=1',
+       '--config.model.attention=reference', '--config.model.scan_layers=false'])
+  assert c.train.steps == 7 and workdir == '/tmp/x' and rest == {}
+  assert c.train.lr == 1.0 and isinstance(c.train.lr, float)
+  assert c.model.attention == 'reference' and c.model.scan_layers is False
+
+
+def test_misspelt_key_suggests_the_closest():
+  with pytest.raises(ConfigError, match=r"'step' is not a key of train. Did you mean 'steps'\?"):
+    config_lib.parse_cli([f'--config={QUICKSTART}', '--workdir=/tmp/x', '--config.train.step=5'])
+  with pytest.raises(ConfigError, match=r"Did you mean 'model'"):
+    config_lib.parse_cli([f'--config={QUICKSTART}', '--workdir=/tmp/x', '--config.modle.dtype=x'])
+
+
+def test_bad_value_type_names_key():
+  with pytest.raises(ConfigError, match=r'--config.train.steps=ten: expected int'):
+    config_lib.parse_cli([f'--config={QUICKSTART}', '--workdir=/tmp/x', '--config.train.steps=ten'])
+
+
+def test_unknown_config_argument_and_missing_file():
+  with pytest.raises(ConfigError, match="config argument 'stesp' is unknown. Did you mean 'steps'"):
+    config_lib.load_config(f'{QUICKSTART}:stesp=3')
+  with pytest.raises(ConfigError, match="file 'experiments/nope.py' does not exist"):
+    config_lib.load_config('experiments/nope.py')
+
+
+def _quickstart(**over):
+  c = config_lib.load_config(QUICKSTART)
+  for k, v in over.items():
+    config_lib.apply_override(c, k, str(v))
+  return c
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('model.num_heads', 6, 'model.num_heads=6 does not divide model.embed_dim=256'),
+    ('model.num_heads', 8, None),
+    ('model.num_kv_heads', 3, 'num_kv_heads=3 must divide model.num_heads=4'),
+    ('train.grad_accum', 3, 'train.batch_size=16 is not divisible by train.grad_accum=3'),
+    ('data.path', '/nonexistent/*.jsonl', "data.path='/nonexistent/\\*.jsonl' matches no file"),
+    ('model.dtype', 'bf16', "model.dtype='bf16' is not one of"),
+    ('model.attention', 'xla', None),
+])
+def test_validate(key, value, message):
+  c = _quickstart(**{key: value})
+  if message is None:
+    config_lib.validate(c)
+  else:
+    with pytest.raises(ConfigError, match=message):
+      config_lib.validate(c)
+
+
+def test_every_experiment_loads_and_validates():
+  import glob
+  for path in sorted(glob.glob('experiments/*.py')):
+    c = config_lib.load_config(path)
+    config_lib.validate(c)
