@@ -187,6 +187,7 @@ def base_config(model: str = 'tiny', **model_overrides) -> ml_collections.Config
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
   c.train.max_to_keep = 3
+  c.train.stop_at_step = 0  # >0: save and exit there, as a preemption would (fixed-length allocations)
   c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU when the device is not in the table
   c.train.unigram_baseline_batches = 20  # training batches counted for the unigram baseline
 

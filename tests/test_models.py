@@ -46,7 +46,7 @@ def test_unknown_preset_and_bad_heads_are_one_line_errors():
 
 def tiny(**kw):
   base = dict(vocab_size=97, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
-              head_dim=16, mlp_dim=96, max_seq_len=128)
+              head_dim=16, mlp_dim=96, max_seq_len=128, scan_layers=True)
   base.update(kw)
   return get_preset('tiny', **base)
 

@@ -155,10 +155,14 @@ def _qwen25(layers, dim, heads, kv_heads, mlp, vocab, tie):
 # Published shapes. `tiny` and `small` are the CPU benchmark sizes (the same as the Hugging Face
 # peer in benchmarks/), Llama-style; their vocab is replaced by the tokenizer's.
 PRESETS: dict[str, ModelConfig] = {
+    # Few layers: unrolled (scan_layers=False) they train ~20% faster on a CPU and still
+    # compile in seconds.
     'tiny': ModelConfig(vocab_size=8192, num_layers=4, embed_dim=256, num_heads=4,
-                        num_kv_heads=2, head_dim=64, mlp_dim=704, max_seq_len=1024),
+                        num_kv_heads=2, head_dim=64, mlp_dim=704, max_seq_len=1024,
+                        scan_layers=False),
     'small': ModelConfig(vocab_size=32000, num_layers=8, embed_dim=512, num_heads=8,
-                         num_kv_heads=4, head_dim=64, mlp_dim=1408, max_seq_len=2048),
+                         num_kv_heads=4, head_dim=64, mlp_dim=1408, max_seq_len=2048,
+                         scan_layers=False),
     'gpt2': _gpt2(12, 768, 12),
     'gpt2-medium': _gpt2(24, 1024, 16),
     'gpt2-large': _gpt2(36, 1280, 20),

@@ -42,10 +42,14 @@ class DenseGeneral(nn.Module):
         'kernel', nn.with_logical_partitioning(_init(self.cfg, self.out_proj), self.kernel_axes),
         in_shape + features, jnp.dtype(self.cfg.param_dtype))
     dtype = jnp.dtype(self.cfg.dtype)
-    out = jax.lax.dot_general(
-        x.astype(dtype), kernel.astype(dtype),
-        ((contract, tuple(range(len(contract)))), ((), ())), preferred_element_type=jnp.float32)
-    out = out.astype(self.out_dtype or dtype)
+    # Contracted dims are trailing here; as one 2-D matmul [tokens, in] @ [in, out] the weight
+    # gradient is a plain matmul too (XLA:CPU runs a (batch, length)-contracting dot_general
+    # several times slower; on TPU/GPU the two forms compile the same).
+    lead = x.shape[:x.ndim - len(contract)]
+    out = jnp.dot(x.astype(dtype).reshape(-1, math.prod(in_shape)),
+                  kernel.astype(dtype).reshape(math.prod(in_shape), -1),
+                  preferred_element_type=jnp.float32)
+    out = out.reshape(*lead, *features).astype(self.out_dtype or dtype)
     if self.use_bias:
       bias = self.param(
           'bias', nn.with_logical_partitioning(nn.initializers.zeros, self.kernel_axes[len(contract):]),
@@ -105,8 +109,11 @@ class Embed(nn.Module):
   def decode(self, x):
     """x [batch, length, embed] -> logits [batch, length, vocab] (float32 accumulation)."""
     dtype = jnp.dtype(self.cfg.dtype)
-    return jnp.einsum('bld,vd->blv', x.astype(dtype), self.embedding.astype(dtype),
-                      preferred_element_type=jnp.float32)
+    b, l, d = x.shape
+    # As a 2-D matmul for the same XLA:CPU reason as DenseGeneral.
+    logits = jnp.einsum('nd,vd->nv', x.astype(dtype).reshape(b * l, d),
+                        self.embedding.astype(dtype), preferred_element_type=jnp.float32)
+    return logits.reshape(b, l, -1)  # [batch, length, vocab]
 
 
 class SwiGLU(nn.Module):

@@ -239,10 +239,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
         if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
           log.write(step, last)
           last = {k: v for k, v in last.items() if not k.startswith('eval_')}
-        if step % t.checkpoint_every == 0 or step == t.steps or preempt.requested:
+        stop = preempt.requested or step == t.stop_at_step
+        if step % t.checkpoint_every == 0 or step == t.steps or stop:
           checkpoint.save(manager, step, state, train_iter, force=True)
-        if preempt.requested:
-          log.print(f"SIGTERM: saved step {step}; exiting. Rerun the same command to resume.")
+        if stop:
+          log.print(f"{'SIGTERM' if preempt.requested else 'train.stop_at_step'}: saved step"
+                    f" {step}; exiting. Rerun the same command to resume.")
           break
     except KeyboardInterrupt:
       checkpoint.save(manager, step, state, train_iter, force=True)
