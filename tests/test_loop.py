@@ -17,11 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**train):
-  """The quickstart shrunk to seconds: 2 layers, d=64, 32-token rows, a 256-piece tokenizer."""
+  """The quickstart shrunk to seconds: 2 layers, d=64, 32-token rows, a 512-piece tokenizer."""
   c = config_lib.load_config(os.path.join(ROOT, 'experiments/quickstart.py'))
   c.model.update(dict(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                      mlp_dim=128, vocab_size=256))
-  c.data.vocab_size = 256
+                      mlp_dim=128, vocab_size=512))
+  c.data.vocab_size = 512
   c.data.seq_len = 32
   c.data.eval_batches = 2
   c.train.update(dict(steps=12, batch_size=4, log_every=1, eval_every=6, checkpoint_every=100,
@@ -75,7 +75,7 @@ def _cli(args, **kw):
 
 
 SHRINK = ['--config.model.num_layers=2', '--config.model.embed_dim=64', '--config.model.mlp_dim=128',
-          '--config.model.vocab_size=256', '--config.data.vocab_size=256', '--config.data.seq_len=32',
+          '--config.model.vocab_size=512', '--config.data.vocab_size=512', '--config.data.seq_len=32',
           '--config.train.batch_size=4', '--config.data.eval_batches=2',
           '--config.train.unigram_baseline_batches=2']
 

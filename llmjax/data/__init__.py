@@ -1,0 +1,6 @@
+"""Data: the generated default corpus, tokenizers, document sources and the Grain pipeline."""
+
+from llmjax.data.corpus import default_corpus
+from llmjax.data.pipeline import build_data, build_tokenizer, get_sources, make_dataset
+from llmjax.data.sources import in_memory_source, local_files_source
+from llmjax.data.tokenizer import SentencePieceTokenizer, Tokenizer
