@@ -13,14 +13,14 @@ from llmjax import config as config_lib
 
 
 def get_config(arg=None):
-  a = config_lib.parse_arg(arg, steps=300, model='tiny')
+  a = config_lib.parse_arg(arg, steps=400, model='tiny')
   # The tokenizer's vocabulary is small because the corpus is: 1024 pieces cover its words.
   c = config_lib.base_config(a.model, vocab_size=1024, max_seq_len=1024)
   c.data.vocab_size = 1024
   c.data.seq_len = 128  # the generated documents are short; longer rows only add padding work
   c.train.steps = a.steps
   c.train.batch_size = 16
-  c.train.lr = 3e-3  # a tiny model tolerates (and needs, in 300 steps) a high learning rate
+  c.train.lr = 3e-3  # a tiny model tolerates (and needs, in 400 steps) a high learning rate
   c.train.warmup_steps = 30
   c.train.weight_decay = 0.0
   c.train.log_every = 10

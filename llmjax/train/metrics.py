@@ -47,7 +47,7 @@ class MetricsLogger:
     self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
     self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
-                         unit='step', mininterval=1.0)
+                         unit='step', mininterval=1.0, disable=None)  # None: off when not a TTY
     self.start = time.time()
 
   def step(self, n: int = 1):
