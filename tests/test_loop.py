@@ -123,3 +123,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   assert p.returncode == 0, out[-3000:]
   assert 'SIGTERM: saved step' in out
   assert len(os.listdir(tmp_path / 'checkpoints')) == 1
+
+
+def test_cli_corrupt_jsonl_names_file_and_line(tmp_path):
+  corpus = tmp_path / 'c.jsonl'
+  corpus.write_text('{"text": "ok"}\n' * 25 + '{"text": "broken\n')
+  r = _cli(['llmjax.main', '--config=experiments/quickstart.py', f'--workdir={tmp_path}/w',
+            f'--config.data.path={corpus}'], timeout=120)
+  assert r.returncode == 2
+  assert r.stderr.strip().splitlines() == [
+      f'error: {corpus}:26: invalid JSON (Unterminated string starting at column 10); fix or'
+      ' delete that line.']

@@ -10,6 +10,7 @@ field, or one blank-line-separated paragraph of a .txt file (paragraphs keep the
 meaning together while giving the shuffle something finer than whole books).
 """
 
+import functools
 import glob
 import hashlib
 import json
@@ -23,7 +24,7 @@ VALIDATION_EVERY = 20
 
 def resolve_files(pattern: str) -> list[str]:
   """The files a path or glob names, sorted; DataError when none or of an unknown kind."""
-  files = sorted(glob.glob(pattern))
+  files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
   if not files:
     raise DataError(f"data.path='{pattern}' matches no file; pass an existing .txt/.jsonl file"
                     " or glob.")
@@ -76,10 +77,13 @@ def _validate_files(files: list[str], text_key: str) -> int:
   return count
 
 
+@functools.cache
 def _builder_class():
   import tensorflow_datasets as tfds
 
-  class LocalText(tfds.core.GeneratorBasedBuilder):
+  # Not registered in the TFDS catalog: it is not a named public dataset, and registering
+  # would clash when the class is built again in another process or test.
+  class LocalText(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Local .txt/.jsonl files as a TFDS dataset with 'train' and 'validation' splits."""
     VERSION = tfds.core.Version('1.0.0')
 
