@@ -132,5 +132,5 @@ def test_cli_corrupt_jsonl_names_file_and_line(tmp_path):
             f'--config.data.path={corpus}'], timeout=120)
   assert r.returncode == 2
   assert r.stderr.strip().splitlines() == [
-      f'error: {corpus}:26: invalid JSON (Unterminated string starting at column 10); fix or'
+      f'error: {corpus}:26: invalid JSON (Invalid control character at at column 17); fix or'
       ' delete that line.']
