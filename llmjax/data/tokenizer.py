@@ -1,7 +1,8 @@
 """Tokenizers behind one small interface; the project's own is a trained sentencepiece model.
 
 `encode` never adds BOS/EOS: the data pipeline and the sampler add them explicitly, so the
-same tokenizer serves pretraining, chat formatting and generation.
+same tokenizer serves pretraining, chat formatting and generation. Other tokenizers (Hugging
+Face) implement the same five members.
 """
 
 import io
@@ -14,22 +15,31 @@ from llmjax.errors import DataError
 
 
 class Tokenizer:
-  """The interface every tokenizer implements."""
+  """The interface every tokenizer implements.
+
+  Attributes:
+    vocab_size: number of ids; every id is in [0, vocab_size).
+    bos_id, eos_id: the ids the pipeline puts around each document.
+    pad_id: the id of padding; padded positions are also masked out by `loss_mask`.
+  """
   vocab_size: int
   bos_id: int
   eos_id: int
   pad_id: int
 
   def encode(self, text: str) -> list[int]:
+    """Token ids of `text`, without BOS/EOS."""
     raise NotImplementedError
 
   def decode(self, ids: Iterable[int]) -> str:
+    """The text of `ids` (a list or a 1-D array)."""
     raise NotImplementedError
 
 
 class SentencePieceTokenizer(Tokenizer):
   """A sentencepiece model (BPE or unigram) with byte fallback."""
 
+  # Fixed ids for the models we train; loaded third-party models keep their own.
   PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
   def __init__(self, processor: spm.SentencePieceProcessor, path: str = ''):
@@ -38,10 +48,12 @@ class SentencePieceTokenizer(Tokenizer):
     self.vocab_size = processor.get_piece_size()
     self.bos_id = processor.bos_id()
     self.eos_id = processor.eos_id()
-    self.pad_id = processor.pad_id()
+    # Some public models (Llama 2) define no pad piece (-1); rows are padded with 0 and masked.
+    self.pad_id = max(processor.pad_id(), 0)
 
   @classmethod
   def load(cls, path: str) -> 'SentencePieceTokenizer':
+    """Reads a sentencepiece .model file; DataError naming `path` if it is missing or corrupt."""
     if not os.path.isfile(path):
       raise DataError(f"tokenizer {path} does not exist; pass a sentencepiece .model file.")
     sp = spm.SentencePieceProcessor()
@@ -49,37 +61,45 @@ class SentencePieceTokenizer(Tokenizer):
       sp.load(path)
     except (OSError, RuntimeError) as e:
       raise DataError(f"tokenizer {path} is not a valid sentencepiece model ({e}).") from None
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+      raise DataError(f"tokenizer {path} defines no BOS/EOS piece; the pipeline needs both:"
+                      " retrain it with bos_id and eos_id set.")
     return cls(sp, path)
 
   @classmethod
   def train(cls, texts: Iterable[str], path: str, vocab_size: int,
-            model_type: str = 'bpe', max_sentences: int = 200_000) -> 'SentencePieceTokenizer':
-    """Trains on `texts` (documents) and writes the model to `path`.
+            model_type: str = 'bpe', max_sentences: int = 300_000) -> 'SentencePieceTokenizer':
+    """Trains on `texts` (documents) and writes the model to `path` atomically.
 
     Normalisation is the identity and no dummy prefix/whitespace folding is applied, so
     decode(encode(x)) == x for any string; byte fallback covers characters never seen in
-    training (Chinese, emoji) with the 256 byte pieces.
+    training (Chinese, emoji) with the 256 byte pieces. Sentencepiece samples at most
+    `max_sentences` lines (uniformly, seeded) so training time is bounded on big corpora.
     """
     if model_type not in ('bpe', 'unigram'):
       raise DataError(f"data.tokenizer_type='{model_type}' is not 'bpe' or 'unigram'.")
+    # Sentencepiece trains on lines: a newline is never inside a piece, it becomes byte <0x0A>.
     lines = [line for doc in texts for line in doc.split('\n') if line.strip()]
     if not lines:
       raise DataError("cannot train a tokenizer on an empty corpus; check data.path.")
     model = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=iter(lines[:max_sentences]), model_writer=model, vocab_size=vocab_size,
+          sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size,
           model_type=model_type, byte_fallback=True, character_coverage=1.0,
           normalization_rule_name='identity', add_dummy_prefix=False,
           remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+          input_sentence_size=max_sentences, shuffle_input_sentence=True,
           pad_id=cls.PAD, unk_id=cls.UNK, bos_id=cls.BOS, eos_id=cls.EOS,
+          # A small corpus cannot fill a large vocabulary; a soft limit gives fewer pieces
+          # instead of an error (the model only needs vocab_size >= tokenizer.vocab_size).
           hard_vocab_limit=False, num_threads=2, minloglevel=2)
     except RuntimeError as e:
       reason = str(e).split('] ')[-1]
       raise DataError(f"training a {vocab_size}-piece tokenizer failed: {reason} (byte fallback"
                       " alone takes 256 pieces): raise data.vocab_size.") from None
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp'
+    tmp = f'{path}.tmp{os.getpid()}'
     with open(tmp, 'wb') as f:
       f.write(model.getvalue())
     os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer behind
@@ -90,3 +110,13 @@ class SentencePieceTokenizer(Tokenizer):
 
   def decode(self, ids: Iterable[int]) -> str:
     return self.sp.decode([int(i) for i in ids])
+
+  # Grain worker processes receive the tokenizer by pickling; the processor itself is a C++
+  # object, so it travels as its serialized model.
+  def __getstate__(self):
+    return {'proto': self.sp.serialized_model_proto(), 'path': self.path}
+
+  def __setstate__(self, state):
+    sp = spm.SentencePieceProcessor()
+    sp.load_from_serialized_proto(state['proto'])
+    self.__init__(sp, state['path'])
