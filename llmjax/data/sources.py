@@ -1,13 +1,16 @@
 """Document sources: in-memory lists, local .txt/.jsonl files (as a TFDS dataset), TFDS names.
 
-Every source is random-access (`len` and `__getitem__`), which Grain needs for a seeded global
-shuffle and for checkpointing the iterator as a handful of integers.
+Every source is random-access (`len` and `__getitem__` returning one document as `str`), which
+Grain needs for a seeded global shuffle and for checkpointing the iterator as a few integers.
 
 Local files are converted once into a TFDS dataset in ArrayRecord format under
-WORKDIR/tfds/ and read back with `as_data_source`: no TensorFlow is involved, and later runs
-(and every host of a pod) reuse the prepared files. Each document is one JSONL object's text
-field, or one blank-line-separated paragraph of a .txt file (paragraphs keep the unit of
-meaning together while giving the shuffle something finer than whole books).
+WORKDIR/tfds/ and read back with `as_data_source`: no TensorFlow is involved (TFDS only needs
+TF for its tf.data readers and TFRecord files, neither of which this path touches), and later
+runs reuse the prepared files. Each document is one JSONL object's text field, or one
+blank-line-separated paragraph of a .txt file: paragraphs keep a unit of meaning together while
+giving the shuffle something finer than whole books; a paragraph longer than
+MAX_TXT_DOCUMENT_CHARS (a file without blank lines) is cut at line boundaries, so one huge
+document never fills many consecutive batches with the same text.
 """
 
 import functools
@@ -15,12 +18,66 @@ import glob
 import hashlib
 import json
 import os
+from typing import Iterator
 
-from llmjax.errors import DataError
+from llmjax.errors import DataError, closest
 
-# Every VALIDATION_EVERY-th document (in file order) is held out for evaluation.
+# Every VALIDATION_EVERY-th document (in file order) is held out for evaluation: deterministic,
+# spread over all files, and independent of how many documents there are.
 VALIDATION_EVERY = 20
+MAX_TXT_DOCUMENT_CHARS = 32_000  # ~8k tokens: a few rows of any usual seq_len
+# Bump when the way files become documents changes, so prepared copies are rebuilt.
+_FORMAT = 2
 
+
+class TextSource:
+  """Random-access documents as `str`, from a source of str, bytes or dicts holding them."""
+
+  def __init__(self, source, text_key: str = 'text'):
+    self.source, self.text_key = source, text_key
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> str:
+    x = self.source[i]
+    if isinstance(x, dict):
+      x = x[self.text_key]
+    return x.decode('utf-8') if isinstance(x, bytes) else x
+
+  def __repr__(self) -> str:
+    return f'TextSource({len(self)} documents)'
+
+
+class _HeldOut:
+  """Every `every`-th item of `source` (held_out=True) or all the others, by index arithmetic
+  (no index list: a catalog split may hold hundreds of millions of examples)."""
+
+  def __init__(self, source, every: int, held_out: bool):
+    self.source, self.every, self.held_out = source, every, held_out
+
+  def __len__(self) -> int:
+    n = len(self.source) // self.every
+    return n if self.held_out else len(self.source) - n
+
+  def __getitem__(self, i: int):
+    e = self.every
+    if self.held_out:
+      return self.source[i * e + e - 1]
+    return self.source[(i // (e - 1)) * e + i % (e - 1)]
+
+
+def in_memory_source(texts: list[str]) -> TextSource:
+  """A source over a list of documents (tests, the embedded corpus)."""
+  if not texts:
+    raise DataError("the corpus is empty: no documents to train on.")
+  bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+  if bad is not None:
+    raise DataError(f"document {bad} is a {type(texts[bad]).__name__}, not a str.")
+  return TextSource(list(texts))
+
+
+# --- Local files -------------------------------------------------------------------------------
 
 def resolve_files(pattern: str) -> list[str]:
   """The files a path or glob names, sorted; DataError when none or of an unknown kind."""
@@ -34,40 +91,59 @@ def resolve_files(pattern: str) -> list[str]:
   return files
 
 
-def iter_documents(path: str, text_key: str = 'text'):
-  """Yields the documents of one .txt/.jsonl file; a bad JSONL line raises `path:line: ...`."""
-  if path.endswith('.jsonl'):
-    with open(path, encoding='utf-8') as f:
-      for n, line in enumerate(f, 1):
-        if not line.strip():
-          continue
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); fix or"
-                          " delete that line.") from None
-        if not isinstance(obj, dict) or text_key not in obj:
-          raise DataError(f"{path}:{n}: no '{text_key}' field; set data.text_key to the field"
-                          " that holds the text.")
-        if not isinstance(obj[text_key], str):
-          raise DataError(f"{path}:{n}: field '{text_key}' is not a string.")
-        if obj[text_key]:
-          yield obj[text_key]
-  else:
-    with open(path, encoding='utf-8') as f:
-      paragraph = []
-      for line in f:
-        if line.strip():
-          paragraph.append(line)
-        elif paragraph:
-          yield ''.join(paragraph).rstrip('\n')
-          paragraph = []
-      if paragraph:
-        yield ''.join(paragraph).rstrip('\n')
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+  """(line number, text) of a UTF-8 file; a bad byte raises DataError naming path:line."""
+  with open(path, 'rb') as f:  # binary, so a decoding error is pinned to its own line
+    for n, raw in enumerate(f, 1):
+      try:
+        yield n, raw.decode('utf-8').replace('\r\n', '\n')
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode"
+                        " the file as UTF-8.") from None
 
 
-def _validate_files(files: list[str], text_key: str) -> int:
-  """Reads every file once before anything is written; returns the document count."""
+def _jsonl_documents(path: str, text_key: str) -> Iterator[str]:
+  for n, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      obj = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); fix or"
+                      " delete that line.") from None
+    if not isinstance(obj, dict) or text_key not in obj:
+      hint = closest(text_key, obj) if isinstance(obj, dict) else ''
+      raise DataError(f"{path}:{n}: no '{text_key}' field; set data.text_key to the field"
+                      f" that holds the text.{hint}")
+    if not isinstance(obj[text_key], str):
+      raise DataError(f"{path}:{n}: field '{text_key}' is a {type(obj[text_key]).__name__},"
+                      " not a string; set data.text_key to the field that holds the text.")
+    if obj[text_key]:
+      yield obj[text_key]
+
+
+def _txt_documents(path: str) -> Iterator[str]:
+  paragraph, size = [], 0
+  for _, line in _lines(path):
+    if line.strip():
+      paragraph.append(line)
+      size += len(line)
+      if size < MAX_TXT_DOCUMENT_CHARS:
+        continue
+    if paragraph:
+      yield ''.join(paragraph).rstrip('\n')
+      paragraph, size = [], 0
+  if paragraph:
+    yield ''.join(paragraph).rstrip('\n')
+
+
+def iter_documents(path: str, text_key: str = 'text') -> Iterator[str]:
+  """The documents of one .txt/.jsonl file; a bad line raises DataError `path:line: ...`."""
+  return _jsonl_documents(path, text_key) if path.endswith('.jsonl') else _txt_documents(path)
+
+
+def _count_documents(files: list[str], text_key: str) -> int:
+  """Reads every file once before anything is written, so bad input fails fast."""
   count = sum(1 for f in files for _ in iter_documents(f, text_key))
   if count == 0:
     raise DataError(f"data.path: {', '.join(files)} hold no documents (empty corpus).")
@@ -77,7 +153,7 @@ def _validate_files(files: list[str], text_key: str) -> int:
   return count
 
 
-@functools.cache
+@functools.cache  # one class per process: TFDS keys some of its caches by class
 def _builder_class():
   import tensorflow_datasets as tfds
 
@@ -96,69 +172,64 @@ def _builder_class():
           builder=self, features=tfds.features.FeaturesDict({'text': tfds.features.Text()}))
 
     def _split_generators(self, dl_manager):
-      return {'train': self._generate_examples(False),
-              'validation': self._generate_examples(True)}
+      return {'train': self._generate_examples(validation=False),
+              'validation': self._generate_examples(validation=True)}
 
-    def _generate_examples(self, validation):
+    def _generate_examples(self, validation: bool):
       n = 0
       for f in self._files:
         for doc in iter_documents(f, self._text_key):
           if (n % VALIDATION_EVERY == VALIDATION_EVERY - 1) == validation:
-            yield n, {'text': doc}
+            yield n, {'text': doc}  # key n: TFDS orders examples by a hash of it
           n += 1
 
   return LocalText
 
 
-def local_files_source(pattern: str, text_key: str, data_dir: str) -> dict:
-  """{'train': source, 'validation': source} for local files, prepared once under data_dir.
+def local_files_source(pattern: str, text_key: str, data_dir: str) -> dict[str, TextSource]:
+  """{'train', 'validation'} sources for local files, prepared once under `data_dir`.
 
   The prepared copy is keyed by the files' paths, sizes and modification times, so editing a
   file builds a new one instead of silently reusing stale data.
   """
   files = [os.path.abspath(f) for f in resolve_files(pattern)]
   key = hashlib.sha256(json.dumps(
-      [text_key] + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode())
+      [_FORMAT, VALIDATION_EVERY, MAX_TXT_DOCUMENT_CHARS, text_key]
+      + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode())
   data_dir = os.path.join(data_dir, key.hexdigest()[:16])
   builder = _builder_class()(files=files, text_key=text_key, data_dir=data_dir,
                              file_format='array_record')
+  # is_prepared() on a folder that does not exist yet logs a warning: check the folder first.
   if not os.path.isdir(builder.data_dir) or not builder.is_prepared():
-    _validate_files(files, text_key)
+    _count_documents(files, text_key)
     builder.download_and_prepare()
   return {split: TextSource(builder.as_data_source(split)) for split in ('train', 'validation')}
 
 
-def tfds_source(name: str, text_key: str, data_dir: str | None = None) -> dict:
-  """A TFDS catalog dataset (downloaded and prepared by TFDS on first use; needs network)."""
+# --- TFDS catalog ------------------------------------------------------------------------------
+
+def tfds_source(name: str, text_key: str, data_dir: str | None = None) -> dict[str, TextSource]:
+  """{'train', 'validation'} sources of a TFDS catalog dataset, in ArrayRecord format.
+
+  TFDS downloads and prepares it on first use (network needed then) under `data_dir`
+  (default: $TFDS_DATA_DIR or ~/tensorflow_datasets). Evaluation uses the 'validation' split,
+  else 'test', else every VALIDATION_EVERY-th example of 'train'.
+  """
   import tensorflow_datasets as tfds
   try:
-    builder = tfds.builder(name, data_dir=data_dir, file_format='array_record')
-  except Exception as e:  # tfds raises its own DatasetNotFoundError subclasses
-    raise DataError(f"data.tfds_name='{name}': {str(e).splitlines()[0]}") from None
-  builder.download_and_prepare(file_format='array_record')
-  splits = builder.info.splits
-  val = 'validation' if 'validation' in splits else 'test'
-  return {'train': TextSource(builder.as_data_source('train'), text_key),
-          'validation': TextSource(builder.as_data_source(val), text_key)}
-
-
-class TextSource:
-  """Random-access documents as `str`, from a source of str, bytes or dicts holding them."""
-
-  def __init__(self, source, text_key: str = 'text'):
-    self.source, self.text_key = source, text_key
-
-  def __len__(self):
-    return len(self.source)
-
-  def __getitem__(self, i):
-    x = self.source[i]
-    if isinstance(x, dict):
-      x = x[self.text_key]
-    return x.decode('utf-8') if isinstance(x, bytes) else x
-
-
-def in_memory_source(texts: list[str]) -> TextSource:
-  if not texts:
-    raise DataError("the corpus is empty: no documents to train on.")
-  return TextSource(list(texts))
+    splits = tfds.data_source(name, data_dir=data_dir,
+                              builder_kwargs={'file_format': 'array_record'})
+  except tfds.core.DatasetNotFoundError:
+    raise DataError(f"data.tfds_name='{name}' is not in the TFDS catalog; see"
+                    " https://www.tensorflow.org/datasets/catalog.") from None
+  if 'train' not in splits:
+    raise DataError(f"data.tfds_name='{name}' has no 'train' split (it has {list(splits)}).")
+  train = splits['train']
+  val = splits.get('validation', splits.get('test'))
+  if val is None:
+    train, val = (_HeldOut(train, VALIDATION_EVERY, held_out) for held_out in (False, True))
+  example = train[0]
+  if isinstance(example, dict) and text_key not in example:
+    raise DataError(f"data.tfds_name='{name}' has no feature '{text_key}' (it has"
+                    f" {sorted(example)}); set data.text_key.{closest(text_key, example)}")
+  return {'train': TextSource(train, text_key), 'validation': TextSource(val, text_key)}
