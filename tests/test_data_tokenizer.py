@@ -56,6 +56,17 @@ def test_vocab_size_is_a_soft_limit_on_a_small_corpus(tmp_path):
   assert 256 < tok.vocab_size < 5000 and tok.decode(tok.encode('abc 你')) == 'abc 你'
 
 
+def test_training_is_reproducible_with_sampling_and_long_lines(tmp_path):
+  # Documents that are single 6,000-character lines (sentencepiece skips lines over 4,192
+  # bytes), and more lines than max_sentences, so the sample is taken.
+  texts = [' '.join(default_corpus('train')[i:i + 40]) for i in range(0, 2000, 40)]
+  assert min(map(len, texts)) > 4200
+  a = SentencePieceTokenizer.train(texts, str(tmp_path / 'a.model'), 400, max_sentences=200)
+  b = SentencePieceTokenizer.train(texts, str(tmp_path / 'b.model'), 400, max_sentences=200)
+  assert open(a.path, 'rb').read() == open(b.path, 'rb').read()
+  assert a.vocab_size == 400 and len(a.encode(texts[0])) < 0.7 * len(texts[0])  # real merges
+
+
 def test_bad_inputs_name_the_file_and_the_fix(tmp_path):
   with pytest.raises(DataError, match=f'tokenizer {tmp_path}/nope.model does not exist'):
     SentencePieceTokenizer.load(str(tmp_path / 'nope.model'))

@@ -7,6 +7,7 @@ Face) implement the same five members.
 
 import io
 import os
+import random
 from typing import Iterable
 
 import sentencepiece as spm
@@ -73,15 +74,23 @@ class SentencePieceTokenizer(Tokenizer):
 
     Normalisation is the identity and no dummy prefix/whitespace folding is applied, so
     decode(encode(x)) == x for any string; byte fallback covers characters never seen in
-    training (Chinese, emoji) with the 256 byte pieces. Sentencepiece samples at most
-    `max_sentences` lines (uniformly, seeded) so training time is bounded on big corpora.
+    training (Chinese, emoji) with the 256 byte pieces. At most `max_sentences` lines, a
+    seeded uniform sample, are used, so training time is bounded on big corpora and the same
+    texts always give the same model (every host of a pod trains an identical one).
     """
     if model_type not in ('bpe', 'unigram'):
       raise DataError(f"data.tokenizer_type='{model_type}' is not 'bpe' or 'unigram'.")
     # Sentencepiece trains on lines: a newline is never inside a piece, it becomes byte <0x0A>.
-    lines = [line for doc in texts for line in doc.split('\n') if line.strip()]
+    # It also skips lines over 4192 bytes, so long ones are cut (1,000 chars <= 4,000 bytes).
+    lines = [line[i:i + 1000] for doc in texts for line in doc.split('\n') if line.strip()
+             for i in range(0, len(line), 1000)]
     if not lines:
       raise DataError("cannot train a tokenizer on an empty corpus; check data.path.")
+    if len(lines) > max_sentences:
+      # Sampled here, not by sentencepiece's input_sentence_size: its sample differs from run
+      # to run even with a fixed seed.
+      keep = sorted(random.Random(0).sample(range(len(lines)), max_sentences))
+      lines = [lines[i] for i in keep]
     model = io.BytesIO()
     try:
       spm.SentencePieceTrainer.train(
@@ -89,7 +98,6 @@ class SentencePieceTokenizer(Tokenizer):
           model_type=model_type, byte_fallback=True, character_coverage=1.0,
           normalization_rule_name='identity', add_dummy_prefix=False,
           remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-          input_sentence_size=max_sentences, shuffle_input_sentence=True,
           pad_id=cls.PAD, unk_id=cls.UNK, bos_id=cls.BOS, eos_id=cls.EOS,
           # A small corpus cannot fill a large vocabulary; a soft limit gives fewer pieces
           # instead of an error (the model only needs vocab_size >= tokenizer.vocab_size).
