@@ -161,8 +161,9 @@ def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
     given = SentencePieceTokenizer.load(data_cfg.tokenizer_path)  # validates before copying
     if not os.path.exists(path):
       os.makedirs(workdir, exist_ok=True)
-      shutil.copyfile(data_cfg.tokenizer_path, path + '.tmp')
-      os.replace(path + '.tmp', path)
+      tmp = f'{path}.tmp{os.getpid()}'  # per process: hosts sharing a workdir never collide
+      shutil.copyfile(data_cfg.tokenizer_path, tmp)
+      os.replace(tmp, path)
     elif not filecmp.cmp(data_cfg.tokenizer_path, path, shallow=False):
       raise DataError(f"{path} differs from data.tokenizer_path={data_cfg.tokenizer_path}; a"
                       " run keeps its tokenizer: use a new workdir.")
