@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from llmjax import config as config_lib
 from llmjax import sharding
@@ -139,9 +140,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- Data -----------------------------------------------------------------------------------
   from llmjax import data as data_lib  # imported here: tokenizer training may be slow to import
-  tokenizer, train_ds, make_eval_batches = data_lib.build_data(
+  build = lambda: data_lib.build_data(
       config.data, workdir, seed=t.seed, batch_size=t.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
+  if jax.process_count() > 1:
+    # Host 0 prepares the shared files (TFDS copy, tokenizer) while the others wait, so no two
+    # hosts write them at once; the others then only read them.
+    if jax.process_index() == 0:
+      build()
+    multihost_utils.sync_global_devices('llmjax: data prepared')
+  tokenizer, train_ds, make_eval_batches = build()
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                       f"{model_cfg.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}.")
