@@ -58,6 +58,7 @@ FAMILIES = {
     'gpt2': tiny(norm='layernorm', mlp='gelu', position='learned', qkv_bias=True,
                  out_bias=True, mlp_bias=True, tie_embeddings=True, num_kv_heads=4),
     'unscanned_remat': tiny(scan_layers=False, remat='full'),
+    'scanned_remat_qkv': tiny(remat='qkv_proj'),
 }
 
 
@@ -137,6 +138,16 @@ def test_kv_cache_decoding_equals_full_forward(name):
     step_logits, cache = model.apply({'params': params}, nxt, cache=cache)
     want = jnp.take_along_axis(full, idx[:, None, None], axis=1)
     np.testing.assert_allclose(step_logits, want, atol=1e-5)
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots', 'qkv_proj'])
+def test_remat_policies_give_the_same_gradients(remat):
+  cfg = tiny()
+  params = init_params(cfg, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, cfg.vocab_size)
+  loss = lambda c: jax.grad(lambda p: _logits(c, p, tokens).sum())(params)
+  for a, b in zip(jax.tree.leaves(loss(cfg)), jax.tree.leaves(loss(dataclasses.replace(cfg, remat=remat)))):
+    np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_scanned_and_unscanned_models_agree():
