@@ -191,10 +191,16 @@ def base_config(model: str = 'tiny', **model_overrides) -> ml_collections.Config
   c.train.peak_flops = 0.0  # per-device peak FLOP/s for MFU when the device is not in the table
   c.train.unigram_baseline_batches = 20  # training batches counted for the unigram baseline
 
+  # Mesh axis sizes within one slice (see llmjax/sharding.py); the mesh axis is ICI x DCN.
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = 1
   c.mesh.fsdp = -1  # -1: all remaining devices
-  c.mesh.tensor = 1
+  c.mesh.tensor = 1  # >1 needs sharding.rules='fsdp_tensor'; keep it within a host's chips
+  # Slices along each axis (multi-slice over DCN); their product is the number of slices.
+  # Only gradients' all-reduce should cross DCN, so slices normally go to dcn_data.
+  c.mesh.dcn_data = 1
+  c.mesh.dcn_fsdp = 1
+  c.mesh.dcn_tensor = 1
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = 'fsdp'  # a key of llmjax.sharding.RULES: 'data', 'fsdp', 'fsdp_tensor'
 

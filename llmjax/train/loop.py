@@ -93,6 +93,8 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss)
   Parameters and optimizer state get their shardings from the logical axis names of the
   params (optax states mirror the params tree, so their moments inherit the same names).
   """
+  # Divisibility of heads/MLP/vocab/batch by the mesh: one-line errors before tracing.
+  sharding.check_mesh_fits(config, model_cfg, dict(mesh.shape))
   model = Transformer(model_cfg)
   optimizer = make_optimizer(config.train)
 
