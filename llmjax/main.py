@@ -16,9 +16,13 @@ def main(argv: list[str]) -> int:
     if rest:
       raise UserError(f"unknown flag(s) {', '.join('--' + k for k in rest)}; llmjax.main takes"
                       " --config, --workdir and --config.<key>=<value>.")
+    import os
     import jax
-    if jax.process_count() == 1 and 'TPU_WORKER_HOSTNAMES' in __import__('os').environ:
-      jax.distributed.initialize()  # multi-host TPU pod: every worker runs this same command
+    # Multi-host TPU slice: every worker runs this same command (`llmjax.launch run` sets
+    # LLMJAX_DISTRIBUTED=1); initialize() finds the other workers from the TPU metadata. It must
+    # run before anything touches a JAX backend, so no jax.process_count() before it.
+    if os.environ.get('LLMJAX_DISTRIBUTED') == '1' or 'TPU_WORKER_HOSTNAMES' in os.environ:
+      jax.distributed.initialize()
     from llmjax.train.loop import train_and_evaluate
     result = train_and_evaluate(config, workdir)
   except UserError as e:

@@ -1,0 +1,272 @@
+"""Will it fit? Compile the real train step for a TPU topology on any machine, and say.
+
+    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \
+        --config=experiments/llama3_8b_v5p8.py --topology=v5p:2x2x1 [--slices=2] \
+        [--config.train.batch_size=16 ...]
+
+libtpu compiles for a named topology without the chips (`jax.experimental.topologies`), so
+this AOT-compiles `make_trainer(...).train_step` exactly as `llmjax.main` would run it, over
+the topology's compile-only devices, and prints XLA's own memory analysis per device, the
+step's FLOPs, a compute-bound MFU ceiling, the mesh and the shardings of the largest tensors.
+It exits 1 with what to change when the step does not fit in HBM, 2 on a bad config.
+
+Topology names are '<generation>:<chips per axis>': v4 and v5p are 3-D tori ('v5p:2x2x1' is
+a v5p-8: 4 chips; the "-8" counts TensorCores, 2 per chip), v5e and v6e 2-D ('v5e:2x4' is a
+v5e-8 and has 8 chips).
+"""
+
+import dataclasses
+import math
+import re
+import sys
+
+from llmjax.errors import ConfigError, UserError
+
+GiB = 1024 ** 3
+
+
+class DoesNotFit(UserError):
+  """The train step needs more memory per device than the chip has."""
+
+# Per chip: usable HBM in GiB (libtpu's compile-time OOM message quotes 31.24G for v6e) and
+# peak dense bf16 FLOP/s, from Google Cloud's TPU system architecture pages.
+CHIPS = {
+    'v4': dict(hbm_gib=31.25, peak_flops=275e12),
+    'v5e': dict(hbm_gib=15.75, peak_flops=197e12),
+    'v5p': dict(hbm_gib=95.73, peak_flops=459e12),
+    'v6e': dict(hbm_gib=31.24, peak_flops=918e12),
+}
+
+
+@dataclasses.dataclass
+class Report:
+  topology: str
+  slices: int
+  num_devices: int
+  devices_per_chip: int
+  mesh: dict
+  per_device_batch: float
+  hbm_bytes: float  # of one device (a chip, or a TensorCore where a chip shows two)
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  flops_per_device: float  # XLA's cost analysis of one device's program
+  flops_executed_per_device: float  # = the above, or an estimate where layers are scanned
+  scanned: bool
+  model_flops_per_device: float  # 6N + attention per token (PaLM), the MFU numerator
+  step_time_floor_s: float  # executed FLOPs at the chip's peak
+  largest: list  # (path, shape, dtype, spec, bytes per device)
+
+  @property
+  def total_bytes(self) -> int:
+    """Peak device memory of the step: inputs, live temporaries, outputs that do not reuse a
+    donated input (the new state aliases the donated one), and the program itself."""
+    return (self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+            + self.code_bytes)
+
+  @property
+  def fits(self) -> bool:
+    return self.total_bytes <= self.hbm_bytes
+
+  @property
+  def mfu_ceiling(self) -> float:
+    """Model FLOPs / executed FLOPs: what rematerialisation leaves of the peak even if every
+    op ran at full speed (communication and memory-bound ops only lower it further)."""
+    return self.model_flops_per_device / max(self.flops_executed_per_device, 1.0)
+
+
+def get_topology(name: str, slices: int = 1):
+  """The compile-only TPU devices of e.g. 'v5e:2x4' ('v5p:2x2x1', 'v6e:4x4', ...)."""
+  gen, _, shape = name.partition(':')
+  dims = shape.split('x')
+  ndim = 3 if gen in ('v4', 'v5p') else 2
+  if gen not in CHIPS or len(dims) != ndim or not all(d.isdigit() and int(d) > 0 for d in dims):
+    example = {'v4': 'v4:2x2x1', 'v5p': 'v5p:2x2x1', 'v5e': 'v5e:2x4', 'v6e': 'v6e:2x4'}
+    raise ConfigError(f"--topology={name} is not a TPU topology name; use one of"
+                      f" {', '.join(example.values())} (generation:chips per axis, {ndim} axes"
+                      f" for {gen if gen in CHIPS else 'v4/v5p'}).")
+  if slices < 1:
+    raise ConfigError(f"--slices={slices} must be >= 1.")
+  from jax.experimental import topologies
+  try:
+    topo = topologies.get_topology_desc(platform='tpu', topology_name=name, num_slices=slices)
+  except Exception as e:  # libtpu rejects shapes that no slice has (e.g. 'v5e:3x3')
+    raise ConfigError(f"--topology={name}: libtpu has no such slice ({str(e).splitlines()[0][:120]});"
+                      " use a published shape, e.g. v5e:2x4, v5e:4x4, v5p:2x2x2.") from None
+  return topo.devices
+
+
+def plan(config, topology: str, slices: int | None = None) -> tuple[Report, object]:
+  """Compiles the train step of `config` for `topology`; returns (report, compiled)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from llmjax import config as config_lib
+  from llmjax import sharding
+  from llmjax.train.loop import make_trainer
+
+  # plan reads no data: check everything but the data files, which live where the job runs.
+  checked = config.copy_and_resolve_references()
+  checked.data.path = ''
+  checked.data.tokenizer_path = ''
+  model_cfg = config_lib.validate(checked)
+  slices = sharding.num_slices(config.mesh) if slices is None else slices
+  devices = get_topology(topology, slices)
+  sizes = sharding.validate(config, model_cfg, len(devices), slices)
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules_from_config(config)
+  trainer = make_trainer(config, model_cfg, mesh, rules)
+
+  b, t = config.train.batch_size, config.data.seq_len
+  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == 'loss_mask' else jnp.int32,
+                                   sharding=trainer.batch_sharding)
+           for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    lowered = trainer.train_step.lower(trainer.abstract_state, batch)
+    try:
+      compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+      # The TPU compiler itself refuses programs whose temporaries exceed HBM (no analysis
+      # comes back then): report its numbers with the same advice as for a step that
+      # compiles but does not fit.
+      found = re.search(r'HLO temporaries \(([\d.]+\w)\) exceeds available HBM \(([\d.]+\w)\)',
+                        str(e))
+      if not found:
+        raise
+      state = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+                  for x in jax.tree.leaves(trainer.abstract_state))
+      raise DoesNotFit(
+          f"the TPU compiler needs {found.group(1)} of temporaries per device on top of"
+          f" {state / GiB:.2f} GiB of train state, but a {topology.split(':')[0]} device has"
+          f" {found.group(2)}; " + advice(config, sizes, b / (sizes['data'] * sizes['fsdp']),
+                                           len(devices)) + ".") from None
+
+  mem = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  gen = topology.split(':')[0]
+  chip = CHIPS[gen]
+  per_chip = len(devices) // len({(getattr(d, 'slice_index', 0), tuple(d.coords)) for d in devices})
+  n = len(devices)
+  model_flops = model_cfg.flops_per_token(t) * b * t / n
+  flops = float(cost.get('flops', 0.0))
+  if model_cfg.scan_layers:
+    # XLA's cost analysis counts a while loop's body once, so for scanned layers estimate the
+    # executed FLOPs instead: full remat runs each block's forward twice (8 instead of 6
+    # FLOPs per parameter and token); other policies recompute little.
+    flops_executed = model_flops * (8 / 6 if model_cfg.remat == 'full' else 1.0)
+  else:
+    flops_executed = flops
+  floor = flops_executed / (chip['peak_flops'] / per_chip)
+
+  leaves = jax.tree_util.tree_flatten_with_path(trainer.abstract_state)[0]
+  largest = []
+  for path, leaf in leaves:
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    largest.append((jax.tree_util.keystr(path, simple=True, separator='/'), tuple(leaf.shape),
+                     str(leaf.dtype), str(tuple(leaf.sharding.spec)),
+                     math.prod(shard) * jnp.dtype(leaf.dtype).itemsize))
+  largest.sort(key=lambda r: -r[-1])
+
+  report = Report(
+      topology=topology, slices=slices, num_devices=n, devices_per_chip=per_chip, mesh=sizes,
+      per_device_batch=b / (sizes['data'] * sizes['fsdp']),
+      hbm_bytes=chip['hbm_gib'] * GiB / per_chip,
+      argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
+      alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
+      code_bytes=mem.generated_code_size_in_bytes, flops_per_device=flops,
+      flops_executed_per_device=flops_executed, scanned=model_cfg.scan_layers,
+      model_flops_per_device=model_flops, step_time_floor_s=floor, largest=largest[:8])
+  return report, compiled
+
+
+def advice(config, sizes: dict, per_device_batch: float, num_devices: int) -> str:
+  """What to change, most effective first, for a step that does not fit."""
+  m, t = config.model, config.train
+  tips = []
+  if sizes['fsdp'] * sizes['tensor'] < num_devices:
+    tips.append(f"shard weights over more chips (--config.mesh.data=1 --config.mesh.fsdp=-1;"
+                f" now fsdp={sizes['fsdp']})")
+  if m.remat != 'full':
+    tips.append(f"recompute activations (--config.model.remat=full; now '{m.remat}')")
+  if per_device_batch > 1:
+    tips.append(f"lower the per-chip batch ({per_device_batch:g}): halve"
+                f" --config.train.batch_size or double --config.train.grad_accum (now {t.grad_accum})")
+  if m.dtype != 'bfloat16':
+    tips.append("compute in bf16 (--config.model.dtype=bfloat16)")
+  if m.attention in ('xla', 'reference') and config.data.seq_len >= 4096:
+    tips.append(f"split attention's [heads, {config.data.seq_len}, {config.data.seq_len}] scores"
+                " over --config.mesh.tensor=2 --config.sharding.rules=fsdp_tensor (or use a"
+                " flash-attention kernel via model.attention)")
+  if m.param_dtype == 'float32':
+    tips.append("store params in bf16 (--config.model.param_dtype=bfloat16; Adam state follows)")
+  tips.append("or use more chips (a larger --topology)")
+  return '; '.join(tips)
+
+
+def format_report(config, report: Report) -> str:
+  gib = lambda x: f"{x / GiB:.2f} GiB" if x >= GiB / 10 else f"{x / 2**20:.1f} MiB"
+  r = report
+  mesh = ' x '.join(f"{a}={s}" for a, s in r.mesh.items())
+  unit = 'chip' if r.devices_per_chip == 1 else f'TensorCore ({r.devices_per_chip} per chip)'
+  lines = [
+      f"topology {r.topology}" + (f" x {r.slices} slices" if r.slices > 1 else "")
+      + f": {r.num_devices} devices, mesh {mesh}, rules '{config.sharding.rules}'",
+      f"model {config.model.get('preset', 'custom')}: batch {config.train.batch_size} x"
+      f" {config.data.seq_len} tokens ({r.per_device_batch:g} sequences per device),"
+      f" remat '{config.model.remat}', dtype {config.model.dtype}, params {config.model.param_dtype}",
+      f"memory per {unit} (XLA memory_analysis):",
+      f"  arguments {gib(r.argument_bytes)}  (train state + batch)",
+      f"  outputs   {gib(r.output_bytes)}  (of which {gib(r.alias_bytes)} reuse the donated state)",
+      f"  temp      {gib(r.temp_bytes)}  (activations, gradients, collectives' buffers)",
+      f"  code      {gib(r.code_bytes)}",
+      f"  total     {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM"
+      f" ({100 * r.total_bytes / r.hbm_bytes:.0f}%) -> {'fits' if r.fits else 'DOES NOT FIT'}",
+      f"FLOPs per step per device: {r.model_flops_per_device:.4g} model (6N + attention),"
+      + (f" ~{r.flops_executed_per_device:.4g} executed (estimated: XLA's cost analysis,"
+         f" {r.flops_per_device:.4g}, counts the scanned layer loop once)" if r.scanned else
+         f" {r.flops_per_device:.4g} compiled (XLA cost analysis)")
+      + f"; step >= {r.step_time_floor_s * 1e3:.0f} ms at peak, MFU ceiling"
+      f" {100 * r.mfu_ceiling:.0f}%",
+      "largest tensors (per-device bytes):",
+  ]
+  for path, shape, dtype, spec, nbytes in r.largest:
+    lines.append(f"  {gib(nbytes):>10}  {path} {dtype}{list(shape)} -> {spec}")
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> int:
+  try:
+    from llmjax import config as config_lib
+    config, _, rest = config_lib.parse_cli(argv, need_workdir=False)
+    topology = rest.pop('topology', None)
+    slices = rest.pop('slices', None)
+    if rest:
+      raise UserError(f"unknown flag(s) {', '.join('--' + k for k in rest)}; llmjax.plan takes"
+                      " --config, --topology, --slices and --config.<key>=<value>.")
+    if not topology:
+      raise UserError("missing --topology, e.g. --topology=v5e:2x4 (v5e-8) or v5p:2x2x1 (v5p-8).")
+    if slices is not None and not slices.isdigit():
+      raise UserError(f"--slices={slices} is not a positive integer.")
+    report, _ = plan(config, topology, int(slices) if slices else None)
+  except DoesNotFit as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(format_report(config, report))
+  if not report.fits:
+    print(f"error: the step needs {report.total_bytes / GiB:.2f} GiB per device but a"
+          f" {report.topology.split(':')[0]} device has {report.hbm_bytes / GiB:.2f} GiB; "
+          + advice(config, report.mesh, report.per_device_batch, report.num_devices) + ".",
+          file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))
