@@ -49,6 +49,10 @@ def parse(argv: list[str]) -> tuple[str, dict, list[str]]:
   if '--' in rest:
     i = rest.index('--')
     rest, extra = rest[:i], rest[i + 1:]
+    # llmjax.main has no --dry-run: one written after '--' still means "print, do not run".
+    if '--dry-run' in extra:
+      extra = [a for a in extra if a != '--dry-run']
+      rest.append('--dry-run')
   flags = {}
   for a in rest:
     if not a.startswith('--'):
