@@ -1,0 +1,108 @@
+"""Convert checkpoints between Hugging Face (transformers) and llmjax.
+
+    python -m llmjax.convert --from=hf --src=HF_DIR --dst=DIR [--dtype=bfloat16]
+    python -m llmjax.convert --to=hf --src=DIR --dst=HF_DIR [--max_shard_bytes=5000000000]
+                             [--architecture=LlamaForCausalLM] [--step=N]
+
+`--from=hf` writes an llmjax workdir laid out as the training loop writes its own
+(`llmjax.train.checkpoint`), so `--config.workdir=DIR`-style restores, `checkpoint.restore_params(DIR)`
+and `python -m llmjax.generate --workdir=DIR` read it unchanged:
+
+    DIR/model_config.json               dataclasses.asdict(ModelConfig)
+    DIR/checkpoints/0/state/            Orbax StandardSave of {'params': params} (step 0)
+    DIR/tokenizer.json | tokenizer.model, tokenizer_config.json, special_tokens_map.json,
+        chat_template.jinja, generation_config.json     copied verbatim when present
+
+The params are the model's pytree (`llmjax.models.init_params` layout: scanned layers stacked
+under params['layers']). Restore them with
+`ocp.args.Composite(state=ocp.args.StandardRestore({'params': abstract_params}))`, which
+places them onto any shardings. `--to=hf` reads the latest step (or --step) of such a workdir,
+including ones written by training (their 'state' holds 'params' among other things), and
+picks the Hugging Face architecture from the model's features unless --architecture is given.
+"""
+
+import os
+import shutil
+import sys
+
+from llmjax.errors import UserError, closest
+
+FLAGS = {'from': '', 'to': '', 'src': '', 'dst': '', 'dtype': '', 'max_shard_bytes': 5 * 10**9,
+         'architecture': '', 'step': -1}
+
+
+def parse_flags(argv: list[str]) -> dict:
+  flags = dict(FLAGS)
+  for a in argv:
+    name, _, value = a.lstrip('-').partition('=')
+    if not a.startswith('--') or name not in FLAGS:
+      raise UserError(f"unknown flag '{a}'.{closest(name, FLAGS)} Flags: "
+                      + ', '.join('--' + k for k in FLAGS))
+    try:
+      flags[name] = type(FLAGS[name])(value)
+    except ValueError:
+      raise UserError(f"--{name}={value}: expected a {type(FLAGS[name]).__name__}.") from None
+  if (flags['from'], flags['to']) not in (('hf', ''), ('', 'hf')):
+    raise UserError("pass --from=hf (Hugging Face -> llmjax) or --to=hf (llmjax -> Hugging Face).")
+  if not flags['src'] or not flags['dst']:
+    raise UserError("pass --src=DIR and --dst=DIR.")
+  return flags
+
+
+def from_hf(src: str, dst: str, dtype: str = '') -> None:
+  """Hugging Face dir -> llmjax workdir (layout in the module docstring)."""
+  from llmjax.interop import load_hf
+  from llmjax.interop.tokenizer import TOKENIZER_FILES
+  from llmjax.train import checkpoint
+  overrides = {'dtype': dtype, 'param_dtype': dtype} if dtype else {}
+  cfg, params, _ = load_hf(src, **overrides)
+  if os.path.isdir(os.path.join(dst, 'checkpoints')):
+    raise UserError(f"{dst}/checkpoints already exists; pass a new --dst.")
+  os.makedirs(dst, exist_ok=True)
+  checkpoint.write_model_config(dst, cfg)
+  manager = checkpoint.make_manager(dst, max_to_keep=1, async_save=False)
+  checkpoint.save(manager, 0, {'params': params}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+  for name in TOKENIZER_FILES:
+    if os.path.exists(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+  print(f"wrote {dst}: {cfg.num_params:,} params ({cfg.param_dtype}), step 0")
+
+
+def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
+          step: int = -1) -> None:
+  """llmjax workdir -> Hugging Face dir."""
+  import orbax.checkpoint as ocp
+
+  from llmjax.errors import CheckpointError
+  from llmjax.interop import save_hf
+  from llmjax.train import checkpoint
+  cfg = checkpoint.read_model_config(src)
+  manager = checkpoint.make_manager(src, max_to_keep=1, async_save=False)
+  step = manager.latest_step() if step < 0 else step
+  if step is None:
+    raise CheckpointError(f"no checkpoint in {src}/checkpoints; convert or train into it first.")
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  manager.close()
+  files = save_hf(dst, cfg, state['params'], tokenizer_dir=src,
+                  architecture=architecture or None, max_shard_bytes=max_shard_bytes)
+  print(f"wrote {dst}: {len(files)} safetensors file(s) from step {step}")
+
+
+def main(argv: list[str]) -> int:
+  try:
+    flags = parse_flags(argv)
+    if flags['from']:
+      from_hf(flags['src'], flags['dst'], flags['dtype'])
+    else:
+      to_hf(flags['src'], flags['dst'], max_shard_bytes=flags['max_shard_bytes'],
+            architecture=flags['architecture'], step=flags['step'])
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv[1:]))

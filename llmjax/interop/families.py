@@ -1,0 +1,351 @@
+"""The Hugging Face model families llmjax maps onto: config.json fields and tensor names.
+
+Each `Family` says how its `config.json` becomes a `ModelConfig` (rejecting what llmjax cannot
+represent, naming the field), how a `ModelConfig` becomes its `config.json`, and where every
+llmjax parameter lives among its safetensors tensors (`Layout`s). `ARCHITECTURES` is the
+registry by the `architectures[0]` name of config.json.
+"""
+
+import dataclasses
+import re
+from typing import Callable
+
+from llmjax.errors import ConfigError
+from llmjax.interop.layout import Layout, conv1d, linear, table, vector
+from llmjax.models.config import ModelConfig
+
+Path = tuple[str, ...]  # keys into the params pytree
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  architecture: str
+  model_type: str
+  to_model: Callable[[dict, str], dict]  # (config.json, its path) -> ModelConfig fields
+  to_hf: Callable[[ModelConfig], dict]  # -> config.json fields (without token ids)
+  top_tensors: Callable[[ModelConfig], dict[Path, Layout]]
+  block_tensors: Callable[[ModelConfig], dict[Path, Layout]]  # per layer, '{i}' in names
+  ignored: str = r'$^'  # stored tensors that are not parameters (buffers), a regex
+  rename: Callable[[str], str] = lambda name: name  # stored name -> canonical name
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def _require(hf: dict, key: str, path: str):
+  if hf.get(key) is None:
+    raise ConfigError(f"{path}: required field '{key}' is missing; is this a complete"
+                      " transformers config.json?")
+  return hf[key]
+
+
+def _only(hf: dict, path: str, arch: str, allowed: dict[str, tuple]) -> None:
+  """Fields whose other values change the math in ways llmjax does not implement."""
+  for key, values in allowed.items():
+    if key in hf and hf[key] is not None and hf[key] not in values:
+      raise ConfigError(f"{path}: {key}={hf[key]!r} is not supported for {arch}; llmjax"
+                        f" implements {key} in {list(values)}.")
+  if hf.get('quantization_config'):
+    raise ConfigError(f"{path}: quantization_config is set; llmjax loads float checkpoints"
+                      " only: dequantize the checkpoint first.")
+
+
+# rope_type (or the older key 'type') -> ModelConfig.rope_scaling, and the keys each type may
+# carry. Others (yarn, longrope, ...) scale attention too; they are rejected, not approximated.
+ROPE_TYPES = {'default': '', 'linear': 'linear', 'dynamic': 'dynamic', 'llama3': 'llama3'}
+ROPE_KEYS = {
+    'default': set(),
+    'linear': {'factor'},
+    'dynamic': {'factor', 'original_max_position_embeddings'},
+    'llama3': {'factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'},
+}
+
+
+def _rope(hf: dict, path: str) -> dict:
+  """rope_theta + rope_scaling (transformers 4) or rope_parameters (transformers 5) -> fields."""
+  key = 'rope_parameters' if hf.get('rope_parameters') else 'rope_scaling'
+  params = dict(hf.get(key) or {})
+  theta = params.pop('rope_theta', hf.get('rope_theta', 10_000.0))
+  kind = params.pop('rope_type', None) or params.pop('type', None) or 'default'
+  params.pop('type', None)
+  if kind not in ROPE_TYPES:
+    raise ConfigError(f"{path}: {key}.rope_type='{kind}' is not supported; llmjax implements"
+                      f" {list(ROPE_TYPES)}.")
+  extra = sorted(k for k, v in params.items() if k not in ROPE_KEYS[kind]
+                 and not (k == 'partial_rotary_factor' and v == 1.0))
+  if extra:
+    raise ConfigError(f"{path}: {key} fields {extra} are not supported for rope_type='{kind}';"
+                      f" llmjax reads only {sorted(ROPE_KEYS[kind]) or 'rope_theta'}.")
+  fields = dict(rope_theta=float(theta), rope_scaling=ROPE_TYPES[kind])
+  if kind != 'default':
+    fields['rope_scaling_factor'] = float(_require(params, 'factor', f'{path}: {key}'))
+  if kind == 'llama3':
+    fields.update(rope_low_freq_factor=float(params.get('low_freq_factor', 1.0)),
+                  rope_high_freq_factor=float(params.get('high_freq_factor', 4.0)),
+                  rope_original_max_len=int(_require(params, 'original_max_position_embeddings',
+                                                     f'{path}: {key}')))
+  if kind == 'dynamic':
+    # transformers grows the base only past max_position_embeddings (= max_seq_len here).
+    fields['rope_original_max_len'] = int(hf['max_position_embeddings'])
+  return fields
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+  """transformers-4 spelling, which transformers 5 still reads."""
+  scaling = None
+  if cfg.rope_scaling:
+    scaling = {'rope_type': cfg.rope_scaling, 'factor': cfg.rope_scaling_factor}
+  if cfg.rope_scaling == 'llama3':
+    scaling.update(low_freq_factor=cfg.rope_low_freq_factor,
+                   high_freq_factor=cfg.rope_high_freq_factor,
+                   original_max_position_embeddings=cfg.rope_original_max_len)
+  return {'rope_theta': cfg.rope_theta, 'rope_scaling': scaling}
+
+
+def _llama_like(hf: dict, path: str, arch: str) -> dict:
+  _only(hf, path, arch, {'hidden_act': ('silu',), 'partial_rotary_factor': (1.0,)})
+  embed = _require(hf, 'hidden_size', path)
+  heads = _require(hf, 'num_attention_heads', path)
+  return dict(
+      vocab_size=_require(hf, 'vocab_size', path),
+      num_layers=_require(hf, 'num_hidden_layers', path), embed_dim=embed, num_heads=heads,
+      num_kv_heads=hf.get('num_key_value_heads') or heads,
+      head_dim=hf.get('head_dim') or embed // heads,
+      mlp_dim=_require(hf, 'intermediate_size', path),
+      max_seq_len=_require(hf, 'max_position_embeddings', path),
+      norm='rmsnorm', norm_eps=float(hf.get('rms_norm_eps', 1e-6)), mlp='swiglu',
+      position='rope', tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
+      **_rope(hf, path))
+
+
+def _llama_like_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> dict:
+  if (cfg.norm, cfg.mlp, cfg.position) != ('rmsnorm', 'swiglu', 'rope'):
+    raise ConfigError(f"{arch} needs norm='rmsnorm', mlp='swiglu', position='rope'; this model"
+                      f" has {cfg.norm!r}, {cfg.mlp!r}, {cfg.position!r}: export it as GPT-2.")
+  return {
+      'architectures': [arch], 'model_type': model_type, 'vocab_size': cfg.vocab_size,
+      'hidden_size': cfg.embed_dim, 'intermediate_size': cfg.mlp_dim,
+      'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
+      'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim, 'hidden_act': 'silu',
+      'max_position_embeddings': cfg.max_seq_len, 'rms_norm_eps': cfg.norm_eps,
+      'tie_word_embeddings': cfg.tie_embeddings, 'attention_dropout': 0.0, 'use_cache': True,
+      **_rope_to_hf(cfg)}
+
+
+def _llama_from_hf(hf, path):
+  fields = _llama_like(hf, path, 'LlamaForCausalLM')
+  # attention_bias puts a bias on q, k, v and o alike.
+  bias = bool(hf.get('attention_bias', False))
+  return dict(fields, qkv_bias=bias, out_bias=bias, mlp_bias=bool(hf.get('mlp_bias', False)))
+
+
+def _llama_to_hf(cfg):
+  if cfg.sliding_window:
+    raise ConfigError("LlamaForCausalLM has no sliding window; export this model as Mistral.")
+  if cfg.qkv_bias != cfg.out_bias:
+    raise ConfigError(f"LlamaForCausalLM's attention_bias covers q/k/v and o together; this model"
+                      f" has qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias} (Qwen2 has qkv only).")
+  return dict(_llama_like_to_hf(cfg, 'LlamaForCausalLM', 'llama'), attention_bias=cfg.qkv_bias,
+              mlp_bias=cfg.mlp_bias, pretraining_tp=1)
+
+
+def _qwen2_window(hf: dict, path: str) -> int:
+  """Qwen2 slides the window only in layers >= max_window_layers, and only with
+  use_sliding_window (transformers' Qwen2Config.layer_types); llmjax has one window for all."""
+  if not hf.get('use_sliding_window') or not hf.get('sliding_window'):
+    return 0
+  layers = hf['num_hidden_layers']
+  types = hf.get('layer_types') or [
+      'sliding_attention' if i >= hf.get('max_window_layers', layers) else 'full_attention'
+      for i in range(layers)]
+  if all(t == 'full_attention' for t in types):
+    return 0
+  if all(t == 'sliding_attention' for t in types):
+    return int(hf['sliding_window'])
+  n = sum(t == 'sliding_attention' for t in types)
+  raise ConfigError(
+      f"{path}: use_sliding_window=true with max_window_layers={hf.get('max_window_layers')}"
+      f" (layer_types) slides {n} of {layers} layers; llmjax applies one sliding_window to all"
+      " layers: set max_window_layers=0 (all slide) or use_sliding_window=false (none).")
+
+
+def _qwen2_from_hf(hf, path):
+  fields = _llama_like(hf, path, 'Qwen2ForCausalLM')
+  return dict(fields, qkv_bias=True, sliding_window=_qwen2_window(hf, path))
+
+
+def _qwen2_to_hf(cfg):
+  if not cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
+    raise ConfigError("Qwen2ForCausalLM has biases on q/k/v only; this model has"
+                      f" qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}, mlp_bias={cfg.mlp_bias}.")
+  if cfg.head_dim * cfg.num_heads != cfg.embed_dim:
+    raise ConfigError(f"Qwen2ForCausalLM needs head_dim * num_heads == embed_dim"
+                      f" ({cfg.head_dim} * {cfg.num_heads} != {cfg.embed_dim}).")
+  window = {'use_sliding_window': bool(cfg.sliding_window), 'max_window_layers': 0,
+            'sliding_window': cfg.sliding_window or None}
+  return dict(_llama_like_to_hf(cfg, 'Qwen2ForCausalLM', 'qwen2'), **window)
+
+
+def _mistral_from_hf(hf, path):
+  fields = _llama_like(hf, path, 'MistralForCausalLM')
+  return dict(fields, sliding_window=int(hf.get('sliding_window') or 0))
+
+
+def _mistral_to_hf(cfg):
+  if cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
+    raise ConfigError("MistralForCausalLM has no biases; export a model with qkv_bias as Qwen2.")
+  return dict(_llama_like_to_hf(cfg, 'MistralForCausalLM', 'mistral'),
+              sliding_window=cfg.sliding_window or None)
+
+
+def _gpt2_from_hf(hf, path):
+  _only(hf, path, 'GPT2LMHeadModel', {
+      # 'gelu_new' and 'gelu_pytorch_tanh' are both the tanh approximation llmjax uses.
+      'activation_function': ('gelu_new', 'gelu_pytorch_tanh'),
+      'scale_attn_weights': (True,), 'scale_attn_by_inverse_layer_idx': (False,),
+      'add_cross_attention': (False,)})
+  embed = _require(hf, 'n_embd', path)
+  heads = _require(hf, 'n_head', path)
+  return dict(
+      vocab_size=_require(hf, 'vocab_size', path), num_layers=_require(hf, 'n_layer', path),
+      embed_dim=embed, num_heads=heads, num_kv_heads=heads, head_dim=embed // heads,
+      mlp_dim=hf.get('n_inner') or 4 * embed, max_seq_len=_require(hf, 'n_positions', path),
+      norm='layernorm', norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)), mlp='gelu',
+      position='learned', qkv_bias=True, out_bias=True, mlp_bias=True,
+      tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
+
+
+def _gpt2_to_hf(cfg):
+  want = dict(norm='layernorm', mlp='gelu', position='learned', qkv_bias=True, out_bias=True,
+              mlp_bias=True, sliding_window=0, num_kv_heads=cfg.num_heads,
+              head_dim=cfg.embed_dim // cfg.num_heads)
+  wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+  if wrong:
+    raise ConfigError(f"GPT2LMHeadModel cannot hold a model with {wrong}; it needs {want}.")
+  return {
+      'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2', 'vocab_size': cfg.vocab_size,
+      'n_embd': cfg.embed_dim, 'n_layer': cfg.num_layers, 'n_head': cfg.num_heads,
+      'n_inner': cfg.mlp_dim, 'n_positions': cfg.max_seq_len, 'n_ctx': cfg.max_seq_len,
+      'activation_function': 'gelu_new', 'layer_norm_epsilon': cfg.norm_eps,
+      'tie_word_embeddings': cfg.tie_embeddings, 'scale_attn_weights': True,
+      'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0, 'use_cache': True}
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _llama_top(cfg: ModelConfig) -> dict[Path, Layout]:
+  v, d = cfg.vocab_size, cfg.embed_dim
+  out = {('embed', 'embedding'): table('model.embed_tokens.weight', v, d),
+         ('final_norm', 'scale'): vector('model.norm.weight', (d,))}
+  if not cfg.tie_embeddings:
+    out[('head', 'kernel')] = table('lm_head.weight', v, d, transpose=True)
+  return out
+
+
+def _llama_block(cfg: ModelConfig) -> dict[Path, Layout]:
+  d, h, k, hd, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  p = 'model.layers.{i}.'
+  out = {
+      ('attn_norm', 'scale'): vector(p + 'input_layernorm.weight', (d,)),
+      ('attn', 'q', 'kernel'): linear(p + 'self_attn.q_proj.weight', (d,), (h, hd)),
+      ('attn', 'k', 'kernel'): linear(p + 'self_attn.k_proj.weight', (d,), (k, hd)),
+      ('attn', 'v', 'kernel'): linear(p + 'self_attn.v_proj.weight', (d,), (k, hd)),
+      ('attn', 'o', 'kernel'): linear(p + 'self_attn.o_proj.weight', (h, hd), (d,)),
+      ('mlp_norm', 'scale'): vector(p + 'post_attention_layernorm.weight', (d,)),
+      ('mlp', 'gate', 'kernel'): linear(p + 'mlp.gate_proj.weight', (d,), (f,)),
+      ('mlp', 'up', 'kernel'): linear(p + 'mlp.up_proj.weight', (d,), (f,)),
+      ('mlp', 'down', 'kernel'): linear(p + 'mlp.down_proj.weight', (f,), (d,)),
+  }
+  if cfg.qkv_bias:
+    out[('attn', 'q', 'bias')] = vector(p + 'self_attn.q_proj.bias', (h, hd))
+    out[('attn', 'k', 'bias')] = vector(p + 'self_attn.k_proj.bias', (k, hd))
+    out[('attn', 'v', 'bias')] = vector(p + 'self_attn.v_proj.bias', (k, hd))
+  if cfg.out_bias:
+    out[('attn', 'o', 'bias')] = vector(p + 'self_attn.o_proj.bias', (d,))
+  if cfg.mlp_bias:
+    out[('mlp', 'gate', 'bias')] = vector(p + 'mlp.gate_proj.bias', (f,))
+    out[('mlp', 'up', 'bias')] = vector(p + 'mlp.up_proj.bias', (f,))
+    out[('mlp', 'down', 'bias')] = vector(p + 'mlp.down_proj.bias', (d,))
+  return out
+
+
+def _gpt2_top(cfg: ModelConfig) -> dict[Path, Layout]:
+  v, d = cfg.vocab_size, cfg.embed_dim
+  out = {('embed', 'embedding'): table('transformer.wte.weight', v, d),
+         ('pos_embedding',): table('transformer.wpe.weight', cfg.max_seq_len, d),
+         ('final_norm', 'scale'): vector('transformer.ln_f.weight', (d,)),
+         ('final_norm', 'bias'): vector('transformer.ln_f.bias', (d,))}
+  if not cfg.tie_embeddings:
+    out[('head', 'kernel')] = table('lm_head.weight', v, d, transpose=True)
+  return out
+
+
+def _gpt2_block(cfg: ModelConfig) -> dict[Path, Layout]:
+  d, h, hd, f = cfg.embed_dim, cfg.num_heads, cfg.head_dim, cfg.mlp_dim
+  p = 'transformer.h.{i}.'
+  out = {
+      ('attn_norm', 'scale'): vector(p + 'ln_1.weight', (d,)),
+      ('attn_norm', 'bias'): vector(p + 'ln_1.bias', (d,)),
+      ('attn', 'o', 'kernel'): conv1d(p + 'attn.c_proj.weight', (h, hd), (d,)),
+      ('attn', 'o', 'bias'): vector(p + 'attn.c_proj.bias', (d,)),
+      ('mlp_norm', 'scale'): vector(p + 'ln_2.weight', (d,)),
+      ('mlp_norm', 'bias'): vector(p + 'ln_2.bias', (d,)),
+      ('mlp', 'up', 'kernel'): conv1d(p + 'mlp.c_fc.weight', (d,), (f,)),
+      ('mlp', 'up', 'bias'): vector(p + 'mlp.c_fc.bias', (f,)),
+      ('mlp', 'down', 'kernel'): conv1d(p + 'mlp.c_proj.weight', (f,), (d,)),
+      ('mlp', 'down', 'bias'): vector(p + 'mlp.c_proj.bias', (d,)),
+  }
+  # c_attn is q, k and v side by side along its output axis: [embed, 3 * embed].
+  for n, name in enumerate('qkv'):
+    fused = (n * d, (n + 1) * d, 3 * d)
+    out[('attn', name, 'kernel')] = conv1d(p + 'attn.c_attn.weight', (d,), (h, hd), fused)
+    out[('attn', name, 'bias')] = vector(p + 'attn.c_attn.bias', (h, hd), fused)
+  return out
+
+
+def _gpt2_rename(name: str) -> str:
+  # The original OpenAI checkpoints (openai-community/gpt2) store the transformer's tensors
+  # without the 'transformer.' prefix that GPT2LMHeadModel.save_pretrained writes.
+  return name if name.startswith(('transformer.', 'lm_head.')) else 'transformer.' + name
+
+
+ARCHITECTURES: dict[str, Family] = {
+    'LlamaForCausalLM': Family('LlamaForCausalLM', 'llama', _llama_from_hf, _llama_to_hf,
+                               _llama_top, _llama_block, ignored=r'\.rotary_emb\.inv_freq$'),
+    'Qwen2ForCausalLM': Family('Qwen2ForCausalLM', 'qwen2', _qwen2_from_hf, _qwen2_to_hf,
+                               _llama_top, _llama_block, ignored=r'\.rotary_emb\.inv_freq$'),
+    'MistralForCausalLM': Family('MistralForCausalLM', 'mistral', _mistral_from_hf,
+                                 _mistral_to_hf, _llama_top, _llama_block,
+                                 ignored=r'\.rotary_emb\.inv_freq$'),
+    # attn.bias / attn.masked_bias are the causal-mask buffers older GPT-2 files carry.
+    'GPT2LMHeadModel': Family('GPT2LMHeadModel', 'gpt2', _gpt2_from_hf, _gpt2_to_hf, _gpt2_top,
+                              _gpt2_block, ignored=r'\.attn\.(masked_)?bias$',
+                              rename=_gpt2_rename),
+}
+
+
+def family_of(hf: dict, path: str) -> Family:
+  """The family of a config.json, by its `architectures` list."""
+  archs = hf.get('architectures') or []
+  for arch in archs:
+    if arch in ARCHITECTURES:
+      return ARCHITECTURES[arch]
+  raise ConfigError(f"{path}: architectures={archs} is not supported; llmjax imports"
+                    f" {', '.join(ARCHITECTURES)}.")
+
+
+def family_for(cfg: ModelConfig) -> Family:
+  """The family an llmjax model exports as, from the features it uses."""
+  if cfg.position == 'learned':
+    return ARCHITECTURES['GPT2LMHeadModel']
+  if cfg.qkv_bias and not cfg.out_bias:
+    return ARCHITECTURES['Qwen2ForCausalLM']
+  if cfg.sliding_window:
+    return ARCHITECTURES['MistralForCausalLM']
+  return ARCHITECTURES['LlamaForCausalLM']
+
+
+def is_ignored(family: Family, name: str, cfg: ModelConfig) -> bool:
+  """Stored tensors that are not parameters: buffers, and a tied model's copy of the head."""
+  return bool(re.search(family.ignored, name)) or (cfg.tie_embeddings and name == 'lm_head.weight')

@@ -1,0 +1,274 @@
+"""Load a Hugging Face checkpoint directory into llmjax params, and write one back.
+
+    cfg, params, tokenizer = load_hf('/ckpt/Qwen2.5-0.5B', mesh=mesh, rules=sharding.FSDP)
+    save_hf('/out/hf', cfg, params, tokenizer_dir='/ckpt/Qwen2.5-0.5B', max_shard_bytes=2**30)
+
+Loading checks everything it can from the headers first (config fields, tensor names, shapes,
+truncated files), then creates each parameter already placed: with shardings, every device's
+block is cut from the memory-mapped safetensors by `jax.make_array_from_callback`, so a host
+reads only what its devices hold and never the whole model; stacked (scanned) layers read only
+the layers of the block.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.errors import CheckpointError, ConfigError, closest
+from llmjax.interop import families
+from llmjax.interop.families import ARCHITECTURES, Family
+from llmjax.interop.layout import Layout
+from llmjax.interop.safetensors_io import Reader, write_sharded
+from llmjax.interop.tokenizer import TOKENIZER_FILES, load_tokenizer, special_ids
+from llmjax.models.config import DTYPES, ModelConfig
+from llmjax.models.transformer import init_params, logical_axes
+
+# config.json's dtype (transformers 5 spelling) or torch_dtype (transformers 4) -> ours.
+_TORCH_DTYPES = {'float32': 'float32', 'bfloat16': 'bfloat16', 'float16': 'float16'}
+
+
+def read_hf_config(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, 'config.json')
+  if not os.path.isdir(hf_dir):
+    raise CheckpointError(f"{hf_dir} is not a directory; pass a Hugging Face checkpoint dir.")
+  if not os.path.exists(path):
+    raise CheckpointError(f"{path} not found: {hf_dir} is not a Hugging Face checkpoint dir.")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
+
+
+def config_from_hf(hf: dict, path: str = 'config.json', **overrides) -> ModelConfig:
+  """A transformers config.json (as a dict) -> ModelConfig; `overrides` replace fields.
+
+  param_dtype defaults to the checkpoint's dtype (so a bf16 checkpoint stays bf16 in memory)
+  and dtype (compute) to param_dtype.
+  """
+  family = families.family_of(hf, path)
+  fields = family.to_model(hf, path)
+  saved = _TORCH_DTYPES.get(hf.get('dtype') or hf.get('torch_dtype'), 'float32')
+  fields['param_dtype'] = overrides.pop('param_dtype', None) or saved
+  fields['dtype'] = overrides.pop('dtype', None) or fields['param_dtype']
+  fields.update(overrides)
+  return ModelConfig.from_dict(fields)
+
+
+def _expected(family: Family, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """HF tensor name -> shape for every tensor the model needs."""
+  out = {l.hf_name: l.hf_shape for l in family.top_tensors(cfg).values()}
+  for layout in family.block_tensors(cfg).values():
+    out.update({layout.name(i): layout.hf_shape for i in range(cfg.num_layers)})
+  return out
+
+
+def _listing(names: list[str], limit: int = 8) -> str:
+  more = f" and {len(names) - limit} more" if len(names) > limit else ""
+  return ', '.join(names[:limit]) + more
+
+
+def check_tensors(reader: Reader, family: Family, cfg: ModelConfig) -> None:
+  """Missing, unexpected and mis-shaped tensors, all reported before anything is read."""
+  expected = _expected(family, cfg)
+  stored = {n: s for n, s in reader.shapes.items() if not families.is_ignored(family, n, cfg)}
+  missing = sorted(set(expected) - set(stored))
+  if missing:
+    raise CheckpointError(f"{reader.hf_dir}: missing tensors {_listing(missing)} for a"
+                          f" {family.architecture} with this config.json; is the download complete?")
+  unexpected = sorted(set(stored) - set(expected))
+  if unexpected:
+    raise CheckpointError(f"{reader.hf_dir}: unexpected tensors {_listing(unexpected)}; the"
+                          f" config.json does not describe these weights ({family.architecture}).")
+  for name in sorted(expected):
+    if tuple(stored[name]) != tuple(expected[name]):
+      raise CheckpointError(f"{reader.hf_dir}: tensor {name} has shape {list(stored[name])} but"
+                            f" config.json implies {list(expected[name])}; config and weights"
+                            " disagree.")
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree: dict, path, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _placed(reader: Reader, layout: Layout, shape, dtype, sharding, layer: int | None,
+            stacked: bool) -> jax.Array:
+  """One parameter, read block by block straight into `sharding` (or one device)."""
+  cache = {}  # replicated blocks: read once per host, not once per device
+
+  def block(index: tuple[slice, ...]) -> np.ndarray:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    key = tuple(sl.indices(n) for sl, n in zip(index, shape))
+    if key not in cache:
+      if stacked:  # [layers, ...]: only the layers of this block
+        layers = range(*index[0].indices(shape[0]))
+        data = np.stack([layout.read_block(reader.read, i, index[1:]) for i in layers])
+      else:
+        data = layout.read_block(reader.read, layer, index)
+      cache[key] = np.asarray(data, dtype=dtype)
+    return cache[key]
+
+  if sharding is None:
+    return jnp.asarray(block(()))
+  return jax.make_array_from_callback(tuple(shape), sharding, block)
+
+
+def _abstract_params(cfg: ModelConfig):
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+
+def read_params(hf_dir: str, cfg: ModelConfig, family: Family, *, shardings=None):
+  """The params pytree of `cfg` read from `hf_dir`'s safetensors.
+
+  shardings: None (default device) or a pytree of `jax.sharding.Sharding`s like the params.
+  """
+  reader = Reader(hf_dir, rename=family.rename)
+  check_tensors(reader, family, cfg)
+  abstract = _abstract_params(cfg)
+  params = {}
+  entries = [((), path, layout, None) for path, layout in family.top_tensors(cfg).items()]
+  blocks = family.block_tensors(cfg).items()
+  if cfg.scan_layers:
+    entries += [(('layers',), path, layout, None) for path, layout in blocks]
+  else:
+    entries += [((f'layer_{i}',), path, layout, i)
+                for i in range(cfg.num_layers) for path, layout in blocks]
+  for prefix, path, layout, layer in entries:
+    full = prefix + path
+    spec = _get(abstract, full)
+    sharding = _get(shardings, full) if shardings is not None else None
+    stacked = prefix == ('layers',)
+    _set(params, full, _placed(reader, layout, spec.shape, spec.dtype, sharding, layer, stacked))
+  mapped = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+  model = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  assert mapped == model, f"interop tensor map out of date: {sorted(mapped ^ model)}"
+  reader.close()
+  return params
+
+
+def load_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None, rules=None, shardings=None,
+            dtype: str | None = None, param_dtype: str | None = None, **overrides):
+  """A Hugging Face checkpoint dir -> (ModelConfig, params, tokenizer or None).
+
+  Args:
+    hf_dir: holds config.json, model.safetensors (or shards + model.safetensors.index.json)
+      and optionally the tokenizer files.
+    mesh, rules: place each parameter by its logical axes (`logical_axes(cfg)`) mapped through
+      the logical->mesh `rules` (e.g. `llmjax.sharding.FSDP`; None: replicated) onto `mesh`.
+    shardings: instead of mesh/rules, a pytree of Shardings shaped like the params.
+    dtype, param_dtype: compute and storage dtypes (default: the checkpoint's dtype).
+    overrides: other ModelConfig fields (attention, remat, scan_layers, ...).
+  """
+  hf = read_hf_config(hf_dir)
+  path = os.path.join(hf_dir, 'config.json')
+  cfg = config_from_hf(hf, path, dtype=dtype, param_dtype=param_dtype, **overrides)
+  family = families.family_of(hf, path)
+  if shardings is None and mesh is not None:
+    shardings = nn.logical_to_mesh_sharding(logical_axes(cfg), mesh, rules or ())
+  tokenizer = load_tokenizer(hf_dir)
+  params = read_params(hf_dir, cfg, family, shardings=shardings)
+  return cfg, params, tokenizer
+
+
+def config_to_hf(cfg: ModelConfig, architecture: str | None = None,
+                 special: dict | None = None) -> dict:
+  """ModelConfig -> config.json fields for `architecture` (default: from the model's features)."""
+  family = _family(cfg, architecture)
+  hf = family.to_hf(cfg)
+  hf['torch_dtype'] = cfg.param_dtype
+  for kind in ('bos', 'eos', 'pad'):
+    hf[f'{kind}_token_id'] = (special or {}).get(kind)
+  return hf
+
+
+def _family(cfg: ModelConfig, architecture: str | None) -> Family:
+  if architecture is None:
+    return families.family_for(cfg)
+  if architecture not in ARCHITECTURES:
+    raise ConfigError(f"architecture '{architecture}' is not supported.{closest(architecture, ARCHITECTURES)}"
+                      f" Supported: {', '.join(ARCHITECTURES)}.")
+  return ARCHITECTURES[architecture]
+
+
+def _hf_tensors(family: Family, cfg: ModelConfig, params):
+  """(HF name, numpy array) pairs, one layer at a time (fused tensors assembled from parts)."""
+  def to_numpy(x):
+    return np.asarray(jax.device_get(x))
+
+  def group(layouts_and_leaves, layer):
+    out = {}
+    for layout, leaf in layouts_and_leaves:
+      name = layout.name(layer)
+      out[name] = layout.to_hf(to_numpy(leaf), out.get(name))
+    return out.items()
+
+  yield from group([(l, _get(params, p)) for p, l in family.top_tensors(cfg).items()], None)
+  blocks = family.block_tensors(cfg).items()
+  for i in range(cfg.num_layers):
+    if cfg.scan_layers:
+      leaves = [(l, _get(params, ('layers',) + p)[i]) for p, l in blocks]
+    else:
+      leaves = [(l, _get(params, (f'layer_{i}',) + p)) for p, l in blocks]
+    yield from group(leaves, i)
+
+
+def _special_of(tokenizer_dir: str) -> dict:
+  """The checkpoint's declared bos/eos/pad ids (None where it declares none)."""
+  tokenizer = load_tokenizer(tokenizer_dir)
+  if tokenizer is None:  # ids from generation_config.json / config.json only
+    return special_ids(tokenizer_dir, lambda token: None)
+  return tokenizer._special
+
+
+def save_hf(hf_dir: str, cfg: ModelConfig, params, *, tokenizer_dir: str | None = None,
+            architecture: str | None = None, max_shard_bytes: int = 5 * 2**30) -> list[str]:
+  """Writes a transformers checkpoint: config.json, generation_config.json, safetensors
+  shards of at most `max_shard_bytes` (+ model.safetensors.index.json when more than one) and
+  the tokenizer files found in `tokenizer_dir`. Returns the safetensors file names.
+
+  Tensors keep the params' dtype (cfg.param_dtype); config.json's torch_dtype says which.
+  """
+  family = _family(cfg, architecture)
+  abstract = _abstract_params(cfg)
+  for path, spec in jax.tree_util.tree_flatten_with_path(abstract)[0]:
+    try:
+      leaf = _get(params, [k.key for k in path])
+    except (KeyError, TypeError):
+      raise CheckpointError(f"params have no {jax.tree_util.keystr(path)}; they do not belong"
+                            " to this model config.") from None
+    if tuple(leaf.shape) != tuple(spec.shape):
+      raise CheckpointError(f"param {jax.tree_util.keystr(path)} has shape {list(leaf.shape)}"
+                            f" but the model config implies {list(spec.shape)}.")
+  special = _special_of(tokenizer_dir) if tokenizer_dir else {}
+  os.makedirs(hf_dir, exist_ok=True)
+  hf = config_to_hf(cfg, family.architecture, special)
+  with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
+    json.dump(hf, f, indent=2)
+  files = write_sharded(hf_dir, _hf_tensors(family, cfg, params), max_shard_bytes)
+  copied = set()
+  if tokenizer_dir and os.path.abspath(tokenizer_dir) != os.path.abspath(hf_dir):
+    for name in TOKENIZER_FILES:
+      if os.path.exists(os.path.join(tokenizer_dir, name)):
+        shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(hf_dir, name))
+        copied.add(name)
+  if 'generation_config.json' not in copied:
+    eos = special.get('eos_ids') or special.get('eos')
+    gen = {'bos_token_id': special.get('bos'), 'eos_token_id': eos,
+           'pad_token_id': special.get('pad'), '_from_model_config': True}
+    with open(os.path.join(hf_dir, 'generation_config.json'), 'w') as f:
+      json.dump(gen, f, indent=2)
+  return files

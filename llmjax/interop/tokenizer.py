@@ -1,0 +1,158 @@
+"""Hugging Face tokenizers behind llmjax's `Tokenizer` interface (`llmjax.data.tokenizer`).
+
+A checkpoint directory carries either `tokenizer.json` (the `tokenizers` library) or a
+sentencepiece `tokenizer.model`; its special tokens are named in `tokenizer_config.json` and
+`special_tokens_map.json` (as strings) and in `generation_config.json`/`config.json` (as ids).
+The first that names a token wins, in that order. `encode` adds no BOS/EOS, as everywhere in
+llmjax; the chat template (Jinja source, rendered by the data code) is the `chat_template`
+attribute.
+"""
+
+import json
+import os
+from typing import Iterable
+
+import sentencepiece as spm
+import tokenizers
+
+from llmjax.data.tokenizer import SentencePieceTokenizer, Tokenizer
+from llmjax.errors import CheckpointError
+
+# Files `save_hf`/`convert` copy along with the weights.
+TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json',
+                   'special_tokens_map.json', 'chat_template.jinja', 'chat_template.json',
+                   'generation_config.json')
+
+
+def _json(hf_dir: str, name: str) -> dict:
+  path = os.path.join(hf_dir, name)
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}); download it again.") from None
+
+
+def _token_string(value) -> str | None:
+  """tokenizer_config.json writes a token as 'text' or as an AddedToken dict."""
+  if isinstance(value, dict):
+    return value.get('content')
+  return value if isinstance(value, str) else None
+
+
+def _first_id(value) -> int | None:
+  if isinstance(value, list):  # generation_config: several stop ids (Llama 3 instruct)
+    return value[0] if value else None
+  return value if isinstance(value, int) else None
+
+
+def special_ids(hf_dir: str, token_to_id) -> dict[str, int | None]:
+  """{'bos': id, 'eos': id, 'pad': id, 'eos_ids': [ids]}; None where the checkpoint names none."""
+  tok_config = _json(hf_dir, 'tokenizer_config.json')
+  tok_map = _json(hf_dir, 'special_tokens_map.json')
+  gen = _json(hf_dir, 'generation_config.json')
+  model = _json(hf_dir, 'config.json')
+  out = {}
+  for kind in ('bos', 'eos', 'pad'):
+    found = None
+    for source in (tok_config, tok_map):
+      text = _token_string(source.get(f'{kind}_token'))
+      if text is not None and token_to_id(text) is not None:
+        found = token_to_id(text)
+        break
+    for source in (gen, model):
+      if found is None:
+        found = _first_id(source.get(f'{kind}_token_id'))
+    out[kind] = found
+  eos_ids = gen.get('eos_token_id', model.get('eos_token_id'))
+  eos_ids = eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else []
+  out['eos_ids'] = sorted({i for i in [out['eos'], *eos_ids] if i is not None})
+  return out
+
+
+def chat_template(hf_dir: str) -> str | None:
+  """The default chat template: chat_template.jinja, chat_template.json or tokenizer_config."""
+  path = os.path.join(hf_dir, 'chat_template.jinja')
+  if os.path.exists(path):
+    with open(path) as f:
+      return f.read()
+  template = (_json(hf_dir, 'chat_template.json').get('chat_template')
+              or _json(hf_dir, 'tokenizer_config.json').get('chat_template'))
+  if isinstance(template, list):  # [{'name': 'default', 'template': ...}, {'name': 'tool_use', ...}]
+    named = {t.get('name'): t.get('template') for t in template}
+    template = named.get('default') or next(iter(named.values()), None)
+  return template
+
+
+class HFTokenizer(Tokenizer):
+  """A `tokenizer.json` tokenizer with the checkpoint's special tokens.
+
+  Attributes beyond `Tokenizer`: eos_ids (every stop id of generation_config), chat_template.
+  Absent bos/eos are -1; pad falls back to eos (then 0): padded positions are masked anyway.
+  """
+
+  def __init__(self, tok: tokenizers.Tokenizer, special: dict, template: str | None):
+    self.tok = tok
+    self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    _set_special(self, special)
+    self.chat_template = template
+
+  def encode(self, text: str) -> list[int]:
+    return self.tok.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+class HFSentencePieceTokenizer(SentencePieceTokenizer):
+  """A sentencepiece `tokenizer.model` (Llama 2, Mistral) with the checkpoint's special tokens."""
+
+  def __init__(self, processor: spm.SentencePieceProcessor, path: str = '',
+               special: dict | None = None, template: str | None = None):
+    super().__init__(processor, path)
+    if special is not None:
+      _set_special(self, special, fallback=(self.bos_id, self.eos_id, self.pad_id))
+    self.eos_ids = getattr(self, 'eos_ids', [self.eos_id])
+    self.chat_template = template
+
+  def __getstate__(self):
+    return dict(super().__getstate__(), special=self._special, template=self.chat_template)
+
+  def __setstate__(self, state):
+    sp = spm.SentencePieceProcessor()
+    sp.load_from_serialized_proto(state['proto'])
+    self.__init__(sp, state['path'], state['special'], state['template'])
+
+
+def _set_special(tok, special: dict, fallback=(-1, -1, 0)) -> None:
+  tok._special = special
+  pick = lambda v, default: default if v is None else v
+  tok.bos_id = pick(special['bos'], fallback[0])
+  tok.eos_id = pick(special['eos'], fallback[1])
+  tok.pad_id = pick(special['pad'], tok.eos_id if tok.eos_id >= 0 else fallback[2])
+  tok.eos_ids = special['eos_ids'] or ([tok.eos_id] if tok.eos_id >= 0 else [])
+
+
+def load_tokenizer(hf_dir: str) -> Tokenizer | None:
+  """The checkpoint's tokenizer (tokenizer.json preferred), or None when it ships none."""
+  template = chat_template(hf_dir)
+  path = os.path.join(hf_dir, 'tokenizer.json')
+  if os.path.exists(path):
+    try:
+      tok = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception for malformed files
+      raise CheckpointError(f"{path} could not be loaded by the tokenizers library ({e}).") from None
+    return HFTokenizer(tok, special_ids(hf_dir, tok.token_to_id), template)
+  path = os.path.join(hf_dir, 'tokenizer.model')
+  if os.path.exists(path):
+    sp = spm.SentencePieceProcessor()
+    try:
+      sp.load(path)
+    except (OSError, RuntimeError) as e:
+      raise CheckpointError(f"{path} is not a valid sentencepiece model ({e}).") from None
+    to_id = lambda piece: (sp.piece_to_id(piece) if sp.piece_to_id(piece) != sp.unk_id()
+                           or piece == sp.id_to_piece(sp.unk_id()) else None)
+    return HFSentencePieceTokenizer(sp, path, special_ids(hf_dir, to_id), template)
+  return None
