@@ -84,6 +84,16 @@ def test_greedy_kv_cache_decoding_matches_generate(name):
   assert ids.tolist() == g['generated']
 
 
+@pytest.mark.parametrize('name', ['qwen2_all_sliding', 'gpt2'])
+def test_project_sampler_greedy_matches_generate(name):
+  """What `python -m llmjax.generate --hf=DIR --temperature=0` runs."""
+  sampler = pytest.importorskip('llmjax.infer.sampler')
+  _, _, g = golden(name)
+  cfg, params, _ = loaded(name)
+  p = sampler.SamplingParams(max_new_tokens=len(g['generated'][0]), temperature=0.0)
+  assert sampler.generate(cfg, params, g['prompt'], p, eos_id=-1) == g['generated']
+
+
 def stored_tensors(d):
   out = {}
   for f in sorted(os.listdir(d)):

@@ -66,8 +66,9 @@ def _rope(hf: dict, path: str) -> dict:
   key = 'rope_parameters' if hf.get('rope_parameters') else 'rope_scaling'
   params = dict(hf.get(key) or {})
   theta = params.pop('rope_theta', hf.get('rope_theta', 10_000.0))
-  kind = params.pop('rope_type', None) or params.pop('type', None) or 'default'
-  params.pop('type', None)
+  # 'type' is the pre-4.45 spelling of 'rope_type'; some configs carry both.
+  kinds = [params.pop('rope_type', None), params.pop('type', None)]
+  kind = next((k for k in kinds if k), 'default')
   if kind not in ROPE_TYPES:
     raise ConfigError(f"{path}: {key}.rope_type='{kind}' is not supported; llmjax implements"
                       f" {list(ROPE_TYPES)}.")

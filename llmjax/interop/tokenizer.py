@@ -112,9 +112,9 @@ class HFSentencePieceTokenizer(SentencePieceTokenizer):
   def __init__(self, processor: spm.SentencePieceProcessor, path: str = '',
                special: dict | None = None, template: str | None = None):
     super().__init__(processor, path)
-    if special is not None:
-      _set_special(self, special, fallback=(self.bos_id, self.eos_id, self.pad_id))
-    self.eos_ids = getattr(self, 'eos_ids', [self.eos_id])
+    # Without config files the model's own pieces decide (as in SentencePieceTokenizer).
+    special = special or {'bos': None, 'eos': None, 'pad': None, 'eos_ids': []}
+    _set_special(self, special, fallback=(self.bos_id, self.eos_id, self.pad_id))
     self.chat_template = template
 
   def __getstate__(self):
@@ -152,7 +152,10 @@ def load_tokenizer(hf_dir: str) -> Tokenizer | None:
       sp.load(path)
     except (OSError, RuntimeError) as e:
       raise CheckpointError(f"{path} is not a valid sentencepiece model ({e}).") from None
-    to_id = lambda piece: (sp.piece_to_id(piece) if sp.piece_to_id(piece) != sp.unk_id()
-                           or piece == sp.id_to_piece(sp.unk_id()) else None)
+
+    def to_id(piece: str) -> int | None:  # sentencepiece maps unknown pieces to unk
+      i = sp.piece_to_id(piece)
+      return i if i != sp.unk_id() or piece == sp.id_to_piece(i) else None
+
     return HFSentencePieceTokenizer(sp, path, special_ids(hf_dir, to_id), template)
   return None
