@@ -99,10 +99,49 @@ def xla_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Arr
 
 AttentionFn = Callable[..., jax.Array]
 
+
+# The kernels live in `llmjax.kernels` (see `llmjax/kernels/dispatch.py` for which one runs
+# where). They import `Mask` from this module, so they are imported on first call, not here.
+def pallas_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Array:
+  """Pallas flash attention for the platform (Mosaic on TPU, Triton on GPU, interpreted on CPU);
+  a decode step (one query against a cache) runs the decode kernel on TPU."""
+  from llmjax.kernels import dispatch
+  return dispatch.pallas(q, k, v, mask, scale=scale)
+
+
+def pallas_tpu_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Array:
+  """The Mosaic (TPU) kernels, also on CPU (interpreted) and when AOT-compiling for TPU."""
+  from llmjax.kernels import dispatch
+  return dispatch.pallas_tpu(q, k, v, mask, scale=scale)
+
+
+def pallas_gpu_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Array:
+  """The Triton (GPU) kernel; interpreted on CPU."""
+  from llmjax.kernels import dispatch
+  return dispatch.pallas_gpu(q, k, v, mask, scale=scale)
+
+
+def cudnn_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Array:
+  """cuDNN fused attention; GPU only, and a ConfigError for masks it can't express."""
+  from llmjax.kernels import dispatch
+  return dispatch.cudnn(q, k, v, mask, scale=scale)
+
+
+def auto_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Array:
+  """TPU: the Pallas kernel; GPU: cuDNN, or the Pallas kernel where cuDNN can't; CPU: XLA."""
+  from llmjax.kernels import dispatch
+  return dispatch.auto(q, k, v, mask, scale=scale)
+
+
 # Implementations by the name `model.attention` uses. Kernels register themselves here.
 IMPLEMENTATIONS: dict[str, AttentionFn] = {
     'reference': reference_attention,
     'xla': xla_attention,
+    'pallas': pallas_attention,
+    'pallas_tpu': pallas_tpu_attention,
+    'pallas_gpu': pallas_gpu_attention,
+    'cudnn': cudnn_attention,
+    'auto': auto_attention,
 }
 
 

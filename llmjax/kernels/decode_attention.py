@@ -1,0 +1,164 @@
+"""Decode attention for TPU (Pallas/Mosaic): one new query token per sequence against a KV cache.
+
+Decoding is memory bound: each step reads the whole valid part of the cache once and does
+2 flops per byte, so the kernel's job is to read no more than that. It
+  * reads the cache in its own layout [batch, max_len, kv_heads, head_dim] (no transpose, which
+    would cost another full read and write of the cache every step),
+  * handles all query heads of a kv head together (GQA: the group's [group, head_dim] queries
+    make one matmul with the kv head's keys, so each key is read once, not once per query head),
+  * skips the key blocks past `kv_lengths` (the unfilled cache) and before the sliding window,
+    and clamps the index_map into the valid range so those blocks are not DMA'd either.
+Forward only: the sampler never differentiates through the cache.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from llmjax.kernels._util import out_struct, platform_call, round_up
+from llmjax.models.attention import Mask, reference_attention
+
+NUM_LANES = 128
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+TRANS_B = (((1,), (1,)), ((), ()))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """block_k: cache positions per grid step (a multiple of 8). 512 keys x kv_heads x head_dim
+  bf16 is 128 KiB per kv head, double buffered for k and v: large DMAs amortise the ~0.35 us per
+  grid step, which dominates at decode's low arithmetic intensity."""
+  block_k: int = 512
+
+
+def _decode_kernel(q_pos_ref, kv_len_ref,  # scalar prefetch [batch]
+                   q_ref, k_ref, v_ref,  # [kv_heads, group, H], [block_k, kv_heads, H] x2
+                   o_ref,  # [kv_heads, group, H]
+                   m_scr, l_scr, acc_scr,  # [kv_heads, group, 128] x2, [kv_heads, group, H]
+                   *, causal, window, scale, block_k, num_kv_blocks):
+  b, ki = pl.program_id(0), pl.program_id(1)
+  q_pos, kv_len = q_pos_ref[b], kv_len_ref[b]
+  k_first = ki * block_k
+  kv_heads, group, head_dim = q_ref.shape
+
+  @pl.when(ki == 0)
+  def _init():
+    m_scr[...] = jnp.full(m_scr.shape, MASK_VALUE, jnp.float32)
+    l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
+    acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+
+  visible = k_first < kv_len
+  if causal:
+    visible = jnp.logical_and(visible, k_first <= q_pos)
+  if window:
+    visible = jnp.logical_and(visible, q_pos - (k_first + block_k - 1) < window)
+
+  @pl.when(visible)
+  def _compute():
+    col = k_first + lax.broadcasted_iota(jnp.int32, (group, block_k), 1)
+    mask = col < kv_len
+    if causal:
+      mask = jnp.logical_and(mask, col <= q_pos)
+    if window:
+      mask = jnp.logical_and(mask, q_pos - col < window)
+    for h in range(kv_heads):  # static: kv_heads is small (GQA), each one a [group, H] matmul
+      k = k_ref[:, h, :]  # [block_k, H] (a strided load out of the cache layout)
+      s = lax.dot_general(q_ref[h], k, TRANS_B, preferred_element_type=jnp.float32) * scale
+      s = jnp.where(mask, s, MASK_VALUE)  # [group, block_k]
+      m_prev, l_prev = m_scr[h], l_scr[h]  # [group, 128] lane-replicated
+      m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+      p = jnp.where(mask, jnp.exp(s - m_next[:, :1]), 0.0)
+      alpha = jnp.exp(m_prev - m_next)
+      l_scr[h] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+      m_scr[h] = m_next
+      pv = lax.dot(p.astype(v_ref.dtype), v_ref[:, h, :], preferred_element_type=jnp.float32)
+      acc_scr[h] = acc_scr[h] * alpha[:, :1] + pv
+
+  @pl.when(ki == num_kv_blocks - 1)
+  def _finish():
+    l = l_scr[...][..., :1]
+    inv = jnp.where(l == 0.0, 0.0, 1.0 / jnp.where(l == 0.0, 1.0, l))  # no visible key: zeros
+    o_ref[...] = (acc_scr[...] * inv).astype(o_ref.dtype)
+
+
+def _decode_call(interpret, q, k, v, q_pos, kv_len, *, causal, window, scale, block_k):
+  batch, kv_heads, group, head_dim = q.shape
+  nk = k.shape[1] // block_k
+
+  def kv_map(b, ki, q_pos_ref, kv_len_ref):
+    hi = (kv_len_ref[b] - 1) // block_k
+    if causal:
+      hi = jnp.minimum(hi, q_pos_ref[b] // block_k)
+    lo = jnp.int32(0)
+    if window:
+      lo = jnp.maximum(0, (q_pos_ref[b] - window + 1) // block_k)
+    hi = jnp.clip(hi, 0, nk - 1)
+    lo = jnp.minimum(lo, hi)
+    return b, jnp.clip(ki, lo, hi), 0, 0  # skipped steps repeat a block index: no DMA
+
+  q_spec = pl.BlockSpec((None, kv_heads, group, head_dim), lambda b, ki, *_: (b, 0, 0, 0))
+  kv_spec = pl.BlockSpec((None, block_k, kv_heads, head_dim), kv_map)
+  kernel = functools.partial(_decode_kernel, causal=causal, window=window, scale=scale,
+                             block_k=block_k, num_kv_blocks=nk)
+  return pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=2, grid=(batch, nk), in_specs=[q_spec, kv_spec, kv_spec],
+          out_specs=q_spec,
+          scratch_shapes=[pltpu.VMEM((kv_heads, group, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((kv_heads, group, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((kv_heads, group, head_dim), jnp.float32)]),
+      out_shape=out_struct(q.shape, q.dtype, q),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary')),
+      cost_estimate=pl.CostEstimate(
+          flops=4 * q.size * k.shape[1], transcendentals=q.size // head_dim * k.shape[1],
+          bytes_accessed=(2 * q.size + k.size + v.size) * k.dtype.itemsize),
+      interpret=interpret,
+  )(q_pos, kv_len, q, k, v)
+
+
+def supports(q, mask: Mask) -> bool:
+  """Whether `decode_attention` can take this call: one query token, no segment ids."""
+  return q.shape[1] == 1 and mask.q_segment_ids is None
+
+
+def decode_attention(q, k, v, mask: Mask, *, scale: float | None = None,
+                     block_sizes: BlockSizes | None = None, interpret=None) -> jax.Array:
+  """Attention of one query token per sequence to a KV cache.
+
+  Args:
+    q: [batch, 1, heads, head_dim]; k, v: the cache, [batch, max_len, kv_heads, head_dim].
+    mask: kv_lengths (valid cache slots; default all), q_offset (the query's position; default
+      0), causal, sliding_window. Segment ids are not supported (see `supports`).
+    interpret: as in `flash_attention`: None interprets on CPU, compiles for TPU.
+  Returns: [batch, 1, heads, head_dim].
+  """
+  if not supports(q, mask):
+    raise ValueError('decode_attention takes q_len == 1 and no segment ids; use flash_attention')
+  batch, _, heads, head_dim = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  scale = head_dim ** -0.5 if scale is None else scale
+  block_k = min((block_sizes or BlockSizes()).block_k, round_up(s, 8))
+  s_pad = round_up(s, block_k)
+  if s_pad != s:  # a cache of whole blocks avoids this copy; the padding is masked by kv_len
+    k = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+    v = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
+  q_pos = (jnp.zeros((batch,), jnp.int32) if mask.q_offset is None
+           else mask.q_offset.astype(jnp.int32))
+  kv_len = (jnp.full((batch,), s, jnp.int32) if mask.kv_lengths is None
+            else jnp.minimum(mask.kv_lengths.astype(jnp.int32), s))
+  q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # query head h -> kv head h // G
+  call = functools.partial(_decode_call, causal=mask.causal, window=mask.sliding_window,
+                           scale=float(scale), block_k=block_k)
+  out = platform_call(call, interpret, q, k, v, q_pos, kv_len)
+  return out.reshape(batch, 1, heads, head_dim)
+
+
+def decode_attention_reference(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Array:
+  """The plain-jnp oracle: `reference_attention` over the whole cache with the same mask."""
+  return reference_attention(q, k, v, mask, scale=scale)
