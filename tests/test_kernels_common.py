@@ -20,8 +20,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import topologies
+from jax.sharding import Mesh
 
 from llmjax.models.attention import Mask, reference_attention, xla_attention
+
+# TPU topology names libtpu knows for AOT compilation on this CPU host (v5p is a 3-D torus, so
+# it needs three dimensions; 'v5p:2x2' is rejected).
+TOPOLOGIES = ['v5e:2x2', 'v5p:2x2x1', 'v6e:2x2']
 
 BF16_FACTOR = 2.0  # c: kernel error <= c * (bf16 XLA error) + BF16_ATOL
 BF16_ATOL = 2e-3
@@ -118,3 +124,9 @@ def check(case: Case, kernel):
     for n in errs:
       assert errs[n] <= BF16_FACTOR * base[n] + BF16_ATOL, (n, errs, base)
   return errs
+
+
+def tpu_mesh(name):
+  """A 1-D 'data' mesh over a TPU topology's devices (AOT only), and their device_kind."""
+  topo = topologies.get_topology_desc(platform='tpu', topology_name=name)
+  return Mesh(np.array(topo.devices).reshape(-1), ('data',)), topo.devices[0].device_kind

@@ -5,19 +5,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import topologies
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax.kernels import flash_attention_tpu as fa
 from llmjax.models.attention import Mask, reference_attention
-from test_kernels_common import CASES, check, make
+from test_kernels_common import CASES, TOPOLOGIES, check, make, tpu_mesh
 
 # Small tiles: more grid steps per call, so the tests cover block skipping and the clamped
 # index_maps, and unequal q/k tiles (64 x 128) in the forward.
 BLOCKS = fa.BlockSizes(block_q=64, block_k=128, block_q_dq=128, block_k_dq=128,
                        block_q_dkv=64, block_k_dkv=128)
-# Topology names libtpu knows (v5p is a 3-D torus, so it needs three dimensions).
-TOPOLOGIES = ['v5e:2x2', 'v5p:2x2x1', 'v6e:2x2']
 
 
 @pytest.mark.parametrize('case', CASES, ids=str)
@@ -43,11 +40,6 @@ def test_block_sizes_per_generation():
   assert fa.BlockSizes.for_device('TPU v5 lite') == fa.BlockSizes()
   assert fa.BlockSizes.for_device('TPU v5').block_k == 1024
   assert fa.BlockSizes.for_device('cpu').block_q == 128
-
-
-def tpu_mesh(name):
-  topo = topologies.get_topology_desc(platform='tpu', topology_name=name)
-  return Mesh(np.array(topo.devices).reshape(-1), ('data',)), topo.devices[0].device_kind
 
 
 def compile_fwd_bwd(mesh, block_sizes, head_dim, interpret=False):

@@ -1,0 +1,87 @@
+"""llmjax.kernels.decode_attention: one query token against a KV cache, in the TPU interpreter
+against the reference; AOT compilation for TPU; and the model's decode path with 'pallas'."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import llmjax.models
+from llmjax.kernels import decode_attention as da
+from llmjax.models.attention import Mask, reference_attention, xla_attention
+from test_kernels_common import TOPOLOGIES, tpu_mesh
+
+
+@pytest.mark.parametrize('dtype, heads, kv_heads, head_dim, max_len, window', [
+    ('float32', 4, 4, 64, 300, 0),     # MHA, cache not a multiple of the block
+    ('float32', 8, 4, 128, 256, 0),    # GQA 2
+    ('float32', 8, 2, 64, 384, 100),   # GQA 4, sliding window
+    ('bfloat16', 8, 1, 128, 256, 0),   # MQA (GQA 8)
+])
+def test_matches_reference(dtype, heads, kv_heads, head_dim, max_len, window):
+  batch = 4
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
+  q = jax.random.normal(kq, (batch, 1, heads, head_dim)).astype(dtype)
+  k = jax.random.normal(kk, (batch, max_len, kv_heads, head_dim)).astype(dtype)
+  v = jax.random.normal(kv, (batch, max_len, kv_heads, head_dim)).astype(dtype)
+  # Lengths: 1, inside a block, exactly a block, the whole cache.
+  lengths = jnp.array([1, 77, 128, max_len], jnp.int32)
+  mask = Mask(causal=True, sliding_window=window, q_offset=lengths - 1, kv_lengths=lengths)
+  out = jax.jit(lambda q, k, v: da.decode_attention(
+      q, k, v, mask, block_sizes=da.BlockSizes(block_k=128), interpret=True))(q, k, v)
+  f32 = lambda x: x.astype(jnp.float32)
+  ref = reference_attention(f32(q), f32(k), f32(v), mask)
+  err = float(jnp.max(jnp.abs(f32(out) - ref)))
+  if dtype == 'float32':
+    assert err <= 1e-5
+  else:  # see test_kernels_common: c * the bf16 XLA error + atol
+    base = float(jnp.max(jnp.abs(f32(xla_attention(q, k, v, mask)) - ref)))
+    assert err <= 2 * base + 2e-3, (err, base)
+
+
+def test_empty_cache_gives_zeros():
+  q = jnp.ones((2, 1, 4, 64))
+  k = jnp.ones((2, 128, 2, 64))
+  out = da.decode_attention(q, k, k, Mask(causal=False, kv_lengths=jnp.array([0, 3])),
+                            interpret=True)
+  assert not np.any(out[0]) and np.allclose(out[1], 1.0)
+
+
+@pytest.mark.parametrize('topology', TOPOLOGIES)
+def test_compiles_for_tpu(topology):
+  mesh, _ = tpu_mesh(topology)
+  batch, max_len, heads, kv_heads, head_dim = 2 * mesh.size, 2048, 32, 8, 128
+
+  def per_device(q, k, v, lengths):
+    mask = Mask(causal=True, sliding_window=1024, q_offset=lengths - 1, kv_lengths=lengths)
+    return da.decode_attention(q, k, v, mask, interpret=False)
+
+  f = jax.shard_map(per_device, mesh=mesh, in_specs=(P('data'),) * 4, out_specs=P('data'))
+  spec = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  compiled = jax.jit(f).lower(
+      spec(batch, 1, heads, head_dim), spec(batch, max_len, kv_heads, head_dim),
+      spec(batch, max_len, kv_heads, head_dim), spec(batch, dtype=jnp.int32)).compile()
+  assert 'tpu_custom_call' in compiled.as_text()
+
+
+def test_model_decodes_the_same_with_pallas_as_with_xla():
+  # Prefill 5 tokens (flash kernel with q_offset/kv_lengths), then 3 single-token decode steps
+  # (decode kernel), against the same with XLA attention.
+  def run(impl):
+    cfg = llmjax.models.get_preset('tiny', vocab_size=64, num_layers=2, embed_dim=64,
+                                   num_heads=4, num_kv_heads=2, head_dim=16, mlp_dim=128,
+                                   attention=impl)
+    model = llmjax.models.Transformer(cfg)
+    params = llmjax.models.init_params(cfg, jax.random.PRNGKey(0))
+    apply = jax.jit(lambda p, t, c: model.apply({'params': p}, t, cache=c))
+    cache = llmjax.models.Cache.zeros(cfg, batch=2, max_len=16, dtype=jnp.float32)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 5), 0, 64)
+    logits, cache = apply(params, tokens, cache)
+    out = [logits]
+    for _ in range(3):
+      logits, cache = apply(params, jnp.argmax(logits[:, -1:], -1), cache)
+      out.append(logits)
+    return jnp.concatenate(out, axis=1)
+
+  np.testing.assert_allclose(run('pallas'), run('xla'), atol=1e-4, rtol=1e-4)
