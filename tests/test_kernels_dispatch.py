@@ -101,3 +101,41 @@ def test_train_step_with_pallas_aot_compiles_for_tpu_under_a_mesh():
   c.sharding.rules = 'fsdp_tensor'
   _, compiled = plan_lib.plan(c, 'v5e:2x2')
   assert compiled.as_text().count('tpu_custom_call') >= 3
+
+
+def test_shard_map_specs_follow_the_logical_rules():
+  import flax.linen as nn
+  from jax.sharding import AbstractMesh
+  from llmjax.kernels import sharded
+  from llmjax.sharding import FSDP_TENSOR
+  mesh = AbstractMesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
+  q = jnp.zeros((4, 8, 4, 16))
+  with nn.logical_axis_rules(FSDP_TENSOR):
+    assert sharded.specs(q, jnp.zeros((4, 8, 2, 16)), mesh) == (('data', 'fsdp'), ('tensor',))
+    # One kv head can't be split 2 ways: heads stay whole so q head h still finds kv head h//G.
+    assert sharded.specs(q, jnp.zeros((4, 8, 1, 16)), mesh) == (('data', 'fsdp'), None)
+    # A batch the data axes don't divide stays whole too.
+    assert sharded.specs(q[:3], jnp.zeros((3, 8, 2, 16)), mesh) == (None, ('tensor',))
+
+
+def test_auto_on_gpu_uses_cudnn_where_it_can_and_the_triton_kernel_elsewhere(monkeypatch):
+  from llmjax.kernels import dispatch
+  calls = []
+  monkeypatch.setattr(dispatch.jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(dispatch, 'cudnn', lambda *a, **kw: calls.append('cudnn'))
+  monkeypatch.setattr(dispatch, 'pallas_gpu', lambda *a, **kw: calls.append('pallas_gpu'))
+  q = jnp.zeros((1, 16, 4, 64), jnp.bfloat16)
+  ids = jnp.ones((1, 16), jnp.int32)
+  dispatch.auto(q, q, q, Mask(causal=True, sliding_window=8))
+  dispatch.auto(q, q, q, Mask(q_segment_ids=ids, kv_segment_ids=ids))
+  dispatch.auto(q.astype(jnp.float32), q, q, Mask())
+  assert calls == ['cudnn', 'pallas_gpu', 'pallas_gpu']
+
+
+def test_cudnn_on_gpu_rejects_masks_it_cannot_express(monkeypatch):
+  from llmjax.kernels import dispatch
+  monkeypatch.setattr(dispatch.jax, 'default_backend', lambda: 'gpu')
+  q = jnp.zeros((1, 16, 4, 64), jnp.bfloat16)
+  with pytest.raises(ConfigError, match='segment ids'):
+    dispatch.cudnn(q, q, q, Mask(q_segment_ids=jnp.ones((1, 16), jnp.int32),
+                                 kv_segment_ids=jnp.ones((1, 16), jnp.int32)))
