@@ -150,9 +150,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> Mode
       raise ConfigError(f"data.path='{path}' matches no file; pass an existing .txt/.jsonl file"
                         " or glob, or '' for the embedded corpus.")
   tok = config.data.get('tokenizer_path', '')
-  if tok and not os.path.isfile(tok):
-    raise ConfigError(f"data.tokenizer_path='{tok}' does not exist; pass a sentencepiece .model"
-                      " or '' to train one into the workdir.")
+  if tok and not os.path.exists(tok):
+    raise ConfigError(f"data.tokenizer_path='{tok}' does not exist; pass a sentencepiece .model,"
+                      " a Hugging Face checkpoint dir, or '' to train one into the workdir.")
+  init = config.get('init', {})
+  if init.get('hf_dir') and init.get('params_dir'):
+    raise ConfigError(f"init.hf_dir='{init.hf_dir}' and init.params_dir='{init.params_dir}' are"
+                      " both set; start from one of them.")
+  if init.get('hf_dir'):
+    from llmjax.interop import hf  # reads only config.json: cheap, and before any compile
+    hf.check_matches(init.hf_dir, model)
   return model
 
 
@@ -206,6 +213,9 @@ def base_config(model: str = 'tiny', **model_overrides) -> ml_collections.Config
 
   c.init = ml_collections.ConfigDict()
   c.init.params_dir = ''  # start from the latest params of another llmjax workdir
+  # Or from a Hugging Face checkpoint dir (config.json + safetensors), read straight into the
+  # state's shardings; its tokenizer becomes the run's unless data.tokenizer_path is set.
+  c.init.hf_dir = ''
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ()  # printed with their continuations at every eval

@@ -9,7 +9,6 @@ Flags: --prompt (repeatable), --prompt_ids=1,2,3 (token ids, no BOS added), --ma
 """
 
 import json
-import os
 import sys
 
 from llmjax.errors import UserError
@@ -48,14 +47,12 @@ def load(flags):
   if flags['hf']:
     from llmjax.interop import load_hf
     return load_hf(flags['hf'])
-  from llmjax.data.tokenizer import SentencePieceTokenizer
+  from llmjax.data.pipeline import load_run_tokenizer
   from llmjax.train import checkpoint
   workdir = flags['workdir']
   cfg = checkpoint.read_model_config(workdir)
   params, _ = checkpoint.restore_params(workdir)
-  tok_path = os.path.join(workdir, 'tokenizer.model')
-  tokenizer = SentencePieceTokenizer.load(tok_path)
-  return cfg, params, tokenizer
+  return cfg, params, load_run_tokenizer(workdir)
 
 
 def main(argv: list[str]) -> int:
@@ -71,21 +68,30 @@ def main(argv: list[str]) -> int:
       bad = [i for i in prompts[0] if not 0 <= i < cfg.vocab_size]
       if bad:
         raise UserError(f"--prompt_ids: ids {bad} are outside the vocabulary [0, {cfg.vocab_size}).")
+    elif tokenizer is None:
+      raise UserError(f"{flags['hf']} has no tokenizer.json or tokenizer.model; pass token ids"
+                      " with --prompt_ids=1,2,3 (and --json to get ids back).")
     else:
       bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
       prompts = [bos + tokenizer.encode(p) for p in flags['prompt']]
     sp = sampler.SamplingParams(max_new_tokens=flags['max_new_tokens'],
                                 temperature=flags['temperature'], top_k=flags['top_k'],
                                 top_p=flags['top_p'])
-    eos = tokenizer.eos_id if tokenizer.eos_id is not None and tokenizer.eos_id >= 0 else -1
+    # Every stop id of the checkpoint's generation_config (HF tokenizers), else the EOS piece.
+    eos = tuple(getattr(tokenizer, 'eos_ids', None) or [getattr(tokenizer, 'eos_id', -1)])
     outs = sampler.generate(cfg, params, prompts, sp, eos_id=eos, seed=flags['seed'])
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   for prompt, ids in zip(prompts, outs):
-    text = sampler.cut_at_stop(tokenizer.decode(ids), flags['stop'])
+    if tokenizer is None:  # ids only: nothing to decode with
+      text = None
+    else:
+      text = sampler.cut_at_stop(tokenizer.decode(ids), flags['stop'])
     if flags['json']:
       print(json.dumps({'prompt_ids': prompt, 'ids': ids, 'text': text}))
+    elif text is None:
+      print(' '.join(map(str, ids)))
     else:
       print(tokenizer.decode(prompt) + text)
   return 0

@@ -27,7 +27,9 @@ Config keys (`config.data`, read by `build_data`):
   text_key        the JSONL field / TFDS feature holding the text ('text').
   seq_len         tokens per packed row.
   tokenizer_path  a sentencepiece .model to use (copied to WORKDIR/tokenizer.model so the run
-                  directory is self-contained); '' = train one on the train split into
+                  directory is self-contained), or a Hugging Face checkpoint dir (its
+                  tokenizer files copied to WORKDIR/hf_tokenizer/; init.hf_dir sets this
+                  when it is ''); '' = train one on the train split into
                   WORKDIR/tokenizer.model, or reuse it there, so a restarted run gets the
                   same token ids.
   vocab_size      pieces of a trained tokenizer (a soft limit: a small corpus gives fewer).
@@ -61,7 +63,11 @@ class _Tokenize(grain.transforms.Map):
 
   def map(self, text: str) -> np.ndarray:
     t = self.tokenizer
-    return np.asarray([t.bos_id] + t.encode(text) + [t.eos_id], np.int32)
+    # Some checkpoints' tokenizers have no BOS (Qwen2) or EOS (-1): then only the segment ids
+    # separate documents.
+    bos = [t.bos_id] if t.bos_id >= 0 else []
+    eos = [t.eos_id] if t.eos_id >= 0 else []
+    return np.asarray(bos + t.encode(text) + eos, np.int32)
 
 
 class _SplitIntoPieces(grain.experimental.FlatMapTransform):
@@ -149,31 +155,70 @@ def get_sources(data_cfg, workdir: str) -> dict:
           for split in ('train', 'validation')}
 
 
-def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
-  """The run's tokenizer, always stored as WORKDIR/tokenizer.model (where `generate` reads it).
+HF_TOKENIZER_DIR = 'hf_tokenizer'  # WORKDIR/hf_tokenizer/: a Hugging Face tokenizer's files
 
-  data.tokenizer_path is copied there; otherwise one is trained there on up to
-  TOKENIZER_TRAINING_DOCUMENTS documents spread evenly over `train_source`. An existing
-  WORKDIR/tokenizer.model is reused, so a resumed run keeps its token ids.
+
+def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
+  """The run's tokenizer, always stored in the workdir (where `generate` reads it back).
+
+  data.tokenizer_path is copied there: a sentencepiece .model to WORKDIR/tokenizer.model, a
+  Hugging Face checkpoint dir's tokenizer files to WORKDIR/hf_tokenizer/. Otherwise one is
+  trained into WORKDIR/tokenizer.model on up to TOKENIZER_TRAINING_DOCUMENTS documents spread
+  evenly over `train_source`. What the workdir holds is reused, so a resumed run keeps its ids.
   """
+  given = data_cfg.tokenizer_path
+  if given and os.path.isdir(given):
+    return _copy_hf_tokenizer(given, workdir)
   path = os.path.join(workdir, 'tokenizer.model')
-  if data_cfg.tokenizer_path:
-    given = SentencePieceTokenizer.load(data_cfg.tokenizer_path)  # validates before copying
+  if given:
+    tokenizer = SentencePieceTokenizer.load(given)  # validates before copying
     if not os.path.exists(path):
-      os.makedirs(workdir, exist_ok=True)
-      tmp = f'{path}.tmp{os.getpid()}'  # per process: hosts sharing a workdir never collide
-      shutil.copyfile(data_cfg.tokenizer_path, tmp)
-      os.replace(tmp, path)
-    elif not filecmp.cmp(data_cfg.tokenizer_path, path, shallow=False):
-      raise DataError(f"{path} differs from data.tokenizer_path={data_cfg.tokenizer_path}; a"
-                      " run keeps its tokenizer: use a new workdir.")
-    return given
+      _copy_file(given, path)
+    elif not filecmp.cmp(given, path, shallow=False):
+      raise DataError(f"{path} differs from data.tokenizer_path={given}; a run keeps its"
+                      " tokenizer: use a new workdir.")
+    return tokenizer
   if os.path.exists(path):
     return SentencePieceTokenizer.load(path)
   n = len(train_source)
   stride = max(1, n // TOKENIZER_TRAINING_DOCUMENTS)
   texts = (train_source[i] for i in range(0, n, stride))
   return SentencePieceTokenizer.train(texts, path, data_cfg.vocab_size, data_cfg.tokenizer_type)
+
+
+def _copy_file(src: str, dst: str) -> None:
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  tmp = f'{dst}.tmp{os.getpid()}'  # per process: hosts sharing a workdir never collide
+  shutil.copyfile(src, tmp)
+  os.replace(tmp, dst)
+
+
+def _copy_hf_tokenizer(hf_dir: str, workdir: str) -> Tokenizer:
+  from llmjax.interop.tokenizer import TOKENIZER_FILES, load_tokenizer
+  if load_tokenizer(hf_dir) is None:
+    raise DataError(f"{hf_dir} has no tokenizer.json or tokenizer.model; pass"
+                    " data.tokenizer_path to a tokenizer.")
+  dst = os.path.join(workdir, HF_TOKENIZER_DIR)
+  # config.json too: special_ids falls back to its bos/eos ids.
+  for name in TOKENIZER_FILES + ('config.json',):
+    src = os.path.join(hf_dir, name)
+    if not os.path.exists(src):
+      continue
+    if not os.path.exists(os.path.join(dst, name)):
+      _copy_file(src, os.path.join(dst, name))
+    elif not filecmp.cmp(src, os.path.join(dst, name), shallow=False):
+      raise DataError(f"{os.path.join(dst, name)} differs from {src}; a run keeps its"
+                      " tokenizer: use a new workdir.")
+  return load_tokenizer(dst)
+
+
+def load_run_tokenizer(workdir: str) -> Tokenizer:
+  """The tokenizer `build_tokenizer` stored in `workdir` (for generate and convert)."""
+  hf_dir = os.path.join(workdir, HF_TOKENIZER_DIR)
+  if os.path.isdir(hf_dir):
+    from llmjax.interop.tokenizer import load_tokenizer
+    return load_tokenizer(hf_dir)
+  return SentencePieceTokenizer.load(os.path.join(workdir, 'tokenizer.model'))
 
 
 def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_index: int = 0,

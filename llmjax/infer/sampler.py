@@ -50,10 +50,12 @@ def sample_logits(logits: jax.Array, rng: jax.Array, p: SamplingParams) -> jax.A
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'params_', 'max_len', 'eos_id'))
+@functools.partial(jax.jit, static_argnames=('cfg', 'params_', 'max_len', 'eos_ids'))
 def _generate(params, tokens, lengths, rng, *, cfg: ModelConfig, params_: SamplingParams,
-              max_len: int, eos_id: int):
-  """tokens [B, T] right-padded, lengths [B] -> generated ids [B, max_new_tokens] (eos_id-padded)."""
+              max_len: int, eos_ids: tuple[int, ...]):
+  """tokens [B, T] right-padded, lengths [B] -> generated ids [B, max_new_tokens] (padded with
+  eos_ids[0] after a sequence's first EOS)."""
+  eos_id = eos_ids[0] if eos_ids else -1
   model = Transformer(cfg)
   batch = tokens.shape[0]
   n_new = params_.max_new_tokens
@@ -72,7 +74,7 @@ def _generate(params, tokens, lengths, rng, *, cfg: ModelConfig, params_: Sampli
     tok = sample_logits(last, key, params_)
     tok = jnp.where(done, eos_id, tok)
     out = out.at[:, i].set(tok)
-    done = done | (tok == eos_id)
+    done = done | jnp.isin(tok, jnp.asarray(eos_ids, jnp.int32))
     logits, cache = model.apply({'params': params}, tok[:, None], cache=cache)
     return i + 1, cache, logits[:, 0], done, out, rng
 
@@ -83,11 +85,13 @@ def _generate(params, tokens, lengths, rng, *, cfg: ModelConfig, params_: Sampli
 
 
 def generate(cfg: ModelConfig, params, prompts: list[list[int]], params_: SamplingParams, *,
-             eos_id: int, seed: int = 0) -> list[list[int]]:
+             eos_id: int | tuple[int, ...], seed: int = 0) -> list[list[int]]:
   """Samples a continuation for each prompt (token ids); each result stops before EOS.
 
   Args:
     prompts: token id lists of any lengths (>= 1).
+    eos_id: the id that ends a sequence, or several (Llama 3 chat models stop at <|eot_id|>
+      and <|end_of_text|>); negative ids are ignored, so -1 means no EOS.
   Returns: per prompt, the generated ids (without the prompt, without EOS).
   """
   if not prompts or any(len(p) == 0 for p in prompts):
@@ -105,12 +109,14 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], params_: Sampli
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p
   lengths = np.array([len(p) for p in prompts], np.int32)
+  eos_ids = tuple(sorted({int(i) for i in np.atleast_1d(eos_id) if i >= 0}))
   out = np.asarray(_generate(params, jnp.asarray(tokens), jnp.asarray(lengths),
                              jax.random.key(seed), cfg=cfg, params_=params_, max_len=max_len,
-                             eos_id=eos_id))
+                             eos_ids=eos_ids))
   results = []
   for row in out.tolist():
-    results.append(row[:row.index(eos_id)] if eos_id in row else row)
+    ends = [i for i, tok in enumerate(row) if tok in eos_ids]
+    results.append(row[:ends[0]] if ends else row)
   return results
 
 

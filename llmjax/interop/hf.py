@@ -61,6 +61,31 @@ def config_from_hf(hf: dict, path: str = 'config.json', **overrides) -> ModelCon
   return ModelConfig.from_dict(fields)
 
 
+# Fields that say how to run a model, not what it computes: an experiment sets them freely.
+RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', 'init_std')
+
+
+def check_matches(hf_dir: str, cfg: ModelConfig, key: str = 'init.hf_dir') -> Family:
+  """Raises ConfigError unless `cfg` is the architecture of `hf_dir`'s config.json.
+
+  Only the runtime fields (`RUNTIME_FIELDS`) may differ, and max_seq_len for RoPE models (it
+  sizes no parameter there). Cheap: reads config.json only, so it runs before anything compiles.
+  """
+  hf = read_hf_config(hf_dir)
+  path = os.path.join(hf_dir, 'config.json')
+  family = families.family_of(hf, path)
+  theirs = config_from_hf(hf, path, **{f: getattr(cfg, f) for f in RUNTIME_FIELDS})
+  skip = set(RUNTIME_FIELDS) | ({'max_seq_len'} if cfg.position == 'rope' else set())
+  diffs = [f"model.{f.name}={getattr(cfg, f.name)!r} but {path} has {getattr(theirs, f.name)!r}"
+           for f in dataclasses.fields(cfg)
+           if f.name not in skip and getattr(cfg, f.name) != getattr(theirs, f.name)]
+  if diffs:
+    raise ConfigError(f"{key}: the experiment's model differs from the checkpoint: "
+                      + '; '.join(diffs[:4]) + ('; ...' if len(diffs) > 4 else '')
+                      + ". Use the preset of that checkpoint or set those keys.")
+  return family
+
+
 def _expected(family: Family, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> shape for every tensor the model needs."""
   out = {l.hf_name: l.hf_shape for l in family.top_tensors(cfg).values()}

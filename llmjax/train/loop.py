@@ -142,8 +142,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # --- Data -----------------------------------------------------------------------------------
   from llmjax import data as data_lib  # imported here: tokenizer training may be slow to import
+  data_cfg = config.data
+  if config.init.get('hf_dir') and not data_cfg.tokenizer_path:
+    data_cfg = data_cfg.copy_and_resolve_references()
+    data_cfg.tokenizer_path = config.init.hf_dir  # the checkpoint's own token ids
   build = lambda: data_lib.build_data(
-      config.data, workdir, seed=t.seed, batch_size=t.batch_size,
+      data_cfg, workdir, seed=t.seed, batch_size=t.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
   if jax.process_count() > 1:
     # Host 0 prepares the shared files (TFDS copy, tokenizer) while the others wait, so no two
@@ -173,6 +177,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if config.init.params_dir:  # fine-tuning: weights from another run's workdir
         params, _ = checkpoint.restore_params(config.init.params_dir)
         state = state.replace(params=jax.device_put(params, state_shardings.params))
+      elif config.init.get('hf_dir'):  # from released weights, each tensor read into its shard
+        from llmjax.interop import hf
+        family = hf.check_matches(config.init.hf_dir, model_cfg)
+        params = hf.read_params(config.init.hf_dir, model_cfg, family,
+                                shardings=state_shardings.params)
+        state = state.replace(params=params)
   checkpoint.write_model_config(workdir, model_cfg)
   start_step = int(state.step)
 
@@ -190,7 +200,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     prompts = list(config.sample.prompts)
     if not prompts:
       return
-    ids = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    ids = [bos + tokenizer.encode(p) for p in prompts]
     params_ = sampler.SamplingParams(max_new_tokens=config.sample.max_new_tokens,
                                      temperature=config.sample.temperature,
                                      top_k=config.sample.top_k, top_p=config.sample.top_p)
