@@ -85,7 +85,9 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
     raise CheckpointError(f"no checkpoint in {src}/checkpoints; convert or train into it first.")
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   manager.close()
-  files = save_hf(dst, cfg, state['params'], tokenizer_dir=src,
+  from llmjax.models import lora
+  params, cfg = lora.merge(state['params'], cfg)  # transformers has no adapters: fold them in
+  files = save_hf(dst, cfg, params, tokenizer_dir=src,
                   architecture=architecture or None, max_shard_bytes=max_shard_bytes)
   print(f"wrote {dst}: {len(files)} safetensors file(s) from step {step}")
 

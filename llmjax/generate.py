@@ -51,7 +51,9 @@ def load(flags):
   from llmjax.train import checkpoint
   workdir = flags['workdir']
   cfg = checkpoint.read_model_config(workdir)
+  from llmjax.models import lora
   params, _ = checkpoint.restore_params(workdir)
+  params, cfg = lora.merge(params, cfg)  # one matmul per projection when decoding
   return cfg, params, load_run_tokenizer(workdir)
 
 

@@ -62,7 +62,8 @@ def config_from_hf(hf: dict, path: str = 'config.json', **overrides) -> ModelCon
 
 
 # Fields that say how to run a model, not what it computes: an experiment sets them freely.
-RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', 'init_std')
+RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', 'init_std',
+                  'lora_rank', 'lora_alpha', 'lora_targets')  # adapters are added on top
 
 
 def check_matches(hf_dir: str, cfg: ModelConfig, key: str = 'init.hf_dir') -> Family:

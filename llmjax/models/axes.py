@@ -14,4 +14,5 @@ HEAD_DIM = 'head_dim'
 MLP = 'mlp'              # feed-forward hidden width
 VOCAB = 'vocab'
 LAYERS = 'layers'        # the stacked axis of scanned layers
+LORA = 'lora'            # the rank of LoRA adapters: small, so no rule maps it (replicated)
 POSITIONS = 'positions'  # learned absolute position table (GPT-2)

@@ -19,6 +19,8 @@ POSITIONS = ('rope', 'learned')
 ROPE_SCALINGS = ('', 'linear', 'dynamic', 'llama3')
 REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'qkv_proj')
 DTYPES = ('float32', 'bfloat16', 'float16')
+# Projections that can carry LoRA adapters, by their module names (`DenseGeneral` name=...).
+LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'head')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,12 +56,21 @@ class ModelConfig:
   remat: str = 'none'  # see `llmjax.models.transformer.REMAT_POLICIES`.
   scan_layers: bool = True  # one compiled block for all layers: compile time independent of depth.
   init_std: float = 0.02
+  # LoRA (Hu et al. 2021): rank > 0 adds adapters A [in, rank] (random) and B [rank, out]
+  # (zeros) to each projection named in lora_targets, scaled by lora_alpha / lora_rank, and
+  # training updates only them (`llmjax.models.lora`). The adapters stay float32 whatever
+  # param_dtype is, so the frozen base can be bfloat16.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
 
   @classmethod
   def from_dict(cls, d: Any) -> 'ModelConfig':
     """Builds and validates a config from a dict/ConfigDict; unknown keys name the closest."""
     d = dict(d)
     d.pop('preset', None)
+    if 'lora_targets' in d:  # a list in ConfigDicts and JSON; a hashable tuple here
+      d['lora_targets'] = tuple(d['lora_targets'])
     names = {f.name for f in dataclasses.fields(cls)}
     for key in d:
       if key not in names:
@@ -97,12 +108,34 @@ class ModelConfig:
       if value not in allowed:
         raise ConfigError(f"model.{key}='{value}' is not one of {list(allowed)}."
                           f"{closest(value, allowed)}")
+    if self.lora_rank < 0:
+      raise ConfigError(f"model.lora_rank={self.lora_rank} must be >= 0 (0: no LoRA).")
+    for target in self.lora_targets:
+      if target not in LORA_TARGETS:
+        raise ConfigError(f"model.lora_targets: '{target}' is not one of {list(LORA_TARGETS)}."
+                          f"{closest(target, LORA_TARGETS)}")
+    if self.lora_rank and not self.lora_targets:
+      raise ConfigError(f"model.lora_rank={self.lora_rank} but model.lora_targets is empty;"
+                        f" name projections from {list(LORA_TARGETS)}.")
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: none).")
 
   @property
+  def num_lora_params(self) -> int:
+    """Adapter parameters: rank x (in + out) for each targeted projection."""
+    if not self.lora_rank:
+      return 0
+    d, h, kv, hd, f, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
+                          self.mlp_dim, self.vocab_size)
+    sizes = {'q': (d, h * hd), 'k': (d, kv * hd), 'v': (d, kv * hd), 'o': (h * hd, d),
+             'gate': (d, f) if self.mlp == 'swiglu' else None, 'up': (d, f), 'down': (f, d)}
+    per_layer = sum(sum(sizes[t]) for t in self.lora_targets if sizes.get(t))
+    head = (d + v) if 'head' in self.lora_targets and not self.tie_embeddings else 0
+    return self.lora_rank * (self.num_layers * per_layer + head)
+
+  @property
   def num_params(self) -> int:
-    """Exact parameter count from the shapes (equals the sum over the params pytree)."""
+    """Exact parameter count from the shapes, adapters excluded (`num_lora_params`)."""
     d, h, kv, hd, f, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
                           self.mlp_dim, self.vocab_size)
     norm = d * (2 if self.norm == 'layernorm' else 1)
@@ -116,7 +149,8 @@ class ModelConfig:
     return total
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*d_attn*T.
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*d_attn*T
+    (with LoRA: 4N + 6 x adapter parameters + the same attention term).
 
     N excludes the input embedding (a gather, not a matmul); attention is counted over the
     full (non-causal) T x T score matrix, as in the PaLM MFU formula.
@@ -124,7 +158,13 @@ class ModelConfig:
     n_matmul = self.num_params - self.vocab_size * self.embed_dim * (not self.tie_embeddings)
     if self.position == 'learned':
       n_matmul -= self.max_seq_len * self.embed_dim
-    return 6 * n_matmul + 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+    attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+    if self.lora_rank:
+      # A frozen base needs no weight gradients: forward 2N + activation gradients 2N; the
+      # adapters cost 6 per parameter like any trained weight. Attention's backward is unchanged
+      # (dq, dk, dv are needed to reach earlier layers).
+      return 4 * n_matmul + 6 * self.num_lora_params + attention
+    return 6 * n_matmul + attention
 
 
 def _gpt2(layers, dim, heads):

@@ -49,6 +49,9 @@ class DenseGeneral(nn.Module):
     out = jnp.dot(x.astype(dtype).reshape(-1, math.prod(in_shape)),
                   kernel.astype(dtype).reshape(math.prod(in_shape), -1),
                   preferred_element_type=jnp.float32)
+    if self.cfg.lora_rank and self.name in self.cfg.lora_targets:
+      out = out + self._lora_delta(x.astype(dtype).reshape(-1, math.prod(in_shape)), in_shape,
+                                   features)
     out = out.reshape(*lead, *features).astype(self.out_dtype or dtype)
     if self.use_bias:
       bias = self.param(
@@ -56,6 +59,33 @@ class DenseGeneral(nn.Module):
           features, jnp.dtype(self.cfg.param_dtype))
       out = out + bias.astype(out.dtype)
     return out
+
+
+  def _lora_delta(self, x2d, in_shape, features):
+    """(alpha / rank) * x @ A @ B for x2d [tokens, in] -> [tokens, out] float32.
+
+    A [in..., rank] starts as PEFT's default (uniform +-1/sqrt(in)), B [rank, out...] at zero,
+    so a fresh adapter leaves the model unchanged. Both are float32 (adapters are tiny; Adam
+    updates to bfloat16 ones would round away). x @ A first: [tokens, rank] is small, and the
+    [in, out] product A @ B is never formed.
+    """
+    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
+    n_in = len(in_shape)
+    a = self.param(
+        'lora_a', nn.with_logical_partitioning(
+            nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform',
+                                             in_axis=tuple(range(n_in)), out_axis=-1),
+            self.kernel_axes[:n_in] + (axes.LORA,)),
+        in_shape + (cfg.lora_rank,), jnp.float32)
+    b = self.param(
+        'lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
+                                               (axes.LORA,) + self.kernel_axes[n_in:]),
+        (cfg.lora_rank,) + features, jnp.float32)
+    h = jnp.dot(x2d, a.astype(dtype).reshape(-1, cfg.lora_rank),
+                preferred_element_type=jnp.float32)  # [tokens, rank]
+    h = (h * (cfg.lora_alpha / cfg.lora_rank)).astype(dtype)
+    return jnp.dot(h, b.astype(dtype).reshape(cfg.lora_rank, -1),
+                   preferred_element_type=jnp.float32)  # [tokens, out]
 
 
 class RMSNorm(nn.Module):

@@ -25,7 +25,11 @@ from llmjax.models.config import ModelConfig
 # implementation, remat, ...) can differ between a checkpoint and the run that resumes it.
 _SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim',
                  'mlp_dim', 'norm', 'mlp', 'position', 'qkv_bias', 'out_bias', 'mlp_bias',
-                 'tie_embeddings', 'scan_layers')
+                 'tie_embeddings', 'scan_layers', 'lora_rank', 'lora_targets')
+
+
+def _jsonable(value):
+  return list(value) if isinstance(value, tuple) else value  # JSON reads tuples back as lists
 
 
 def check_model_matches(workdir: str, model_cfg: ModelConfig) -> None:
@@ -37,7 +41,7 @@ def check_model_matches(workdir: str, model_cfg: ModelConfig) -> None:
     saved = json.load(f)
   diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(model_cfg, k)!r}"
            for k in _SHAPE_FIELDS
-           if k in saved and saved[k] != getattr(model_cfg, k)]
+           if k in saved and saved[k] != _jsonable(getattr(model_cfg, k))]
   if model_cfg.position == 'learned' and saved.get('max_seq_len') != model_cfg.max_seq_len:
     diffs.append(f"max_seq_len: checkpoint {saved.get('max_seq_len')} vs config {model_cfg.max_seq_len}")
   if diffs and os.path.isdir(os.path.join(workdir, 'checkpoints')):

@@ -23,6 +23,7 @@ from llmjax import config as config_lib
 from llmjax import sharding
 from llmjax.errors import ConfigError
 from llmjax.infer import sampler
+from llmjax.models import lora
 from llmjax.models.transformer import Transformer
 from llmjax.train import checkpoint, losses, metrics as metrics_lib
 from llmjax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -98,9 +99,11 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss)
   model = Transformer(model_cfg)
   optimizer = make_optimizer(config.train)
 
+  adapters_only = model_cfg.lora_rank > 0
+
   def init_state(rng):
     boxed = model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
-    return TrainState.create(boxed, optimizer, rng)
+    return TrainState.create(boxed, optimizer, rng, adapters_only=adapters_only)
 
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
@@ -113,7 +116,7 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss)
 
   init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_shardings)
   train_step = jax.jit(
-      make_train_step(apply_fn, loss_fn, optimizer, config.train.grad_accum),
+      make_train_step(apply_fn, loss_fn, optimizer, config.train.grad_accum, adapters_only),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
       donate_argnums=0)
   eval_step = jax.jit(make_eval_step(apply_fn, loss_fn),
@@ -176,13 +179,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
       state = trainer.init(jax.random.key(t.seed))
       if config.init.params_dir:  # fine-tuning: weights from another run's workdir
         params, _ = checkpoint.restore_params(config.init.params_dir)
+        # A LoRA run's adapters are folded in: its merged model is what fine-tuning starts from.
+        params, _ = lora.merge(params, checkpoint.read_model_config(config.init.params_dir))
+        if model_cfg.lora_rank:  # the base from the checkpoint, fresh adapters from init
+          params = lora.with_base(state.params, params)
         state = state.replace(params=jax.device_put(params, state_shardings.params))
       elif config.init.get('hf_dir'):  # from released weights, each tensor read into its shard
         from llmjax.interop import hf
         family = hf.check_matches(config.init.hf_dir, model_cfg)
-        params = hf.read_params(config.init.hf_dir, model_cfg, family,
-                                shardings=state_shardings.params)
-        state = state.replace(params=params)
+        base = hf.read_params(config.init.hf_dir, lora.without_lora(model_cfg), family,
+                              shardings=lora.split(state_shardings.params)[1])
+        state = state.replace(params=lora.with_base(state.params, base))
   checkpoint.write_model_config(workdir, model_cfg)
   start_step = int(state.step)
 
@@ -219,6 +226,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+  if model_cfg.lora_rank:
+    log.print(f"LoRA rank {model_cfg.lora_rank} on {','.join(model_cfg.lora_targets)}:"
+              f" training {model_cfg.num_lora_params:,} adapter parameters, base frozen")
   log.print(f"llmjax: {model_cfg.num_params:,} parameters ({config.model.get('preset', 'custom')}),"
             f" {flops_per_token / 1e6:.1f} MFLOPs/token, mesh {dict(mesh.shape)},"
             f" {jax.device_count()} x {jax.devices()[0].device_kind}"

@@ -5,6 +5,8 @@ import flax.struct
 import jax
 import optax
 
+from llmjax.models import lora
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -14,7 +16,10 @@ class TrainState:
   rng: jax.Array  # uint32 [2] raw key data, so checkpoints hold a plain array
 
   @classmethod
-  def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array) -> 'TrainState':
+  def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array,
+             adapters_only: bool = False) -> 'TrainState':
+    """A fresh state; `adapters_only` (LoRA): optimizer state only for the adapter leaves."""
     import jax.numpy as jnp
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+    trainable = lora.split(params)[0] if adapters_only else params
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trainable),
                rng=jax.random.key_data(rng))
