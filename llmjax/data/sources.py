@@ -164,10 +164,15 @@ def _jsonl_objects(path: str) -> Iterator[tuple[int, object]]:
                       " delete that line.") from None
 
 
-def _string_field(path: str, n: int, obj, key: str, setting: str, what: str) -> str:
-  """obj[key] when it is a str; else DataError naming path:n, the field and the config key."""
+def _string_field(path: str, n: int, obj, key: str, setting: str, what: str,
+                  taken: tuple[str, ...] = ()) -> str:
+  """obj[key] when it is a str; else DataError naming path:n, the field and the config key.
+
+  `taken`: fields read for something else, never suggested as the one meant (difflib finds
+  'prompt' close to 'completion').
+  """
   if not isinstance(obj, dict) or key not in obj:
-    hint = closest(key, obj) if isinstance(obj, dict) else ''
+    hint = closest(key, [k for k in obj if k not in taken]) if isinstance(obj, dict) else ''
     raise DataError(f"{path}:{n}: no '{key}' field; set {setting} to the field that holds the"
                     f" {what}.{hint}")
   if not isinstance(obj[key], str):
@@ -215,8 +220,9 @@ def iter_prompt_completions(path: str, prompt_key: str = 'prompt',
                     " data.format='text'.")
   for n, obj in _jsonl_objects(path):
     example = PromptCompletion(
-        _string_field(path, n, obj, prompt_key, 'data.prompt_key', 'prompt'),
-        _string_field(path, n, obj, completion_key, 'data.completion_key', 'completion'))
+        _string_field(path, n, obj, prompt_key, 'data.prompt_key', 'prompt', (completion_key,)),
+        _string_field(path, n, obj, completion_key, 'data.completion_key', 'completion',
+                      (prompt_key,)))
     if example.prompt or example.completion:
       yield example
 
