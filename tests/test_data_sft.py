@@ -1,6 +1,6 @@
 """Supervised fine-tuning data (data.format='prompt_completion'): loss_mask on the completion's
 targets only, against hand-computed rows of a character tokenizer; across piece boundaries and
-packing; JSONL errors; build_data end to end; and the loss ignoring prompt targets."""
+packing; JSONL errors; build_data end to end; the loss ignoring prompt targets; a short run."""
 
 import collections
 import json
@@ -240,3 +240,18 @@ def test_next_token_loss_ignores_prompt_targets(sft_jsonl, tmp_path):
   completion_changed = dict(batch, targets=batch['targets'].copy())
   completion_changed['targets'][r, i] = (completion_changed['targets'][r, i] + 7) % tok.vocab_size
   assert loss(completion_changed) != base
+
+
+def test_train_and_evaluate_runs_on_prompt_completion_jsonl(sft_jsonl, tmp_path):
+  """The whole job (the fastest loop-test settings, 3 steps) on the SFT file from the config."""
+  import math
+
+  from test_loop import losses, tiny_config
+  from llmjax.train.loop import train_and_evaluate
+
+  c = tiny_config(steps=3, eval_every=3)
+  c.data.path, c.data.format, c.data.vocab_size = sft_jsonl, 'prompt_completion', 400
+  out = train_and_evaluate(c, str(tmp_path))
+  assert out['step'] == 3
+  got = losses(tmp_path)
+  assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values())

@@ -10,10 +10,10 @@ trained on, see `llmjax.data.pipeline`).
 Local files are converted once into a TFDS dataset in ArrayRecord format under
 WORKDIR/tfds/ and read back with `as_data_source`: no TensorFlow is involved (TFDS only needs
 TF for its tf.data readers and TFRecord files, neither of which this path touches), and later
-runs reuse the prepared files. Each document is one JSONL object's text field, or one
-blank-line-separated paragraph of a .txt file: paragraphs keep a unit of meaning together while
-giving the shuffle something finer than whole books; a paragraph longer than
-MAX_TXT_DOCUMENT_CHARS (a file without blank lines) is cut at line boundaries, so one huge
+runs reuse the prepared files. Each document is one JSONL object's text field (its prompt
+and completion fields for 'prompt_completion'), or one blank-line-separated paragraph of a .txt
+file: paragraphs keep a unit of meaning together while giving the shuffle something finer than
+whole books; a paragraph longer than MAX_TXT_DOCUMENT_CHARS (a file without blank lines) is cut at line boundaries, so one huge
 document never fills many consecutive batches with the same text.
 """
 
