@@ -1,8 +1,9 @@
 """Qwen2.5-7B full-parameter SFT on a v5p-16 (8 chips, 2 hosts).
 
-SFT is the pretraining step with another batch: `loss_mask` is 1 on response tokens only, so
-`losses.next_token_loss` trains on the answers; `init.params_dir` starts from converted
-Qwen2.5-7B weights (an llmjax workdir, see llmjax/interop).
+SFT is the pretraining step with another batch: data.format='prompt_completion' reads JSONL
+records `{"prompt": "...", "completion": "..."}` and sets `loss_mask` to 1 on the completion's
+tokens (and EOS) only, so `losses.next_token_loss` trains on the answers; `init.params_dir`
+starts from converted Qwen2.5-7B weights (an llmjax workdir, see llmjax/interop).
 
     JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \
         --config=experiments/qwen25_7b_sft_v5p16.py --topology=v5p:2x2x2
@@ -10,8 +11,11 @@ Qwen2.5-7B weights (an llmjax workdir, see llmjax/interop).
     python -m llmjax.launch setup --name=qwen-sft --zone=us-east5-a
     python -m llmjax.launch run --name=qwen-sft --zone=us-east5-a \
         --config=experiments/qwen25_7b_sft_v5p16.py --workdir=gs://BUCKET/qwen25_7b_sft \
-        -- --config.init.params_dir=gs://BUCKET/qwen25_7b_base --config.data.path=... \
-           --config.data.tokenizer_path=...
+        -- --config.init.params_dir=gs://BUCKET/qwen25_7b_base \
+           --config.data.path='/data/sft/*.jsonl' --config.data.tokenizer_path=...
+
+data.path is local to every worker (e.g. copied there or a gcsfuse mount), one record per line:
+    {"prompt": "Translate to French: cheese", "completion": " fromage"}
 
 Arguments (after ':'): seq_len=N, batch=N (global, sequences).
 
@@ -29,6 +33,8 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'
   c.model.param_dtype = 'float32'  # fp32 master weights and Adam moments: small SFT updates
   c.model.remat = 'full'  # 4096-token conversations; activations would not fit otherwise
+  # Loss on the completions only: the prompts are given at inference, not to be learned.
+  c.data.format = 'prompt_completion'
   c.data.seq_len = a.seq_len
   c.data.vocab_size = c.model.vocab_size
   # ZeRO-3 over all 8 chips: 7.6B params x 12 bytes (weights + 2 Adam moments) = 10.6 GiB each.

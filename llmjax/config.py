@@ -130,8 +130,13 @@ def parse_cli(argv: list[str], *, need_workdir: bool = True):
   return config, workdir, rest
 
 
-def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> ModelConfig:
-  """Checks the whole config before anything compiles; returns the ModelConfig."""
+def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
+             data_files: bool = True) -> ModelConfig:
+  """Checks the whole config before anything compiles; returns the ModelConfig.
+
+  data_files=False skips the checks that need the data (data.path, data.tokenizer_path) to be
+  given and to exist on this machine: `llmjax.plan` compiles the step where they are not.
+  """
   model = ModelConfig.from_dict(config.model)
   t = config.train
   for key in ('steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every', 'grad_accum'):
@@ -143,13 +148,15 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1) -> Mode
   if config.data.seq_len > model.max_seq_len and model.position == 'learned':
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
                       f"{model.max_seq_len} (learned positions); lower data.seq_len.")
-  path = config.data.get('path', '')
+  from llmjax.data import sources  # imported here: `llmjax.data` pulls in Grain
+  sources.check_data_format(config.data, data_files=data_files)
+  path = config.data.get('path', '') if data_files else ''
   if path:
     import glob
     if not glob.glob(path):
       raise ConfigError(f"data.path='{path}' matches no file; pass an existing .txt/.jsonl file"
                         " or glob, or '' for the embedded corpus.")
-  tok = config.data.get('tokenizer_path', '')
+  tok = config.data.get('tokenizer_path', '') if data_files else ''
   if tok and not os.path.exists(tok):
     raise ConfigError(f"data.tokenizer_path='{tok}' does not exist; pass a sentencepiece .model,"
                       " a Hugging Face checkpoint dir, or '' to train one into the workdir.")
@@ -171,7 +178,13 @@ def base_config(model: str = 'tiny', **model_overrides) -> ml_collections.Config
   c.data = ml_collections.ConfigDict()
   c.data.path = ''  # local .txt/.jsonl file or glob; '' = the embedded generated corpus
   c.data.tfds_name = ''  # a TFDS catalog name instead (needs network the first time)
+  # What one document is (llmjax.data.sources.DATA_FORMATS): 'text' = pretraining on documents
+  # from data.text_key; 'prompt_completion' = SFT on JSONL records {"prompt", "completion"}
+  # (TRL's field names), loss on the completion tokens and EOS only; needs data.path.
+  c.data.format = 'text'
   c.data.text_key = 'text'  # JSONL field holding the document
+  c.data.prompt_key = 'prompt'  # JSONL fields of a prompt_completion record
+  c.data.completion_key = 'completion'
   c.data.seq_len = 256  # tokens per packed row
   c.data.tokenizer_path = ''  # a sentencepiece .model; '' = train one into WORKDIR/tokenizer.model
   c.data.vocab_size = 8192  # size of a trained tokenizer

@@ -65,4 +65,29 @@ def test_every_experiment_loads_and_validates():
   import glob
   for path in sorted(glob.glob('experiments/*.py')):
     c = config_lib.load_config(path)
+    # Their data comes on the launch command, so they are checked as llmjax.plan checks them;
+    # a fine-tuning one must refuse to run on the embedded (pretraining) corpus.
+    config_lib.validate(c, data_files=False)
+    if c.data.format == 'prompt_completion':
+      with pytest.raises(ConfigError, match="data.format='prompt_completion' needs data.path"):
+        config_lib.validate(c)
+    else:
+      config_lib.validate(c)
+
+
+@pytest.mark.parametrize('over,message', [
+    ({'data.format': 'prompt-completion'}, r"data.format='prompt-completion' is not one of"
+     r" \['text', 'prompt_completion'\]. Did you mean 'prompt_completion'\?"),
+    ({'data.format': 'chat'}, r"data.format='chat' is not one of \['text', 'prompt_completion'\]"
+     r"\.$"),
+    ({'data.format': 'prompt_completion'}, r"needs data.path: a .jsonl file or glob of .*"
+     r" text only"),
+    ({'data.format': 'prompt_completion', 'data.tfds_name': 'lm1b'}, r"needs data.path"),
+])
+def test_validate_data_format(over, message):
+  c = _quickstart(**over)
+  with pytest.raises(ConfigError, match=message) as e:
     config_lib.validate(c)
+  assert '\n' not in str(e.value)
+  if over['data.format'] == 'prompt_completion':
+    config_lib.validate(c, data_files=False)  # what llmjax.plan checks: no data needed there

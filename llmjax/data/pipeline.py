@@ -1,7 +1,7 @@
 """The Grain input pipeline: shard, shuffle, tokenize, split, pack, batch.
 
-    documents --(host shard, seeded shuffle per epoch)--> [bos] + ids + [eos]
-      --(split into pieces of <= seq_len + 1 tokens)--> {inputs, targets} per piece
+    documents --(host shard, seeded shuffle per epoch)--> [bos] + ids + [eos], weights
+      --(split into pieces of <= seq_len + 1 tokens)--> {inputs, targets, weights} per piece
       --(first-fit packing into rows of seq_len)--> + segment_ids, positions
       --(batch)--> dict of [per_host_batch, seq_len] numpy arrays
 
@@ -9,12 +9,22 @@ Batch keys, all [batch_size // process_count, seq_len]:
   inputs, targets  int32  token ids; targets[i] is the token after inputs[i] in the same document
   segment_ids      int32  1, 2, ... for the pieces packed into the row, 0 on padding
   positions        int32  position within the piece, restarting at 0 for each
-  loss_mask        float32  1 where targets holds a real token, 0 on padding
+  loss_mask        float32  1 where targets[i] is trained on, 0 elsewhere: for data.format
+                   'text', every real token (0 on padding only); for 'prompt_completion',
+                   the completion's tokens and its eos (0 on the prompt's tokens and padding)
 A row holds several pieces, so the model must attend only within equal segment_ids; RoPE sees
 each piece from position 0. A document longer than seq_len + 1 tokens is cut into pieces that
 overlap by one token, so every next-token pair of it is trained exactly once (a continuation
 piece starts without BOS at position 0: it trains on text without its earlier context, the
-usual trade-off of fixed-length training).
+usual trade-off of fixed-length training; for SFT, a completion cut this way is trained
+partly without its prompt, so choose seq_len above most examples' length).
+
+A prompt/completion example is tokenized as [bos] + encode(prompt) + encode(completion) +
+[eos] (the two parts encoded separately, so the boundary is a token boundary), with a weight
+per token: 0 on bos and the prompt, 1 on the completion and eos. The weight belongs to the
+token being predicted, so loss_mask[i] is the weight of targets[i], i.e. of token i + 1 of
+the example: the prediction of the first completion token (made at the last prompt token) is
+trained, the prediction of the first prompt token (made at bos) is not.
 
 The iterator's state (a few integers: epoch, index, packing offsets) is what the trainer
 checkpoints with `grain.checkpoint.CheckpointSave(iterator)`; restoring it resumes the exact
@@ -24,7 +34,13 @@ Config keys (`config.data`, read by `build_data`):
   path            local .txt/.jsonl file or glob; '' = the embedded generated corpus
                   (`llmjax.data.corpus`). Files become a TFDS dataset under WORKDIR/tfds.
   tfds_name       a TFDS catalog name instead of `path` (downloaded on first use); ''.
+  format          what one document is, a value of `sources.DATA_FORMATS`: 'text'
+                  (pretraining; documents from text_key) or 'prompt_completion' (SFT: JSONL
+                  records {"prompt": str, "completion": str}, loss on the completion only;
+                  needs path). Absent = 'text'.
   text_key        the JSONL field / TFDS feature holding the text ('text').
+  prompt_key, completion_key  the JSONL fields of a prompt_completion record ('prompt',
+                  'completion', as in TRL).
   seq_len         tokens per packed row.
   tokenizer_path  a sentencepiece .model to use (copied to WORKDIR/tokenizer.model so the run
                   directory is self-contained), or a Hugging Face checkpoint dir (its
@@ -55,42 +71,56 @@ TOKENIZER_TRAINING_DOCUMENTS = 50_000
 
 
 class _Tokenize(grain.transforms.Map):
-  """text -> [bos] + ids + [eos] as int32 [num_tokens]. A class, not a lambda, so that Grain
-  worker processes can pickle it."""
+  """document -> {tokens: [bos] + ids + [eos], weights} as int32 / float32 [num_tokens].
+
+  weights[j] says whether predicting token j is trained on: 1 everywhere for a text document,
+  0 on bos and the prompt of a `PromptCompletion`. A class, not a lambda, so that Grain
+  worker processes can pickle it.
+  """
 
   def __init__(self, tokenizer: Tokenizer):
     self.tokenizer = tokenizer
 
-  def map(self, text: str) -> np.ndarray:
+  def map(self, document: str | sources.PromptCompletion) -> dict:
     t = self.tokenizer
     # Some checkpoints' tokenizers have no BOS (Qwen2) or EOS (-1): then only the segment ids
     # separate documents.
     bos = [t.bos_id] if t.bos_id >= 0 else []
     eos = [t.eos_id] if t.eos_id >= 0 else []
-    return np.asarray(bos + t.encode(text) + eos, np.int32)
+    if isinstance(document, sources.PromptCompletion):
+      prompt = bos + t.encode(document.prompt)
+      rest = t.encode(document.completion) + eos  # eos is trained: the model learns to stop
+    else:
+      prompt, rest = bos, t.encode(document) + eos
+    weights = np.concatenate([np.zeros(len(prompt), np.float32), np.ones(len(rest), np.float32)])
+    return {'tokens': np.asarray(prompt + rest, np.int32), 'weights': weights}
 
 
 class _SplitIntoPieces(grain.experimental.FlatMapTransform):
-  """tokens [n] -> pieces {inputs: p[:-1], targets: p[1:]} with len(p) <= seq_len + 1."""
+  """{tokens, weights} [n] -> pieces {inputs: p[:-1], targets: p[1:], weights: w[1:]} with
+  len(p) <= seq_len + 1, where w is the weights of p's tokens."""
 
   max_fan_out = 1 << 30  # only MapDataset.flat_map reads it; FlatMapIterDataset has no limit
 
   def __init__(self, seq_len: int):
     self.seq_len = seq_len
 
-  def flat_map(self, tokens: np.ndarray) -> list[dict]:
+  def flat_map(self, example: dict) -> list[dict]:
     n = self.seq_len
+    tokens, weights = example['tokens'], example['weights']
     # Consecutive pieces share one token: the last target of one is the first input of the next.
-    pieces = [tokens[s:s + n + 1] for s in range(0, len(tokens) - 1, n)]
-    return [{'inputs': p[:-1], 'targets': p[1:]} for p in pieces]
+    pieces = [(tokens[s:s + n + 1], weights[s:s + n + 1]) for s in range(0, len(tokens) - 1, n)]
+    # A weight belongs to the token predicted, so it follows the targets: w[1:], not w[:-1].
+    return [{'inputs': p[:-1], 'targets': p[1:], 'weights': w[1:]} for p, w in pieces]
 
 
 def _finish_row(row: dict) -> dict:
   """Grain's packed row -> the batch keys of the module docstring, each [seq_len]."""
   segment_ids = row['inputs_segment_ids'].astype(np.int32)
+  # Packing pads weights with 0, so padding is masked without a separate test on segment_ids.
   return {'inputs': row['inputs'].astype(np.int32), 'targets': row['targets'].astype(np.int32),
           'segment_ids': segment_ids, 'positions': row['inputs_positions'].astype(np.int32),
-          'loss_mask': (segment_ids > 0).astype(np.float32)}
+          'loss_mask': row['weights'].astype(np.float32)}
 
 
 def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
@@ -99,7 +129,8 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   """Packed batches of `source`'s documents for this host.
 
   Args:
-    source: random-access documents (`len`, `[i] -> str`), e.g. a list or a `sources` source.
+    source: random-access documents (`len`, `[i] -> str` or `sources.PromptCompletion`), e.g.
+      a list or a `sources` source.
     tokenizer: adds no BOS/EOS itself; the pipeline puts them around each document.
     seq_len: tokens per row.
     batch_size: the global batch; this host yields batch_size // process_count rows.
@@ -135,7 +166,7 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   # is no better there, and slower). Shuffling the finished rows breaks up the runs of short
   # documents that first fit groups together.
   it = gx.FirstFitPackIterDataset(
-      it, length_struct={'inputs': seq_len, 'targets': seq_len},
+      it, length_struct={'inputs': seq_len, 'targets': seq_len, 'weights': seq_len},
       num_packing_bins=max(local_batch, 16), seed=seed, shuffle_bins=shuffle)
   it = it.map(_finish_row)
   return it.batch(local_batch, drop_remainder=True)
@@ -146,9 +177,12 @@ def get_sources(data_cfg, workdir: str) -> dict:
   if data_cfg.path and data_cfg.tfds_name:
     raise ConfigError(f"data.path='{data_cfg.path}' and data.tfds_name='{data_cfg.tfds_name}'"
                       " are both set; set only one.")
+  data_format = sources.check_data_format(data_cfg)
   if data_cfg.path:
-    return sources.local_files_source(data_cfg.path, data_cfg.text_key,
-                                      os.path.join(workdir, 'tfds'))
+    return sources.local_files_source(
+        data_cfg.path, data_cfg.text_key, os.path.join(workdir, 'tfds'), data_format=data_format,
+        prompt_key=data_cfg.get('prompt_key', 'prompt'),
+        completion_key=data_cfg.get('completion_key', 'completion'))
   if data_cfg.tfds_name:
     return sources.tfds_source(data_cfg.tfds_name, data_cfg.text_key)
   return {split: sources.in_memory_source(corpus.default_corpus(split))
@@ -164,7 +198,8 @@ def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
   data.tokenizer_path is copied there: a sentencepiece .model to WORKDIR/tokenizer.model, a
   Hugging Face checkpoint dir's tokenizer files to WORKDIR/hf_tokenizer/. Otherwise one is
   trained into WORKDIR/tokenizer.model on up to TOKENIZER_TRAINING_DOCUMENTS documents spread
-  evenly over `train_source`. What the workdir holds is reused, so a resumed run keeps its ids.
+  evenly over `train_source` (a prompt/completion example gives both texts: the model reads
+  prompts too). What the workdir holds is reused, so a resumed run keeps its ids.
   """
   given = data_cfg.tokenizer_path
   if given and os.path.isdir(given):
@@ -182,8 +217,13 @@ def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
     return SentencePieceTokenizer.load(path)
   n = len(train_source)
   stride = max(1, n // TOKENIZER_TRAINING_DOCUMENTS)
-  texts = (train_source[i] for i in range(0, n, stride))
+  texts = (text for i in range(0, n, stride) for text in _texts(train_source[i]))
   return SentencePieceTokenizer.train(texts, path, data_cfg.vocab_size, data_cfg.tokenizer_type)
+
+
+def _texts(document: str | sources.PromptCompletion) -> tuple[str, ...]:
+  """The texts a tokenizer trains on from one document."""
+  return tuple(document) if isinstance(document, sources.PromptCompletion) else (document,)
 
 
 def _copy_file(src: str, dst: str) -> None:

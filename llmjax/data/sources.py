@@ -1,15 +1,19 @@
 """Document sources: in-memory lists, local .txt/.jsonl files (as a TFDS dataset), TFDS names.
 
-Every source is random-access (`len` and `__getitem__` returning one document as `str`), which
-Grain needs for a seeded global shuffle and for checkpointing the iterator as a few integers.
+Every source is random-access (`len` and `__getitem__` returning one document), which Grain
+needs for a seeded global shuffle and for checkpointing the iterator as a few integers. A
+document is a `str` for data.format='text' (pretraining) and a `PromptCompletion` for
+data.format='prompt_completion' (supervised fine-tuning: JSONL records
+`{"prompt": ..., "completion": ...}`, TRL's prompt-completion format; only the completion is
+trained on, see `llmjax.data.pipeline`).
 
 Local files are converted once into a TFDS dataset in ArrayRecord format under
 WORKDIR/tfds/ and read back with `as_data_source`: no TensorFlow is involved (TFDS only needs
 TF for its tf.data readers and TFRecord files, neither of which this path touches), and later
-runs reuse the prepared files. Each document is one JSONL object's text field, or one
-blank-line-separated paragraph of a .txt file: paragraphs keep a unit of meaning together while
-giving the shuffle something finer than whole books; a paragraph longer than
-MAX_TXT_DOCUMENT_CHARS (a file without blank lines) is cut at line boundaries, so one huge
+runs reuse the prepared files. Each document is one JSONL object's text field (its prompt
+and completion fields for 'prompt_completion'), or one blank-line-separated paragraph of a .txt
+file: paragraphs keep a unit of meaning together while giving the shuffle something finer than
+whole books; a paragraph longer than MAX_TXT_DOCUMENT_CHARS (a file without blank lines) is cut at line boundaries, so one huge
 document never fills many consecutive batches with the same text.
 """
 
@@ -18,9 +22,9 @@ import glob
 import hashlib
 import json
 import os
-from typing import Iterator
+from typing import Callable, Iterator, NamedTuple
 
-from llmjax.errors import DataError, closest
+from llmjax.errors import ConfigError, DataError, closest
 
 # Every VALIDATION_EVERY-th document (in file order) is held out for evaluation: deterministic,
 # spread over all files, and independent of how many documents there are.
@@ -28,6 +32,32 @@ VALIDATION_EVERY = 20
 MAX_TXT_DOCUMENT_CHARS = 32_000  # ~8k tokens: a few rows of any usual seq_len
 # Bump when the way files become documents changes, so prepared copies are rebuilt.
 _FORMAT = 2
+# The values of data.format: what one document is. 'prompt_completion' reads only local JSONL
+# files (the embedded corpus and TFDS catalog datasets are plain text).
+DATA_FORMATS = ('text', 'prompt_completion')
+
+
+class PromptCompletion(NamedTuple):
+  """One supervised example: the model is trained to continue `prompt` with `completion`."""
+  prompt: str
+  completion: str
+
+
+def check_data_format(data_cfg, *, data_files: bool = True) -> str:
+  """data.format, checked against the other data keys; ConfigError naming the key and fix.
+
+  Configs older than data.format (and bare test configs) lack the key: they mean 'text'.
+  data_files=False skips the need for data.path (a plan compiles without the data).
+  """
+  fmt = data_cfg.get('format', 'text')
+  if fmt not in DATA_FORMATS:
+    raise ConfigError(f"data.format='{fmt}' is not one of {list(DATA_FORMATS)}."
+                      f"{closest(fmt, DATA_FORMATS)}")
+  if data_files and fmt == 'prompt_completion' and not data_cfg.get('path', ''):
+    raise ConfigError("data.format='prompt_completion' needs data.path: a .jsonl file or glob of"
+                      ' {"prompt": ..., "completion": ...} records (the embedded corpus and'
+                      " data.tfds_name are text only).")
+  return fmt
 
 
 class TextSource:
@@ -47,6 +77,26 @@ class TextSource:
 
   def __repr__(self) -> str:
     return f'TextSource({len(self)} documents)'
+
+
+class PromptCompletionSource:
+  """Random-access `PromptCompletion`s from a source of dicts with 'prompt' and 'completion'
+  (str or bytes): the features of a prepared prompt_completion copy, whatever data.prompt_key
+  and data.completion_key named them in the JSONL files."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> PromptCompletion:
+    x = self.source[i]
+    return PromptCompletion(*(v.decode('utf-8') if isinstance(v, bytes) else v
+                              for v in (x['prompt'], x['completion'])))
+
+  def __repr__(self) -> str:
+    return f'PromptCompletionSource({len(self)} examples)'
 
 
 class _HeldOut:
@@ -102,24 +152,40 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
                         " the file as UTF-8.") from None
 
 
-def _jsonl_documents(path: str, text_key: str) -> Iterator[str]:
+def _jsonl_objects(path: str) -> Iterator[tuple[int, object]]:
+  """(line number, parsed value) of each non-blank line of a JSONL file."""
   for n, line in _lines(path):
     if not line.strip():
       continue
     try:
-      obj = json.loads(line)
+      yield n, json.loads(line)
     except json.JSONDecodeError as e:
       raise DataError(f"{path}:{n}: invalid JSON ({e.msg} at column {e.colno}); fix or"
                       " delete that line.") from None
-    if not isinstance(obj, dict) or text_key not in obj:
-      hint = closest(text_key, obj) if isinstance(obj, dict) else ''
-      raise DataError(f"{path}:{n}: no '{text_key}' field; set data.text_key to the field"
-                      f" that holds the text.{hint}")
-    if not isinstance(obj[text_key], str):
-      raise DataError(f"{path}:{n}: field '{text_key}' is a {type(obj[text_key]).__name__},"
-                      " not a string; set data.text_key to the field that holds the text.")
-    if obj[text_key]:
-      yield obj[text_key]
+
+
+def _string_field(path: str, n: int, obj, key: str, setting: str, what: str,
+                  taken: tuple[str, ...] = ()) -> str:
+  """obj[key] when it is a str; else DataError naming path:n, the field and the config key.
+
+  `taken`: fields read for something else, never suggested as the one meant (difflib finds
+  'prompt' close to 'completion').
+  """
+  if not isinstance(obj, dict) or key not in obj:
+    hint = closest(key, [k for k in obj if k not in taken]) if isinstance(obj, dict) else ''
+    raise DataError(f"{path}:{n}: no '{key}' field; set {setting} to the field that holds the"
+                    f" {what}.{hint}")
+  if not isinstance(obj[key], str):
+    raise DataError(f"{path}:{n}: field '{key}' is a {type(obj[key]).__name__}, not a string;"
+                    f" set {setting} to the field that holds the {what}.")
+  return obj[key]
+
+
+def _jsonl_documents(path: str, text_key: str) -> Iterator[str]:
+  for n, obj in _jsonl_objects(path):
+    text = _string_field(path, n, obj, text_key, 'data.text_key', 'text')
+    if text:
+      yield text
 
 
 def _txt_documents(path: str) -> Iterator[str]:
@@ -142,9 +208,39 @@ def iter_documents(path: str, text_key: str = 'text') -> Iterator[str]:
   return _jsonl_documents(path, text_key) if path.endswith('.jsonl') else _txt_documents(path)
 
 
-def _count_documents(files: list[str], text_key: str) -> int:
+def iter_prompt_completions(path: str, prompt_key: str = 'prompt',
+                            completion_key: str = 'completion') -> Iterator[PromptCompletion]:
+  """The examples of one .jsonl file; a bad line raises DataError `path:line: ...`.
+
+  A record whose prompt and completion are both empty is skipped, as an empty text document is.
+  """
+  if not path.endswith('.jsonl'):
+    raise DataError(f"{path}: data.format='prompt_completion' reads .jsonl files of"
+                    ' {"prompt": ..., "completion": ...} records; convert it or set'
+                    " data.format='text'.")
+  for n, obj in _jsonl_objects(path):
+    example = PromptCompletion(
+        _string_field(path, n, obj, prompt_key, 'data.prompt_key', 'prompt', (completion_key,)),
+        _string_field(path, n, obj, completion_key, 'data.completion_key', 'completion',
+                      (prompt_key,)))
+    if example.prompt or example.completion:
+      yield example
+
+
+# One TFDS example per document: {'text': str} or {'prompt': str, 'completion': str}.
+def _text_examples(path: str, text_key: str) -> Iterator[dict]:
+  for doc in iter_documents(path, text_key):
+    yield {'text': doc}
+
+
+def _prompt_completion_examples(path: str, prompt_key: str, completion_key: str) -> Iterator[dict]:
+  for example in iter_prompt_completions(path, prompt_key, completion_key):
+    yield example._asdict()
+
+
+def _count_documents(files: list[str], examples: Callable[[str], Iterator[dict]]) -> int:
   """Reads every file once before anything is written, so bad input fails fast."""
-  count = sum(1 for f in files for _ in iter_documents(f, text_key))
+  count = sum(1 for f in files for _ in examples(f))
   if count == 0:
     raise DataError(f"data.path: {', '.join(files)} hold no documents (empty corpus).")
   if count < VALIDATION_EVERY:
@@ -163,13 +259,14 @@ def _builder_class():
     """Local .txt/.jsonl files as a TFDS dataset with 'train' and 'validation' splits."""
     VERSION = tfds.core.Version('1.0.0')
 
-    def __init__(self, *, files, text_key, **kwargs):
-      self._files, self._text_key = files, text_key
+    def __init__(self, *, files, examples, features, **kwargs):
+      # examples(path) yields one dict per document, with the keys `features`.
+      self._files, self._examples, self._features = files, examples, features
       super().__init__(**kwargs)
 
     def _info(self):
-      return tfds.core.DatasetInfo(
-          builder=self, features=tfds.features.FeaturesDict({'text': tfds.features.Text()}))
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
+          {name: tfds.features.Text() for name in self._features}))
 
     def _split_generators(self, dl_manager):
       return {'train': self._generate_examples(validation=False),
@@ -178,32 +275,49 @@ def _builder_class():
     def _generate_examples(self, validation: bool):
       n = 0
       for f in self._files:
-        for doc in iter_documents(f, self._text_key):
+        for example in self._examples(f):
           if (n % VALIDATION_EVERY == VALIDATION_EVERY - 1) == validation:
-            yield n, {'text': doc}  # key n: TFDS orders examples by a hash of it
+            yield n, example  # key n: TFDS orders examples by a hash of it
           n += 1
 
   return LocalText
 
 
-def local_files_source(pattern: str, text_key: str, data_dir: str) -> dict[str, TextSource]:
+def local_files_source(pattern: str, text_key: str, data_dir: str, *,
+                       data_format: str = 'text', prompt_key: str = 'prompt',
+                       completion_key: str = 'completion') -> dict:
   """{'train', 'validation'} sources for local files, prepared once under `data_dir`.
 
-  The prepared copy is keyed by the files' paths, sizes and modification times, so editing a
-  file builds a new one instead of silently reusing stale data.
+  data_format 'text' gives `TextSource`s of str; 'prompt_completion' (JSONL only) gives
+  `PromptCompletionSource`s of `PromptCompletion`. The prepared copy is keyed by the format,
+  its field names and the files' paths, sizes and modification times, so editing a file or
+  switching the format builds a new one instead of silently reusing stale data.
   """
+  if data_format not in DATA_FORMATS:
+    raise ConfigError(f"data.format='{data_format}' is not one of {list(DATA_FORMATS)}."
+                      f"{closest(data_format, DATA_FORMATS)}")
   files = [os.path.abspath(f) for f in resolve_files(pattern)]
+  spec = [_FORMAT, VALIDATION_EVERY, MAX_TXT_DOCUMENT_CHARS, text_key]
+  if data_format == 'text':
+    examples = functools.partial(_text_examples, text_key=text_key)
+    features, wrap = ('text',), TextSource
+  else:
+    # Text copies keep the key they had before data.format existed, so existing prepared
+    # copies stay valid; other formats add theirs, so the two never share a copy.
+    spec += [data_format, prompt_key, completion_key]
+    examples = functools.partial(_prompt_completion_examples, prompt_key=prompt_key,
+                                 completion_key=completion_key)
+    features, wrap = PromptCompletion._fields, PromptCompletionSource
   key = hashlib.sha256(json.dumps(
-      [_FORMAT, VALIDATION_EVERY, MAX_TXT_DOCUMENT_CHARS, text_key]
-      + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode())
+      spec + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode())
   data_dir = os.path.join(data_dir, key.hexdigest()[:16])
-  builder = _builder_class()(files=files, text_key=text_key, data_dir=data_dir,
-                             file_format='array_record')
+  builder = _builder_class()(files=files, examples=examples, features=features,
+                             data_dir=data_dir, file_format='array_record')
   # is_prepared() on a folder that does not exist yet logs a warning: check the folder first.
   if not os.path.isdir(builder.data_dir) or not builder.is_prepared():
-    _count_documents(files, text_key)
+    _count_documents(files, examples)
     builder.download_and_prepare()
-  return {split: TextSource(builder.as_data_source(split)) for split in ('train', 'validation')}
+  return {split: wrap(builder.as_data_source(split)) for split in ('train', 'validation')}
 
 
 # --- TFDS catalog ------------------------------------------------------------------------------
