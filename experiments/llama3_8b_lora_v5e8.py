@@ -38,7 +38,7 @@ def get_config(arg=None):
   # sequence with 'xla' attention, half a v5e chip).
   c.model.attention = 'pallas'
   c.model.remat = 'full'  # only each block's input survives to the backward pass
-  # FORMAT c.data.format = 'prompt_completion'
+  c.data.format = 'prompt_completion'
   c.data.seq_len = a.seq_len
   c.data.vocab_size = c.model.vocab_size
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
