@@ -18,10 +18,19 @@ from typing import Iterator
 
 from etils import epath
 
+from llmjax.errors import ConfigError
+
 
 def is_remote(path) -> bool:
   """True for gs://, s3://, ... paths: those that the local filesystem cannot open."""
   return '://' in os.fspath(path)
+
+
+def check_local(key: str, path: str) -> None:
+  """ConfigError unless `path` (the value of config key `key`) is on local disk."""
+  if is_remote(path):
+    raise ConfigError(f"{key}='{path}' is not on local disk; copy the files to every host"
+                      " (gcloud storage cp) and pass the local path or glob.")
 
 
 def resolve(workdir: str) -> str:

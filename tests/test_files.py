@@ -13,15 +13,16 @@ that turns a workdir into Orbax's directory) to apply the same gs:// -> BUCKET_R
 so checkpoints land in the mocked bucket too; Orbax's native gs:// support is not exercised.
 """
 
+import contextlib
 import json
 import os
-import contextlib
 
 import pytest
 from etils import epath
 from etils.epath import gpath
 from etils.epath import testing as epath_testing
 
+from llmjax import config as config_lib
 from llmjax import files
 from llmjax import generate as generate_lib
 from llmjax.data import pipeline
@@ -165,8 +166,9 @@ def test_write_bytes_and_download_dir_on_gcs(gcs):
 def test_gs_data_path_is_refused_and_tfds_cache_stays_local(gcs, monkeypatch, tmp_path):
   c = tiny_config()
   c.data.path = 'gs://bucket/data/*.jsonl'
-  with pytest.raises(ConfigError, match=r"data.path='gs://bucket/data/\*.jsonl' is not on local"):
-    pipeline.get_sources(c.data, WORKDIR)
+  for check in (lambda: config_lib.validate(c), lambda: pipeline.get_sources(c.data, WORKDIR)):
+    with pytest.raises(ConfigError, match=r"data.path='gs://bucket/data/\*.jsonl' is not on local"):
+      check()
   monkeypatch.setenv('LLMJAX_CACHE_DIR', str(tmp_path / 'cache'))
   assert pipeline.tfds_dir(WORKDIR) == str(tmp_path / 'cache' / 'tfds')
   assert pipeline.tfds_dir('/runs/a') == '/runs/a/tfds'
@@ -178,3 +180,21 @@ def test_resolve_keeps_urls_and_makes_local_paths_absolute(tmp_path, monkeypatch
   assert files.resolve('run') == str(tmp_path / 'run')
   assert checkpoint.checkpoint_dir('gs://bucket/run') == 'gs://bucket/run/checkpoints'
   assert checkpoint.checkpoint_dir('run') == str(tmp_path / 'run' / 'checkpoints')
+
+
+def test_tokenizer_path_on_gcs_is_copied_into_a_gs_workdir(gcs):
+  from llmjax.data import corpus
+  from llmjax.data.tokenizer import SentencePieceTokenizer
+  from llmjax.errors import DataError
+  texts = corpus.default_corpus('train')[:200]
+  SentencePieceTokenizer.train(texts, 'gs://bucket/tok.model', 400)  # trained into the bucket
+  c = tiny_config()
+  c.data.tokenizer_path = 'gs://bucket/tok.model'
+  config_lib.validate(c)  # exists on gs://: no "does not exist" error
+  tok = pipeline.build_tokenizer(c.data, WORKDIR, train_source=None)
+  assert files.same_bytes('gs://bucket/tok.model', f'{WORKDIR}/tokenizer.model')
+  assert pipeline.load_run_tokenizer(WORKDIR).encode('hello') == tok.encode('hello')
+  SentencePieceTokenizer.train(texts[:100], 'gs://bucket/other.model', 380)
+  c.data.tokenizer_path = 'gs://bucket/other.model'
+  with pytest.raises(DataError, match='differs from data.tokenizer_path'):
+    pipeline.build_tokenizer(c.data, WORKDIR, train_source=None)

@@ -148,9 +148,7 @@ def get_sources(data_cfg, workdir: str) -> dict:
     raise ConfigError(f"data.path='{data_cfg.path}' and data.tfds_name='{data_cfg.tfds_name}'"
                       " are both set; set only one.")
   if data_cfg.path:
-    if files.is_remote(data_cfg.path):
-      raise ConfigError(f"data.path='{data_cfg.path}' is not on local disk; copy the files to"
-                        " every host (gcloud storage cp) and pass the local path or glob.")
+    files.check_local('data.path', data_cfg.path)  # read by glob and TFDS on each host
     return sources.local_files_source(data_cfg.path, data_cfg.text_key, tfds_dir(workdir))
   if data_cfg.tfds_name:
     return sources.tfds_source(data_cfg.tfds_name, data_cfg.text_key)
