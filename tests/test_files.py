@@ -28,6 +28,7 @@ from llmjax import generate as generate_lib
 from llmjax.data import pipeline
 from llmjax.errors import ConfigError
 from llmjax.train import checkpoint
+from llmjax.train import metrics as metrics_lib
 from llmjax.train.loop import train_and_evaluate
 
 from test_loop import tiny_config
@@ -94,8 +95,10 @@ def _rows(root):
   return [json.loads(l) for l in text.splitlines()]
 
 
-def test_gs_workdir_trains_resumes_and_generates(gcs, capsys):
+def test_gs_workdir_trains_resumes_and_generates(gcs, capsys, monkeypatch):
   run = os.path.join(gcs, 'bucket/run')
+  # Upload at every logged step, so the mid-run rewrite/upload path runs too, not only close.
+  monkeypatch.setattr(metrics_lib.MetricsLogger, 'REMOTE_SYNC_EVERY_S', 0.0)
   out = train_and_evaluate(tiny_config(steps=6, stop_at_step=3, eval_every=3), WORKDIR)
   assert out['step'] == 3
   for name in ('metrics.jsonl', 'config.json', 'model_config.json', 'tokenizer.model',
@@ -198,3 +201,18 @@ def test_tokenizer_path_on_gcs_is_copied_into_a_gs_workdir(gcs):
   c.data.tokenizer_path = 'gs://bucket/other.model'
   with pytest.raises(DataError, match='differs from data.tokenizer_path'):
     pipeline.build_tokenizer(c.data, WORKDIR, train_source=None)
+
+
+def test_convert_round_trip_through_a_gs_workdir(gcs, tmp_path):
+  from llmjax import convert
+  from test_interop_hf import golden, stored_tensors
+  src, _, _ = golden('llama_mqa_tied_linear')
+  work, out = 'gs://bucket/conv', str(tmp_path / 'hf')
+  assert convert.main(['--from=hf', f'--src={src}', f'--dst={work}']) == 0
+  assert os.path.isfile(os.path.join(gcs, 'bucket/conv/model_config.json'))
+  assert os.path.isfile(os.path.join(gcs, 'bucket/conv/tokenizer.model'))
+  assert convert.main(['--to=hf', f'--src={work}', f'--dst={out}']) == 0
+  ours, theirs = stored_tensors(out), stored_tensors(src)
+  assert sorted(ours) == sorted(theirs)
+  assert os.path.isfile(os.path.join(out, 'tokenizer.model'))  # via the local temp copy
+  assert convert.main(['--from=hf', f'--src={src}', f'--dst={work}']) == 1  # already there
