@@ -13,6 +13,7 @@ import os
 
 import ml_collections
 
+from llmjax import files
 from llmjax.errors import ConfigError, closest
 from llmjax.models.config import ModelConfig, get_preset
 
@@ -153,11 +154,12 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   path = config.data.get('path', '') if data_files else ''
   if path:
     import glob
+    files.check_local('data.path', path)
     if not glob.glob(path):
       raise ConfigError(f"data.path='{path}' matches no file; pass an existing .txt/.jsonl file"
                         " or glob, or '' for the embedded corpus.")
   tok = config.data.get('tokenizer_path', '') if data_files else ''
-  if tok and not os.path.exists(tok):
+  if tok and not files.exists(tok):  # a sentencepiece .model may be on gs://
     raise ConfigError(f"data.tokenizer_path='{tok}' does not exist; pass a sentencepiece .model,"
                       " a Hugging Face checkpoint dir, or '' to train one into the workdir.")
   init = config.get('init', {})

@@ -21,10 +21,9 @@ including ones written by training (their 'state' holds 'params' among other thi
 picks the Hugging Face architecture from the model's features unless --architecture is given.
 """
 
-import os
-import shutil
 import sys
 
+from llmjax import files
 from llmjax.errors import UserError, closest
 
 FLAGS = {'from': '', 'to': '', 'src': '', 'dst': '', 'dtype': '', 'max_shard_bytes': 5 * 10**9,
@@ -56,17 +55,17 @@ def from_hf(src: str, dst: str, dtype: str = '') -> None:
   from llmjax.train import checkpoint
   overrides = {'dtype': dtype, 'param_dtype': dtype} if dtype else {}
   cfg, params, _ = load_hf(src, **overrides)
-  if os.path.isdir(os.path.join(dst, 'checkpoints')):
+  if files.isdir(checkpoint.checkpoint_dir(dst)):
     raise UserError(f"{dst}/checkpoints already exists; pass a new --dst.")
-  os.makedirs(dst, exist_ok=True)
+  files.makedirs(dst)
   checkpoint.write_model_config(dst, cfg)
   manager = checkpoint.make_manager(dst, max_to_keep=1, async_save=False)
   checkpoint.save(manager, 0, {'params': params}, force=True)
   manager.wait_until_finished()
   manager.close()
   for name in TOKENIZER_FILES:
-    if os.path.exists(os.path.join(src, name)):
-      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    if files.exists(files.join(src, name)):
+      files.copy_file(files.join(src, name), files.join(dst, name))
   print(f"wrote {dst}: {cfg.num_params:,} params ({cfg.param_dtype}), step 0")
 
 
@@ -77,19 +76,23 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
 
   from llmjax.errors import CheckpointError
   from llmjax.interop import save_hf
+  from llmjax.interop.tokenizer import TOKENIZER_FILES
   from llmjax.train import checkpoint
   cfg = checkpoint.read_model_config(src)
   manager = checkpoint.make_manager(src, max_to_keep=1, async_save=False)
   step = manager.latest_step() if step < 0 else step
   if step is None:
-    raise CheckpointError(f"no checkpoint in {src}/checkpoints; convert or train into it first.")
+    raise CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(src)}; convert or train"
+                          " into it first.")
   state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
   manager.close()
   from llmjax.models import lora
   params, cfg = lora.merge(state['params'], cfg)  # transformers has no adapters: fold them in
-  files = save_hf(dst, cfg, params, tokenizer_dir=src,
-                  architecture=architecture or None, max_shard_bytes=max_shard_bytes)
-  print(f"wrote {dst}: {len(files)} safetensors file(s) from step {step}")
+  # save_hf reads the tokenizer files with local calls: a gs:// workdir's come via a temp dir.
+  with files.download_dir(src, TOKENIZER_FILES + ('config.json',)) as tokenizer_dir:
+    written = save_hf(dst, cfg, params, tokenizer_dir=tokenizer_dir,
+                      architecture=architecture or None, max_shard_bytes=max_shard_bytes)
+  print(f"wrote {dst}: {len(written)} safetensors file(s) from step {step}")
 
 
 def main(argv: list[str]) -> int:

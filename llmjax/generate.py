@@ -1,6 +1,7 @@
 """Sample from a trained workdir or a Hugging Face checkpoint directory.
 
     python -m llmjax.generate --workdir=/tmp/quickstart --prompt="Once upon a time"
+    python -m llmjax.generate --workdir=gs://BUCKET/run --prompt="Once upon a time"
     python -m llmjax.generate --hf=HF_DIR --prompt_ids=1,2,3 --json --temperature=0
 
 Flags: --prompt (repeatable), --prompt_ids=1,2,3 (token ids, no BOS added), --max_new_tokens=64,

@@ -32,7 +32,9 @@ data order.
 
 Config keys (`config.data`, read by `build_data`):
   path            local .txt/.jsonl file or glob; '' = the embedded generated corpus
-                  (`llmjax.data.corpus`). Files become a TFDS dataset under WORKDIR/tfds.
+                  (`llmjax.data.corpus`). Files become a TFDS dataset under WORKDIR/tfds
+                  (for a gs:// workdir: under $LLMJAX_CACHE_DIR/tfds, default
+                  ~/.cache/llmjax/tfds, on each host's local disk).
   tfds_name       a TFDS catalog name instead of `path` (downloaded on first use); ''.
   format          what one document is, a value of `sources.DATA_FORMATS`: 'text'
                   (pretraining; documents from text_key) or 'prompt_completion' (SFT: JSONL
@@ -54,14 +56,13 @@ Config keys (`config.data`, read by `build_data`):
                   the same at every evaluation so losses are comparable across steps.
 """
 
-import filecmp
 import os
-import shutil
 
 import grain
 import grain.experimental as gx
 import numpy as np
 
+from llmjax import files
 from llmjax.data import corpus, sources
 from llmjax.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from llmjax.errors import ConfigError, DataError
@@ -179,14 +180,30 @@ def get_sources(data_cfg, workdir: str) -> dict:
                       " are both set; set only one.")
   data_format = sources.check_data_format(data_cfg)
   if data_cfg.path:
+    files.check_local('data.path', data_cfg.path)  # read by glob and TFDS on each host
     return sources.local_files_source(
-        data_cfg.path, data_cfg.text_key, os.path.join(workdir, 'tfds'), data_format=data_format,
+        data_cfg.path, data_cfg.text_key, tfds_dir(workdir), data_format=data_format,
         prompt_key=data_cfg.get('prompt_key', 'prompt'),
         completion_key=data_cfg.get('completion_key', 'completion'))
   if data_cfg.tfds_name:
     return sources.tfds_source(data_cfg.tfds_name, data_cfg.text_key)
   return {split: sources.in_memory_source(corpus.default_corpus(split))
           for split in ('train', 'validation')}
+
+
+def tfds_dir(workdir: str) -> str:
+  """Where data.path files are prepared as a TFDS dataset: WORKDIR/tfds for a local workdir.
+
+  For a gs:// workdir it is a local cache instead ($LLMJAX_CACHE_DIR/tfds, default
+  ~/.cache/llmjax/tfds): preparing writes many array_record shards that the pipeline then reads
+  at random, which wants a local disk, and the source files are local to each host anyway, so
+  every host prepares its own copy. The prepared copy is keyed by the files' paths, sizes and
+  times (`sources.local_files_source`), so runs can share the cache safely.
+  """
+  if not files.is_remote(workdir):
+    return os.path.join(workdir, 'tfds')
+  cache = os.environ.get('LLMJAX_CACHE_DIR') or os.path.expanduser('~/.cache/llmjax')
+  return os.path.join(cache, 'tfds')
 
 
 HF_TOKENIZER_DIR = 'hf_tokenizer'  # WORKDIR/hf_tokenizer/: a Hugging Face tokenizer's files
@@ -202,18 +219,18 @@ def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
   prompts too). What the workdir holds is reused, so a resumed run keeps its ids.
   """
   given = data_cfg.tokenizer_path
-  if given and os.path.isdir(given):
+  if given and files.isdir(given):
     return _copy_hf_tokenizer(given, workdir)
-  path = os.path.join(workdir, 'tokenizer.model')
+  path = files.join(workdir, 'tokenizer.model')
   if given:
     tokenizer = SentencePieceTokenizer.load(given)  # validates before copying
-    if not os.path.exists(path):
-      _copy_file(given, path)
-    elif not filecmp.cmp(given, path, shallow=False):
+    if not files.exists(path):
+      files.copy_file(given, path)
+    elif not files.same_bytes(given, path):
       raise DataError(f"{path} differs from data.tokenizer_path={given}; a run keeps its"
                       " tokenizer: use a new workdir.")
     return tokenizer
-  if os.path.exists(path):
+  if files.exists(path):
     return SentencePieceTokenizer.load(path)
   n = len(train_source)
   stride = max(1, n // TOKENIZER_TRAINING_DOCUMENTS)
@@ -226,39 +243,41 @@ def _texts(document: str | sources.PromptCompletion) -> tuple[str, ...]:
   return tuple(document) if isinstance(document, sources.PromptCompletion) else (document,)
 
 
-def _copy_file(src: str, dst: str) -> None:
-  os.makedirs(os.path.dirname(dst), exist_ok=True)
-  tmp = f'{dst}.tmp{os.getpid()}'  # per process: hosts sharing a workdir never collide
-  shutil.copyfile(src, tmp)
-  os.replace(tmp, dst)
-
-
 def _copy_hf_tokenizer(hf_dir: str, workdir: str) -> Tokenizer:
-  from llmjax.interop.tokenizer import TOKENIZER_FILES, load_tokenizer
-  if load_tokenizer(hf_dir) is None:
+  from llmjax.interop.tokenizer import TOKENIZER_FILES
+  # config.json too: special_ids falls back to its bos/eos ids.
+  names = TOKENIZER_FILES + ('config.json',)
+  if _load_hf_tokenizer(hf_dir, names) is None:
     raise DataError(f"{hf_dir} has no tokenizer.json or tokenizer.model; pass"
                     " data.tokenizer_path to a tokenizer.")
-  dst = os.path.join(workdir, HF_TOKENIZER_DIR)
-  # config.json too: special_ids falls back to its bos/eos ids.
-  for name in TOKENIZER_FILES + ('config.json',):
-    src = os.path.join(hf_dir, name)
-    if not os.path.exists(src):
+  dst = files.join(workdir, HF_TOKENIZER_DIR)
+  for name in names:
+    src = files.join(hf_dir, name)
+    if not files.exists(src):
       continue
-    if not os.path.exists(os.path.join(dst, name)):
-      _copy_file(src, os.path.join(dst, name))
-    elif not filecmp.cmp(src, os.path.join(dst, name), shallow=False):
-      raise DataError(f"{os.path.join(dst, name)} differs from {src}; a run keeps its"
+    if not files.exists(files.join(dst, name)):
+      files.copy_file(src, files.join(dst, name))
+    elif not files.same_bytes(src, files.join(dst, name)):
+      raise DataError(f"{files.join(dst, name)} differs from {src}; a run keeps its"
                       " tokenizer: use a new workdir.")
-  return load_tokenizer(dst)
+  return _load_hf_tokenizer(dst, names)
+
+
+def _load_hf_tokenizer(hf_dir: str, names) -> Tokenizer | None:
+  # The tokenizers library reads only local files: a gs:// dir is copied to a temporary one,
+  # which may go once loaded (tokenizers and sentencepiece read the whole file).
+  from llmjax.interop.tokenizer import load_tokenizer
+  with files.download_dir(hf_dir, names) as local:
+    return load_tokenizer(local)
 
 
 def load_run_tokenizer(workdir: str) -> Tokenizer:
-  """The tokenizer `build_tokenizer` stored in `workdir` (for generate and convert)."""
-  hf_dir = os.path.join(workdir, HF_TOKENIZER_DIR)
-  if os.path.isdir(hf_dir):
-    from llmjax.interop.tokenizer import load_tokenizer
-    return load_tokenizer(hf_dir)
-  return SentencePieceTokenizer.load(os.path.join(workdir, 'tokenizer.model'))
+  """The tokenizer `build_tokenizer` stored in `workdir`, local or gs:// (for generate)."""
+  hf_dir = files.join(workdir, HF_TOKENIZER_DIR)
+  if files.isdir(hf_dir):
+    from llmjax.interop.tokenizer import TOKENIZER_FILES
+    return _load_hf_tokenizer(hf_dir, TOKENIZER_FILES + ('config.json',))
+  return SentencePieceTokenizer.load(files.join(workdir, 'tokenizer.model'))
 
 
 def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_index: int = 0,

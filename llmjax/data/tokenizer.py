@@ -12,6 +12,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from llmjax import files
 from llmjax.errors import DataError
 
 
@@ -54,12 +55,18 @@ class SentencePieceTokenizer(Tokenizer):
 
   @classmethod
   def load(cls, path: str) -> 'SentencePieceTokenizer':
-    """Reads a sentencepiece .model file; DataError naming `path` if it is missing or corrupt."""
-    if not os.path.isfile(path):
+    """Reads a sentencepiece .model file (local or gs://); DataError naming `path` if it is
+    missing or corrupt."""
+    remote = files.is_remote(path)
+    is_file = (files.exists(path) and not files.isdir(path)) if remote else os.path.isfile(path)
+    if not is_file:
       raise DataError(f"tokenizer {path} does not exist; pass a sentencepiece .model file.")
     sp = spm.SentencePieceProcessor()
     try:
-      sp.load(path)
+      if remote:  # sentencepiece opens only local files; the model is a few MB at most
+        sp.load_from_serialized_proto(files.read_bytes(path))
+      else:
+        sp.load(path)
     except (OSError, RuntimeError) as e:
       raise DataError(f"tokenizer {path} is not a valid sentencepiece model ({e}).") from None
     if sp.bos_id() < 0 or sp.eos_id() < 0:
@@ -70,7 +77,7 @@ class SentencePieceTokenizer(Tokenizer):
   @classmethod
   def train(cls, texts: Iterable[str], path: str, vocab_size: int,
             model_type: str = 'bpe', max_sentences: int = 300_000) -> 'SentencePieceTokenizer':
-    """Trains on `texts` (documents) and writes the model to `path` atomically.
+    """Trains on `texts` (documents) and writes the model to `path` (local or gs://) atomically.
 
     Normalisation is the identity and no dummy prefix/whitespace folding is applied, so
     decode(encode(x)) == x for any string; byte fallback covers characters never seen in
@@ -106,11 +113,8 @@ class SentencePieceTokenizer(Tokenizer):
       reason = str(e).split('] ')[-1]
       raise DataError(f"training a {vocab_size}-piece tokenizer failed: {reason} (byte fallback"
                       " alone takes 256 pieces): raise data.vocab_size.") from None
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f'{path}.tmp{os.getpid()}'
-    with open(tmp, 'wb') as f:
-      f.write(model.getvalue())
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer behind
+    # Atomic (a crash never leaves a half-written tokenizer behind); `path` may be gs://.
+    files.write_bytes(path, model.getvalue())
     return cls.load(path)
 
   def encode(self, text: str) -> list[int]:

@@ -7,17 +7,18 @@ Layout of a workdir:
 
 Saving is asynchronous: the step loop continues while arrays are written. All hosts call
 save/restore (Orbax coordinates them); restore targets the *current* shardings, so a
-checkpoint can be restored onto a different mesh.
+checkpoint can be restored onto a different mesh. The workdir may be local or gs://: Orbax
+writes gs:// natively (tensorstore's GCS driver), the JSON files go through `llmjax.files`.
 """
 
 import dataclasses
 import json
-import os
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 
+from llmjax import files
 from llmjax.errors import CheckpointError
 from llmjax.models.config import ModelConfig
 
@@ -32,44 +33,50 @@ def _jsonable(value):
   return list(value) if isinstance(value, tuple) else value  # JSON reads tuples back as lists
 
 
+def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints, as Orbax gets it: absolute when local, the URL itself for gs://."""
+  return files.join(files.resolve(workdir), 'checkpoints')
+
+
 def check_model_matches(workdir: str, model_cfg: ModelConfig) -> None:
   """Refuses to resume into a workdir whose checkpoints have other shapes (before any compute)."""
-  path = os.path.join(workdir, 'model_config.json')
-  if not os.path.exists(path):
+  path = files.join(workdir, 'model_config.json')
+  if not files.exists(path):
     return
-  with open(path) as f:
-    saved = json.load(f)
+  saved = json.loads(files.read_text(path))
   diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(model_cfg, k)!r}"
            for k in _SHAPE_FIELDS
            if k in saved and saved[k] != _jsonable(getattr(model_cfg, k))]
   if model_cfg.position == 'learned' and saved.get('max_seq_len') != model_cfg.max_seq_len:
     diffs.append(f"max_seq_len: checkpoint {saved.get('max_seq_len')} vs config {model_cfg.max_seq_len}")
-  if diffs and os.path.isdir(os.path.join(workdir, 'checkpoints')):
+  if diffs and files.isdir(checkpoint_dir(workdir)):
     raise CheckpointError(
         f"workdir {workdir} holds checkpoints of a different model ({'; '.join(diffs)});"
         " use a new --workdir or restore the model config.")
 
 
 def write_model_config(workdir: str, model_cfg: ModelConfig) -> None:
+  """Writes WORKDIR/model_config.json (process 0 only), which generate and resume read back."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'model_config.json'), 'w') as f:
-      json.dump(dataclasses.asdict(model_cfg), f, indent=2)
+    files.write_text(files.join(workdir, 'model_config.json'),
+                     json.dumps(dataclasses.asdict(model_cfg), indent=2))
 
 
 def read_model_config(workdir: str) -> ModelConfig:
-  path = os.path.join(workdir, 'model_config.json')
-  if not os.path.exists(path):
+  """The ModelConfig that `write_model_config` stored in `workdir`."""
+  path = files.join(workdir, 'model_config.json')
+  if not files.exists(path):
     raise CheckpointError(f"{path} not found: {workdir} is not an llmjax workdir; train into it"
                           " first or pass the right --workdir.")
-  with open(path) as f:
-    return ModelConfig.from_dict(json.load(f))
+  return ModelConfig.from_dict(json.loads(files.read_text(path)))
 
 
 def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
+  """An Orbax manager of WORKDIR/checkpoints (items 'state' and 'data'), created if absent."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), 'checkpoints'),
-                               options=options, item_names=('state', 'data'))
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=('state', 'data'))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, data_iter=None, *, force=False) -> bool:
@@ -104,7 +111,7 @@ def restore_params(workdir: str, abstract_params=None):
   manager = make_manager(workdir, max_to_keep=1, async_save=False)
   step = manager.latest_step()
   if step is None:
-    raise CheckpointError(f"no checkpoint in {workdir}/checkpoints; train first or pass the"
+    raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}; train first or pass the"
                           " right --workdir.")
   restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   params = restored['state']['params']

@@ -7,7 +7,6 @@ Pretraining and fine-tuning share this loop; they differ in `loss_fn` and the ba
 
 import dataclasses
 import math
-import os
 import signal
 import time
 from typing import Callable
@@ -20,7 +19,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from llmjax import config as config_lib
-from llmjax import sharding
+from llmjax import files, sharding
 from llmjax.errors import ConfigError
 from llmjax.infer import sampler
 from llmjax.models import lora
@@ -129,8 +128,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
   # --- Config and workdir -------------------------------------------------------------------
   model_cfg = config_lib.validate(config)
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = files.resolve(workdir)  # a local path or gs://; all its I/O goes through epath
+  files.makedirs(workdir)
   checkpoint.check_model_matches(workdir, model_cfg)
   t = config.train
 
@@ -154,7 +153,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       process_index=jax.process_index(), process_count=jax.process_count())
   if jax.process_count() > 1:
     # Host 0 prepares the shared files (TFDS copy, tokenizer) while the others wait, so no two
-    # hosts write them at once; the others then only read them.
+    # hosts write them at once; the others then only read them. (With a gs:// workdir the TFDS
+    # copy is on each host's local disk, so each host prepares its own in its build().)
     if jax.process_index() == 0:
       build()
     multihost_utils.sync_global_devices('llmjax: data prepared')
@@ -224,8 +224,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   peak = metrics_lib.device_peak_flops(t.get('peak_flops', 0.0)) * jax.device_count()
   log = metrics_lib.MetricsLogger(workdir, t.steps, start_step)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    files.write_text(files.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
   if model_cfg.lora_rank:
     log.print(f"LoRA rank {model_cfg.lora_rank} on {','.join(model_cfg.lora_targets)}:"
               f" training {model_cfg.num_lora_params:,} adapter parameters, base frozen")

@@ -1,14 +1,16 @@
 """Run outputs: console progress bar, metrics.jsonl, TensorBoard events, the loss-curve PNG.
 
 Only process 0 writes; other hosts get a logger that does nothing, so the loop never needs to
-ask which host it is on.
+ask which host it is on. The workdir may be local or gs:// (`llmjax.files`).
 """
 
+import io
 import json
-import os
 import time
 
 import jax
+
+from llmjax import files
 
 # Peak dense bf16 FLOP/s per chip by `device_kind`, for MFU. Published vendor numbers.
 PEAK_FLOPS = {
@@ -35,7 +37,15 @@ def device_peak_flops(override: float = 0.0) -> float:
 
 
 class MetricsLogger:
-  """Writes one JSON object per logged step and TensorBoard scalars; shows a progress bar."""
+  """Writes one JSON object per logged step and TensorBoard scalars; shows a progress bar.
+
+  With a gs:// workdir, metrics.jsonl is rewritten and new TensorBoard events uploaded at most
+  every REMOTE_SYNC_EVERY_S seconds and at `close`: objects cannot be appended to, so each
+  upload rewrites the whole file, too often to do at every logged step. A crash (not SIGTERM
+  or Ctrl-C, which close the logger) loses at most that many seconds of metrics.
+  """
+
+  REMOTE_SYNC_EVERY_S = 30.0
 
   def __init__(self, workdir: str, total_steps: int, start_step: int, enabled: bool = True):
     self.enabled = enabled and jax.process_index() == 0
@@ -44,8 +54,13 @@ class MetricsLogger:
       return
     import tensorboardX
     import tqdm
-    self.jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
-    self.tb = tensorboardX.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+    self.jsonl = files.AppendOnlyText(files.join(workdir, 'metrics.jsonl'))
+    # tensorboardX writes gs:// only with extra dependencies: it writes locally and the
+    # mirror uploads (for a local workdir the mirror is the directory itself).
+    self.tb_dir = files.LocalMirror(files.join(workdir, 'tensorboard'))
+    self.tb = tensorboardX.SummaryWriter(self.tb_dir.local)
+    self.remote = files.is_remote(workdir)
+    self.last_sync = time.time()
     self.bar = tqdm.tqdm(total=total_steps, initial=start_step, dynamic_ncols=True,
                          unit='step', mininterval=1.0, disable=None)  # None: off when not a TTY
     self.start = time.time()
@@ -59,12 +74,23 @@ class MetricsLogger:
       return
     record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
     self.jsonl.write(json.dumps(record) + '\n')
-    self.jsonl.flush()
     for k, v in record.items():
       if k != 'step':
         self.tb.add_scalar(k, v, step)
+    if not self.remote:
+      self.jsonl.flush()
+    elif time.time() - self.last_sync >= self.REMOTE_SYNC_EVERY_S:
+      self.sync()
     shown = {k: record[k] for k in ('loss', 'eval_loss', 'tokens_per_s', 'mfu') if k in record}
     self.bar.set_postfix({k: f'{v:.4g}' for k, v in shown.items()}, refresh=False)
+
+  def sync(self):
+    """Makes everything logged so far visible in the workdir (uploads it for gs://)."""
+    if self.enabled:
+      self.jsonl.flush()
+      self.tb.flush()
+      self.tb_dir.sync()
+      self.last_sync = time.time()
 
   def print(self, text: str):
     if self.enabled:
@@ -75,17 +101,18 @@ class MetricsLogger:
       self.bar.close()
       self.jsonl.close()
       self.tb.close()
+      self.tb_dir.close()
 
 
 def plot_loss_curve(workdir: str) -> str | None:
   """Reads metrics.jsonl and writes loss_curve.png (train and eval loss against step)."""
-  path = os.path.join(workdir, 'metrics.jsonl')
-  if jax.process_index() != 0 or not os.path.exists(path):
+  path = files.join(workdir, 'metrics.jsonl')
+  if jax.process_index() != 0 or not files.exists(path):
     return None
   import matplotlib
   matplotlib.use('Agg')  # no display on TPU VMs or CI
   import matplotlib.pyplot as plt
-  rows = [json.loads(line) for line in open(path) if line.strip()]
+  rows = [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
   fig, ax = plt.subplots(figsize=(6, 4))
   train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
   evals = [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
@@ -97,8 +124,10 @@ def plot_loss_curve(workdir: str) -> str | None:
   ax.set_ylabel('cross-entropy (nats/token)')
   ax.legend()
   ax.grid(alpha=0.3)
-  out = os.path.join(workdir, 'loss_curve.png')
+  out = files.join(workdir, 'loss_curve.png')
   fig.tight_layout()
-  fig.savefig(out, dpi=100)
+  png = io.BytesIO()  # savefig knows local paths, not gs://: render here, write through epath
+  fig.savefig(png, format='png', dpi=100)
   plt.close(fig)
+  files.write_bytes(out, png.getvalue())
   return out
