@@ -13,17 +13,19 @@ Check the fit on any machine, then launch on the TPU VM (see README "Scaling out
 Arguments (after ':'): tpu=v5p-8|v6e-8, batch=N (global, rows of 8192 tokens; 0 = the default).
 
 `llmjax.plan` per chip (fp32 weights and Adam state, full remat, fsdp over all chips):
-  model.attention='pallas' (the defaults below: the flash kernel keeps no T x T scores)
-    v5p-8 (v5p:2x2x1, fsdp=4):  batch 24 (6/chip) 87.17 GiB of 95.73 -> fits;
-                                batch 32 (8/chip) 107.16 GiB, does not fit
-    v6e-8 (v6e:2x4, fsdp=8):    batch 8 (1/chip)  24.29 GiB of 31.24 -> fits
-  model.attention='xla' (materialises [heads, 8192, 8192] float32 scores, 8 GiB a sequence)
+  the defaults below: model.attention='pallas' (no T x T scores), train.loss_chunk=1024
+    v5p-8 (v5p:2x2x1, fsdp=4):  batch 32 (8/chip) 84.70 GiB of 95.73 -> fits
+    v6e-8 (v6e:2x4, fsdp=8):    batch 16 (2/chip) 30.08 GiB of 31.24 -> fits (96%: batch=8
+                                for headroom)
+  without the chunked loss (the [8192, 128256] float32 logits and their gradient, ~8 GiB a
+  sequence, exist at once):
+    v5p-8:  batch 24 (6/chip) 87.17 GiB; batch 32 107.16 GiB, does not fit
+    v6e-8:  batch 8 (1/chip) 24.29 GiB
+  model.attention='xla' as well (materialises [heads, 8192, 8192] float32 scores):
     v5p-8 (fsdp=4):             batch 8 (2/chip) 78.41 GiB; batch 16: compiler OOM
     v6e-8 (fsdp=2 x tensor=4):  batch 2 27.87 GiB; fsdp=8 batch 8: compiler OOM
-MaxText's llama3-8b (splash attention) for comparison: 40.5 GiB at 1/chip on v5p-8, and on
-v6e-8 only batch 8 (1/chip) at 26.3 GiB. At 6+ sequences a chip most of the temporaries are
-the float32 logits [8192, 128256] and their gradient (~8 GiB a sequence): a chunked loss would
-be the next step to fit more.
+MaxText's llama3-8b for comparison: 40.5 GiB at 1 sequence a chip on v5p-8 (fits up to 8),
+and on v6e-8 only 1 a chip (26.3 GiB).
 """
 
 from llmjax import config as config_lib
@@ -32,10 +34,10 @@ from llmjax.errors import ConfigError
 # Per slice: (mesh fsdp, mesh tensor, rules, default global batch), the largest batch plan fits.
 LAYOUTS = {
     # ZeRO-3 over the 4 chips: 8B x 12 bytes = 22.4 GiB of state each, the rest for activations.
-    'v5p-8': (-1, 1, 'fsdp', 24),
+    'v5p-8': (-1, 1, 'fsdp', 32),
     # ZeRO-3 over all 8 chips: 11.2 GiB of state each. With the flash kernel a whole 8192-token
     # sequence per chip fits; with 'xla' attention use fsdp=2 x tensor=4 (splits the scores).
-    'v6e-8': (-1, 1, 'fsdp', 8),
+    'v6e-8': (-1, 1, 'fsdp', 16),
 }
 
 
@@ -53,6 +55,7 @@ def get_config(arg=None):
   c.model.remat = 'full'
   c.model.attention = 'pallas'  # the Pallas flash kernel: see the plan numbers above
   c.data.seq_len = 8192
+  c.train.loss_chunk = 1024  # the head and loss 1024 positions at a time: no 4 GiB logits
   c.data.vocab_size = c.model.vocab_size  # use Llama 3's tokenizer (data.tokenizer_path)
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, fsdp, tensor
   c.sharding.rules = rules

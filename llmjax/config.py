@@ -143,6 +143,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   for key in ('steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every', 'grad_accum'):
     if int(t[key]) <= 0:
       raise ConfigError(f"train.{key}={t[key]} must be positive.")
+  chunk = t.get('loss_chunk', 0)
+  if chunk < 0 or (chunk and config.data.seq_len % chunk):
+    raise ConfigError(f"train.loss_chunk={chunk} must be 0 (off) or a positive divisor of"
+                      f" data.seq_len={config.data.seq_len}.")
   if t.batch_size % t.grad_accum:
     raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum="
                       f"{t.grad_accum}; pick a divisor.")
@@ -197,6 +201,9 @@ def base_config(model: str = 'tiny', **model_overrides) -> ml_collections.Config
   c.train.steps = 1000
   c.train.batch_size = 32  # global, across all hosts and devices
   c.train.grad_accum = 1  # micro-batches per step: same update, 1/grad_accum of the activations
+  # >0: the loss applies the LM head to this many positions at a time (must divide
+  # data.seq_len), so the [batch, seq_len, vocab] float32 logits never exist at once; 0: whole.
+  c.train.loss_chunk = 0
   c.train.seed = 0  # initialisation and data order
   c.train.lr = 3e-4
   c.train.warmup_steps = 100

@@ -55,7 +55,7 @@ class Report:
   flops_per_device: float  # XLA's cost analysis of one device's program
   flops_executed_per_device: float  # = the above, or an estimate where layers are scanned
   scanned: bool
-  model_flops_per_device: float  # 6N + attention per token (PaLM), the MFU numerator
+  model_flops_per_device: float  # 6N + attention per token (PaLM; LoRA: 4N), the MFU numerator
   step_time_floor_s: float  # executed FLOPs at the chip's peak
   largest: list  # (path, shape, dtype, spec, bytes per device)
 
@@ -222,7 +222,8 @@ def format_report(config, report: Report) -> str:
       f"  code      {gib(r.code_bytes)}",
       f"  total     {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM"
       f" ({100 * r.total_bytes / r.hbm_bytes:.0f}%) -> {'fits' if r.fits else 'DOES NOT FIT'}",
-      f"FLOPs per step per device: {r.model_flops_per_device:.4g} model (6N + attention),"
+      f"FLOPs per step per device: {r.model_flops_per_device:.4g} model"
+      f" ({'4N + 6 x adapters' if config.model.get('lora_rank') else '6N'} + attention),"
       + (f" ~{r.flops_executed_per_device:.4g} executed (estimated: XLA's cost analysis,"
          f" {r.flops_per_device:.4g}, counts the scanned layer loop once)" if r.scanned else
          f" {r.flops_per_device:.4g} compiled (XLA cost analysis)")

@@ -119,3 +119,32 @@ def test_prompt_longer_than_context_is_a_clear_error():
   cfg, params = _model()
   with pytest.raises(Exception, match='exceeds the model context 64'):
     sampler.generate(cfg, params, [[1] * 60], sampler.SamplingParams(max_new_tokens=10), eos_id=-1)
+
+
+@pytest.mark.parametrize('tie', [False, True])
+def test_chunked_loss_equals_whole_logits_loss_and_gradients(tie):
+  c = small_config()
+  c.model.tie_embeddings = tie
+  cfg = ModelConfig.from_dict(c.model)
+  model = Transformer(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))['params']
+  import flax.linen as nn
+  params = nn.meta.unbox(params)
+  rows = np.asarray(jax.random.randint(jax.random.key(1), (2, 33), 0, 32))
+  batch = batch_of(rows)
+  batch['loss_mask'] = batch['loss_mask'].at[0, :5].set(0.0)  # some masked targets
+  apply_fn = lambda p, x, **kw: model.apply({'params': p}, x, **kw)
+  whole = jax.value_and_grad(lambda p: losses.next_token_loss(p, batch, apply_fn)[0])
+  chunked = jax.value_and_grad(
+      lambda p: losses.next_token_loss(p, batch, apply_fn, loss_chunk=8)[0])
+  (lw, gw), (lc, gc) = whole(params), chunked(params)
+  np.testing.assert_allclose(lc, lw, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), gc, gw)
+
+
+def test_loss_chunk_must_divide_the_sequence():
+  c = small_config()
+  c.data.seq_len = 32
+  c.train.loss_chunk = 12
+  with pytest.raises(config_lib.ConfigError, match='train.loss_chunk=12 must be 0'):
+    config_lib.validate(c)

@@ -91,7 +91,10 @@ class Transformer(nn.Module):
     if not cfg.tie_embeddings:
       self.head = DenseGeneral(cfg.vocab_size, (axes.EMBED, axes.VOCAB), cfg, out_dtype=jnp.float32)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
+               return_hidden: bool = False):
+    """return_hidden: return the final-norm output [B, T, embed] instead of the logits, for
+    losses that apply the head themselves in chunks (`logits`)."""
     cfg = self.cfg
     b, t = tokens.shape
     offset = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
@@ -122,11 +125,16 @@ class Transformer(nn.Module):
         kv = (jnp.stack([a for a, _ in new_kv]), jnp.stack([b_ for _, b_ in new_kv]))
 
     x = self.final_norm(x)
-    logits = self.embed.decode(x) if cfg.tie_embeddings else self.head(x)
-    logits = nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
     if cache is not None:
       cache = Cache(kv[0], kv[1], cache.lengths + t)
-    return logits, cache
+    if return_hidden:
+      return x, cache
+    return self.logits(x), cache
+
+  def logits(self, x):
+    """The LM head: final-norm output x [B, T, embed] -> logits [B, T, vocab] float32."""
+    logits = self.embed.decode(x) if self.cfg.tie_embeddings else self.head(x)
+    return nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):

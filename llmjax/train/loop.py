@@ -6,6 +6,7 @@ Pretraining and fine-tuning share this loop; they differ in `loss_fn` and the ba
 """
 
 import dataclasses
+import functools
 import math
 import signal
 import time
@@ -97,6 +98,7 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss)
   sharding.check_mesh_fits(config, model_cfg, dict(mesh.shape))
   model = Transformer(model_cfg)
   optimizer = make_optimizer(config.train)
+  loss_fn = functools.partial(loss_fn, loss_chunk=config.train.get('loss_chunk', 0))
 
   adapters_only = model_cfg.lora_rank > 0
 
