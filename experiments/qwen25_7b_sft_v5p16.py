@@ -19,9 +19,11 @@ data.path is local to every worker (e.g. copied there or a gcsfuse mount), one r
 
 Arguments (after ':'): seq_len=N, batch=N (global, sequences).
 
-`llmjax.plan` on v5p:2x2x2 (fsdp=8, 'xla' attention), per chip: batch 16 x 4096 (2 per chip)
-33.95 GiB of 95.73 (10.64 GiB train state, 23.26 GiB temporaries) -> fits, with room to
-raise seq_len or batch (re-plan first).
+`llmjax.plan` on v5p:2x2x2 (fsdp=8, 'pallas' attention, loss_chunk 1024), per chip:
+  batch 16 x 4096 (the default, 2 per chip)  24.24 GiB of 95.73 (10.64 GiB train state)
+  batch 64 x 4096 (`:batch=64`)              42.41 GiB
+  batch 16 x 32768 (`:seq_len=32768`, Qwen2.5's whole context) 62.67 GiB -> all fit
+  (with 'xla' attention and whole logits, batch 16 x 4096 needed 33.95 GiB).
 """
 
 from llmjax import config as config_lib
@@ -33,6 +35,8 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'
   c.model.param_dtype = 'float32'  # fp32 master weights and Adam moments: small SFT updates
   c.model.remat = 'full'  # 4096-token conversations; activations would not fit otherwise
+  c.model.attention = 'pallas'  # flash attention: no [heads, T, T] scores at long contexts
+  c.train.loss_chunk = 1024  # the 152k-vocab head and loss 1024 positions at a time
   # Loss on the completions only: the prompts are given at inference, not to be learned.
   c.data.format = 'prompt_completion'
   c.data.seq_len = a.seq_len

@@ -148,3 +148,23 @@ def test_loss_chunk_must_divide_the_sequence():
   c.train.loss_chunk = 12
   with pytest.raises(config_lib.ConfigError, match='train.loss_chunk=12 must be 0'):
     config_lib.validate(c)
+
+
+def test_train_steps_with_loss_chunk_equal_whole_logits_steps():
+  # Through make_trainer: the jitted step (and eval step) use the chunked path end to end.
+  rows = np.asarray(jax.random.randint(jax.random.key(2), (4, 33), 0, 32))
+  batch = batch_of(rows)
+  runs = []
+  for chunk in (0, 8):
+    c = small_config(steps=3)
+    c.data.seq_len = 32
+    c.train.loss_chunk = chunk
+    _, tr = trainer_for(c)
+    state = tr.init(jax.random.key(0))
+    losses_ = []
+    for _ in range(3):
+      state, m = tr.train_step(state, batch)
+      losses_.append(float(m['loss']))
+    losses_.append(float(tr.eval_step(state.params, batch)['loss_sum']))
+    runs.append(losses_)
+  np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)
