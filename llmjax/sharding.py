@@ -24,23 +24,30 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.errors import ConfigError
 
-MESH_AXES = ('data', 'fsdp', 'tensor')
+MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
 DATA_AXES = ('data', 'fsdp')  # the axes the global batch is split over
 
 # Logical -> mesh rules. A logical name maps to a mesh axis (or a tuple of them, or None:
 # replicated). Flax takes, per dimension, the first rule whose mesh axes are not already used by
 # an earlier dimension of the same tensor: activations [batch, length, embed] put batch on
 # (data, fsdp), so their embed stays whole although weights' embed goes to fsdp.
+# Every rule set splits activations' `length` over `sequence` (context parallelism for long
+# rows): with mesh.sequence=1 that is a no-op. Attention then needs all keys: XLA gathers them,
+# and the Pallas kernels get the whole K/V with their queries' offset (`kernels/sharded.py`).
+SEQUENCE = ('length', 'sequence')
 DATA_PARALLEL = (
     ('batch', DATA_AXES),  # everything else replicated: the mesh's fsdp axis is data parallel too
+    SEQUENCE,
 )
 FSDP = (
     ('batch', DATA_AXES),
+    SEQUENCE,
     ('embed', 'fsdp'),  # ZeRO-3: every weight (and its Adam moments) split along the model width
     ('vocab', 'tensor'),  # only the embedding/LM head use tensor here (mesh.tensor is usually 1)
 )
 FSDP_TENSOR = (
     ('batch', DATA_AXES),
+    SEQUENCE,
     ('heads', 'tensor'),  # Megatron-style: attention heads and the MLP width split over tensor,
     ('kv_heads', 'tensor'),  # so each block needs one all-reduce forward, one backward
     ('mlp', 'tensor'),
@@ -109,7 +116,7 @@ def _slice_count(devices) -> int:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A Mesh with axes ('data', 'fsdp', 'tensor') in GSPMD (Auto) mode.
+  """A Mesh with axes ('data', 'fsdp', 'sequence', 'tensor') in GSPMD (Auto) mode.
 
   `devices`: default all devices; `llmjax.plan` passes a TPU topology's compile-only devices.
   Within a slice the device order follows the physical torus (mesh_utils), so the innermost
@@ -172,6 +179,10 @@ def check_mesh_fits(config, model_cfg, sizes: dict[str, int]) -> None:
       raise ConfigError(f"{names} does not divide model.{key}={dim} (sharding.rules="
                         f"'{config.sharding.rules}' splits '{logical}' over it); use a size in"
                         f" {divisors} or other rules.")
+  seq_len = int(config.data.seq_len)
+  if sizes['sequence'] > 1 and seq_len % sizes['sequence']:
+    raise ConfigError(f"mesh.sequence={sizes['sequence']} does not divide data.seq_len={seq_len};"
+                      f" use a divisor of {seq_len} or mesh.sequence=1.")
   t = config.train
   data_parallel = math.prod(sizes[a] for a in DATA_AXES)
   if t.batch_size % (data_parallel * t.grad_accum):
@@ -193,8 +204,12 @@ def logical_to_sharding(logical_tree, mesh: Mesh, rules) -> object:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[batch, length] arrays: batch split over every data-parallel axis."""
-  return NamedSharding(mesh, P(DATA_AXES, None))
+  """[batch, length] arrays: batch split over every data-parallel axis, length over sequence.
+
+  Each host still reads whole rows (its share of the batch), so mesh.sequence must stay within
+  a host's devices, as ICI-heavy axes should anyway.
+  """
+  return NamedSharding(mesh, P(DATA_AXES, 'sequence'))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

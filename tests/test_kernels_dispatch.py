@@ -103,6 +103,17 @@ def test_train_step_with_pallas_aot_compiles_for_tpu_under_a_mesh():
   assert compiled.as_text().count('tpu_custom_call') >= 3
 
 
+def test_train_step_with_pallas_and_sequence_parallelism_aot_compiles_for_tpu():
+  c = config_lib.base_config('tiny', vocab_size=256, num_layers=2, embed_dim=64, num_heads=4,
+                             num_kv_heads=2, head_dim=128, mlp_dim=128, max_seq_len=512)
+  c.model.attention = 'pallas'
+  c.data.seq_len = 512
+  c.train.batch_size = 2
+  c.mesh.update(fsdp=2, sequence=2)
+  _, compiled = plan_lib.plan(c, 'v5e:2x2')
+  assert compiled.as_text().count('tpu_custom_call') >= 3
+
+
 def test_shard_map_specs_follow_the_logical_rules():
   import flax.linen as nn
   from jax.sharding import AbstractMesh
@@ -111,11 +122,18 @@ def test_shard_map_specs_follow_the_logical_rules():
   mesh = AbstractMesh((2, 2, 2), ('data', 'fsdp', 'tensor'))
   q = jnp.zeros((4, 8, 4, 16))
   with nn.logical_axis_rules(FSDP_TENSOR):
-    assert sharded.specs(q, jnp.zeros((4, 8, 2, 16)), mesh) == (('data', 'fsdp'), ('tensor',))
+    assert sharded.specs(q, jnp.zeros((4, 8, 2, 16)), mesh) == (('data', 'fsdp'), None,
+                                                                ('tensor',))
     # One kv head can't be split 2 ways: heads stay whole so q head h still finds kv head h//G.
-    assert sharded.specs(q, jnp.zeros((4, 8, 1, 16)), mesh) == (('data', 'fsdp'), None)
+    assert sharded.specs(q, jnp.zeros((4, 8, 1, 16)), mesh) == (('data', 'fsdp'), None, None)
     # A batch the data axes don't divide stays whole too.
-    assert sharded.specs(q[:3], jnp.zeros((3, 8, 2, 16)), mesh) == (None, ('tensor',))
+    assert sharded.specs(q[:3], jnp.zeros((3, 8, 2, 16)), mesh) == (None, None, ('tensor',))
+    # Context parallelism: query positions split over `sequence` (K/V are gathered).
+    seq_mesh = AbstractMesh((2, 2, 2), ('fsdp', 'sequence', 'tensor'))
+    assert sharded.specs(q, jnp.zeros((4, 8, 2, 16)), seq_mesh) == (('fsdp',), ('sequence',),
+                                                                    ('tensor',))
+    # A decode step's single query cannot be split.
+    assert sharded.specs(q[:, :1], jnp.zeros((4, 8, 2, 16)), seq_mesh)[1] is None
 
 
 def test_auto_on_gpu_uses_cudnn_where_it_can_and_the_triton_kernel_elsewhere(monkeypatch):

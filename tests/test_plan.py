@@ -26,7 +26,7 @@ def test_plan_reports_the_compiled_steps_memory_analysis():
   c = tiny_config()
   report, compiled = plan_lib.plan(c, 'v5e:2x2')
   mem = compiled.memory_analysis()
-  assert report.num_devices == 4 and report.mesh == {'data': 1, 'fsdp': 4, 'tensor': 1}
+  assert report.num_devices == 4 and report.mesh == {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1}
   assert report.argument_bytes == mem.argument_size_in_bytes
   assert report.output_bytes == mem.output_size_in_bytes
   assert report.alias_bytes == mem.alias_size_in_bytes
@@ -46,13 +46,13 @@ def test_plan_reports_the_compiled_steps_memory_analysis():
   assert report.argument_bytes >= params * 3 * 4 / 4
   assert report.alias_bytes >= params * 3 * 4 / 4
   text = plan_lib.format_report(c, report)
-  assert 'data=1 x fsdp=4 x tensor=1' in text and 'fits' in text
+  assert 'data=1 x fsdp=4 x sequence=1 x tensor=1' in text and 'fits' in text
 
 
 def test_plan_over_two_slices_puts_data_across_them():
   c = tiny_config(data=1, fsdp=4, dcn_data=2)
   report, _ = plan_lib.plan(c, 'v5e:2x2', slices=2)
-  assert report.mesh == {'data': 2, 'fsdp': 4, 'tensor': 1} and report.num_devices == 8
+  assert report.mesh == {'data': 2, 'fsdp': 4, 'sequence': 1, 'tensor': 1} and report.num_devices == 8
 
 
 @pytest.mark.parametrize('topology, message', [

@@ -62,6 +62,14 @@ def test_checkpoint_from_fsdp8_restores_on_data2_tensor4_and_training_continues(
   assert out['restored_q_spec'] == ['fsdp', 'tensor', None]  # fsdp has size 1 here
 
 
+def test_sequence_parallel_meshes_give_the_single_device_losses():
+  out = run_scenario('sequence')
+  ref = np.array(out.pop('single'))
+  assert ref[-1] < ref[0]
+  for mesh, losses in out.items():
+    np.testing.assert_allclose(losses, ref[:len(losses)], rtol=1e-5, err_msg=mesh)
+
+
 def test_lora_with_chunked_loss_on_fsdp_tensor_gives_the_single_device_losses():
   out = run_scenario('lora')
   ref = np.array(out['single'])
@@ -111,11 +119,13 @@ def _batches(n, batch=8, length=32, vocab=128):
   return out
 
 
-def _train(mesh, trainer, batches, state=None):
+def _train(mesh, trainer, batches, state=None, rules=()):
+  """`rules`: the logical rules to trace under, as the train loop does (activation constraints
+  and the Pallas kernels' shard_map specs read them)."""
   import flax.linen as nn
   import jax
   losses = []
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     if state is None:
       state = trainer.init(jax.random.key(0))
     for b in batches:
@@ -196,8 +206,31 @@ def scenario_restore(workdir):
   return {'uninterrupted': uninterrupted, 'resumed': resumed, 'restored_q_spec': q_spec}
 
 
+def scenario_sequence():
+  # Packed rows (two documents each) split over `sequence`: XLA gathers keys itself; the
+  # Pallas kernel (interpreted here) gets gathered K/V and its slice's q_offset.
+  import jax
+  from llmjax import sharding
+  batches = _batches(STEPS)
+  meshes = {'single': dict(rules='fsdp'), 'data=2,sequence=4': dict(data=2, sequence=4),
+            'fsdp=2,sequence=2,tensor=2': dict(rules='fsdp_tensor', fsdp=2, sequence=2, tensor=2),
+            'pallas fsdp=2,sequence=4': dict(fsdp=2, sequence=4, attention='pallas')}
+  out = {}
+  for name, kw in meshes.items():
+    attention = kw.pop('attention', 'xla')
+    c = _config(**kw)
+    c.model.attention = attention
+    c.data.seq_len = 32
+    devices = jax.devices()[:1] if name == 'single' else None
+    mesh, tr = _trainer(c, devices)
+    n = 5 if attention == 'pallas' else STEPS  # the interpreted kernel is slow on a CPU
+    out[name] = _train(mesh, tr, batches[:n], rules=sharding.rules_from_config(c))[1]
+  return out
+
+
 def scenario_lora():
   import jax
+  from llmjax import sharding
   from llmjax.models import lora
   batches = _batches(STEPS)
   out = {}
@@ -211,7 +244,7 @@ def scenario_lora():
     mesh, tr = _trainer(c, jax.devices()[:1] if name == 'single' else None)
     with jax.set_mesh(mesh):
       before = jax.device_get(lora.split(tr.init(jax.random.key(0)).params)[1])
-    state, out[name] = _train(mesh, tr, batches)
+    state, out[name] = _train(mesh, tr, batches, rules=sharding.rules_from_config(c))
     after = jax.device_get(lora.split(state.params)[1])
     out['base_unchanged'] = out.get('base_unchanged', True) and all(
         jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), before, after)))
@@ -223,5 +256,5 @@ def scenario_lora():
 
 if __name__ == '__main__':
   result = {'equivalence': scenario_equivalence, 'shardings': scenario_shardings,
-            'restore': scenario_restore, 'lora': scenario_lora}[sys.argv[1]](*sys.argv[2:])
+            'restore': scenario_restore, 'lora': scenario_lora, 'sequence': scenario_sequence}[sys.argv[1]](*sys.argv[2:])
   print(json.dumps(result))
