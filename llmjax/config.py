@@ -174,6 +174,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if init.get('hf_dir') and init.get('params_dir'):
     raise ConfigError(f"init.hf_dir='{init.hf_dir}' and init.params_dir='{init.params_dir}' are"
                       " both set; start from one of them.")
+  hf_tokenizer = config.data.get('tokenizer_path', '') or init.get('hf_dir', '')
+  if (data_files and config.data.get('format', 'text') == 'messages' and not template
+      and not (hf_tokenizer and files.isdir(hf_tokenizer))):
+    from llmjax.data import chat  # only an HF checkpoint dir can carry a template
+    raise ConfigError(chat.NO_TEMPLATE)
   if init.get('hf_dir'):
     from llmjax.interop import hf  # reads only config.json: cheap, and before any compile
     hf.check_matches(init.hf_dir, model)

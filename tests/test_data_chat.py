@@ -236,12 +236,17 @@ def test_config_keys_are_checked_before_anything_runs(tmp_path):
   with pytest.raises(ConfigError, match=r"data.format='messages' needs data.path"):
     config_lib.validate(c)
   c.data.path = _write(tmp_path / 'chat.jsonl', [_chat(0)])
+  with pytest.raises(ConfigError, match=r"^data.format='messages' needs a chat template"):
+    config_lib.validate(c)  # a tokenizer trained in the run has none: said before training it
   c.data.chat_template = str(tmp_path / 'missing.jinja')
   with pytest.raises(ConfigError, match=r"data.chat_template='.*missing.jinja' does not exist"):
     config_lib.validate(c)
   (tmp_path / 't.jinja').write_text(CHATML)
   c.data.chat_template = str(tmp_path / 't.jinja')
   config_lib.validate(c)
+  c.data.chat_template, c.data.tokenizer_path = '', 'tests/golden/qwen2_bias_tied'  # has one
+  config_lib.validate(c)
+  c.data.chat_template, c.data.tokenizer_path = str(tmp_path / 't.jinja'), ''
   c.data.format = 'text'
   with pytest.raises(ConfigError, match=r"data.chat_template=.* is only read for"
                      r" data.format='messages' \(this run's is 'text'\)"):
@@ -294,6 +299,8 @@ def test_build_data_with_a_trained_tokenizer_and_a_template_file(chat_files, tmp
       tokenizer_type='bpe', eval_batches=2))
   tok, train, eval_batches = build_data(cfg, str(tmp_path), seed=0, batch_size=4)
   assert len(tok.encode(' painted')) == 1  # trained on the contents, system messages included
+  # A model's larger vocab_size may sample ids past the pieces: dropped, as HF tokenizers do.
+  assert tok.decode([tok.vocab_size + 5] + tok.encode('Box')) == 'Box'
   seen = 0
   for batch in [next(iter(train))] + eval_batches():
     for r in range(batch['inputs'].shape[0]):
@@ -325,9 +332,6 @@ def test_train_and_evaluate_runs_on_messages_jsonl(chat_files, tmp_path):
   c = tiny_config(steps=3, eval_every=3)
   c.data.path, c.data.chat_template = chat_files
   c.data.format, c.data.vocab_size = 'messages', 400
-  # No samples: the tokenizer has at most 400 pieces, and the untrained model (vocab_size 512)
-  # may sample an id above them, which sentencepiece's decode refuses.
-  c.sample.prompts = ()
   out = train_and_evaluate(c, str(tmp_path))
   assert out['step'] == 3
   got = losses(tmp_path)

@@ -163,6 +163,12 @@ class ChatTemplate:
     return np.asarray(tokens, np.int32), np.asarray(weights, np.float32)
 
 
+NO_TEMPLATE = ("data.format='messages' needs a chat template and the tokenizer has none (one"
+               " trained by the run or a sentencepiece .model file never does): set"
+               " data.chat_template to a .jinja file, or use an HF checkpoint dir that ships one"
+               " (data.tokenizer_path or init.hf_dir).")
+
+
 def load_template(data_cfg, tokenizer: Tokenizer) -> ChatTemplate:
   """The run's chat template: data.chat_template's .jinja file, else the tokenizer's own (an HF
   checkpoint's, through data.tokenizer_path or init.hf_dir); ConfigError when there is none."""
@@ -174,8 +180,5 @@ def load_template(data_cfg, tokenizer: Tokenizer) -> ChatTemplate:
     return ChatTemplate(files.read_text(path), tokenizer, f"data.chat_template={path}")
   source = getattr(tokenizer, 'chat_template', None)
   if not source:
-    raise ConfigError("data.format='messages' needs a chat template and the tokenizer has none"
-                      " (a trained or sentencepiece one never does): set data.chat_template to"
-                      " a .jinja file, or use an HF checkpoint dir that ships one"
-                      " (data.tokenizer_path or init.hf_dir).")
+    raise ConfigError(NO_TEMPLATE)
   return ChatTemplate(source, tokenizer, "the tokenizer's chat_template")

@@ -126,7 +126,9 @@ class SentencePieceTokenizer(Tokenizer):
     return self.sp.encode(text, out_type=int)
 
   def decode(self, ids: Iterable[int]) -> str:
-    return self.sp.decode([int(i) for i in ids])
+    # Ids past the pieces are dropped, as Hugging Face tokenizers do: a model's vocab_size may
+    # exceed the tokenizer's (a soft-limit trained one, a padded head) and sample them.
+    return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
   def special_text(self, i: int) -> str:
     return self.sp.id_to_piece(i)  # decode drops control pieces such as <s>
