@@ -205,7 +205,7 @@ def base_config(model: str = 'tiny', **model_overrides) -> ml_collections.Config
   c.data.completion_key = 'completion'
   c.data.messages_key = 'messages'  # JSONL field holding a conversation's list of messages
   # For 'messages': a .jinja chat template file; '' = the tokenizer's own (an HF checkpoint's).
-  # A trained/sentencepiece tokenizer has none, so training on chats from scratch needs a file.
+  # A trained tokenizer or a .model file has none, so chats from scratch need a file.
   c.data.chat_template = ''
   c.data.seq_len = 256  # tokens per packed row
   c.data.tokenizer_path = ''  # a sentencepiece .model; '' = train one into WORKDIR/tokenizer.model

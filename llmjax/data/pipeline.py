@@ -55,8 +55,8 @@ Config keys (`config.data`, read by `build_data`):
                   'completion', as in TRL).
   messages_key    the JSONL field holding a conversation's message list ('messages').
   chat_template   for 'messages': a .jinja file to render conversations with; '' = the
-                  tokenizer's own (an HF checkpoint's chat_template; a trained or
-                  sentencepiece tokenizer has none, so it needs this key).
+                  tokenizer's own (an HF checkpoint's chat_template; a tokenizer trained by
+                  the run or a sentencepiece .model file has none, so it needs this key).
   seq_len         tokens per packed row.
   tokenizer_path  a sentencepiece .model to use (copied to WORKDIR/tokenizer.model so the run
                   directory is self-contained), or a Hugging Face checkpoint dir (its
