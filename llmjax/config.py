@@ -162,6 +162,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     if not glob.glob(path):
       raise ConfigError(f"data.path='{path}' matches no file; pass an existing .txt/.jsonl file"
                         " or glob, or '' for the embedded corpus.")
+  template = config.data.get('chat_template', '') if data_files else ''
+  if template and (not files.exists(template) or files.isdir(template)):
+    raise ConfigError(f"data.chat_template='{template}' does not exist; pass a .jinja file, or ''"
+                      " for the tokenizer's own template.")
   tok = config.data.get('tokenizer_path', '') if data_files else ''
   if tok and not files.exists(tok):  # a sentencepiece .model may be on gs://
     raise ConfigError(f"data.tokenizer_path='{tok}' does not exist; pass a sentencepiece .model,"
@@ -170,6 +174,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if init.get('hf_dir') and init.get('params_dir'):
     raise ConfigError(f"init.hf_dir='{init.hf_dir}' and init.params_dir='{init.params_dir}' are"
                       " both set; start from one of them.")
+  hf_tokenizer = config.data.get('tokenizer_path', '') or init.get('hf_dir', '')
+  if (data_files and config.data.get('format', 'text') == 'messages' and not template
+      and not (hf_tokenizer and files.isdir(hf_tokenizer))):
+    from llmjax.data import chat  # only an HF checkpoint dir can carry a template
+    raise ConfigError(chat.NO_TEMPLATE)
   if init.get('hf_dir'):
     from llmjax.interop import hf  # reads only config.json: cheap, and before any compile
     hf.check_matches(init.hf_dir, model)
@@ -186,11 +195,18 @@ def base_config(model: str = 'tiny', **model_overrides) -> ml_collections.Config
   c.data.tfds_name = ''  # a TFDS catalog name instead (needs network the first time)
   # What one document is (llmjax.data.sources.DATA_FORMATS): 'text' = pretraining on documents
   # from data.text_key; 'prompt_completion' = SFT on JSONL records {"prompt", "completion"}
-  # (TRL's field names), loss on the completion tokens and EOS only; needs data.path.
+  # (TRL's field names), loss on the completion tokens and EOS only; 'messages' = chat SFT on
+  # JSONL records {"messages": [{"role", "content"}, ...]} (TRL's and the HF Hub's
+  # conversational format) rendered by the chat template, loss on the assistant turns (and
+  # their end-of-turn tokens) only. Both SFT formats need data.path.
   c.data.format = 'text'
   c.data.text_key = 'text'  # JSONL field holding the document
   c.data.prompt_key = 'prompt'  # JSONL fields of a prompt_completion record
   c.data.completion_key = 'completion'
+  c.data.messages_key = 'messages'  # JSONL field holding a conversation's list of messages
+  # For 'messages': a .jinja chat template file; '' = the tokenizer's own (an HF checkpoint's).
+  # A trained tokenizer or a .model file has none, so chats from scratch need a file.
+  c.data.chat_template = ''
   c.data.seq_len = 256  # tokens per packed row
   c.data.tokenizer_path = ''  # a sentencepiece .model; '' = train one into WORKDIR/tokenizer.model
   c.data.vocab_size = 8192  # size of a trained tokenizer

@@ -77,11 +77,12 @@ def test_every_experiment_loads_and_validates():
 
 @pytest.mark.parametrize('over,message', [
     ({'data.format': 'prompt-completion'}, r"data.format='prompt-completion' is not one of"
-     r" \['text', 'prompt_completion'\]. Did you mean 'prompt_completion'\?"),
-    ({'data.format': 'chat'}, r"data.format='chat' is not one of \['text', 'prompt_completion'\]"
-     r"\.$"),
+     r" \['text', 'prompt_completion', 'messages'\]. Did you mean 'prompt_completion'\?"),
+    ({'data.format': 'chat'}, r"data.format='chat' is not one of \['text', 'prompt_completion',"
+     r" 'messages'\]\.$"),
     ({'data.format': 'prompt_completion'}, r"needs data.path: a .jsonl file or glob of .*"
      r" text only"),
+    ({'data.format': 'messages'}, r"data.format='messages' needs data.path: .* text only"),
     ({'data.format': 'prompt_completion', 'data.tfds_name': 'lm1b'}, r"needs data.path"),
 ])
 def test_validate_data_format(over, message):
@@ -89,5 +90,5 @@ def test_validate_data_format(over, message):
   with pytest.raises(ConfigError, match=message) as e:
     config_lib.validate(c)
   assert '\n' not in str(e.value)
-  if over['data.format'] == 'prompt_completion':
+  if over['data.format'] in ('prompt_completion', 'messages'):
     config_lib.validate(c, data_files=False)  # what llmjax.plan checks: no data needed there

@@ -11,7 +11,9 @@ Batch keys, all [batch_size // process_count, seq_len]:
   positions        int32  position within the piece, restarting at 0 for each
   loss_mask        float32  1 where targets[i] is trained on, 0 elsewhere: for data.format
                    'text', every real token (0 on padding only); for 'prompt_completion',
-                   the completion's tokens and its eos (0 on the prompt's tokens and padding)
+                   the completion's tokens and its eos (0 on the prompt's tokens and padding);
+                   for 'messages', the tokens of every assistant turn, its end-of-turn
+                   token(s) included (0 on system/user turns, role headers and padding)
 A row holds several pieces, so the model must attend only within equal segment_ids; RoPE sees
 each piece from position 0. A document longer than seq_len + 1 tokens is cut into pieces that
 overlap by one token, so every next-token pair of it is trained exactly once (a continuation
@@ -26,6 +28,12 @@ token being predicted, so loss_mask[i] is the weight of targets[i], i.e. of toke
 the example: the prediction of the first completion token (made at the last prompt token) is
 trained, the prediction of the first prompt token (made at bos) is not.
 
+A conversation (data.format='messages') is rendered by the chat template and tokenized piece by
+piece (`llmjax.data.chat.ChatTemplate.tokenize`): weight 1 on each assistant message's text and
+the template's end-of-turn token(s) after it, 0 elsewhere (the generation-prompt header
+'<|im_start|>assistant\n' included). No eos is added (the end-of-turn token plays its part),
+and bos only when the template does not write one itself.
+
 The iterator's state (a few integers: epoch, index, packing offsets) is what the trainer
 checkpoints with `grain.checkpoint.CheckpointSave(iterator)`; restoring it resumes the exact
 data order.
@@ -37,12 +45,18 @@ Config keys (`config.data`, read by `build_data`):
                   ~/.cache/llmjax/tfds, on each host's local disk).
   tfds_name       a TFDS catalog name instead of `path` (downloaded on first use); ''.
   format          what one document is, a value of `sources.DATA_FORMATS`: 'text'
-                  (pretraining; documents from text_key) or 'prompt_completion' (SFT: JSONL
+                  (pretraining; documents from text_key), 'prompt_completion' (SFT: JSONL
                   records {"prompt": str, "completion": str}, loss on the completion only;
-                  needs path). Absent = 'text'.
+                  needs path) or 'messages' (chat SFT: JSONL records {"messages": [{"role":
+                  "system"|"user"|"assistant", "content": str}, ...]} rendered by the chat
+                  template, loss on the assistant turns only; needs path). Absent = 'text'.
   text_key        the JSONL field / TFDS feature holding the text ('text').
   prompt_key, completion_key  the JSONL fields of a prompt_completion record ('prompt',
                   'completion', as in TRL).
+  messages_key    the JSONL field holding a conversation's message list ('messages').
+  chat_template   for 'messages': a .jinja file to render conversations with; '' = the
+                  tokenizer's own (an HF checkpoint's chat_template; a tokenizer trained by
+                  the run or a sentencepiece .model file has none, so it needs this key).
   seq_len         tokens per packed row.
   tokenizer_path  a sentencepiece .model to use (copied to WORKDIR/tokenizer.model so the run
                   directory is self-contained), or a Hugging Face checkpoint dir (its
@@ -63,7 +77,7 @@ import grain.experimental as gx
 import numpy as np
 
 from llmjax import files
-from llmjax.data import corpus, sources
+from llmjax.data import chat, corpus, sources
 from llmjax.data.tokenizer import SentencePieceTokenizer, Tokenizer
 from llmjax.errors import ConfigError, DataError
 
@@ -75,14 +89,21 @@ class _Tokenize(grain.transforms.Map):
   """document -> {tokens: [bos] + ids + [eos], weights} as int32 / float32 [num_tokens].
 
   weights[j] says whether predicting token j is trained on: 1 everywhere for a text document,
-  0 on bos and the prompt of a `PromptCompletion`. A class, not a lambda, so that Grain
-  worker processes can pickle it.
+  0 on bos and the prompt of a `PromptCompletion`, 1 on the assistant turns of a
+  `Conversation` only (tokens as its chat template renders them). A class, not a lambda, so
+  that Grain worker processes can pickle it.
   """
 
-  def __init__(self, tokenizer: Tokenizer):
-    self.tokenizer = tokenizer
+  def __init__(self, tokenizer: Tokenizer, chat_template: chat.ChatTemplate | None = None):
+    self.tokenizer, self.chat_template = tokenizer, chat_template
 
-  def map(self, document: str | sources.PromptCompletion) -> dict:
+  def map(self, document: str | sources.PromptCompletion | sources.Conversation) -> dict:
+    if isinstance(document, sources.Conversation):
+      if self.chat_template is None:
+        raise ConfigError("data.format='messages' needs a chat template; set"
+                          " data.chat_template to a .jinja file.")
+      tokens, weights = self.chat_template.tokenize(document)
+      return {'tokens': tokens, 'weights': weights}
     t = self.tokenizer
     # Some checkpoints' tokenizers have no BOS (Qwen2) or EOS (-1): then only the segment ids
     # separate documents.
@@ -126,12 +147,13 @@ def _finish_row(row: dict) -> dict:
 
 def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  shuffle: bool = True, repeat: bool = True, process_index: int = 0,
-                 process_count: int = 1) -> grain.IterDataset:
+                 process_count: int = 1,
+                 chat_template: chat.ChatTemplate | None = None) -> grain.IterDataset:
   """Packed batches of `source`'s documents for this host.
 
   Args:
-    source: random-access documents (`len`, `[i] -> str` or `sources.PromptCompletion`), e.g.
-      a list or a `sources` source.
+    source: random-access documents (`len`, `[i] -> str`, `sources.PromptCompletion` or
+      `sources.Conversation`), e.g. a list or a `sources` source.
     tokenizer: adds no BOS/EOS itself; the pipeline puts them around each document.
     seq_len: tokens per row.
     batch_size: the global batch; this host yields batch_size // process_count rows.
@@ -140,6 +162,7 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
     repeat: loop forever (training) or make one pass (the last partial batch is dropped).
     process_index, process_count: this host reads documents process_index, process_index +
       process_count, ...: whole documents, disjoint across hosts.
+    chat_template: renders `sources.Conversation` documents (bound to `tokenizer`).
   Returns:
     An IterDataset of dicts {inputs, targets, segment_ids, positions, loss_mask}, each
     [batch_size // process_count, seq_len]; `iter()` of it has get_state/set_state.
@@ -160,7 +183,7 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
     ds = ds.shuffle(seed=seed)  # repeated below, it draws a new permutation every epoch
   if repeat:
     ds = ds.repeat(None)
-  ds = ds.map(_Tokenize(tokenizer))
+  ds = ds.map(_Tokenize(tokenizer, chat_template))
   it = gx.FlatMapIterDataset(ds.to_iter_dataset(), _SplitIntoPieces(seq_len))
   local_batch = batch_size // process_count
   # First fit over >= 16 open rows fills ~93% of the tokens on the embedded corpus (best fit
@@ -184,7 +207,8 @@ def get_sources(data_cfg, workdir: str) -> dict:
     return sources.local_files_source(
         data_cfg.path, data_cfg.text_key, tfds_dir(workdir), data_format=data_format,
         prompt_key=data_cfg.get('prompt_key', 'prompt'),
-        completion_key=data_cfg.get('completion_key', 'completion'))
+        completion_key=data_cfg.get('completion_key', 'completion'),
+        messages_key=data_cfg.get('messages_key', 'messages'))
   if data_cfg.tfds_name:
     return sources.tfds_source(data_cfg.tfds_name, data_cfg.text_key)
   return {split: sources.in_memory_source(corpus.default_corpus(split))
@@ -216,7 +240,7 @@ def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
   Hugging Face checkpoint dir's tokenizer files to WORKDIR/hf_tokenizer/. Otherwise one is
   trained into WORKDIR/tokenizer.model on up to TOKENIZER_TRAINING_DOCUMENTS documents spread
   evenly over `train_source` (a prompt/completion example gives both texts: the model reads
-  prompts too). What the workdir holds is reused, so a resumed run keeps its ids.
+  prompts too; a conversation gives its messages' contents, whatever their role). What the workdir holds is reused, so a resumed run keeps its ids.
   """
   given = data_cfg.tokenizer_path
   if given and files.isdir(given):
@@ -238,8 +262,12 @@ def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
   return SentencePieceTokenizer.train(texts, path, data_cfg.vocab_size, data_cfg.tokenizer_type)
 
 
-def _texts(document: str | sources.PromptCompletion) -> tuple[str, ...]:
+def _texts(document: str | sources.PromptCompletion | sources.Conversation) -> tuple[str, ...]:
   """The texts a tokenizer trains on from one document."""
+  if isinstance(document, sources.Conversation):
+    # The contents only: the template's markup is the same few strings in every example and
+    # would take vocabulary from the text (a sentencepiece model splits it into pieces anyway).
+    return tuple(m['content'] for m in document.messages)
   return tuple(document) if isinstance(document, sources.PromptCompletion) else (document,)
 
 
@@ -291,8 +319,14 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
   """
   srcs = get_sources(data_cfg, workdir)
   tokenizer = build_tokenizer(data_cfg, workdir, srcs['train'])
+  template = None
+  if sources.check_data_format(data_cfg) == 'messages':
+    template = chat.load_template(data_cfg, tokenizer)
+    # Renders one conversation now: a template that refuses the data fails here, before
+    # anything compiles, rather than inside the first training step's input.
+    template.tokenize(srcs['train'][0])
   common = dict(seq_len=data_cfg.seq_len, batch_size=batch_size, process_index=process_index,
-                process_count=process_count)
+                process_count=process_count, chat_template=template)
   train = make_dataset(srcs['train'], tokenizer, seed=seed, **common)
   # Repeated (but not shuffled) so that every host yields exactly eval_batches batches even
   # when the validation split is small: hosts must run the same number of eval steps.

@@ -2,16 +2,20 @@
 
 Every source is random-access (`len` and `__getitem__` returning one document), which Grain
 needs for a seeded global shuffle and for checkpointing the iterator as a few integers. A
-document is a `str` for data.format='text' (pretraining) and a `PromptCompletion` for
+document is a `str` for data.format='text' (pretraining), a `PromptCompletion` for
 data.format='prompt_completion' (supervised fine-tuning: JSONL records
 `{"prompt": ..., "completion": ...}`, TRL's prompt-completion format; only the completion is
-trained on, see `llmjax.data.pipeline`).
+trained on, see `llmjax.data.pipeline`) and a `Conversation` for data.format='messages' (JSONL
+records `{"messages": [{"role": ..., "content": ...}, ...]}`, TRL's and the HF Hub's
+conversational format; rendered by a chat template and trained on the assistant turns, see
+`llmjax.data.chat`).
 
 Local files are converted once into a TFDS dataset in ArrayRecord format under
 WORKDIR/tfds/ and read back with `as_data_source`: no TensorFlow is involved (TFDS only needs
 TF for its tf.data readers and TFRecord files, neither of which this path touches), and later
 runs reuse the prepared files. Each document is one JSONL object's text field (its prompt
-and completion fields for 'prompt_completion'), or one blank-line-separated paragraph of a .txt
+and completion fields for 'prompt_completion', its messages list as a JSON string for
+'messages'), or one blank-line-separated paragraph of a .txt
 file: paragraphs keep a unit of meaning together while giving the shuffle something finer than
 whole books; a paragraph longer than MAX_TXT_DOCUMENT_CHARS (a file without blank lines) is cut at line boundaries, so one huge
 document never fills many consecutive batches with the same text.
@@ -32,15 +36,28 @@ VALIDATION_EVERY = 20
 MAX_TXT_DOCUMENT_CHARS = 32_000  # ~8k tokens: a few rows of any usual seq_len
 # Bump when the way files become documents changes, so prepared copies are rebuilt.
 _FORMAT = 2
-# The values of data.format: what one document is. 'prompt_completion' reads only local JSONL
-# files (the embedded corpus and TFDS catalog datasets are plain text).
-DATA_FORMATS = ('text', 'prompt_completion')
+# The values of data.format: what one document is. 'prompt_completion' and 'messages' read only
+# local JSONL files (the embedded corpus and TFDS catalog datasets are plain text).
+DATA_FORMATS = ('text', 'prompt_completion', 'messages')
+# The roles a 'messages' conversation may use: those every chat template knows (tool calls
+# need per-template fields that records do not carry portably).
+ROLES = ('system', 'user', 'assistant')
 
 
 class PromptCompletion(NamedTuple):
   """One supervised example: the model is trained to continue `prompt` with `completion`."""
   prompt: str
   completion: str
+
+
+class Conversation(NamedTuple):
+  """One chat example: the model is trained on the assistant messages of `messages`.
+
+  messages: {"role": one of ROLES, "content": str} dicts (other keys pass to the template).
+  where: 'path:line' of its JSONL record, for error messages ('' for in-memory ones).
+  """
+  messages: tuple[dict, ...]
+  where: str = ''
 
 
 def check_data_format(data_cfg, *, data_files: bool = True) -> str:
@@ -57,6 +74,14 @@ def check_data_format(data_cfg, *, data_files: bool = True) -> str:
     raise ConfigError("data.format='prompt_completion' needs data.path: a .jsonl file or glob of"
                       ' {"prompt": ..., "completion": ...} records (the embedded corpus and'
                       " data.tfds_name are text only).")
+  if data_files and fmt == 'messages' and not data_cfg.get('path', ''):
+    raise ConfigError("data.format='messages' needs data.path: a .jsonl file or glob of"
+                      ' {"messages": [{"role": ..., "content": ...}, ...]} records (the embedded'
+                      " corpus and data.tfds_name are text only).")
+  if data_cfg.get('chat_template', '') and fmt != 'messages':
+    raise ConfigError(f"data.chat_template='{data_cfg.chat_template}' is only read for"
+                      f" data.format='messages' (this run's is '{fmt}'); set data.format or"
+                      " data.chat_template=''.")
   return fmt
 
 
@@ -97,6 +122,24 @@ class PromptCompletionSource:
 
   def __repr__(self) -> str:
     return f'PromptCompletionSource({len(self)} examples)'
+
+
+class ConversationSource:
+  """Random-access `Conversation`s from a source of dicts {'messages': JSON list, 'where':
+  'path:line'} (str or bytes): the features of a prepared 'messages' copy."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> Conversation:
+    x = {k: v.decode('utf-8') if isinstance(v, bytes) else v for k, v in self.source[i].items()}
+    return Conversation(tuple(json.loads(x['messages'])), x['where'])
+
+  def __repr__(self) -> str:
+    return f'ConversationSource({len(self)} conversations)'
 
 
 class _HeldOut:
@@ -227,7 +270,48 @@ def iter_prompt_completions(path: str, prompt_key: str = 'prompt',
       yield example
 
 
-# One TFDS example per document: {'text': str} or {'prompt': str, 'completion': str}.
+def _messages_field(path: str, n: int, obj, key: str) -> list[dict]:
+  """obj[key] when it is a valid conversation; else DataError naming path:n and the fix."""
+  fix = 'each message needs a "role" and a string "content"'
+  if not isinstance(obj, dict) or key not in obj:
+    hint = closest(key, obj) if isinstance(obj, dict) else ''
+    raise DataError(f"{path}:{n}: no '{key}' field; set data.messages_key to the field that"
+                    f' holds the list of {{"role": ..., "content": ...}} messages.{hint}')
+  messages = obj[key]
+  if not isinstance(messages, list):
+    raise DataError(f"{path}:{n}: field '{key}' is a {type(messages).__name__}, not a list of"
+                    f' {{"role": ..., "content": ...}} messages; set data.messages_key to the'
+                    " field that holds them.")
+  for j, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise DataError(f"{path}:{n}: message {j} is a {type(m).__name__}, not an object; {fix}.")
+    for field in ('role', 'content'):
+      if field not in m:
+        raise DataError(f"{path}:{n}: message {j} has no '{field}'; {fix}.")
+    if m['role'] not in ROLES:
+      raise DataError(f"{path}:{n}: message {j} has role {m['role']!r}; use one of"
+                      f" {list(ROLES)}.{closest(str(m['role']), ROLES)}")
+    if not isinstance(m['content'], str):
+      raise DataError(f"{path}:{n}: message {j}'s content is a {type(m['content']).__name__},"
+                      f" not a string; {fix}.")
+  if not any(m['role'] == 'assistant' for m in messages):
+    raise DataError(f"{path}:{n}: the conversation has no assistant message, so nothing to"
+                    " train on; add one or delete that line.")
+  return messages
+
+
+def iter_conversations(path: str, messages_key: str = 'messages') -> Iterator[Conversation]:
+  """The conversations of one .jsonl file; a bad line raises DataError `path:line: ...`."""
+  if not path.endswith('.jsonl'):
+    raise DataError(f"{path}: data.format='messages' reads .jsonl files of"
+                    ' {"messages": [{"role": ..., "content": ...}, ...]} records; convert it'
+                    " or set data.format='text'.")
+  for n, obj in _jsonl_objects(path):
+    yield Conversation(tuple(_messages_field(path, n, obj, messages_key)), f'{path}:{n}')
+
+
+# One TFDS example per document: {'text': str}, {'prompt': str, 'completion': str} or
+# {'messages': JSON str, 'where': 'path:line'}.
 def _text_examples(path: str, text_key: str) -> Iterator[dict]:
   for doc in iter_documents(path, text_key):
     yield {'text': doc}
@@ -236,6 +320,13 @@ def _text_examples(path: str, text_key: str) -> Iterator[dict]:
 def _prompt_completion_examples(path: str, prompt_key: str, completion_key: str) -> Iterator[dict]:
   for example in iter_prompt_completions(path, prompt_key, completion_key):
     yield example._asdict()
+
+
+def _conversation_examples(path: str, messages_key: str) -> Iterator[dict]:
+  for conversation in iter_conversations(path, messages_key):
+    # A JSON string: TFDS features are fixed-shape, a conversation is a ragged list of dicts.
+    yield {'messages': json.dumps(conversation.messages, ensure_ascii=False),
+           'where': conversation.where}
 
 
 def _count_documents(files: list[str], examples: Callable[[str], Iterator[dict]]) -> int:
@@ -285,11 +376,12 @@ def _builder_class():
 
 def local_files_source(pattern: str, text_key: str, data_dir: str, *,
                        data_format: str = 'text', prompt_key: str = 'prompt',
-                       completion_key: str = 'completion') -> dict:
+                       completion_key: str = 'completion', messages_key: str = 'messages') -> dict:
   """{'train', 'validation'} sources for local files, prepared once under `data_dir`.
 
   data_format 'text' gives `TextSource`s of str; 'prompt_completion' (JSONL only) gives
-  `PromptCompletionSource`s of `PromptCompletion`. The prepared copy is keyed by the format,
+  `PromptCompletionSource`s of `PromptCompletion`; 'messages' (JSONL only) gives
+  `ConversationSource`s of `Conversation`. The prepared copy is keyed by the format,
   its field names and the files' paths, sizes and modification times, so editing a file or
   switching the format builds a new one instead of silently reusing stale data.
   """
@@ -298,16 +390,20 @@ def local_files_source(pattern: str, text_key: str, data_dir: str, *,
                       f"{closest(data_format, DATA_FORMATS)}")
   files = [os.path.abspath(f) for f in resolve_files(pattern)]
   spec = [_FORMAT, VALIDATION_EVERY, MAX_TXT_DOCUMENT_CHARS, text_key]
+  # Text copies keep the key they had before data.format existed, so existing prepared copies
+  # stay valid; other formats add theirs, so no two formats ever share a copy.
   if data_format == 'text':
     examples = functools.partial(_text_examples, text_key=text_key)
     features, wrap = ('text',), TextSource
-  else:
-    # Text copies keep the key they had before data.format existed, so existing prepared
-    # copies stay valid; other formats add theirs, so the two never share a copy.
+  elif data_format == 'prompt_completion':
     spec += [data_format, prompt_key, completion_key]
     examples = functools.partial(_prompt_completion_examples, prompt_key=prompt_key,
                                  completion_key=completion_key)
     features, wrap = PromptCompletion._fields, PromptCompletionSource
+  else:  # 'messages'
+    spec += [data_format, messages_key]
+    examples = functools.partial(_conversation_examples, messages_key=messages_key)
+    features, wrap = Conversation._fields, ConversationSource
   key = hashlib.sha256(json.dumps(
       spec + [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]).encode())
   data_dir = os.path.join(data_dir, key.hexdigest()[:16])

@@ -2,7 +2,7 @@
 
 `encode` never adds BOS/EOS: the data pipeline and the sampler add them explicitly, so the
 same tokenizer serves pretraining, chat formatting and generation. Other tokenizers (Hugging
-Face) implement the same five members.
+Face) implement the same members.
 """
 
 import io
@@ -36,6 +36,11 @@ class Tokenizer:
   def decode(self, ids: Iterable[int]) -> str:
     """The text of `ids` (a list or a 1-D array)."""
     raise NotImplementedError
+
+  def special_text(self, i: int) -> str:
+    """The text of special token `i` (bos_id, eos_id) as a chat template writes it,
+    e.g. '<|begin_of_text|>': `decode` may drop special tokens, this must not."""
+    return self.decode([i])
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -121,7 +126,12 @@ class SentencePieceTokenizer(Tokenizer):
     return self.sp.encode(text, out_type=int)
 
   def decode(self, ids: Iterable[int]) -> str:
-    return self.sp.decode([int(i) for i in ids])
+    # Ids past the pieces are dropped, as Hugging Face tokenizers do: a model's vocab_size may
+    # exceed the tokenizer's (a soft-limit trained one, a padded head) and sample them.
+    return self.sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+  def special_text(self, i: int) -> str:
+    return self.sp.id_to_piece(i)  # decode drops control pieces such as <s>
 
   # Grain worker processes receive the tokenizer by pickling; the processor itself is a C++
   # object, so it travels as its serialized model.

@@ -105,6 +105,9 @@ class HFTokenizer(Tokenizer):
   def decode(self, ids: Iterable[int]) -> str:
     return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
+  def special_text(self, i: int) -> str:
+    return self.tok.id_to_token(i)
+
 
 class HFSentencePieceTokenizer(SentencePieceTokenizer):
   """A sentencepiece `tokenizer.model` (Llama 2, Mistral) with the checkpoint's special tokens."""

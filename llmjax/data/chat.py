@@ -1,0 +1,184 @@
+"""Chat templates: conversations rendered as a checkpoint renders them, with the assistant turns
+marked for the loss (data.format='messages').
+
+A chat template is the Jinja source a Hugging Face checkpoint ships (tokenizer_config.json's
+`chat_template`, or chat_template.jinja); it turns a list of {"role", "content"} messages into
+the exact text the model was tuned on. It is rendered here as transformers'
+`apply_chat_template` renders it (a sandboxed Jinja environment with trim_blocks and
+lstrip_blocks; variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token`; a
+`raise_exception` function and a `tojson` filter), so a model fine-tuned here sees the same
+text at inference time through any HF-compatible server.
+
+Which characters belong to assistant turn i is found without parsing the template:
+render(messages[:i], add_generation_prompt=True) ends where the assistant's text starts, and
+render(messages[:i + 1]) ends where it stops (after the template's end-of-turn token, e.g.
+<|eot_id|> or <|im_end|>\\n, which the model must learn to emit). Both are prefixes of the whole
+conversation's rendering for every template that renders a turn the same way whatever follows
+it ("prefix-stable"); one that is not (e.g. a template that drops earlier turns' reasoning) is
+refused with a DataError rather than trained on misaligned weights.
+"""
+
+import json
+import re
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import numpy as np
+
+from llmjax import files
+from llmjax.data.sources import Conversation
+from llmjax.data.tokenizer import Tokenizer
+from llmjax.errors import ConfigError, DataError
+
+
+def _raise_exception(message: str):
+  # Templates call raise_exception('Conversation roles must alternate ...') on input they
+  # cannot format; ChatTemplate turns it into a DataError naming the record.
+  raise jinja2.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+  # transformers' override of Jinja's tojson: no HTML escaping, non-ASCII kept as is.
+  return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                    sort_keys=sort_keys)
+
+
+def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
+  # As transformers' _compile_jinja_template, except that `strftime_now` is left undefined:
+  # templates that use it (Llama 3.x) then fall back to their fixed date, so the same file
+  # gives the same tokens on every day, host and restart.
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+  env.filters['tojson'] = _tojson
+  env.globals['raise_exception'] = _raise_exception
+  return env
+
+
+class ChatTemplate:
+  """A chat template bound to the run's tokenizer: conversation -> (tokens, weights).
+
+  Attributes:
+    source: the Jinja source.
+    origin: where it came from, for error messages ('data.chat_template=x.jinja', ...).
+    bos_token, eos_token: the texts `{{ bos_token }}`/`{{ eos_token }}` render to ('' when the
+      tokenizer has none); `tokenize` maps them back to the tokenizer's bos/eos ids.
+  """
+
+  def __init__(self, source: str, tokenizer: Tokenizer, origin: str = 'the chat template'):
+    self.source, self.tokenizer, self.origin = source, tokenizer, origin
+    self.bos_token = tokenizer.special_text(tokenizer.bos_id) if tokenizer.bos_id >= 0 else ''
+    self.eos_token = tokenizer.special_text(tokenizer.eos_id) if tokenizer.eos_id >= 0 else ''
+    # A sentencepiece model encodes the text '</s>' as characters, not as its eos id, so the
+    # special texts are split out before encoding (HF tokenizers would map them anyway).
+    self._specials = {text: i for text, i in ((self.bos_token, tokenizer.bos_id),
+                                              (self.eos_token, tokenizer.eos_id)) if text}
+    self._compiled = None
+    self._compile()  # a syntax error fails here, before any data is read
+
+  def _compile(self):
+    if self._compiled is None:
+      try:
+        self._compiled = _environment().from_string(self.source)
+      except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"{self.origin} is not valid Jinja ({e.message} at line {e.lineno});"
+                          " fix the template or set data.chat_template to another .jinja file."
+                          ) from None
+    return self._compiled
+
+  # Grain workers receive the template by pickling; a compiled Jinja template does not pickle.
+  def __getstate__(self):
+    return dict(self.__dict__, _compiled=None)
+
+  def render(self, messages, add_generation_prompt: bool = False, where: str = '') -> str:
+    """The template's text for `messages` (a list of {"role", "content"} dicts)."""
+    try:
+      return self._compile().render(
+          messages=list(messages), add_generation_prompt=add_generation_prompt,
+          bos_token=self.bos_token, eos_token=self.eos_token)
+    except jinja2.TemplateError as e:
+      raise DataError(f"{where or 'a conversation'}: {self.origin} refused it ({e}); fix the"
+                      " conversation or use another template (data.chat_template).") from None
+
+  def segments(self, messages, where: str = '') -> list[tuple[str, bool]]:
+    """The whole conversation's rendering cut into (text, is_assistant) pieces, in order.
+
+    The texts concatenate to render(messages) exactly. An assistant piece runs from the end of
+    the generation prompt before that message to the end of the rendering through it.
+    """
+    where = where or 'a conversation'
+    full = self.render(messages, where=where)
+    out, pos = [], 0
+    for i, message in enumerate(messages):
+      if message['role'] != 'assistant':
+        continue
+      start = self.render(messages[:i], add_generation_prompt=True, where=where)
+      end = self.render(messages[:i + 1], where=where)
+      if not (end.startswith(start) and full.startswith(end) and len(start) >= pos):
+        raise DataError(
+            f"{where}: {self.origin} is not prefix-stable: the rendering of messages[:{i}] with"
+            f" add_generation_prompt=True and of messages[:{i + 1}] are not prefixes of the"
+            f" whole conversation's, so assistant message {i} cannot be located; use a template"
+            " that renders each turn the same whatever follows (data.chat_template).")
+      if message['content'] and len(end) == len(start):
+        raise DataError(f"{where}: {self.origin} renders nothing for assistant message {i};"
+                        " use a template that renders assistant turns (data.chat_template).")
+      out += [(full[pos:len(start)], False), (full[len(start):len(end)], True)]
+      pos = len(end)
+    out.append((full[pos:], False))
+    return [(text, assistant) for text, assistant in out if text]
+
+  def _encode(self, text: str) -> list[int]:
+    if not self._specials:
+      return self.tokenizer.encode(text)
+    ids, start = [], 0
+    pattern = '|'.join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True))
+    for m in re.finditer(pattern, text):
+      ids += self.tokenizer.encode(text[start:m.start()]) if m.start() > start else []
+      ids.append(self._specials[m.group()])
+      start = m.end()
+    return ids + (self.tokenizer.encode(text[start:]) if start < len(text) else [])
+
+  def tokenize(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [n], weights float32 [n]): weight 1 on the tokens of assistant turns
+    (their end-of-turn tokens included), 0 on everything else.
+
+    Each piece of `segments` is encoded on its own, so a turn boundary is a token boundary.
+    The pipeline's EOS is not appended: the template's end-of-turn token already ends every
+    assistant turn (for instruct checkpoints it is among the stop ids), and segment_ids
+    separate packed conversations. BOS is prepended only when the rendering does not already
+    start with it: templates of checkpoints that have one mostly write `{{ bos_token }}`
+    (Llama 3, Mistral, Gemma), and a second BOS would be a sequence the model never saw;
+    templates without it (ChatML on a project tokenizer) still start like a pretraining
+    document.
+    """
+    tokens, weights = [], []
+    for text, assistant in self.segments(conversation.messages, conversation.where):
+      ids = self._encode(text)
+      tokens += ids
+      weights += [float(assistant)] * len(ids)
+    bos = self.tokenizer.bos_id
+    if bos >= 0 and tokens[:1] != [bos]:
+      tokens, weights = [bos] + tokens, [0.0] + weights
+    return np.asarray(tokens, np.int32), np.asarray(weights, np.float32)
+
+
+NO_TEMPLATE = ("data.format='messages' needs a chat template and the tokenizer has none (one"
+               " trained by the run or a sentencepiece .model file never does): set"
+               " data.chat_template to a .jinja file, or use an HF checkpoint dir that ships one"
+               " (data.tokenizer_path or init.hf_dir).")
+
+
+def load_template(data_cfg, tokenizer: Tokenizer) -> ChatTemplate:
+  """The run's chat template: data.chat_template's .jinja file, else the tokenizer's own (an HF
+  checkpoint's, through data.tokenizer_path or init.hf_dir); ConfigError when there is none."""
+  path = data_cfg.get('chat_template', '')
+  if path:
+    if not files.exists(path) or files.isdir(path):
+      raise ConfigError(f"data.chat_template='{path}' does not exist; pass a .jinja file, or ''"
+                        " for the tokenizer's own template.")
+    return ChatTemplate(files.read_text(path), tokenizer, f"data.chat_template={path}")
+  source = getattr(tokenizer, 'chat_template', None)
+  if not source:
+    raise ConfigError(NO_TEMPLATE)
+  return ChatTemplate(source, tokenizer, "the tokenizer's chat_template")
