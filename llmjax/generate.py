@@ -6,7 +6,11 @@
 
 Flags: --prompt (repeatable), --prompt_ids=1,2,3 (token ids, no BOS added), --max_new_tokens=64,
 --temperature=0.8 (0: greedy), --top_k=0, --top_p=1.0, --seed=0, --stop=STRING (repeatable),
---json (print {"prompt_ids", "ids", "text"} per prompt instead of text).
+--json (print {"prompt_ids", "ids", "text"} per prompt instead of text),
+--chat (each prompt is a user message rendered with the chat template, the reply is printed;
+the template of a run's data.chat_template, else the tokenizer's), --system=TEXT (with --chat).
+
+    python -m llmjax.generate --workdir=/tmp/sft --chat --prompt="What is the capital of Peru?"
 """
 
 import json
@@ -15,7 +19,8 @@ import sys
 from llmjax.errors import UserError
 
 FLAGS = {'workdir': '', 'hf': '', 'prompt': [], 'prompt_ids': '', 'max_new_tokens': 64,
-         'temperature': 0.8, 'top_k': 0, 'top_p': 1.0, 'seed': 0, 'stop': [], 'json': False}
+         'temperature': 0.8, 'top_k': 0, 'top_p': 1.0, 'seed': 0, 'stop': [], 'json': False,
+         'chat': False, 'system': ''}
 
 
 def parse_flags(argv: list[str]) -> dict:
@@ -40,7 +45,28 @@ def parse_flags(argv: list[str]) -> dict:
     raise UserError("pass exactly one of --workdir=DIR (an llmjax run) or --hf=HF_DIR.")
   if not flags['prompt'] and not flags['prompt_ids']:
     raise UserError("pass --prompt=TEXT (repeatable) or --prompt_ids=1,2,3.")
+  if flags['chat'] and flags['prompt_ids']:
+    raise UserError("--chat renders --prompt texts; it cannot take --prompt_ids.")
+  if flags['system'] and not flags['chat']:
+    raise UserError("--system needs --chat.")
   return flags
+
+
+def chat_prompts(flags, tokenizer) -> list[list[int]]:
+  """--prompt texts as user turns (after --system) rendered with the run's chat template."""
+  from llmjax import files
+  from llmjax.data import chat
+  run_template = files.join(flags['workdir'], chat.RUN_TEMPLATE) if flags['workdir'] else ''
+  if run_template and files.exists(run_template):
+    template = chat.ChatTemplate(files.read_text(run_template), tokenizer, run_template)
+  elif getattr(tokenizer, 'chat_template', None):
+    template = chat.ChatTemplate(tokenizer.chat_template, tokenizer)
+  else:
+    raise UserError("--chat: this model has no chat template (no data.chat_template in its run,"
+                    " none in its tokenizer); drop --chat to continue plain text.")
+  system = [{'role': 'system', 'content': flags['system']}] if flags['system'] else []
+  return [template.prompt_ids(system + [{'role': 'user', 'content': p}])
+          for p in flags['prompt']]
 
 
 def load(flags):
@@ -74,6 +100,8 @@ def main(argv: list[str]) -> int:
     elif tokenizer is None:
       raise UserError(f"{flags['hf']} has no tokenizer.json or tokenizer.model; pass token ids"
                       " with --prompt_ids=1,2,3 (and --json to get ids back).")
+    elif flags['chat']:
+      prompts = chat_prompts(flags, tokenizer)
     else:
       bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
       prompts = [bos + tokenizer.encode(p) for p in flags['prompt']]
@@ -95,6 +123,8 @@ def main(argv: list[str]) -> int:
       print(json.dumps({'prompt_ids': prompt, 'ids': ids, 'text': text}))
     elif text is None:
       print(' '.join(map(str, ids)))
+    elif flags['chat']:  # the reply; the rendered prompt is template markup
+      print(text)
     else:
       print(tokenizer.decode(prompt) + text)
   return 0

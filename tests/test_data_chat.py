@@ -336,3 +336,32 @@ def test_train_and_evaluate_runs_on_messages_jsonl(chat_files, tmp_path):
   assert out['step'] == 3
   got = losses(tmp_path)
   assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values())
+  # The run keeps its template; `generate --chat` prompts with it: the user turn then the
+  # assistant header, exactly as the template renders a conversation awaiting a reply.
+  from llmjax import generate
+  from llmjax.data.chat import ChatTemplate
+  from llmjax.data.pipeline import load_run_tokenizer
+  kept = (tmp_path / 'chat_template.jinja').read_text()
+  assert kept == open(chat_files[1]).read()
+  template = ChatTemplate(kept, load_run_tokenizer(str(tmp_path)))
+  messages = [{'role': 'user', 'content': 'What colour is box 3?'}]
+  want = template.prompt_ids(messages)
+  assert template.tokenizer.decode(want).endswith(
+      template.render(messages, add_generation_prompt=True)[-8:])
+  import contextlib
+  import io
+  import json
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    assert generate.main([f'--workdir={tmp_path}', '--chat', '--prompt=What colour is box 3?',
+                          '--max_new_tokens=3', '--temperature=0', '--json']) == 0
+  assert json.loads(buf.getvalue().strip().splitlines()[-1])['prompt_ids'] == want
+
+
+def test_generate_chat_flag_errors_are_one_line(capsys):
+  from llmjax import generate
+  assert generate.main(['--workdir=w', '--chat', '--prompt_ids=1,2']) == 2
+  assert generate.main(['--workdir=w', '--system=Be brief.', '--prompt=Hi']) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert err == ['error: --chat renders --prompt texts; it cannot take --prompt_ids.',
+                 'error: --system needs --chat.']

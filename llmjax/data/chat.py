@@ -139,6 +139,13 @@ class ChatTemplate:
       start = m.end()
     return ids + (self.tokenizer.encode(text[start:]) if start < len(text) else [])
 
+  def prompt_ids(self, messages) -> list[int]:
+    """Token ids of `messages` followed by the template's assistant header: the prompt to
+    sample the next assistant turn from (BOS as in `tokenize`)."""
+    ids = self._encode(self.render(messages, add_generation_prompt=True))
+    bos = self.tokenizer.bos_id
+    return [bos] + ids if bos >= 0 and ids[:1] != [bos] else ids
+
   def tokenize(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32 [n], weights float32 [n]): weight 1 on the tokens of assistant turns
     (their end-of-turn tokens included), 0 on everything else.
@@ -167,6 +174,9 @@ NO_TEMPLATE = ("data.format='messages' needs a chat template and the tokenizer h
                " trained by the run or a sentencepiece .model file never does): set"
                " data.chat_template to a .jinja file, or use an HF checkpoint dir that ships one"
                " (data.tokenizer_path or init.hf_dir).")
+
+
+RUN_TEMPLATE = 'chat_template.jinja'  # WORKDIR/chat_template.jinja: a run's data.chat_template
 
 
 def load_template(data_cfg, tokenizer: Tokenizer) -> ChatTemplate:

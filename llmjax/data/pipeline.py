@@ -322,6 +322,9 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
   template = None
   if sources.check_data_format(data_cfg) == 'messages':
     template = chat.load_template(data_cfg, tokenizer)
+    if data_cfg.get('chat_template', '') and process_index == 0:
+      # Kept with the run, so `llmjax.generate --chat` prompts the model as it was tuned.
+      files.write_text(files.join(workdir, chat.RUN_TEMPLATE), template.source)
     # Renders one conversation now: a template that refuses the data fails here, before
     # anything compiles, rather than inside the first training step's input.
     template.tokenize(srcs['train'][0])
