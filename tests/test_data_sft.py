@@ -70,13 +70,13 @@ def test_hand_computed_row(bos, eos):
 
 
 def test_mask_follows_the_targets_across_piece_boundaries():
-  """seq_len 4: the prompt ends exactly at the first piece's last target. That target (d, a
-  prompt token) is 0; the next piece's first input is d again and its first target (e, the
-  first completion token) is 1. A mask taken from the inputs' weights would swap them."""
+  """seq_len 4: the prompt ends exactly at the first piece's last target, so that piece has no
+  trained target and is dropped (it would cost compute only); the next piece's first input is
+  d (a prompt token) and its first target (e, the first completion token) is 1. A mask taken
+  from the inputs' weights would make it 0."""
   tok = CharTokenizer()
   got = list(_pieces(_rows([PromptCompletion('abcd', 'efgh')], tok, seq_len=4)))
-  want = [([1] + ids('abc'), ids('abcd'), [0, 0, 0, 0]),
-          (ids('defg'), ids('efgh'), [1, 1, 1, 1]),
+  want = [(ids('defg'), ids('efgh'), [1, 1, 1, 1]),
           (ids('h'), [2], [1])]
   assert sorted(got) == sorted(want)
   # A completion split mid-way: every completion target stays 1 in every piece.

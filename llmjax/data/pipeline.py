@@ -133,7 +133,11 @@ class _SplitIntoPieces(grain.experimental.FlatMapTransform):
     # Consecutive pieces share one token: the last target of one is the first input of the next.
     pieces = [(tokens[s:s + n + 1], weights[s:s + n + 1]) for s in range(0, len(tokens) - 1, n)]
     # A weight belongs to the token predicted, so it follows the targets: w[1:], not w[:-1].
-    return [{'inputs': p[:-1], 'targets': p[1:], 'weights': w[1:]} for p, w in pieces]
+    # A piece with no weighted target (the middle of a prompt longer than seq_len) would only
+    # cost a forward and backward pass: dropped. Every document keeps at least one piece (its
+    # EOS or end-of-turn is always weighted), so the stream never runs dry.
+    return [{'inputs': p[:-1], 'targets': p[1:], 'weights': w[1:]} for p, w in pieces
+            if w[1:].any()]
 
 
 def _finish_row(row: dict) -> dict:
