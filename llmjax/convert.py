@@ -88,10 +88,20 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
   manager.close()
   from llmjax.models import lora
   params, cfg = lora.merge(state['params'], cfg)  # transformers has no adapters: fold them in
+  # The run's tokenizer: a checkpoint's copied to WORKDIR/hf_tokenizer by init.hf_dir, else
+  # the workdir's own files (convert --from=hf puts them there).
+  from llmjax.data.chat import RUN_TEMPLATE
+  from llmjax.data.pipeline import HF_TOKENIZER_DIR
+  run_tokenizer = files.join(src, HF_TOKENIZER_DIR)
+  if not files.isdir(run_tokenizer):
+    run_tokenizer = src
   # save_hf reads the tokenizer files with local calls: a gs:// workdir's come via a temp dir.
-  with files.download_dir(src, TOKENIZER_FILES + ('config.json',)) as tokenizer_dir:
+  with files.download_dir(run_tokenizer, TOKENIZER_FILES + ('config.json',)) as tokenizer_dir:
     written = save_hf(dst, cfg, params, tokenizer_dir=tokenizer_dir,
                       architecture=architecture or None, max_shard_bytes=max_shard_bytes)
+  if run_tokenizer != src and files.exists(files.join(src, RUN_TEMPLATE)):
+    # A run tuned with its own data.chat_template: that is the template its model now follows.
+    files.copy_file(files.join(src, RUN_TEMPLATE), files.join(dst, RUN_TEMPLATE))
   print(f"wrote {dst}: {len(written)} safetensors file(s) from step {step}")
 
 

@@ -169,7 +169,10 @@ def test_lora_from_hf_checkpoint_trains_adapters_and_exports_merged(tmp_path):
   # Export folds the adapters in: transformers-layout weights of the adapted model.
   out = str(tmp_path / 'hf')
   assert convert.main([f'--src={workdir}', f'--dst={out}', '--to=hf']) == 0
-  exported_cfg, exported, _ = load_hf(out)
+  exported_cfg, exported, exported_tokenizer = load_hf(out)
+  # The run's tokenizer (the checkpoint's, kept in WORKDIR/hf_tokenizer) travels with it.
+  assert exported_tokenizer is not None
+  assert os.path.exists(os.path.join(out, 'tokenizer.json'))
   merged, merged_cfg = lora.merge(params, cfg)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), exported, merged)
   tokens = jnp.arange(10)[None] % exported_cfg.vocab_size
