@@ -76,7 +76,7 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
 
   from llmjax.errors import CheckpointError
   from llmjax.interop import save_hf
-  from llmjax.interop.tokenizer import TOKENIZER_FILES
+  from llmjax.interop.tokenizer import TOKENIZER_READ_FILES
   from llmjax.train import checkpoint
   cfg = checkpoint.read_model_config(src)
   manager = checkpoint.make_manager(src, max_to_keep=1, async_save=False)
@@ -96,7 +96,7 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
   if not files.isdir(run_tokenizer):
     run_tokenizer = src
   # save_hf reads the tokenizer files with local calls: a gs:// workdir's come via a temp dir.
-  with files.download_dir(run_tokenizer, TOKENIZER_FILES + ('config.json',)) as tokenizer_dir:
+  with files.download_dir(run_tokenizer, TOKENIZER_READ_FILES) as tokenizer_dir:
     written = save_hf(dst, cfg, params, tokenizer_dir=tokenizer_dir,
                       architecture=architecture or None, max_shard_bytes=max_shard_bytes)
   if run_tokenizer != src and files.exists(files.join(src, RUN_TEMPLATE)):

@@ -244,7 +244,8 @@ def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
   Hugging Face checkpoint dir's tokenizer files to WORKDIR/hf_tokenizer/. Otherwise one is
   trained into WORKDIR/tokenizer.model on up to TOKENIZER_TRAINING_DOCUMENTS documents spread
   evenly over `train_source` (a prompt/completion example gives both texts: the model reads
-  prompts too; a conversation gives its messages' contents, whatever their role). What the workdir holds is reused, so a resumed run keeps its ids.
+  prompts too; a conversation gives its messages' contents, whatever their role). What the
+  workdir holds is reused, so a resumed run keeps its ids.
   """
   given = data_cfg.tokenizer_path
   if given and files.isdir(given):
@@ -276,14 +277,13 @@ def _texts(document: str | sources.PromptCompletion | sources.Conversation) -> t
 
 
 def _copy_hf_tokenizer(hf_dir: str, workdir: str) -> Tokenizer:
-  from llmjax.interop.tokenizer import TOKENIZER_FILES
-  # config.json too: special_ids falls back to its bos/eos ids.
-  names = TOKENIZER_FILES + ('config.json',)
-  if _load_hf_tokenizer(hf_dir, names) is None:
+  from llmjax.interop.tokenizer import TOKENIZER_READ_FILES
+  tokenizer = _load_hf_tokenizer(hf_dir)
+  if tokenizer is None:
     raise DataError(f"{hf_dir} has no tokenizer.json or tokenizer.model; pass"
                     " data.tokenizer_path to a tokenizer.")
   dst = files.join(workdir, HF_TOKENIZER_DIR)
-  for name in names:
+  for name in TOKENIZER_READ_FILES:
     src = files.join(hf_dir, name)
     if not files.exists(src):
       continue
@@ -292,14 +292,14 @@ def _copy_hf_tokenizer(hf_dir: str, workdir: str) -> Tokenizer:
     elif not files.same_bytes(src, files.join(dst, name)):
       raise DataError(f"{files.join(dst, name)} differs from {src}; a run keeps its"
                       " tokenizer: use a new workdir.")
-  return _load_hf_tokenizer(dst, names)
+  return tokenizer  # loaded from files byte-equal to the workdir's copies
 
 
-def _load_hf_tokenizer(hf_dir: str, names) -> Tokenizer | None:
+def _load_hf_tokenizer(hf_dir: str) -> Tokenizer | None:
   # The tokenizers library reads only local files: a gs:// dir is copied to a temporary one,
   # which may go once loaded (tokenizers and sentencepiece read the whole file).
-  from llmjax.interop.tokenizer import load_tokenizer
-  with files.download_dir(hf_dir, names) as local:
+  from llmjax.interop.tokenizer import TOKENIZER_READ_FILES, load_tokenizer
+  with files.download_dir(hf_dir, TOKENIZER_READ_FILES) as local:
     return load_tokenizer(local)
 
 
@@ -307,8 +307,7 @@ def load_run_tokenizer(workdir: str) -> Tokenizer:
   """The tokenizer `build_tokenizer` stored in `workdir`, local or gs:// (for generate)."""
   hf_dir = files.join(workdir, HF_TOKENIZER_DIR)
   if files.isdir(hf_dir):
-    from llmjax.interop.tokenizer import TOKENIZER_FILES
-    return _load_hf_tokenizer(hf_dir, TOKENIZER_FILES + ('config.json',))
+    return _load_hf_tokenizer(hf_dir)
   return SentencePieceTokenizer.load(files.join(workdir, 'tokenizer.model'))
 
 

@@ -15,9 +15,10 @@ WORKDIR/tfds/ and read back with `as_data_source`: no TensorFlow is involved (TF
 TF for its tf.data readers and TFRecord files, neither of which this path touches), and later
 runs reuse the prepared files. Each document is one JSONL object's text field (its prompt
 and completion fields for 'prompt_completion', its messages list as a JSON string for
-'messages'), or one blank-line-separated paragraph of a .txt
-file: paragraphs keep a unit of meaning together while giving the shuffle something finer than
-whole books; a paragraph longer than MAX_TXT_DOCUMENT_CHARS (a file without blank lines) is cut at line boundaries, so one huge
+'messages'), or one blank-line-separated paragraph of a .txt file: paragraphs keep a unit of
+meaning together while giving the shuffle something finer than whole books; a paragraph
+longer than MAX_TXT_DOCUMENT_CHARS (a file without blank lines) is cut at line boundaries, so
+one huge
 document never fills many consecutive batches with the same text.
 """
 
@@ -42,6 +43,9 @@ DATA_FORMATS = ('text', 'prompt_completion', 'messages')
 # The roles a 'messages' conversation may use: those every chat template knows (tool calls
 # need per-template fields that records do not carry portably).
 ROLES = ('system', 'user', 'assistant')
+# The JSONL record of each format that reads only local files, for error messages.
+_RECORDS = {'prompt_completion': '{"prompt": ..., "completion": ...}',
+            'messages': '{"messages": [{"role": ..., "content": ...}, ...]}'}
 
 
 class PromptCompletion(NamedTuple):
@@ -70,14 +74,10 @@ def check_data_format(data_cfg, *, data_files: bool = True) -> str:
   if fmt not in DATA_FORMATS:
     raise ConfigError(f"data.format='{fmt}' is not one of {list(DATA_FORMATS)}."
                       f"{closest(fmt, DATA_FORMATS)}")
-  if data_files and fmt == 'prompt_completion' and not data_cfg.get('path', ''):
-    raise ConfigError("data.format='prompt_completion' needs data.path: a .jsonl file or glob of"
-                      ' {"prompt": ..., "completion": ...} records (the embedded corpus and'
-                      " data.tfds_name are text only).")
-  if data_files and fmt == 'messages' and not data_cfg.get('path', ''):
-    raise ConfigError("data.format='messages' needs data.path: a .jsonl file or glob of"
-                      ' {"messages": [{"role": ..., "content": ...}, ...]} records (the embedded'
-                      " corpus and data.tfds_name are text only).")
+  if data_files and fmt in _RECORDS and not data_cfg.get('path', ''):
+    raise ConfigError(f"data.format='{fmt}' needs data.path: a .jsonl file or glob of"
+                      f" {_RECORDS[fmt]} records (the embedded corpus and data.tfds_name are"
+                      " text only).")
   if data_cfg.get('chat_template', '') and fmt != 'messages':
     raise ConfigError(f"data.chat_template='{data_cfg.chat_template}' is only read for"
                       f" data.format='messages' (this run's is '{fmt}'); set data.format or"

@@ -22,6 +22,8 @@ from llmjax.errors import CheckpointError
 TOKENIZER_FILES = ('tokenizer.json', 'tokenizer.model', 'tokenizer_config.json',
                    'special_tokens_map.json', 'chat_template.jinja', 'chat_template.json',
                    'generation_config.json')
+# What loading a tokenizer reads: config.json too, as `special_ids` falls back to its bos/eos.
+TOKENIZER_READ_FILES = TOKENIZER_FILES + ('config.json',)
 
 
 def _json(hf_dir: str, name: str) -> dict:

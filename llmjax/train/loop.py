@@ -183,8 +183,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
         params, _ = checkpoint.restore_params(config.init.params_dir)
         # A LoRA run's adapters are folded in: its merged model is what fine-tuning starts from.
         params, _ = lora.merge(params, checkpoint.read_model_config(config.init.params_dir))
-        if model_cfg.lora_rank:  # the base from the checkpoint, fresh adapters from init
-          params = lora.with_base(state.params, params)
+        # The base from the checkpoint; with LoRA, fresh adapters from init.
+        params = lora.with_base(state.params, params)
         state = state.replace(params=jax.device_put(params, state_shardings.params))
       elif config.init.get('hf_dir'):  # from released weights, each tensor read into its shard
         from llmjax.interop import hf
