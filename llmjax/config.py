@@ -15,7 +15,7 @@ import ml_collections
 
 from llmjax import files
 from llmjax.errors import ConfigError, closest
-from llmjax.models.config import ModelConfig, get_preset
+from llmjax.models.config import RUNTIME_FIELDS, ModelConfig, get_preset
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -181,14 +181,30 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     raise ConfigError(chat.NO_TEMPLATE)
   if init.get('hf_dir'):
     from llmjax.interop import hf  # reads only config.json: cheap, and before any compile
-    hf.check_matches(init.hf_dir, model)
+    if config.model.get('preset'):  # the experiment pins an architecture: it must be this one
+      hf.check_matches(init.hf_dir, model)
+    else:  # the checkpoint's architecture; the experiment says only how to run it
+      model = hf.config_from_hf(hf.read_hf_config(init.hf_dir), f"{init.hf_dir}/config.json",
+                                **{f: getattr(model, f) for f in RUNTIME_FIELDS})
+  if init.get('params_dir'):
+    from llmjax.train import checkpoint, state  # model_config.json and the step list only
+    state.check_params_dir(init.params_dir, model)
+    checkpoint.latest_step(init.params_dir)
   return model
 
 
-def base_config(model: str = 'tiny', **model_overrides) -> ml_collections.ConfigDict:
-  """Every key a training job reads, with defaults. Experiment files start from this."""
+def base_config(model: str | None = None, **model_overrides) -> ml_collections.ConfigDict:
+  """Every key a training job reads, with defaults. Experiment files start from this.
+
+  model: a preset name (`llmjax.models.config.PRESETS`), which pins the architecture: with
+  init.hf_dir the checkpoint must then be that model. None: the `tiny` preset's fields with
+  model.preset='' (unpinned), so init.hf_dir takes the architecture from its config.json and
+  the experiment supplies only dtypes, remat, attention and LoRA settings.
+  """
   c = ml_collections.ConfigDict()
-  c.model = model_config_dict(model, **model_overrides)
+  c.model = model_config_dict(model or 'tiny', **model_overrides)
+  if model is None:
+    c.model.preset = ''
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ''  # local .txt/.jsonl file or glob; '' = the embedded generated corpus

@@ -169,6 +169,14 @@ def check_mesh_fits(config, model_cfg, sizes: dict[str, int]) -> None:
       raise ConfigError(f"mesh.{axis}={sizes[axis]} but sharding.rules='{config.sharding.rules}'"
                         f" never uses the {axis} axis (it would only repeat work); set"
                         f" mesh.{axis}=1 or pick rules that use it, e.g. 'fsdp_tensor'.")
+  block_axes = {a for name in ('heads', 'kv_heads', 'mlp') for a in _mesh_axes_of(name, rules)}
+  if sizes['tensor'] > 1 and 'tensor' not in block_axes:
+    # 'fsdp' maps only the vocabulary to tensor: every block would be computed in full on each
+    # of the tensor devices (replicated work and weights), which is never what was meant.
+    raise ConfigError(f"mesh.tensor={sizes['tensor']} but sharding.rules="
+                      f"'{config.sharding.rules}' splits no block (heads, mlp) over tensor, so"
+                      " the blocks would be replicated over it; use sharding.rules='fsdp_tensor'"
+                      " or mesh.tensor=1.")
   for logical, key in _MODEL_DIMS.items():
     mesh_axes = _mesh_axes_of(logical, rules)
     split = math.prod(sizes[a] for a in mesh_axes)

@@ -229,7 +229,7 @@ def test_next_token_loss_ignores_prompt_targets(sft_jsonl, tmp_path):
   model = Transformer(cfg)
   params = model.init(jax.random.key(0), jnp.asarray(batch['inputs']))
   loss = lambda b: float(next_token_loss(params, {k: jnp.asarray(v) for k, v in b.items()},
-                                         model.apply)[0])
+                                         model.apply).total)
   mask = batch['loss_mask']
   assert 0 < mask.sum() < (batch['segment_ids'] > 0).sum()  # prompts present and masked
   base = loss(batch)

@@ -63,7 +63,8 @@ def test_workdir_of_another_model_is_refused_before_training(tmp_path):
   c = tiny_config(steps=4)
   c.model.num_layers = 3
   from llmjax.errors import CheckpointError
-  with pytest.raises(CheckpointError, match='num_layers: checkpoint 2 vs config 3'):
+  with pytest.raises(CheckpointError, match=r'--workdir=.*: the experiment.s model differs from .*'
+                                      r'model.num_layers=3 but .* has 2\.'):
     train_and_evaluate(c, str(tmp_path))
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['2']  # nothing saved was lost
 
@@ -135,3 +136,48 @@ def test_cli_corrupt_jsonl_names_file_and_line(tmp_path):
   assert r.stderr.strip().splitlines() == [
       f'error: {corpus}:26: invalid JSON (Invalid control character at at column 17); fix or'
       ' delete that line.']
+
+
+def test_logged_rows_hold_what_was_measured_at_their_step(tmp_path, monkeypatch):
+  """tokens/s covers the train steps since the last log, eval time excluded; an eval-only row
+  re-logs no train metrics; lr is the rate the step's update used. A fake clock makes each
+  train step take exactly 1 s and each eval 10 s."""
+  import dataclasses
+  import types
+
+  import jax
+
+  from llmjax.train import loop
+  from llmjax.train.optimizer import learning_rate_schedule
+  now = [0.0]
+  monkeypatch.setattr(loop, 'time', types.SimpleNamespace(time=lambda: now[0]))
+  make_trainer, evaluate = loop.make_trainer, loop.evaluate
+
+  def slow_trainer(*a, **kw):
+    tr = make_trainer(*a, **kw)
+
+    def step(state, batch):
+      out = tr.train_step(state, batch)
+      jax.block_until_ready(out)
+      now[0] += 1.0
+      return out
+    return dataclasses.replace(tr, train_step=step)
+
+  def slow_evaluate(*a, **kw):
+    now[0] += 10.0
+    return evaluate(*a, **kw)
+
+  monkeypatch.setattr(loop, 'make_trainer', slow_trainer)
+  monkeypatch.setattr(loop, 'evaluate', slow_evaluate)
+  c = tiny_config(steps=6, log_every=2, eval_every=3, unigram_baseline_batches=0)
+  c.sample.prompts = ()
+  train_and_evaluate(c, str(tmp_path))
+  rows = {r['step']: r for r in map(json.loads, open(tmp_path / 'metrics.jsonl'))}
+  assert sorted(rows) == [2, 3, 4, 6]
+  per_step = c.train.batch_size * c.data.seq_len
+  for s in (2, 4, 6):
+    assert rows[s]['tokens_per_s'] == pytest.approx(per_step), s  # 2 steps in 2 s
+  assert set(rows[3]) == {'step', 'eval_loss', 'eval_perplexity'}  # eval only: no stale loss
+  assert 'eval_loss' in rows[6] and 'loss' in rows[6]
+  schedule = learning_rate_schedule(c.train)
+  assert rows[4]['lr'] == pytest.approx(float(schedule(3)))  # step 4's update used count 3

@@ -123,7 +123,10 @@ def test_adapter_gradients_are_the_full_models_gradients():
   batch = batch_of(rows)
   model = Transformer(cfg)
   apply_fn = lambda p, tokens, **kw: model.apply({'params': p}, tokens, **kw)
-  grads = jax.grad(lambda p: losses.next_token_loss(p, batch, apply_fn)[0])(state.params)
+  def mean_loss(p):
+    out = losses.next_token_loss(p, batch, apply_fn)
+    return out.total / out.weight
+  grads = jax.grad(mean_loss)(state.params)
   want, _ = lora.split(grads)
   _, m = tr.train_step(state, batch)
   want_norm = float(jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(want))))
@@ -163,7 +166,7 @@ def test_lora_from_hf_checkpoint_trains_adapters_and_exports_merged(tmp_path):
 
   # Resuming with another rank is refused before anything compiles.
   c.model.lora_rank = 8
-  with pytest.raises(CheckpointError, match='lora_rank: checkpoint 4 vs config 8'):
+  with pytest.raises(CheckpointError, match='model.lora_rank=8 but the saved model_config.json has 4'):
     train_and_evaluate(c, workdir)
 
   # Export folds the adapters in: transformers-layout weights of the adapted model.

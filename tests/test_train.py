@@ -134,9 +134,9 @@ def test_chunked_loss_equals_whole_logits_loss_and_gradients(tie):
   batch = batch_of(rows)
   batch['loss_mask'] = batch['loss_mask'].at[0, :5].set(0.0)  # some masked targets
   apply_fn = lambda p, x, **kw: model.apply({'params': p}, x, **kw)
-  whole = jax.value_and_grad(lambda p: losses.next_token_loss(p, batch, apply_fn)[0])
+  whole = jax.value_and_grad(lambda p: losses.next_token_loss(p, batch, apply_fn).total)
   chunked = jax.value_and_grad(
-      lambda p: losses.next_token_loss(p, batch, apply_fn, loss_chunk=8)[0])
+      lambda p: losses.next_token_loss(p, batch, apply_fn, loss_chunk=8).total)
   (lw, gw), (lc, gc) = whole(params), chunked(params)
   np.testing.assert_allclose(lc, lw, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), gc, gw)
@@ -165,6 +165,6 @@ def test_train_steps_with_loss_chunk_equal_whole_logits_steps():
     for _ in range(3):
       state, m = tr.train_step(state, batch)
       losses_.append(float(m['loss']))
-    losses_.append(float(tr.eval_step(state.params, batch)['loss_sum']))
+    losses_.append(float(tr.eval_step(state.params, batch).total))
     runs.append(losses_)
   np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5)

@@ -26,7 +26,7 @@ from llmjax.interop.families import ARCHITECTURES, Family
 from llmjax.interop.layout import Layout
 from llmjax.interop.safetensors_io import Reader, write_sharded
 from llmjax.interop.tokenizer import TOKENIZER_FILES, load_tokenizer, special_ids
-from llmjax.models.config import DTYPES, ModelConfig
+from llmjax.models.config import DTYPES, RUNTIME_FIELDS, ModelConfig, check_architecture
 from llmjax.models.transformer import init_params, logical_axes
 
 # config.json's dtype (transformers 5 spelling) or torch_dtype (transformers 4) -> ours.
@@ -61,11 +61,6 @@ def config_from_hf(hf: dict, path: str = 'config.json', **overrides) -> ModelCon
   return ModelConfig.from_dict(fields)
 
 
-# Fields that say how to run a model, not what it computes: an experiment sets them freely.
-RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', 'init_std',
-                  'lora_rank', 'lora_alpha', 'lora_targets')  # adapters are added on top
-
-
 def check_matches(hf_dir: str, cfg: ModelConfig, key: str = 'init.hf_dir') -> Family:
   """Raises ConfigError unless `cfg` is the architecture of `hf_dir`'s config.json.
 
@@ -76,14 +71,8 @@ def check_matches(hf_dir: str, cfg: ModelConfig, key: str = 'init.hf_dir') -> Fa
   path = os.path.join(hf_dir, 'config.json')
   family = families.family_of(hf, path)
   theirs = config_from_hf(hf, path, **{f: getattr(cfg, f) for f in RUNTIME_FIELDS})
-  skip = set(RUNTIME_FIELDS) | ({'max_seq_len'} if cfg.position == 'rope' else set())
-  diffs = [f"model.{f.name}={getattr(cfg, f.name)!r} but {path} has {getattr(theirs, f.name)!r}"
-           for f in dataclasses.fields(cfg)
-           if f.name not in skip and getattr(cfg, f.name) != getattr(theirs, f.name)]
-  if diffs:
-    raise ConfigError(f"{key}: the experiment's model differs from the checkpoint: "
-                      + '; '.join(diffs[:4]) + ('; ...' if len(diffs) > 4 else '')
-                      + ". Use the preset of that checkpoint or set those keys.")
+  check_architecture(theirs, cfg, key=key, source_name=path,
+                     fix="Use the preset of that checkpoint or set those keys.")
   return family
 
 

@@ -117,6 +117,12 @@ class ModelConfig:
     if self.lora_rank and not self.lora_targets:
       raise ConfigError(f"model.lora_rank={self.lora_rank} but model.lora_targets is empty;"
                         f" name projections from {list(LORA_TARGETS)}.")
+    if self.lora_rank and 'head' in self.lora_targets and self.tie_embeddings:
+      # A tied model's LM head is the input embedding (a gather and a transposed matmul, no
+      # 'head' projection), so the adapter would not exist and nothing would train.
+      raise ConfigError("model.lora_targets names 'head' but model.tie_embeddings=True: a tied"
+                        " model has no separate LM head to adapt; drop 'head' from"
+                        " model.lora_targets.")
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: none).")
 
@@ -227,3 +233,38 @@ def get_preset(name: str, **overrides) -> ModelConfig:
   cfg = dataclasses.replace(PRESETS[name], **overrides)
   cfg.validate()
   return cfg
+
+
+# Fields that say how to run a model, not what it computes: they may differ between a source
+# checkpoint (an HF dir, another run's workdir) and the run that starts from it. LoRA settings
+# are here because adapters are added on top of a source's weights.
+RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', 'init_std',
+                  'lora_rank', 'lora_alpha', 'lora_targets')
+
+
+def architecture_diffs(source: ModelConfig, target: ModelConfig,
+                       also: tuple[str, ...] = ()) -> list[str]:
+  """The names of the fields in which `target` computes something other than `source`: the
+  one comparator behind the resume check, the `init.params_dir` check and the HF check.
+
+  Runtime fields are ignored unless named in `also` (a resumed run's saved arrays depend on
+  scan_layers and the LoRA fields too), and so is max_seq_len of a RoPE model (it sizes no
+  parameter there; a learned position table it does).
+  """
+  skip = set(RUNTIME_FIELDS) - set(also)
+  if target.position == 'rope' and source.position == 'rope':
+    skip.add('max_seq_len')
+  return [f.name for f in dataclasses.fields(ModelConfig)
+          if f.name not in skip and getattr(source, f.name) != getattr(target, f.name)]
+
+
+def check_architecture(source: ModelConfig, target: ModelConfig, *, key: str, source_name: str,
+                       fix: str, also: tuple[str, ...] = (), error: type = ConfigError) -> None:
+  """Raises one ConfigError '<key>: the experiment's model differs from <source_name>:
+  model.F=<target> but <source_name> has <source>; ... <fix>' (at most four fields named) as
+  `error` (a UserError subclass)."""
+  diffs = [f"model.{n}={getattr(target, n)!r} but {source_name} has {getattr(source, n)!r}"
+           for n in architecture_diffs(source, target, also)]
+  if diffs:
+    raise error(f"{key}: the experiment's model differs from {source_name}: "
+                      + '; '.join(diffs[:4]) + ('; ...' if len(diffs) > 4 else '') + f". {fix}")

@@ -20,17 +20,11 @@ import orbax.checkpoint as ocp
 
 from llmjax import files
 from llmjax.errors import CheckpointError
-from llmjax.models.config import ModelConfig
+from llmjax.models.config import ModelConfig, check_architecture
 
-# Fields that change the shapes of the saved arrays; the others (dtype, attention
-# implementation, remat, ...) can differ between a checkpoint and the run that resumes it.
-_SHAPE_FIELDS = ('vocab_size', 'num_layers', 'embed_dim', 'num_heads', 'num_kv_heads', 'head_dim',
-                 'mlp_dim', 'norm', 'mlp', 'position', 'qkv_bias', 'out_bias', 'mlp_bias',
-                 'tie_embeddings', 'scan_layers', 'lora_rank', 'lora_targets')
-
-
-def _jsonable(value):
-  return list(value) if isinstance(value, tuple) else value  # JSON reads tuples back as lists
+# Runtime fields that still change the saved arrays (scan stacking, adapters) or what the
+# trained adapters mean (their scale): a resumed run must keep them.
+_RESUME_FIELDS = ('scan_layers', 'lora_rank', 'lora_alpha', 'lora_targets')
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -39,20 +33,18 @@ def checkpoint_dir(workdir: str) -> str:
 
 
 def check_model_matches(workdir: str, model_cfg: ModelConfig) -> None:
-  """Refuses to resume into a workdir whose checkpoints have other shapes (before any compute)."""
+  """Refuses to resume into a workdir whose checkpoints hold another model (before any compute).
+
+  Same comparator as `init.params_dir` and `init.hf_dir` (`models.config.architecture_diffs`),
+  plus the fields that shape the saved arrays.
+  """
   path = files.join(workdir, 'model_config.json')
-  if not files.exists(path):
+  if not files.exists(path) or not files.isdir(checkpoint_dir(workdir)):
     return
-  saved = json.loads(files.read_text(path))
-  diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {getattr(model_cfg, k)!r}"
-           for k in _SHAPE_FIELDS
-           if k in saved and saved[k] != _jsonable(getattr(model_cfg, k))]
-  if model_cfg.position == 'learned' and saved.get('max_seq_len') != model_cfg.max_seq_len:
-    diffs.append(f"max_seq_len: checkpoint {saved.get('max_seq_len')} vs config {model_cfg.max_seq_len}")
-  if diffs and files.isdir(checkpoint_dir(workdir)):
-    raise CheckpointError(
-        f"workdir {workdir} holds checkpoints of a different model ({'; '.join(diffs)});"
-        " use a new --workdir or restore the model config.")
+  check_architecture(read_model_config(workdir), model_cfg, key=f"--workdir={workdir}",
+                     source_name='the saved model_config.json', also=_RESUME_FIELDS,
+                     fix="Use a new --workdir or restore the model config.",
+                     error=CheckpointError)
 
 
 def write_model_config(workdir: str, model_cfg: ModelConfig) -> None:
@@ -68,7 +60,11 @@ def read_model_config(workdir: str) -> ModelConfig:
   if not files.exists(path):
     raise CheckpointError(f"{path} not found: {workdir} is not an llmjax workdir; train into it"
                           " first or pass the right --workdir.")
-  return ModelConfig.from_dict(json.loads(files.read_text(path)))
+  try:
+    return ModelConfig.from_dict(json.loads(files.read_text(path)))
+  except (ValueError, TypeError) as e:  # ConfigError is a ValueError too
+    raise CheckpointError(f"{path} is not a valid llmjax model config"
+                          f" ({str(e).splitlines()[0][:200]}); restore it from the run.") from None
 
 
 def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
@@ -101,19 +97,60 @@ def restore(manager: ocp.CheckpointManager, abstract_state, data_iter=None, step
     restored = manager.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError, FileNotFoundError) as e:
     raise CheckpointError(f"checkpoint step {step} in {manager.directory} could not be restored"
-                          f" ({str(e).splitlines()[0][:200]}); it may be incomplete: delete that"
+                          f" ({_one_line(e)}); it may be incomplete: delete that"
                           " step directory to resume from the previous one.") from None
   return restored['state']
 
 
-def restore_params(workdir: str, abstract_params=None):
-  """Params of the latest checkpoint in `workdir` (for generation and fine-tuning)."""
-  manager = make_manager(workdir, max_to_keep=1, async_save=False)
-  step = manager.latest_step()
+def _one_line(e: Exception) -> str:
+  return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def latest_step(workdir: str) -> int:
+  """The latest checkpointed step in `workdir`; CheckpointError (never a created directory)
+  when there is none."""
+  directory = checkpoint_dir(workdir)
+  manager = None
+  if files.isdir(directory):
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False))
+  step = manager.latest_step() if manager is not None else None
+  if manager is not None:
+    manager.close()
   if step is None:
-    raise CheckpointError(f"no checkpoint in {checkpoint_dir(workdir)}; train first or pass the"
-                          " right --workdir.")
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  params = restored['state']['params']
-  manager.close()
-  return params, step
+    raise CheckpointError(f"no checkpoint in {directory}; train or convert into {workdir} first,"
+                          " or pass the right path.")
+  return step
+
+
+def restore_params(workdir: str, abstract_params=None, step: int | None = None):
+  """Only the params of a checkpoint in `workdir` (latest step, or `step`): never its optimizer
+  state. Returns (params, step).
+
+  abstract_params: a pytree of `jax.ShapeDtypeStruct`s (with shardings) to read into: each
+    array is read straight into its sharding and cast to its dtype on the way (a bf16 export
+    becomes float32 master weights, and no second copy exists). None: the saved shapes and
+    dtypes on the default device.
+  """
+  step = latest_step(workdir) if step is None else step
+  # PyTreeCheckpointHandler reads what StandardSave wrote and can restore a subtree.
+  manager = ocp.CheckpointManager(
+      checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_handlers={'state': ocp.PyTreeCheckpointHandler()})
+  try:
+    if abstract_params is None:
+      saved = manager.item_metadata(step)['state'].tree['params']
+      device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      abstract_params = jax.tree.map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    target = {'params': abstract_params}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True)))
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise CheckpointError(f"the params of checkpoint step {step} in {checkpoint_dir(workdir)}"
+                          f" could not be read ({_one_line(e)}); is the step complete and of"
+                          " this model?") from None
+  finally:
+    manager.close()
+  return restored['state']['params'], step

@@ -1,8 +1,10 @@
 """train_and_evaluate(config, workdir): the whole training job, readable top to bottom.
 
-Sections: config and workdir, mesh, data, model and sharded state, checkpoint resume, the
-jitted step, the loop (logging, eval, samples, checkpoints, preemption), the end of the run.
-Pretraining and fine-tuning share this loop; they differ in `loss_fn` and the batches.
+`train_and_evaluate` calls one named stage after another: the config and workdir, the mesh,
+the data, the compiled step (`make_trainer`), the initial state (resume, or fresh, or the
+params of a source checkpoint), the start-of-run report, the loop (logging, eval, samples,
+checkpoints, preemption agreed by all hosts), and the end of the run. Pretraining and
+fine-tuning share it; they differ in `loss_fn` and the batches.
 """
 
 import dataclasses
@@ -18,35 +20,62 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llmjax import config as config_lib
 from llmjax import files, sharding
 from llmjax.errors import ConfigError
 from llmjax.infer import sampler
-from llmjax.models import lora
+from llmjax.models.config import ModelConfig
 from llmjax.models.transformer import Transformer
 from llmjax.train import checkpoint, losses, metrics as metrics_lib
+from llmjax.train import state as state_lib
 from llmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from llmjax.train.state import TrainState
 from llmjax.train.step import make_eval_step, make_train_step
 
 
 class _Preemption:
-  """Turns SIGTERM (TPU VM preemption, `kill`) into a flag the loop checks after each step."""
+  """Turns SIGTERM (TPU VM preemption, `kill`) into a stop that every host agrees on.
+
+  Each host gets its own SIGTERM, at its own moment. Were each to stop when it sees its own,
+  the first would enter the collective checkpoint save while the others start another step,
+  and the job would hang. So with several processes every step contributes each host's flag to
+  an all-reduce (a max over one int per device, launched asynchronously and read one step
+  later so it never stalls the step pipeline), and all hosts stop at the step where they read
+  a raised flag: the same step everywhere.
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
+    self._pending = None
+    self._vote = None
 
   def __enter__(self):
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
       self._old = None
+    if jax.process_count() > 1:
+      mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ('devices',))
+      self._sharding = NamedSharding(mesh, P('devices'))
+      self._vote = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
     return self
 
   def _handle(self, signum, frame):
     self.requested = True
+
+  def poll(self) -> bool:
+    """Called once per step on every host: True when all hosts should stop now."""
+    if self._vote is None:
+      return self.requested
+    agreed = False
+    if self._pending is not None:
+      agreed = bool(jax.device_get(self._pending.addressable_data(0)))
+    local = np.full((jax.local_device_count(),), int(self.requested), np.int32)
+    self._pending = self._vote(jax.make_array_from_process_local_data(self._sharding, local))
+    return agreed
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -83,9 +112,13 @@ class Trainer:
   abstract_state: TrainState  # ShapeDtypeStructs carrying their target shardings
   state_shardings: TrainState  # NamedShardings
   batch_sharding: jax.sharding.NamedSharding
+  trainable: object  # bool pytree like the params (`state.trainable_mask`), None = all
   init: Callable  # rng -> TrainState, created directly sharded
+  # (given params, rng) -> TrainState: `given` (a subset of the params' leaves, already placed
+  # on their shardings, donated) completed by initialising only the leaves it lacks.
+  init_from: Callable
   train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
-  eval_step: Callable  # jitted (params, batch) -> {'loss_sum', 'weight_sum'}
+  eval_step: Callable  # jitted (params, batch) -> LossOutput of sums
 
 
 def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss) -> Trainer:
@@ -100,11 +133,13 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss)
   optimizer = make_optimizer(config.train)
   loss_fn = functools.partial(loss_fn, loss_chunk=config.train.get('loss_chunk', 0))
 
-  adapters_only = model_cfg.lora_rank > 0
+  def init_params(rng):
+    return model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
+
+  trainable = state_lib.trainable_mask(model_cfg, jax.eval_shape(init_params, jax.random.key(0)))
 
   def init_state(rng):
-    boxed = model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
-    return TrainState.create(boxed, optimizer, rng, adapters_only=adapters_only)
+    return TrainState.create(init_params(rng), optimizer, rng, trainable)
 
   abstract = jax.eval_shape(init_state, jax.random.key(0))
   state_shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract), mesh, rules)
@@ -115,38 +150,49 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss)
   def apply_fn(params, tokens, **kw):
     return model.apply({'params': params}, tokens, **kw)
 
+  def complete(given, rng):
+    # Fresh values only where `given` has none: XLA drops the initialisers of every leaf that
+    # `given` replaces, so a source checkpoint's params never sit beside a random copy.
+    params = state_lib.combine(given, nn.meta.unbox(init_params(rng)))
+    return TrainState.create(params, optimizer, rng, trainable)
+
   init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_shardings)
+  init_from = jax.jit(complete, out_shardings=state_shardings, donate_argnums=0)
   train_step = jax.jit(
-      make_train_step(apply_fn, loss_fn, optimizer, config.train.grad_accum, adapters_only),
+      make_train_step(apply_fn, loss_fn, optimizer, config.train.grad_accum, trainable),
       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
       donate_argnums=0)
   eval_step = jax.jit(make_eval_step(apply_fn, loss_fn),
                       in_shardings=(state_shardings.params, batch_sharding))
-  return Trainer(model, optimizer, abstract, state_shardings, batch_sharding, init, train_step,
-                 eval_step)
+  return Trainer(model, optimizer, abstract, state_shardings, batch_sharding, trainable, init,
+                 init_from, train_step, eval_step)
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
-  # --- Config and workdir -------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- stages
+
+
+def setup_workdir(config, workdir: str) -> tuple[ModelConfig, str]:
+  """Validates the whole config (one-line errors, before anything compiles), creates the
+  workdir and refuses one that holds another model's checkpoints."""
   model_cfg = config_lib.validate(config)
   workdir = files.resolve(workdir)  # a local path or gs://; all its I/O goes through epath
   files.makedirs(workdir)
   checkpoint.check_model_matches(workdir, model_cfg)
-  t = config.train
+  return model_cfg, workdir
 
-  # --- Mesh -----------------------------------------------------------------------------------
-  mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.rules_from_config(config)
-  data_parallel = mesh.shape['data'] * mesh.shape['fsdp']
-  if t.batch_size % (data_parallel * t.grad_accum):
-    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by data x fsdp ="
-                      f" {data_parallel} times train.grad_accum={t.grad_accum}; use a multiple"
-                      f" of {data_parallel * t.grad_accum}.")
 
-  # --- Data -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Input:
+  tokenizer: object
+  train_ds: object  # an IterDataset of host-local batches
+  train_iter: object  # its checkpointable iterator
+  eval_batches: Callable  # () -> list of host-local batches (cached)
+
+
+def build_input(config, model_cfg: ModelConfig, workdir: str) -> Input:
+  """The run's tokenizer and batches (each host reads its own share of the global batch)."""
   from llmjax import data as data_lib  # imported here: tokenizer training may be slow to import
-  data_cfg = config.data
+  data_cfg, t = config.data, config.train
   if config.init.get('hf_dir') and not data_cfg.tokenizer_path:
     data_cfg = data_cfg.copy_and_resolve_references()
     data_cfg.tokenizer_path = config.init.hf_dir  # the checkpoint's own token ids
@@ -160,134 +206,158 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if jax.process_index() == 0:
       build()
     multihost_utils.sync_global_devices('llmjax: data prepared')
-  tokenizer, train_ds, make_eval_batches = build()
+  tokenizer, train_ds, eval_batches = build()
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                       f"{model_cfg.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}.")
-  train_iter = iter(train_ds)
+  return Input(tokenizer, train_ds, iter(train_ds), eval_batches)
 
-  # --- Model, sharded state and the jitted steps -----------------------------------------------
-  trainer = make_trainer(config, model_cfg, mesh, rules)
-  state_shardings, batch_sharding = trainer.state_shardings, trainer.batch_sharding
-  train_step, eval_step = trainer.train_step, trainer.eval_step
-  schedule = learning_rate_schedule(t)
 
-  # --- Checkpoint resume (restores straight into the target shardings) ------------------------
-  manager = checkpoint.make_manager(workdir, max_to_keep=t.max_to_keep)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    state = checkpoint.restore(manager, trainer.abstract_state, train_iter)
-    resumed = state is not None
-    if state is None:
-      state = trainer.init(jax.random.key(t.seed))
-      if config.init.params_dir:  # fine-tuning: weights from another run's workdir
-        params, _ = checkpoint.restore_params(config.init.params_dir)
-        # A LoRA run's adapters are folded in: its merged model is what fine-tuning starts from.
-        params, _ = lora.merge(params, checkpoint.read_model_config(config.init.params_dir))
-        # The base from the checkpoint; with LoRA, fresh adapters from init.
-        params = lora.with_base(state.params, params)
-        state = state.replace(params=jax.device_put(params, state_shardings.params))
-      elif config.init.get('hf_dir'):  # from released weights, each tensor read into its shard
-        from llmjax.interop import hf
-        family = hf.check_matches(config.init.hf_dir, model_cfg)
-        base = hf.read_params(config.init.hf_dir, lora.without_lora(model_cfg), family,
-                              shardings=lora.split(state_shardings.params)[1])
-        state = state.replace(params=lora.with_base(state.params, base))
-  checkpoint.write_model_config(workdir, model_cfg)
-  start_step = int(state.step)
+def initial_state(trainer: Trainer, config, model_cfg: ModelConfig, manager,
+                  data_iter) -> tuple[TrainState, bool]:
+  """(state, resumed): the workdir's latest checkpoint (restored straight into the target
+  shardings, the data iterator with it), else step 0 of the run (`state_lib.build_state`)."""
+  state = checkpoint.restore(manager, trainer.abstract_state, data_iter)
+  if state is not None:
+    return state, True
+  return state_lib.build_state(trainer, config, model_cfg), False
 
-  def evaluate(params) -> dict:
-    loss_sum, weight_sum = 0.0, 0.0
-    for b in make_eval_batches():
-      with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        aux = eval_step(params, _global_batch(b, batch_sharding))
-      loss_sum += float(aux['loss_sum'])
-      weight_sum += float(aux['weight_sum'])
-    loss = loss_sum / max(weight_sum, 1.0)
-    return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0))}
 
-  def print_samples(params, log):
-    prompts = list(config.sample.prompts)
-    if not prompts:
-      return
-    bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
-    ids = [bos + tokenizer.encode(p) for p in prompts]
-    params_ = sampler.SamplingParams(max_new_tokens=config.sample.max_new_tokens,
-                                     temperature=config.sample.temperature,
-                                     top_k=config.sample.top_k, top_p=config.sample.top_p)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-      outs = sampler.generate(model_cfg, params, ids, params_, eos_id=tokenizer.eos_id,
-                              seed=t.seed)
-    for p, o in zip(prompts, outs):
-      log.print(f"  sample: {p}{tokenizer.decode(o)!r}"[:400])
+def evaluate(eval_step, params, batches, batch_sharding) -> dict:
+  """eval_loss, eval_perplexity (and eval_<metric> for the loss's own metrics), with every
+  sum added over all eval batches before one division."""
+  total = None
+  for b in batches:
+    out = jax.device_get(eval_step(params, _global_batch(b, batch_sharding)))
+    out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)
+    total = out if total is None else jax.tree.map(np.add, total, out)
+  if total is None:
+    return {}
+  reduced = {k: float(v) for k, v in losses.reduce_output(total).items() if k != 'weight'}
+  loss = reduced.pop('loss')
+  return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
+          **{f'eval_{k}': v for k, v in reduced.items()}}
 
-  # --- Start-of-run report ---------------------------------------------------------------------
-  tokens_per_step = t.batch_size * config.data.seq_len
-  flops_per_token = model_cfg.flops_per_token(config.data.seq_len)
-  peak = metrics_lib.device_peak_flops(t.get('peak_flops', 0.0)) * jax.device_count()
-  log = metrics_lib.MetricsLogger(workdir, t.steps, start_step)
+
+def print_samples(config, model_cfg, params, tokenizer, log) -> None:
+  """Continuations of config.sample.prompts, printed at each eval."""
+  prompts = list(config.sample.prompts)
+  if not prompts:
+    return
+  bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+  ids = [bos + tokenizer.encode(p) for p in prompts]
+  s = config.sample
+  params_ = sampler.SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                   top_k=s.top_k, top_p=s.top_p)
+  outs = sampler.generate(model_cfg, params, ids, params_, eos_id=tokenizer.eos_id,
+                          seed=config.train.seed)
+  for p, o in zip(prompts, outs):
+    log.print(f"  sample: {p}{tokenizer.decode(o)!r}"[:400])
+
+
+def report_start(config, model_cfg, mesh, data: Input, log, start_step: int,
+                 resumed: bool) -> None:
+  """The start-of-run lines: parameters, FLOPs, mesh, and the unigram baseline of a new run."""
+  t = config.train
   if jax.process_index() == 0:
-    files.write_text(files.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+    files.write_text(files.join(log.workdir, 'config.json'), config.to_json_best_effort(indent=2))
   if model_cfg.lora_rank:
     log.print(f"LoRA rank {model_cfg.lora_rank} on {','.join(model_cfg.lora_targets)}:"
               f" training {model_cfg.num_lora_params:,} adapter parameters, base frozen")
-  log.print(f"llmjax: {model_cfg.num_params:,} parameters ({config.model.get('preset', 'custom')}),"
-            f" {flops_per_token / 1e6:.1f} MFLOPs/token, mesh {dict(mesh.shape)},"
-            f" {jax.device_count()} x {jax.devices()[0].device_kind}"
+  preset = config.model.get('preset') or ('from init.hf_dir' if config.init.get('hf_dir')
+                                           else 'custom')
+  log.print(f"llmjax: {model_cfg.num_params:,} parameters ({preset}),"
+            f" {model_cfg.flops_per_token(config.data.seq_len) / 1e6:.1f} MFLOPs/token, mesh"
+            f" {dict(mesh.shape)}, {jax.device_count()} x {jax.devices()[0].device_kind}"
             + (f", resuming at step {start_step}" if resumed else ""))
   if not resumed and t.unigram_baseline_batches:
-    base_iter = iter(train_ds)
+    base_iter = iter(data.train_ds)
     baseline = unigram_baseline((next(base_iter) for _ in range(t.unigram_baseline_batches)),
-                                make_eval_batches(), tokenizer.vocab_size)
+                                data.eval_batches(), data.tokenizer.vocab_size)
     log.print(f"unigram baseline: eval perplexity {baseline:.2f}")
     log.write(start_step, {'unigram_perplexity': baseline})
 
-  # --- The loop --------------------------------------------------------------------------------
-  last = {}
-  step = start_step
-  window_start, window_steps = time.time(), 0
-  with _Preemption() as preempt, jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+
+def train_loop(config, model_cfg, trainer: Trainer, state: TrainState, data: Input, manager,
+               log) -> tuple[TrainState, int, dict]:
+  """Steps until train.steps (or a stop); returns (state, last step, latest metrics).
+
+  Each metrics.jsonl row holds what was measured at its step: train metrics at log steps
+  (tokens/s over the steps since the last log, eval and sample time excluded), eval metrics
+  at eval steps.
+  """
+  t = config.train
+  schedule = learning_rate_schedule(t)
+  tokens_per_step = t.batch_size * config.data.seq_len
+  flops_per_token = model_cfg.flops_per_token(config.data.seq_len)
+  peak = metrics_lib.device_peak_flops(t.get('peak_flops', 0.0)) * jax.device_count()
+  latest = {}
+  step = int(state.step)
+  window_start, window_steps, paused = time.time(), 0, 0.0
+  with _Preemption() as preempt:
     try:
       while step < t.steps:
-        batch = _global_batch(next(train_iter), batch_sharding)
-        state, m = train_step(state, batch)
+        batch = _global_batch(next(data.train_iter), trainer.batch_sharding)
+        state, m = trainer.train_step(state, batch)
         step += 1
         window_steps += 1
         log.step()
+        row = {}
         if step % t.log_every == 0 or step == t.steps:
           m = jax.device_get(m)  # the only host sync outside eval and checkpoints
-          dt = time.time() - window_start
-          tps = tokens_per_step * window_steps / dt
-          last = {'loss': m['loss'], 'grad_norm': m['grad_norm'], 'tokens_per_s': tps,
-                  'lr': float(schedule(step))}
+          tps = tokens_per_step * window_steps / max(time.time() - window_start - paused, 1e-9)
+          row = {'loss': m['loss'], 'grad_norm': m['grad_norm'], 'tokens_per_s': tps,
+                 'lr': float(schedule(step - 1)),  # the rate this step's update used
+                 **{k: v for k, v in m.items() if k not in ('loss', 'grad_norm', 'weight')}}
           if peak:
-            last['mfu'] = tps * flops_per_token / peak
-          window_start, window_steps = time.time(), 0
+            row['mfu'] = tps * flops_per_token / peak
+          window_start, window_steps, paused = time.time(), 0, 0.0
         if step % t.eval_every == 0 or step == t.steps:
-          last.update(evaluate(state.params))
-          log.print(f"step {step}: loss {last.get('loss', float('nan')):.4f}"
-                    f" eval_loss {last['eval_loss']:.4f} eval_ppl {last['eval_perplexity']:.2f}")
-          print_samples(state.params, log)
-          window_start = time.time()
-        if step % t.log_every == 0 or step % t.eval_every == 0 or step == t.steps:
-          log.write(step, last)
-          last = {k: v for k, v in last.items() if not k.startswith('eval_')}
-        stop = preempt.requested or step == t.stop_at_step
+          began = time.time()
+          row.update(evaluate(trainer.eval_step, state.params, data.eval_batches(),
+                              trainer.batch_sharding))
+          log.print(f"step {step}: loss {row.get('loss', latest.get('loss', float('nan'))):.4f}"
+                    f" eval_loss {row['eval_loss']:.4f} eval_ppl {row['eval_perplexity']:.2f}")
+          print_samples(config, model_cfg, state.params, data.tokenizer, log)
+          paused += time.time() - began
+        if row:
+          log.write(step, row)
+          latest.update(row)
+        stop = preempt.poll() or step == t.stop_at_step
         if step % t.checkpoint_every == 0 or step == t.steps or stop:
-          checkpoint.save(manager, step, state, train_iter, force=True)
+          checkpoint.save(manager, step, state, data.train_iter, force=True)
         if stop:
-          log.print(f"{'SIGTERM' if preempt.requested else 'train.stop_at_step'}: saved step"
-                    f" {step}; exiting. Rerun the same command to resume.")
+          reason = 'train.stop_at_step' if step == t.stop_at_step else 'SIGTERM'
+          log.print(f"{reason}: saved step {step}; exiting. Rerun the same command to resume.")
           break
     except KeyboardInterrupt:
-      checkpoint.save(manager, step, state, train_iter, force=True)
+      checkpoint.save(manager, step, state, data.train_iter, force=True)
       log.print(f"interrupted: saved step {step}. Rerun the same command to resume.")
       manager.wait_until_finished()
       log.close()
       raise
+  return state, step, latest
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint. Returns final metrics."""
+  model_cfg, workdir = setup_workdir(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  data = build_input(config, model_cfg, workdir)
+  trainer = make_trainer(config, model_cfg, mesh, rules)
+  manager = checkpoint.make_manager(workdir, max_to_keep=config.train.max_to_keep)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state, resumed = initial_state(trainer, config, model_cfg, manager, data.train_iter)
+    checkpoint.write_model_config(workdir, model_cfg)
+    start_step = int(state.step)
+    log = metrics_lib.MetricsLogger(workdir, config.train.steps, start_step)
+    report_start(config, model_cfg, mesh, data, log, start_step, resumed)
+    state, step, latest = train_loop(config, model_cfg, trainer, state, data, manager, log)
   manager.wait_until_finished()
   manager.close()
   log.close()
   curve = metrics_lib.plot_loss_curve(workdir)
   if curve and jax.process_index() == 0:
     print(f"loss curve: {curve}")
-  return {'step': step, **{k: float(v) for k, v in last.items()}}
+  return {'step': step, **{k: float(v) for k, v in latest.items()}}

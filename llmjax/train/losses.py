@@ -1,16 +1,53 @@
-"""Losses, all computed in float32.
+"""Losses and log-probabilities, all computed in float32.
 
-A loss function has the signature `loss_fn(params, batch, apply_fn) -> (loss, aux)` where
-`loss` is the scalar to differentiate and `aux` a dict of float32 sums that the train step
-adds up over micro-batches (so averages are token-weighted over the whole global batch).
-Pretraining and SFT use `next_token_loss` (SFT masks the prompt through `loss_mask`); other
-objectives plug into the same train step with their own loss and batch.
+The loss contract: a loss function has the signature `loss_fn(params, batch, apply_fn) ->
+LossOutput`, a set of *sums*: the numerator `total`, the normaliser `weight` (tokens,
+sequences, pairs: whatever the loss averages over) and a dict of summable `metrics`. The train
+step adds them over micro-batches (and the data-parallel shards, under jit) and divides once,
+so any loss is exact under gradient accumulation: the update is that of `total / weight` over
+the whole global batch. Pretraining and SFT use `next_token_loss` (SFT masks the prompt through
+`loss_mask`); DPO, reward models and RL plug into the same step with their own loss and batch,
+and get per-sequence log-probs from `sequence_logprobs`.
 """
 
+from typing import Callable
+
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from llmjax.models.transformer import Transformer
+
+
+@flax.struct.dataclass
+class LossOutput:
+  """What every loss returns; every field is a float32 sum over the batch it saw.
+
+  total: scalar, the sum of the per-unit losses; the step differentiates total / weight.
+  weight: scalar, the number of units averaged over (must not depend on the params).
+  metrics: name -> scalar sum, reported divided by `weight` (a per-unit mean), or
+    name -> (sum, count), reported as sum / count (a mean over other units).
+  """
+  total: jax.Array
+  weight: jax.Array
+  metrics: dict = flax.struct.field(default_factory=dict)
+
+
+def zeros_like_output(out: LossOutput) -> LossOutput:
+  """A LossOutput of zeros with the structure of `out` (or of its `jax.eval_shape`)."""
+  return jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), out)
+
+
+def reduce_output(out: LossOutput) -> dict:
+  """Summed LossOutput -> reported means: {'loss', 'weight', metric names...}."""
+  denom = jnp.maximum(out.weight, 1e-9)
+  metrics = {'loss': out.total / denom, 'weight': out.weight}
+  for name, value in out.metrics.items():
+    if isinstance(value, (tuple, list)):
+      metrics[name] = value[0] / jnp.maximum(value[1], 1e-9)
+    else:
+      metrics[name] = value / denom
+  return metrics
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
@@ -22,36 +59,39 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array):
     weights: [batch, length] float; 0 excludes a position (padding, prompt tokens).
   Returns: (sum of weighted token losses, sum of weights), both float32 scalars.
   """
-  logits = logits.astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)  # [batch, length]
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  token_loss = logz - target_logit  # [batch, length]
+  token_loss = -target_logprobs(logits, targets)  # [batch, length]
   weights = weights.astype(jnp.float32)
   return jnp.sum(token_loss * weights), jnp.sum(weights)
 
 
-def next_token_loss(params, batch, apply_fn, loss_chunk: int = 0):
-  """Mean next-token cross-entropy over the batch's weighted target tokens.
+def target_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """log softmax(logits)[targets] in float32: logits [..., vocab], targets [...] -> [...]."""
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return target_logit - logz
 
-  batch: inputs/targets/segment_ids/positions [batch, length] int32, loss_mask [batch, length].
-  loss_chunk: 0 = one [batch, length, vocab] logits tensor; otherwise `chunked_cross_entropy`
-    over pieces of loss_chunk positions (which must divide length). Same value and gradients.
+
+def token_logprobs(params, batch, apply_fn, loss_chunk: int = 0) -> jax.Array:
+  """log p(targets[b, t] | inputs[b, :t+1]) for every position: [batch, length] float32.
+
+  batch: inputs/targets/segment_ids/positions [batch, length] int32 (packed rows attend within
+    their segment only). loss_chunk: 0 = one [batch, length, vocab] logits tensor; otherwise
+    the head is applied to loss_chunk positions at a time (`chunked_logprobs`), so the float32
+    logits of the whole row never exist. Same values and gradients either way.
   """
   kw = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
   if loss_chunk:
     hidden, _ = apply_fn(params, batch['inputs'], return_hidden=True, **kw)
     head = lambda x: apply_fn(params, x, method=Transformer.logits)
-    loss_sum, weight_sum = chunked_cross_entropy(head, hidden, batch['targets'],
-                                                 batch['loss_mask'], loss_chunk)
-  else:
-    logits, _ = apply_fn(params, batch['inputs'], **kw)
-    loss_sum, weight_sum = cross_entropy(logits, batch['targets'], batch['loss_mask'])
-  return loss_sum / jnp.maximum(weight_sum, 1.0), {'loss_sum': loss_sum, 'weight_sum': weight_sum}
+    return chunked_logprobs(head, hidden, batch['targets'], loss_chunk)
+  logits, _ = apply_fn(params, batch['inputs'], **kw)
+  return target_logprobs(logits, batch['targets'])
 
 
-def chunked_cross_entropy(head, hidden: jax.Array, targets: jax.Array, weights: jax.Array,
-                          chunk: int):
-  """`cross_entropy(head(hidden), targets, weights)` without the whole logits tensor.
+def chunked_logprobs(head: Callable, hidden: jax.Array, targets: jax.Array,
+                     chunk: int) -> jax.Array:
+  """`target_logprobs(head(hidden), targets)` without the whole logits tensor.
 
   With a 128k vocabulary the float32 logits of one 8192-token sequence are 4 GiB, and their
   gradient as much again: most of a long-context step's memory. Here a scan applies the head to
@@ -60,10 +100,10 @@ def chunked_cross_entropy(head, hidden: jax.Array, targets: jax.Array, weights: 
 
   Args:
     head: x [batch, chunk, embed] -> logits [batch, chunk, vocab] (closes over the params).
-    hidden: [batch, length, embed]; targets, weights: [batch, length]; chunk divides length.
-  Returns: (sum of weighted token losses, sum of weights), float32 scalars.
+    hidden: [batch, length, embed]; targets: [batch, length]; chunk divides length.
+  Returns: [batch, length] float32 log-probabilities of the targets.
   """
-  b, t, d = hidden.shape
+  b, t, _ = hidden.shape
   if t % chunk:
     raise ValueError(f"train.loss_chunk={chunk} must divide the sequence length {t}.")
   n = t // chunk
@@ -71,14 +111,56 @@ def chunked_cross_entropy(head, hidden: jax.Array, targets: jax.Array, weights: 
   split = lambda x: jnp.swapaxes(x.reshape(b, n, chunk, *x.shape[2:]), 0, 1)
 
   @jax.checkpoint
-  def one(h, y, w):
-    return cross_entropy(head(h), y, w)
+  def one(h, y):
+    return target_logprobs(head(h), y)  # [batch, chunk]
 
-  def body(acc, xs):
-    loss, weight = one(*xs)
-    return (acc[0] + loss, acc[1] + weight), None
+  _, lp = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (split(hidden), split(targets)))
+  return jnp.swapaxes(lp, 0, 1).reshape(b, t)  # [n, batch, chunk] -> [batch, length]
 
-  zero = jnp.zeros((), jnp.float32)
-  (loss_sum, weight_sum), _ = jax.lax.scan(body, (zero, zero),
-                                           (split(hidden), split(targets), split(weights)))
-  return loss_sum, weight_sum
+
+def chunked_cross_entropy(head: Callable, hidden: jax.Array, targets: jax.Array,
+                          weights: jax.Array, chunk: int):
+  """`cross_entropy(head(hidden), targets, weights)` through `chunked_logprobs`."""
+  lp = chunked_logprobs(head, hidden, targets, chunk)
+  weights = weights.astype(jnp.float32)
+  return -jnp.sum(lp * weights), jnp.sum(weights)
+
+
+def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
+  """Per-segment sums of a packed row: values [batch, length], segment_ids [batch, length]
+  (1..num_segments; 0 = padding, dropped) -> [batch, num_segments], column s-1 for segment s."""
+  onehot = segment_ids[..., None] == jnp.arange(1, num_segments + 1)  # [batch, length, segs]
+  return jnp.einsum('bt,bts->bs', values.astype(jnp.float32), onehot.astype(jnp.float32))
+
+
+def sequence_logprobs(params, batch, apply_fn, num_segments: int = 1,
+                      loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+  """Summed target log-probs of each sequence (segment) of each row, in float32.
+
+  The building block of DPO, reward models and RL: log pi(completion | prompt) is the sum of
+  the token log-probs where `loss_mask` is 1. Packed rows hold several sequences (segment ids
+  1..num_segments, which never attend to each other); each gets its own sum.
+
+  Args:
+    batch: inputs/targets/segment_ids/positions/loss_mask [batch, length].
+    num_segments: the most sequences a row holds (1 for unpacked rows).
+    loss_chunk: as in `token_logprobs` (never the whole float32 logits when > 0).
+  Returns: (logps [batch, num_segments], token counts [batch, num_segments]), float32; a
+    segment that does not occur sums to 0 with count 0.
+  """
+  lp = token_logprobs(params, batch, apply_fn, loss_chunk)  # [batch, length]
+  mask = batch['loss_mask'].astype(jnp.float32)
+  seg = batch['segment_ids']
+  return (segment_sums(lp * mask, seg, num_segments), segment_sums(mask, seg, num_segments))
+
+
+def next_token_loss(params, batch, apply_fn, loss_chunk: int = 0) -> LossOutput:
+  """Next-token cross-entropy averaged over the batch's weighted target tokens.
+
+  batch: inputs/targets/segment_ids/positions [batch, length] int32, loss_mask [batch, length].
+  loss_chunk: 0 = one [batch, length, vocab] logits tensor; otherwise the head over pieces of
+    loss_chunk positions (which must divide length). Same value and gradients.
+  """
+  lp = token_logprobs(params, batch, apply_fn, loss_chunk)
+  weights = batch['loss_mask'].astype(jnp.float32)
+  return LossOutput(total=-jnp.sum(lp * weights), weight=jnp.sum(weights))

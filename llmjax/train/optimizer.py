@@ -1,7 +1,7 @@
 """AdamW with linear warmup and cosine decay, global-norm clipping (Loshchilov & Hutter 2019)."""
 
-import jax
 import optax
+from flax import traverse_util
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
@@ -13,10 +13,18 @@ def learning_rate_schedule(train_cfg) -> optax.Schedule:
       end_value=train_cfg.lr * train_cfg.min_lr_ratio)
 
 
-def _decay_mask(params):
-  # Weight decay only on matrices: decaying norm scales and biases towards 0 hurts
-  # (as in GPT-2/nanoGPT and most LLM recipes).
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+# Leaf names that weight decay applies to: projection kernels (LoRA adapters included) and the
+# token/position embeddings. Norm scales and biases are never decayed: pulling a norm's scale
+# towards 0 (or a bias towards 0) fights what the layer needs (GPT-2/nanoGPT and most LLM
+# recipes). Decided by name, not rank: scanned layers stack every leaf with a [layers] dim, so
+# a norm scale is [L, d] there, and q/k/v biases are [heads, head_dim] even unscanned.
+DECAYED_LEAVES = ('kernel', 'embedding', 'pos_embedding', 'lora_a', 'lora_b')
+
+
+def decay_mask(params):
+  """A bool pytree like `params` (any nested dict of arrays or structs): True where decayed."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({p: p[-1] in DECAYED_LEAVES for p in flat})
 
 
 def make_optimizer(train_cfg) -> optax.GradientTransformation:
@@ -24,5 +32,5 @@ def make_optimizer(train_cfg) -> optax.GradientTransformation:
   return optax.chain(
       optax.clip_by_global_norm(train_cfg.grad_clip),
       optax.adamw(learning_rate_schedule(train_cfg), b1=train_cfg.b1, b2=train_cfg.b2,
-                  eps=1e-8, weight_decay=train_cfg.weight_decay, mask=_decay_mask),
+                  eps=1e-8, weight_decay=train_cfg.weight_decay, mask=decay_mask),
   )

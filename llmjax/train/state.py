@@ -1,11 +1,20 @@
 """The train state: everything a step reads and writes, and everything a checkpoint saves
-besides the data iterator."""
+besides the data iterator; and which of its params are trained.
+
+Trainable and frozen parameters are one mechanism: a pytree of bools shaped like the params
+(`trainable_mask`) splits them (`split`) into the leaves the step differentiates and updates
+(and keeps optimizer state for) and the constants it only reads; `combine` puts them back.
+LoRA trains its adapters only; later objectives add value or reward heads to the mask.
+"""
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from llmjax.models import lora
+from llmjax.models.config import ModelConfig
 
 
 @flax.struct.dataclass
@@ -17,9 +26,105 @@ class TrainState:
 
   @classmethod
   def create(cls, params, optimizer: optax.GradientTransformation, rng: jax.Array,
-             adapters_only: bool = False) -> 'TrainState':
-    """A fresh state; `adapters_only` (LoRA): optimizer state only for the adapter leaves."""
-    import jax.numpy as jnp
-    trainable = lora.split(params)[0] if adapters_only else params
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(trainable),
+             trainable=None) -> 'TrainState':
+    """A fresh state at step 0; optimizer state only for the `trainable` leaves (None: all)."""
+    return cls(step=jnp.zeros((), jnp.int32), params=params,
+               opt_state=optimizer.init(split(params, trainable)[0]),
                rng=jax.random.key_data(rng))
+
+
+def trainable_mask(cfg: ModelConfig, params):
+  """Which leaves of `params` (any params-shaped pytree: arrays, structs, specs) are trained:
+  with LoRA only the adapters, otherwise all; None when all are (no split needed)."""
+  if not cfg.lora_rank:
+    return None
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({p: lora.is_adapter(p) for p in flat})
+
+
+def split(params, mask) -> tuple[dict, dict]:
+  """params -> (trainable, frozen): two nested dicts partitioning the leaves by `mask`
+  (a bool pytree shaped like params; None: everything trainable, nothing frozen)."""
+  if mask is None:
+    return params, {}
+  flat = traverse_util.flatten_dict(params)
+  keep = traverse_util.flatten_dict(mask)
+  train = {p: v for p, v in flat.items() if keep[p]}
+  frozen = {p: v for p, v in flat.items() if not keep[p]}
+  return traverse_util.unflatten_dict(train), traverse_util.unflatten_dict(frozen)
+
+
+def combine(trainable: dict, frozen: dict) -> dict:
+  """The inverse of `split`."""
+  if not frozen:
+    return trainable
+  flat = traverse_util.flatten_dict(frozen)
+  flat.update(traverse_util.flatten_dict(trainable))
+  return traverse_util.unflatten_dict(flat)
+
+
+# ------------------------------------------------------------------------ the state builder
+
+
+def build_state(trainer, config, model_cfg: ModelConfig) -> TrainState:
+  """Step 0 of a run: the one builder for a fresh init, `init.params_dir` and `init.hf_dir`.
+
+  From a source checkpoint only the params are read (never its optimizer state), each array
+  straight into its target sharding and `model.param_dtype` (a bf16 export trains float32
+  master weights when the experiment says float32); only what the source lacks (LoRA
+  adapters; later value and reward heads) is initialised, and no random copy of what it has
+  ever exists (`Trainer.init_from`). The architecture was checked against the source before
+  anything compiled (`config.validate`, one comparator: `models.config.architecture_diffs`).
+  """
+  rng = jax.random.key(config.train.seed)
+  init = config.get('init', {})
+  if not init.get('params_dir') and not init.get('hf_dir'):
+    return trainer.init(rng)
+  # The leaves a source supplies: everything but the adapters.
+  _, base_abstract = lora.split(trainer.abstract_state.params)
+  if init.get('params_dir'):
+    given = _params_from_workdir(init.params_dir, model_cfg, base_abstract)
+  else:
+    from llmjax.interop import hf
+    family = hf.check_matches(init.hf_dir, model_cfg)
+    shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
+    given = hf.read_params(init.hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
+  return trainer.init_from(given, rng)
+
+
+def _params_from_workdir(workdir: str, model_cfg: ModelConfig, base_abstract):
+  """The base params of another run's latest checkpoint, shaped and placed like
+  `base_abstract`; a LoRA run's adapters are folded in (its merged model is what it learned)."""
+  from llmjax.train import checkpoint
+  source = checkpoint.read_model_config(workdir)
+  check_params_dir(workdir, model_cfg, source)
+  if not source.lora_rank:
+    params, _ = checkpoint.restore_params(workdir, base_abstract)
+    return params
+  # Adapters (small, float32, replicated) with the base in the source's own dtype, merged in
+  # float32, then cast to the target dtype: one rounding, as if the source had been merged.
+  mesh = jax.tree.leaves(base_abstract)[0].sharding.mesh
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  from llmjax.models.transformer import init_params
+  adapters, _ = lora.split(jax.eval_shape(lambda: init_params(source, jax.random.key(0))))
+  adapters = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                          adapters)
+  base = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(source.param_dtype),
+                                                     sharding=a.sharding), base_abstract)
+  params, _ = checkpoint.restore_params(workdir, lora.combine(adapters, base))
+  shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
+  merge = jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype),
+                                         lora.merge(p, source)[0], base_abstract),
+                  out_shardings=shardings)
+  return merge(params)
+
+
+def check_params_dir(workdir: str, model_cfg: ModelConfig, source: ModelConfig | None = None):
+  """One-line ConfigError unless `workdir` (init.params_dir) holds this architecture."""
+  from llmjax.models.config import check_architecture
+  from llmjax.train import checkpoint
+  source = source or checkpoint.read_model_config(workdir)
+  # scan_layers decides how the saved arrays are stacked, so it must match too.
+  check_architecture(source, model_cfg, key='init.params_dir',
+                     source_name=f'{workdir}/model_config.json', also=('scan_layers',),
+                     fix="Start from a run of this architecture, or set those keys.")

@@ -1,5 +1,6 @@
 """The train and eval steps: pure functions of (state, batch), jitted by the loop with
-shardings and a donated state."""
+shardings and a donated state. Every objective (pretraining, SFT, and later DPO, reward models,
+RL) runs through this one step; they differ in the loss function and the batch."""
 
 from typing import Callable
 
@@ -7,61 +8,67 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from llmjax.models import lora
-from llmjax.train.state import TrainState
+from llmjax.train import losses
+from llmjax.train.state import TrainState, combine, split
 
 
 def make_train_step(apply_fn: Callable, loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    grad_accum: int = 1, adapters_only: bool = False):
+                    grad_accum: int = 1, trainable=None):
   """Returns train_step(state, batch) -> (state, metrics).
 
-  adapters_only (LoRA): differentiate and update only the `lora.ADAPTER_LEAVES`; the base
-  weights are constants of the step, so no weight gradients or Adam moments exist for them.
+  loss_fn(params, batch, apply_fn) -> `losses.LossOutput` (sums; see `llmjax.train.losses`).
+  trainable: a pytree of bools shaped like the params (`state.trainable_mask`), or None = all.
+    Only the True leaves are differentiated and updated (and have optimizer state); the others
+    (a LoRA run's frozen base) are constants of the step, so no gradients exist for them.
 
   batch arrays have a leading global-batch dim; with `grad_accum` > 1 it is split into that many
-  micro-batches whose gradients are summed in float32 by a `lax.scan` (one micro-batch of
-  activations alive at a time), then scaled so the update equals one full-batch step.
+  micro-batches by a `lax.scan` (one micro-batch of activations alive at a time) whose gradients
+  of `total` and whose LossOutputs are summed in float32, then divided once by the summed
+  `weight`: the update is exactly that of one full-batch step, whatever the loss averages over.
+  metrics: `losses.reduce_output` of the summed LossOutput ('loss', 'weight', the loss's own
+  metrics) and 'grad_norm'.
   """
 
-  def grads_of(trainable, frozen, micro):
-    full = lambda t: lora.combine(t, frozen) if adapters_only else t
-    (loss, aux), grads = jax.value_and_grad(
-        lambda t: loss_fn(full(t), micro, apply_fn), has_aux=True)(trainable)
-    # Scale the mean-loss gradient back to a sum over tokens so micro-batches combine exactly.
-    grads = jax.tree.map(lambda g: g.astype(jnp.float32) * aux['weight_sum'], grads)
-    return grads, aux
+  def grads_of(train, frozen, micro):
+    def total(t):
+      out = loss_fn(combine(t, frozen), micro, apply_fn)
+      return out.total, out
+    grads, out = jax.grad(total, has_aux=True)(train)
+    return jax.tree.map(lambda g: g.astype(jnp.float32), grads), out
 
   def train_step(state: TrainState, batch):
-    trainable, frozen = lora.split(state.params) if adapters_only else (state.params, None)
+    train, frozen = split(state.params, trainable)
     if grad_accum == 1:
-      grads, aux = grads_of(trainable, frozen, batch)
+      grads, out = grads_of(train, frozen, batch)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+      first = jax.tree.map(lambda x: x[0], micro)
+      # The accumulator has the loss's own structure (its metrics included), found by tracing.
+      out_shape = jax.eval_shape(lambda: loss_fn(state.params, first, apply_fn))
+      zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train),
+               losses.zeros_like_output(out_shape))
 
       def body(acc, mb):
-        g, a = grads_of(trainable, frozen, mb)
-        return jax.tree.map(jnp.add, acc, (g, a)), None
+        return jax.tree.map(jnp.add, acc, grads_of(train, frozen, mb)), None
 
-      zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable),
-               {'loss_sum': jnp.zeros((), jnp.float32), 'weight_sum': jnp.zeros((), jnp.float32)})
-      (grads, aux), _ = jax.lax.scan(body, zeros, micro)
-    denom = jnp.maximum(aux['weight_sum'], 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
-    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    params = lora.combine(trainable, frozen) if adapters_only else trainable
-    metrics = {'loss': aux['loss_sum'] / denom, 'tokens': aux['weight_sum'],
-               'grad_norm': optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+      (grads, out), _ = jax.lax.scan(body, zeros, micro)
+    out = jax.tree.map(lambda x: x.astype(jnp.float32), out)
+    denom = jnp.maximum(out.weight, 1e-9)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, train)
+    updates, opt_state = optimizer.update(grads, state.opt_state, train)
+    train = optax.apply_updates(train, updates)
+    metrics = {**losses.reduce_output(out), 'grad_norm': optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=combine(train, frozen),
+                         opt_state=opt_state), metrics
 
   return train_step
 
 
 def make_eval_step(apply_fn: Callable, loss_fn: Callable):
-  """Returns eval_step(params, batch) -> {'loss_sum', 'weight_sum'} (sums, to average over batches)."""
+  """Returns eval_step(params, batch) -> LossOutput (sums, to add up over batches and reduce
+  once with `losses.reduce_output`)."""
 
   def eval_step(params, batch):
-    _, aux = loss_fn(params, batch, apply_fn)
-    return aux
+    return loss_fn(params, batch, apply_fn)
 
   return eval_step
