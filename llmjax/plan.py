@@ -1,4 +1,4 @@
-"""Will it fit? Compile the real train step for a TPU topology on any machine, and say.
+r"""Will it fit? Compile the real train step for a TPU topology on any machine, and say.
 
     JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \
         --config=experiments/llama3_8b_v5p8.py --topology=v5p:2x2x1 [--slices=2] \
