@@ -22,7 +22,7 @@ cannot give these errors. A bad `:arg` or a failing get_config arrives as an
 IllegalFlagValueError whose message embeds the traceback; a misspelt --config.train.stpes is
 "Unknown command line flag" with no hint of the key it meant; absl's FLAGS is process-global,
 so the CLIs' main(argv), which tests and notebooks call repeatedly in one process, would need
-unparse/redefine dances; and a key whose value is None (or a tuple) needs placeholders there.
+unparse/redefine dances; and a key whose value is None needs a placeholder there.
 """
 
 import dataclasses
