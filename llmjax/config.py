@@ -21,8 +21,9 @@ from llmjax.models.config import RUNTIME_FIELDS, ModelConfig, get_preset
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """'model=tiny,steps=10' -> ConfigDict(model='tiny', steps=10) over `defaults`.
 
-  Values are parsed as Python literals where possible, else kept as strings; unknown names are
-  rejected so a typo in the `:arg` part fails loudly.
+  Values are parsed as Python literals where possible, else kept as strings, and must have the
+  type of their default (an int will do for a float); unknown names are rejected so a typo in
+  the `:arg` part fails loudly.
   """
   out = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or '').split(',')):
@@ -33,11 +34,20 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     if key not in defaults:
       raise ConfigError(f"config argument '{key}' is unknown.{closest(key, defaults)}"
                         f" Known: {', '.join(defaults)}.")
-    out[key] = _literal(value.strip(), type(defaults[key]))
+    try:
+      out[key] = _typed(value.strip(), defaults[key])
+    except ValueError as e:
+      raise ConfigError(f"config argument {key}={value.strip()}: {e}; the default is"
+                        f" {defaults[key]!r}.") from None
   return out
 
 
 def _literal(text: str, kind: type):
+  """`text` as a value of `kind`: str kept, bool from true/false/1/0/yes/no, else a literal.
+
+  Raises ValueError for a bool that is none of those; other text that is no Python literal
+  comes back as the string, for the caller's type check.
+  """
   if kind is str:
     return text
   if kind is bool:
@@ -45,13 +55,24 @@ def _literal(text: str, kind: type):
       return True
     if text.lower() in ('false', '0', 'no'):
       return False
-    raise ValueError(f"'{text}' is not a boolean")
+    raise ValueError(f"'{text}' is not a boolean (true or false)")
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     return text
   if kind is float and isinstance(value, int):
     value = float(value)
+  return value
+
+
+def _typed(text: str, current):
+  """`text` parsed as the type of `current` (anything when it is None); ValueError if not."""
+  if current is None:
+    return _literal(text, object)
+  value = _literal(text, type(current))
+  if not isinstance(value, type(current)) and not (
+      isinstance(current, float) and isinstance(value, int)):
+    raise ValueError(f"expected {type(current).__name__}")
   return value
 
 
@@ -96,39 +117,22 @@ def apply_override(config: ml_collections.ConfigDict, dotted: str, text: str) ->
         raise ConfigError(f"--config.{dotted}: {'.'.join(parts[:i + 1])} is not a group of keys.")
   current = node[parts[-1]]
   try:
-    value = _literal(text, type(current)) if current is not None else _literal(text, object)
-    if current is not None and not isinstance(value, type(current)) and not (
-        isinstance(current, float) and isinstance(value, int)):
-      raise ValueError(f"expected {type(current).__name__}")
+    value = _typed(text, current)
   except ValueError as e:
     raise ConfigError(f"--config.{dotted}={text}: {e}; the current value is {current!r}.") from None
   node[parts[-1]] = value
 
 
 def parse_cli(argv: list[str], *, need_workdir: bool = True):
-  """Splits argv into (config, workdir, other flags); applies --config.x.y overrides in order."""
-  spec, workdir, overrides, rest = None, None, [], {}
-  for a in argv:
-    if not a.startswith('--'):
-      raise ConfigError(f"unexpected argument '{a}'; flags look like --name=value.")
-    name, _, value = a[2:].partition('=')
-    if name == 'config':
-      spec = value
-    elif name == 'workdir':
-      workdir = value
-    elif name.startswith('config.'):
-      overrides.append((name[len('config.'):], value))
-    else:
-      rest[name] = value
-  if spec is None:
-    raise ConfigError("missing --config=experiments/<job>.py[:arg]; e.g."
-                      " --config=experiments/quickstart.py.")
-  if need_workdir and not workdir:
-    raise ConfigError("missing --workdir=DIR: where checkpoints, logs and the tokenizer go.")
-  config = load_config(spec)
-  for dotted, value in overrides:
-    apply_override(config, dotted, value)
-  return config, workdir, rest
+  """argv -> (config, workdir, other flags as {name: text}), as llmjax.main parses it.
+
+  A thin wrapper over `llmjax.cli` (which the CLIs use directly): --config.x.y overrides are
+  applied in order; flags other than --config and --workdir are returned, not refused.
+  """
+  from llmjax import cli
+  rest = {}
+  args = cli.parse(argv, cli.CONFIG_FLAGS, prog='llmjax.main', overrides=True, unknown=rest)
+  return cli.load_config(args, need_workdir=need_workdir), args['workdir'] or None, rest
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,

@@ -23,24 +23,29 @@ picks the Hugging Face architecture from the model's features unless --architect
 
 import sys
 
-from llmjax import files
-from llmjax.errors import UserError, closest
+from llmjax import cli, files
+from llmjax.errors import UserError
 
-FLAGS = {'from': '', 'to': '', 'src': '', 'dst': '', 'dtype': '', 'max_shard_bytes': 5 * 10**9,
-         'architecture': '', 'step': -1}
+FLAGS = (
+    cli.Flag('from', '', "'hf': convert a Hugging Face checkpoint dir (--src) into an llmjax"
+             ' workdir (--dst)', metavar='hf'),
+    cli.Flag('to', '', "'hf': convert an llmjax workdir (--src) into a Hugging Face checkpoint"
+             ' dir (--dst)', metavar='hf'),
+    cli.Flag('src', '', 'the directory to read (local or gs://)', metavar='DIR'),
+    cli.Flag('dst', '', 'the directory to write (local or gs://; --from=hf: must not hold'
+             ' checkpoints yet)', metavar='DIR'),
+    cli.Flag('dtype', '', "--from=hf: store and compute in this dtype (e.g. bfloat16); '': the"
+             " checkpoint's own", metavar='DTYPE'),
+    cli.Flag('max_shard_bytes', 5 * 10**9, '--to=hf: the largest safetensors file'),
+    cli.Flag('architecture', '', "--to=hf: the transformers class (e.g. LlamaForCausalLM); '':"
+             " picked from the model's features", metavar='NAME'),
+    cli.Flag('step', -1, '--to=hf: the checkpoint step to export; -1: the latest'),
+)
 
 
 def parse_flags(argv: list[str]) -> dict:
-  flags = dict(FLAGS)
-  for a in argv:
-    name, _, value = a.lstrip('-').partition('=')
-    if not a.startswith('--') or name not in FLAGS:
-      raise UserError(f"unknown flag '{a}'.{closest(name, FLAGS)} Flags: "
-                      + ', '.join('--' + k for k in FLAGS))
-    try:
-      flags[name] = type(FLAGS[name])(value)
-    except ValueError:
-      raise UserError(f"--{name}={value}: expected a {type(FLAGS[name]).__name__}.") from None
+  """argv -> {flag: value}; a missing direction or directory is a one-line UserError."""
+  flags = cli.parse(argv, FLAGS, prog='llmjax.convert', doc=__doc__)
   if (flags['from'], flags['to']) not in (('hf', ''), ('', 'hf')):
     raise UserError("pass --from=hf (Hugging Face -> llmjax) or --to=hf (llmjax -> Hugging Face).")
   if not flags['src'] or not flags['dst']:
@@ -84,7 +89,16 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
   if step is None:
     raise CheckpointError(f"no checkpoint in {checkpoint.checkpoint_dir(src)}; convert or train"
                           " into it first.")
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))['state']
+  if step not in manager.all_steps():
+    raise CheckpointError(f"--step={step}: no such checkpoint in {checkpoint.checkpoint_dir(src)};"
+                          f" it has steps {sorted(manager.all_steps())}.")
+  try:
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointError(f"checkpoint step {step} in {checkpoint.checkpoint_dir(src)} could not be"
+                          f" restored ({str(e).splitlines()[0][:200]}); it may be incomplete:"
+                          " pass an earlier --step.") from None
+  state = state['state']
   manager.close()
   from llmjax.models import lora
   params, cfg = lora.merge(state['params'], cfg)  # transformers has no adapters: fold them in
@@ -106,16 +120,16 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
 
 
 def main(argv: list[str]) -> int:
-  try:
-    flags = parse_flags(argv)
-    if flags['from']:
-      from_hf(flags['src'], flags['dst'], flags['dtype'])
-    else:
-      to_hf(flags['src'], flags['dst'], max_shard_bytes=flags['max_shard_bytes'],
-            architecture=flags['architecture'], step=flags['step'])
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  return cli.run(_main, argv, error_code=1)
+
+
+def _main(argv: list[str]) -> int:
+  flags = parse_flags(argv)
+  if flags['from']:
+    from_hf(flags['src'], flags['dst'], flags['dtype'])
+  else:
+    to_hf(flags['src'], flags['dst'], max_shard_bytes=flags['max_shard_bytes'],
+          architecture=flags['architecture'], step=flags['step'])
   return 0
 
 

@@ -16,31 +16,36 @@ the template of a run's data.chat_template, else the tokenizer's), --system=TEXT
 import json
 import sys
 
+from llmjax import cli
 from llmjax.errors import UserError
 
-FLAGS = {'workdir': '', 'hf': '', 'prompt': [], 'prompt_ids': '', 'max_new_tokens': 64,
-         'temperature': 0.8, 'top_k': 0, 'top_p': 1.0, 'seed': 0, 'stop': [], 'json': False,
-         'chat': False, 'system': ''}
+FLAGS = (
+    cli.Flag('workdir', '', 'an llmjax run to sample from (local or gs://): its latest'
+             ' checkpoint, LoRA adapters merged, and its tokenizer', metavar='DIR'),
+    cli.Flag('hf', '', 'or a Hugging Face checkpoint dir (config.json + safetensors)',
+             metavar='HF_DIR'),
+    cli.Flag('prompt', [], 'a prompt text (BOS added when the tokenizer has one)',
+             metavar='TEXT'),
+    cli.Flag('prompt_ids', '', 'or one prompt as comma-separated token ids (no BOS added)',
+             metavar='1,2,3'),
+    cli.Flag('max_new_tokens', 64, 'tokens to generate per prompt'),
+    cli.Flag('temperature', 0.8, 'sampling temperature; 0: greedy'),
+    cli.Flag('top_k', 0, 'sample from the k most likely tokens; 0: all'),
+    cli.Flag('top_p', 1.0, 'nucleus sampling: the smallest set of tokens with this much'
+             ' probability; 1: all'),
+    cli.Flag('seed', 0, 'random seed of the sampling'),
+    cli.Flag('stop', [], 'cut the printed text where this string first appears',
+             metavar='STRING'),
+    cli.Flag('json', False, 'print {"prompt_ids", "ids", "text"} per prompt instead of text'),
+    cli.Flag('chat', False, "each prompt is a user message rendered with the chat template (the"
+             " run's data.chat_template, else the tokenizer's); the reply is printed"),
+    cli.Flag('system', '', 'a system message before each prompt (with --chat)', metavar='TEXT'),
+)
 
 
 def parse_flags(argv: list[str]) -> dict:
-  from llmjax.errors import closest
-  flags = {k: (list(v) if isinstance(v, list) else v) for k, v in FLAGS.items()}
-  for a in argv:
-    name, eq, value = a.lstrip('-').partition('=')
-    if not a.startswith('--') or name not in FLAGS:
-      raise UserError(f"unknown flag '{a}'.{closest(name, FLAGS)} Flags: "
-                      + ', '.join('--' + k for k in FLAGS))
-    default = FLAGS[name]
-    if isinstance(default, list):
-      flags[name].append(value)
-    elif isinstance(default, bool):
-      flags[name] = value.lower() not in ('false', '0') if eq else True
-    else:
-      try:
-        flags[name] = type(default)(value)
-      except ValueError:
-        raise UserError(f"--{name}={value}: expected a {type(default).__name__}.") from None
+  """argv -> {flag: value}; a missing or contradictory choice is a one-line UserError."""
+  flags = cli.parse(argv, FLAGS, prog='llmjax.generate', doc=__doc__)
   if bool(flags['workdir']) == bool(flags['hf']):
     raise UserError("pass exactly one of --workdir=DIR (an llmjax run) or --hf=HF_DIR.")
   if not flags['prompt'] and not flags['prompt_ids']:
@@ -85,35 +90,35 @@ def load(flags):
 
 
 def main(argv: list[str]) -> int:
-  try:
-    flags = parse_flags(argv)
-    from llmjax.infer import sampler
-    cfg, params, tokenizer = load(flags)
-    if flags['prompt_ids']:
-      try:
-        prompts = [[int(x) for x in flags['prompt_ids'].split(',')]]
-      except ValueError:
-        raise UserError(f"--prompt_ids={flags['prompt_ids']}: expected comma-separated ints.") from None
-      bad = [i for i in prompts[0] if not 0 <= i < cfg.vocab_size]
-      if bad:
-        raise UserError(f"--prompt_ids: ids {bad} are outside the vocabulary [0, {cfg.vocab_size}).")
-    elif tokenizer is None:
-      raise UserError(f"{flags['hf']} has no tokenizer.json or tokenizer.model; pass token ids"
-                      " with --prompt_ids=1,2,3 (and --json to get ids back).")
-    elif flags['chat']:
-      prompts = chat_prompts(flags, tokenizer)
-    else:
-      bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
-      prompts = [bos + tokenizer.encode(p) for p in flags['prompt']]
-    sp = sampler.SamplingParams(max_new_tokens=flags['max_new_tokens'],
-                                temperature=flags['temperature'], top_k=flags['top_k'],
-                                top_p=flags['top_p'])
-    # Every stop id of the checkpoint's generation_config (HF tokenizers), else the EOS piece.
-    eos = tuple(getattr(tokenizer, 'eos_ids', None) or [getattr(tokenizer, 'eos_id', -1)])
-    outs = sampler.generate(cfg, params, prompts, sp, eos_id=eos, seed=flags['seed'])
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  flags = parse_flags(argv)
+  from llmjax.infer import sampler
+  cfg, params, tokenizer = load(flags)
+  if flags['prompt_ids']:
+    try:
+      prompts = [[int(x) for x in flags['prompt_ids'].split(',')]]
+    except ValueError:
+      raise UserError(f"--prompt_ids={flags['prompt_ids']}: expected comma-separated ints.") from None
+    bad = [i for i in prompts[0] if not 0 <= i < cfg.vocab_size]
+    if bad:
+      raise UserError(f"--prompt_ids: ids {bad} are outside the vocabulary [0, {cfg.vocab_size}).")
+  elif tokenizer is None:
+    raise UserError(f"{flags['hf']} has no tokenizer.json or tokenizer.model; pass token ids"
+                    " with --prompt_ids=1,2,3 (and --json to get ids back).")
+  elif flags['chat']:
+    prompts = chat_prompts(flags, tokenizer)
+  else:
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
+    prompts = [bos + tokenizer.encode(p) for p in flags['prompt']]
+  sp = sampler.SamplingParams(max_new_tokens=flags['max_new_tokens'],
+                              temperature=flags['temperature'], top_k=flags['top_k'],
+                              top_p=flags['top_p'])
+  # Every stop id of the checkpoint's generation_config (HF tokenizers), else the EOS piece.
+  eos = tuple(getattr(tokenizer, 'eos_ids', None) or [getattr(tokenizer, 'eos_id', -1)])
+  outs = sampler.generate(cfg, params, prompts, sp, eos_id=eos, seed=flags['seed'])
   for prompt, ids in zip(prompts, outs):
     if tokenizer is None:  # ids only: nothing to decode with
       text = None

@@ -1,4 +1,4 @@
-"""Cloud TPU VM jobs with gcloud: create a slice, install this repo on every worker, run one
+r"""Cloud TPU VM jobs with gcloud: create a slice, install this repo on every worker, run one
 experiment on all of them, delete the slice.
 
     python -m llmjax.launch create --name=llama --zone=us-east5-a --accelerator=v5p-8 [--spot] [--queued]
@@ -16,9 +16,11 @@ own shard of the global batch, and all hosts write the same gs:// checkpoints.
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 
+from llmjax import cli
 from llmjax.errors import UserError
 
 # Cloud TPU software versions per generation (cloud.google.com/tpu/docs/runtimes).
@@ -29,18 +31,58 @@ ALIASES = {'v5e': 'v5litepod'}
 REMOTE_DIR = '~/llmjax'
 REMOTE_PYTHON = '~/venv/bin/python'
 
+_NAME = cli.Flag('name', '', 'the TPU VM (and queued resource) name')
+_ZONE = cli.Flag('zone', '', 'its zone, e.g. us-east5-a')
+_PROJECT = cli.Flag('project', '', "the Google Cloud project; '': gcloud's default")
+_DRY_RUN = cli.Flag('dry-run', False, 'print the exact commands instead of running them')
 FLAGS = {
-    'create': {'name', 'zone', 'accelerator', 'version', 'spot', 'queued', 'project', 'dry-run'},
-    'setup': {'name', 'zone', 'repo', 'ref', 'project', 'dry-run'},
-    'run': {'name', 'zone', 'config', 'workdir', 'detach', 'project', 'dry-run'},
-    'delete': {'name', 'zone', 'queued', 'project', 'dry-run'},
+    'create': (
+        _NAME, _ZONE,
+        cli.Flag('accelerator', '', 'the TPU type: v5p-8, v5e-8 (gcloud: v5litepod-8), v6e-8,'
+                 ' v4-8, ...', metavar='TYPE'),
+        cli.Flag('version', '', "the TPU software version; '': the generation's (RUNTIMES)"),
+        cli.Flag('spot', False, 'a Spot VM: cheaper, and may be preempted'),
+        cli.Flag('queued', False, 'a queued resource: waits for capacity instead of failing'
+                 ' when the zone has none'),
+        _PROJECT, _DRY_RUN),
+    'setup': (
+        _NAME, _ZONE,
+        cli.Flag('repo', '', "clone this git URL on every worker; '': copy this checkout,"
+                 ' uncommitted edits included', metavar='URL'),
+        cli.Flag('ref', '', "the git ref to check out with --repo; '': main"),
+        _PROJECT, _DRY_RUN),
+    'run': (
+        _NAME, _ZONE,
+        cli.Flag('config', '', "the experiment, as llmjax.main takes it (a file of this"
+                 " checkout, which setup copied); llmjax.main's other flags go after '--'",
+                 metavar='FILE.py[:ARG]'),
+        cli.Flag('workdir', '', 'a gs:// dir: every worker writes its checkpoint shards there'
+                 ' and resumes from it', metavar='gs://BUCKET/DIR'),
+        cli.Flag('detach', False, "keep running after the ssh session ends (log in"
+                 " ~/llmjax_run.log); without it every worker's output streams here"),
+        _PROJECT, _DRY_RUN),
+    'delete': (
+        _NAME, _ZONE,
+        cli.Flag('queued', False, 'delete the queued resource (a slice created with --queued)'),
+        _PROJECT, _DRY_RUN),
 }
 REQUIRED = {'create': ('name', 'zone', 'accelerator'), 'setup': ('name', 'zone'),
             'run': ('name', 'zone', 'config', 'workdir'), 'delete': ('name', 'zone')}
+NO_GCLOUD = ("gcloud is not on PATH: install the Google Cloud SDK"
+             " (cloud.google.com/sdk/docs/install) and put its bin/ on PATH, or pass --dry-run"
+             " to print the commands.")
+
+
+def help_text() -> str:
+  return '\n\n'.join([f'usage: python -m llmjax.launch {{{",".join(FLAGS)}}} [flags]',
+                       __doc__.strip()]
+                      + [cli.help_text(f, prog=f'llmjax.launch {cmd}') for cmd, f in FLAGS.items()])
 
 
 def parse(argv: list[str]) -> tuple[str, dict, list[str]]:
   """'run --name=x ... -- --config.a=b' -> ('run', {'name': 'x', ...}, ['--config.a=b'])."""
+  if argv and argv[0] in cli.HELP_FLAGS:
+    raise cli.Help(help_text())
   if not argv or argv[0] not in FLAGS:
     raise UserError(f"first argument must be a subcommand: {', '.join(FLAGS)}; e.g."
                     " python -m llmjax.launch create --name=NAME --zone=ZONE --accelerator=v5p-8.")
@@ -53,17 +95,9 @@ def parse(argv: list[str]) -> tuple[str, dict, list[str]]:
     if '--dry-run' in extra:
       extra = [a for a in extra if a != '--dry-run']
       rest.append('--dry-run')
-  flags = {}
-  for a in rest:
-    if not a.startswith('--'):
-      raise UserError(f"unexpected argument '{a}'; flags look like --name=value (pass"
-                      " llmjax.main flags after '--').")
-    key, eq, value = a[2:].partition('=')
-    if key not in FLAGS[cmd]:
-      raise UserError(f"'{cmd}' has no flag --{key}; it takes"
-                      f" {', '.join('--' + f for f in sorted(FLAGS[cmd]))}.")
-    flags[key] = value if eq else True
-  missing = [f for f in REQUIRED[cmd] if not isinstance(flags.get(f), str) or not flags[f]]
+  flags = cli.parse(rest, FLAGS[cmd], prog=f'llmjax.launch {cmd}', doc=__doc__,
+                    hint=" Pass llmjax.main's flags after '--'." if cmd == 'run' else '')
+  missing = [f for f in REQUIRED[cmd] if not flags[f]]
   if missing:
     raise UserError(f"'{cmd}' needs {', '.join('--' + m + '=...' for m in missing)}.")
   if extra and cmd != 'run':
@@ -147,22 +181,35 @@ def commands(cmd: str, f: dict, extra: list[str]) -> list[list[str]]:
   raise AssertionError(cmd)
 
 
+def check_programs(todo: list[list[str]]) -> None:
+  """Fails before running anything when a command's program is not installed."""
+  for program in dict.fromkeys(c[0] for c in todo):
+    if shutil.which(program) is None:
+      raise UserError(NO_GCLOUD if program == 'gcloud' else f"{program} is not on PATH; install"
+                      " it, or pass --dry-run to print the commands.")
+
+
 def main(argv: list[str]) -> int:
-  try:
-    cmd, flags, extra = parse(argv)
-    if cmd == 'run':
-      path = flags['config'].partition(':')[0]
-      if not os.path.isfile(path):
-        raise UserError(f"--config: '{path}' does not exist here; pass a file of this checkout"
-                        " (setup copies it to every worker).")
-    todo = commands(cmd, flags, extra)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  cmd, flags, extra = parse(argv)
+  if cmd == 'run':
+    path = flags['config'].partition(':')[0]
+    if not os.path.isfile(path):
+      raise UserError(f"--config: '{path}' does not exist here; pass a file of this checkout"
+                      " (setup copies it to every worker).")
+  todo = commands(cmd, flags, extra)
+  if not flags['dry-run']:
+    check_programs(todo)
   for c in todo:
     print('$ ' + shlex.join(c), flush=True)
-    if not flags.get('dry-run'):
-      rc = subprocess.call(c)
+    if not flags['dry-run']:
+      try:
+        rc = subprocess.call(c)
+      except FileNotFoundError:  # removed since check_programs looked
+        raise UserError(NO_GCLOUD if c[0] == 'gcloud' else f"{c[0]} is not on PATH.") from None
       if rc:
         print(f"error: the command above exited with {rc}.", file=sys.stderr)
         return rc

@@ -1,4 +1,4 @@
-"""Will it fit? Compile the real train step for a TPU topology on any machine, and say.
+r"""Will it fit? Compile the real train step for a TPU topology on any machine, and say.
 
     JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \
         --config=experiments/llama3_8b_v5p8.py --topology=v5p:2x2x1 [--slices=2] \
@@ -20,6 +20,7 @@ import math
 import re
 import sys
 
+from llmjax import cli
 from llmjax.errors import ConfigError, UserError
 
 GiB = 1024 ** 3
@@ -236,26 +237,29 @@ def format_report(config, report: Report) -> str:
   return '\n'.join(lines)
 
 
+FLAGS = (
+    cli.CONFIG_FLAGS[0],
+    cli.Flag('topology', '', "the TPU slice to compile for, '<generation>:<chips per axis>'"
+             " (e.g. v5e:2x4 is a v5e-8, v5p:2x2x1 a v5p-8)", metavar='GEN:AxB[xC]'),
+    cli.Flag('slices', 0, "slices of that topology over DCN (multi-slice); 0: the config's"
+             ' mesh.dcn_* product'),
+    dataclasses.replace(cli.CONFIG_FLAGS[1], help='ignored: llmjax.main\'s --workdir, accepted'
+                        ' so that its command line works here unchanged'),
+)
+
+
 def main(argv: list[str]) -> int:
-  try:
-    from llmjax import config as config_lib
-    config, _, rest = config_lib.parse_cli(argv, need_workdir=False)
-    topology = rest.pop('topology', None)
-    slices = rest.pop('slices', None)
-    if rest:
-      raise UserError(f"unknown flag(s) {', '.join('--' + k for k in rest)}; llmjax.plan takes"
-                      " --config, --topology, --slices and --config.<key>=<value>.")
-    if not topology:
-      raise UserError("missing --topology, e.g. --topology=v5e:2x4 (v5e-8) or v5p:2x2x1 (v5p-8).")
-    if slices is not None and not slices.isdigit():
-      raise UserError(f"--slices={slices} is not a positive integer.")
-    report, _ = plan(config, topology, int(slices) if slices else None)
-  except DoesNotFit as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  return cli.run(_main, argv, error_codes={DoesNotFit: 1})
+
+
+def _main(argv: list[str]) -> int:
+  args = cli.parse(argv, FLAGS, prog='llmjax.plan', doc=__doc__, overrides=True)
+  config = cli.load_config(args, need_workdir=False)
+  if not args['topology']:
+    raise UserError("missing --topology, e.g. --topology=v5e:2x4 (v5e-8) or v5p:2x2x1 (v5p-8).")
+  if args['slices'] < 0:
+    raise UserError(f"--slices={args['slices']} is not a positive integer.")
+  report, _ = plan(config, args['topology'], args['slices'] or None)
   print(format_report(config, report))
   if not report.fits:
     print(f"error: the step needs {report.total_bytes / GiB:.2f} GiB per device but a"
