@@ -3,8 +3,12 @@ hand-written ChatML rendering; the Llama 3 template (prefix consistency, one BOS
 from an HF checkpoint dir and from a .jinja file; record, template and config errors; JSONL
 round trip; build_data with a trained tokenizer; a short training run."""
 
+import fnmatch
 import json
+import os
 import re
+import shlex
+import tomllib
 
 import ml_collections
 import numpy as np
@@ -12,6 +16,7 @@ import pytest
 
 from llmjax import config as config_lib
 from llmjax.data import build_data, local_files_source, make_dataset
+from llmjax.data import chat
 from llmjax.data.chat import ChatTemplate, load_template
 from llmjax.data.sources import Conversation, iter_conversations
 from llmjax.data.tokenizer import Tokenizer
@@ -143,12 +148,145 @@ def test_template_from_an_hf_checkpoint_dir_and_bos_written_by_the_template(tmp_
   assert again.tolist() == tokens.tolist()
 
 
+# --- Shipped templates (data.chat_template='chatml', 'llama3', 'qwen2.5') -----------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# CONVERSATION in ChatML, written by hand.
+CHATML_TEXT = ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n'
+               '<|im_start|>assistant\n Hello there. <|im_end|>\n'
+               '<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\nBye.<|im_end|>\n')
+# CONVERSATION as Llama 3 Instruct renders it, by hand: BOS once, contents trimmed.
+LLAMA3_TEXT = ('<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>'
+               '<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>'
+               '<|start_header_id|>assistant<|end_header_id|>\n\nHello there.<|eot_id|>'
+               '<|start_header_id|>user<|end_header_id|>\n\nBye?<|eot_id|>'
+               '<|start_header_id|>assistant<|end_header_id|>\n\nBye.<|eot_id|>')
+
+
+def _readme_chat_example():
+  """The README's chat SFT example: (argv after `python -m llmjax.main`, the chat.jsonl line its
+  comment shows), so the test runs the command as the README writes it."""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+    lines = block.replace('\\\n', ' ').splitlines()
+    for line in lines:
+      if 'llmjax.main' in line and '--config.data.format=messages' in line:
+        argv = shlex.split(line)
+        (record,) = [l.split(':', 1)[1].strip() for l in lines if l.startswith('# chat.jsonl:')]
+        return argv[argv.index('llmjax.main') + 1:], record
+  raise AssertionError('the README has no llmjax.main example with --config.data.format=messages')
+
+
+def test_readme_chat_example_validates_and_renders_chatml(tmp_path, monkeypatch):
+  """The README's command line, parsed as main parses it (in a directory holding its chat.jsonl),
+  validates and renders ChatML exactly as written by hand, loss on the assistant turns only."""
+  argv, record = _readme_chat_example()
+  assert '--config.data.chat_template=chatml' in argv
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'chat.jsonl').write_text(record + '\n')
+  argv = [a.replace('=experiments/', f'={ROOT}/experiments/') for a in argv]
+  config, workdir, rest = config_lib.parse_cli(argv)
+  assert (workdir, rest, config.data.chat_template) == ('DIR', {}, 'chatml')
+  config_lib.validate(config)
+  template = load_template(config.data, CharTokenizer())
+  assert template.origin == 'data.chat_template=chatml'
+  assert template.render(CONVERSATION) == CHATML_TEXT
+  assert template.render(CONVERSATION[:2], add_generation_prompt=True) == (
+      '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n'
+      '<|im_start|>assistant\n')
+  (row,) = _rows([Conversation(CONVERSATION)], template, seq_len=256)
+  n = len(CHATML_TEXT)
+  assert row['targets'][:n].tolist() == ids(CHATML_TEXT)
+  assert [template.tokenizer.decode(r) for r in _runs(row['targets'][:n].tolist(),
+                                                      row['loss_mask'][:n].tolist(), 1.0)] == [
+      ' Hello there. <|im_end|>\n', 'Bye.<|im_end|>\n']
+  # The README record itself renders as its one user turn and one assistant turn.
+  (conversation,) = iter_conversations(str(tmp_path / 'chat.jsonl'))
+  assert template.render(conversation.messages) == (
+      '<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n')
+
+
+def test_shipped_llama3_renders_as_llama3_instruct():
+  tok = SpecialCharTokenizer()
+  template = load_template(ml_collections.ConfigDict(dict(chat_template='llama3')), tok)
+  assert template.origin == 'data.chat_template=llama3'
+  assert template.render(CONVERSATION) == LLAMA3_TEXT
+  assert template.render(CONVERSATION) == ChatTemplate(LLAMA3, tok).render(CONVERSATION)
+  assert template.render(CONVERSATION[:2], add_generation_prompt=True) == (
+      LLAMA3_TEXT[:LLAMA3_TEXT.index('Hello')])
+  tokens, weights = template.tokenize(Conversation(CONVERSATION))
+  assert tok.decode(tokens) == LLAMA3_TEXT and (tokens == tok.bos_id).sum() == 1
+  assert [tok.decode(r) for r in _runs(tokens.tolist(), weights.tolist(), 1.0)] == [
+      'Hello there.<|eot_id|>', 'Bye.<|eot_id|>']
+
+
+def test_shipped_qwen25_is_chatml_with_its_default_system_message():
+  template = load_template(ml_collections.ConfigDict(dict(chat_template='qwen2.5')),
+                           CharTokenizer())
+  assert template.render(CONVERSATION) == CHATML_TEXT  # the conversation has a system message
+  default = ('<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful'
+             ' assistant.<|im_end|>\n')
+  assert template.render(CONVERSATION[1:3]) == default + (
+      '<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n Hello there. <|im_end|>\n')
+  tokens, weights = template.tokenize(Conversation(CONVERSATION[1:]))
+  assert [template.tokenizer.decode(r) for r in _runs(tokens.tolist(), weights.tolist(), 1.0)] == [
+      ' Hello there. <|im_end|>\n', 'Bye.<|im_end|>\n']
+
+
+def test_a_name_wins_over_a_file_of_that_name_and_paths_still_work(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'chatml').write_text('{{ messages[0].content }}')
+  tok = CharTokenizer()
+  assert load_template(ml_collections.ConfigDict(dict(chat_template='chatml')), tok).render(
+      CONVERSATION) == CHATML_TEXT
+  for path in ('./chatml', str(tmp_path / 'chatml')):
+    template = load_template(ml_collections.ConfigDict(dict(chat_template=path)), tok)
+    assert template.render(CONVERSATION) == 'Be brief.'
+
+
+@pytest.mark.parametrize('value, hint', [
+    ('chatml.jinja', " Did you mean 'chatml'?"),  # the README's old spelling, no such file
+    ('lama3', " Did you mean 'llama3'?"),
+    ('templates/qwen2.5.jinja', " Did you mean 'qwen2.5'?"),
+    ('vicuna', ''),
+])
+def test_an_unknown_name_that_is_no_file_is_one_line_listing_the_names(tmp_path, value, hint):
+  want = (f"data.chat_template='{value}' does not exist: it is neither a shipped template"
+          " ('chatml', 'llama3', 'qwen2.5') nor a file; pass one of those names, a .jinja file,"
+          f" or '' for the tokenizer's own template.{hint}")
+  with pytest.raises(ConfigError) as e:
+    load_template(ml_collections.ConfigDict(dict(chat_template=value)), CharTokenizer())
+  assert str(e.value) == want
+  c = config_lib.base_config()
+  c.data.format, c.data.chat_template = 'messages', value
+  c.data.path = _write(tmp_path / 'chat.jsonl', [_chat(0)])
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+  assert str(e.value) == want
+
+
+def test_every_shipped_template_is_package_data():
+  """A non-editable install carries each file of llmjax/data/templates (pyproject's
+  package-data matches it) and TEMPLATES names each of them."""
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    patterns = tomllib.load(f)['tool']['setuptools']['package-data']['llmjax.data']
+  shipped = sorted(os.listdir(os.path.join(ROOT, 'llmjax', 'data', 'templates')))
+  assert shipped == sorted(chat.TEMPLATES.values())
+  for name in shipped:
+    assert any(fnmatch.fnmatch(f'templates/{name}', p) for p in patterns), name
+  for name in chat.TEMPLATES:
+    source, _ = chat.template_source(name)
+    ChatTemplate(source, CharTokenizer())  # compiles
+
+
 # --- Errors ------------------------------------------------------------------------------------
 
 def test_a_missing_or_broken_template_names_data_chat_template(tmp_path):
   cfg = ml_collections.ConfigDict(dict(chat_template=''))
   with pytest.raises(ConfigError, match=r"^data.format='messages' needs a chat template .*set"
-                     r" data.chat_template to a .jinja file"):
+                     r" data.chat_template to a shipped template \('chatml', 'llama3',"
+                     r" 'qwen2.5'\) or a .jinja file"):
     load_template(cfg, CharTokenizer())  # like a trained sentencepiece tokenizer: none
   cfg.chat_template = str(tmp_path / 'nope.jinja')
   with pytest.raises(ConfigError, match=r"data.chat_template='.*nope.jinja' does not exist"):
