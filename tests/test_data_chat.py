@@ -460,20 +460,66 @@ def test_build_data_with_a_trained_tokenizer_and_a_template_file(chat_files, tmp
     build_data(cfg, str(tmp_path), seed=0, batch_size=4)
 
 
-def test_train_and_evaluate_runs_on_messages_jsonl(chat_files, tmp_path):
-  """The whole job (the fastest loop-test settings, 3 steps) on chat data from the config."""
-  import math
+def test_next_token_loss_ignores_system_and_user_targets(chat_files, tmp_path):
+  """The train step's loss on a batch of the real pipeline (trained tokenizer, the shipped
+  'chatml' template): loss_mask is 0 on every system/user/header target, and rewriting those
+  targets leaves the loss bit for bit; rewriting one assistant target changes it."""
+  import jax
+  import jax.numpy as jnp
 
+  from llmjax.models.config import get_preset
+  from llmjax.models.transformer import Transformer
+  from llmjax.train.losses import next_token_loss
+
+  path, _ = chat_files
+  cfg = ml_collections.ConfigDict(dict(
+      path=path, tfds_name='', format='messages', text_key='text', messages_key='messages',
+      chat_template='chatml', seq_len=128, tokenizer_path='', vocab_size=400,
+      tokenizer_type='bpe', eval_batches=2))
+  tok, train, _ = build_data(cfg, str(tmp_path), seed=0, batch_size=2)
+  batch = next(iter(train))
+  mask = batch['loss_mask']
+  # Each trained run decodes to an answer and its '<|im_end|>\n'; the rest holds the system
+  # message and the questions, untrained.
+  for r in range(mask.shape[0]):
+    for run in _runs(batch['targets'][r].tolist(), mask[r].tolist(), 1.0):
+      assert re.fullmatch(r'(Box \d+ is (red|green|blue|amber|violet)\.|Quite sure\.)'
+                          r'<\|im_end\|>\n', tok.decode(run)), tok.decode(run)
+    untrained = tok.decode(batch['targets'][r][(mask[r] == 0) & (batch['segment_ids'][r] > 0)])
+    assert 'painted boxes' in untrained and 'Sure?' in untrained
+  model_cfg = get_preset('tiny', num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2,
+                         head_dim=16, mlp_dim=64, vocab_size=tok.vocab_size)
+  model = Transformer(model_cfg)
+  params = model.init(jax.random.key(0), jnp.asarray(batch['inputs']))
+  loss = lambda b: float(next_token_loss(params, {k: jnp.asarray(v) for k, v in b.items()},
+                                         model.apply)[0])
+  base = loss(batch)
+  prompt_changed = dict(batch, targets=np.where(mask == 0, (batch['targets'] + 7) % tok.vocab_size,
+                                                batch['targets']))
+  assert loss(prompt_changed) == base
+  r, i = np.argwhere(mask == 1)[0]
+  answer_changed = dict(batch, targets=batch['targets'].copy())
+  answer_changed['targets'][r, i] = (answer_changed['targets'][r, i] + 7) % tok.vocab_size
+  assert loss(answer_changed) != base
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_learns_the_answers_on_messages_jsonl(chat_files, tmp_path):
+  """The whole job (the fastest loop-test settings, 40 steps, seed fixed by the config) on chat
+  data from the config: the answers ('Box i is <one of 5 colours>.', 'Quite sure.') are
+  learnt fast, so the loss on them falls to a third of the first step's."""
   from test_loop import losses, tiny_config
   from llmjax.train.loop import train_and_evaluate
 
-  c = tiny_config(steps=3, eval_every=3)
+  c = tiny_config(steps=40, eval_every=40)
   c.data.path, c.data.chat_template = chat_files
   c.data.format, c.data.vocab_size = 'messages', 400
   out = train_and_evaluate(c, str(tmp_path))
-  assert out['step'] == 3
+  assert out['step'] == 40
   got = losses(tmp_path)
-  assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values())
+  assert sorted(got) == list(range(1, 41))
+  assert got[1] > 5.0  # it starts from nothing
+  assert max(got[38], got[39], got[40]) < got[1] / 3, got
   # The run keeps its template; `generate --chat` prompts with it: the user turn then the
   # assistant header, exactly as the template renders a conversation awaiting a reply.
   from llmjax import generate
