@@ -167,9 +167,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
       raise ConfigError(f"data.path='{path}' matches no file; pass an existing .txt/.jsonl file"
                         " or glob, or '' for the embedded corpus.")
   template = config.data.get('chat_template', '') if data_files else ''
-  if template and (not files.exists(template) or files.isdir(template)):
-    raise ConfigError(f"data.chat_template='{template}' does not exist; pass a .jinja file, or ''"
-                      " for the tokenizer's own template.")
+  if template:
+    from llmjax.data import chat  # a shipped template's name, or a .jinja file
+    chat.check_template(template)
   tok = config.data.get('tokenizer_path', '') if data_files else ''
   if tok and not files.exists(tok):  # a sentencepiece .model may be on gs://
     raise ConfigError(f"data.tokenizer_path='{tok}' does not exist; pass a sentencepiece .model,"
@@ -224,8 +224,8 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.data.prompt_key = 'prompt'  # JSONL fields of a prompt_completion record
   c.data.completion_key = 'completion'
   c.data.messages_key = 'messages'  # JSONL field holding a conversation's list of messages
-  # For 'messages': a .jinja chat template file; '' = the tokenizer's own (an HF checkpoint's).
-  # A trained tokenizer or a .model file has none, so chats from scratch need a file.
+  # For 'messages': a shipped template ('chatml', 'llama3', 'qwen2.5') or a .jinja file; '' =
+  # the tokenizer's own (an HF checkpoint's), which a trained tokenizer never has: use 'chatml'.
   c.data.chat_template = ''
   c.data.seq_len = 256  # tokens per packed row
   c.data.tokenizer_path = ''  # a sentencepiece .model; '' = train one into WORKDIR/tokenizer.model

@@ -7,7 +7,8 @@ r"""Will it fit? Compile the real train step for a TPU topology on any machine, 
 libtpu compiles for a named topology without the chips (`jax.experimental.topologies`), so
 this AOT-compiles `make_trainer(...).train_step` exactly as `llmjax.main` would run it, over
 the topology's compile-only devices, and prints XLA's own memory analysis per device, the
-step's FLOPs, a compute-bound MFU ceiling, the mesh and the shardings of the largest tensors.
+step's FLOPs, a compute-bound MFU ceiling (model FLOPs over the FLOPs the step executes,
+remat's reruns included), the mesh and the shardings of the largest tensors.
 It exits 1 with what to change when the step does not fit in HBM, 2 on a bad config.
 
 Topology names are '<generation>:<chips per axis>': v4 and v5p are 3-D tori ('v5p:2x2x1' is
@@ -54,11 +55,15 @@ class Report:
   temp_bytes: int
   code_bytes: int
   flops_per_device: float  # XLA's cost analysis of one device's program
-  flops_executed_per_device: float  # = the above, or an estimate where layers are scanned
+  # = the above where the program has no loop, else `executed_flops_per_token`'s estimate
+  flops_executed_per_device: float
   scanned: bool
   model_flops_per_device: float  # 6N + attention per token (PaLM; LoRA: 4N), the MFU numerator
   step_time_floor_s: float  # executed FLOPs at the chip's peak
   largest: list  # (path, shape, dtype, spec, bytes per device)
+  # XLA's cost analysis counts a while loop's body once (scanned layers, grad_accum's scan,
+  # the chunked loss), so flops_executed_per_device is then the formula's estimate.
+  flops_estimated: bool = False
 
   @property
   def total_bytes(self) -> int:
@@ -76,6 +81,70 @@ class Report:
     """Model FLOPs / executed FLOPs: what rematerialisation leaves of the peak even if every
     op ran at full speed (communication and memory-bound ops only lower it further)."""
     return self.model_flops_per_device / max(self.flops_executed_per_device, 1.0)
+
+
+def _projections(cfg) -> dict[str, tuple[int, int]]:
+  """(in, out) features of each projection of one block, by its module name (LORA_TARGETS)."""
+  d, h, kv, hd, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  out = {'q': (d, h * hd), 'k': (d, kv * hd), 'v': (d, kv * hd), 'o': (h * hd, d),
+         'gate': (d, f), 'up': (d, f), 'down': (f, d)}
+  if cfg.mlp != 'swiglu':
+    del out['gate']
+  return out
+
+
+# The matmuls of a block whose forward the backward pass reruns, per remat policy
+# (`llmjax.models.transformer.REMAT_POLICIES`); 'attention' = the two score matmuls QK^T and PV.
+# jax.checkpoint reruns the forward only as far as some gradient reads it: every matmul but the
+# block's last, 'down', whose output only enters the residual sum (its gradients need its input
+# and weight, never its output). 'dots' keeps every matmul output, 'dots_no_batch' those
+# without batch dims (the projections; QK^T and PV are batched over batch and heads),
+# 'qkv_proj' only q, k and v. Checked against XLA's count of unscanned programs in
+# tests/test_plan.py.
+RECOMPUTED = {
+    'none': (),
+    'full': ('q', 'k', 'v', 'o', 'gate', 'up', 'attention'),
+    'dots': (),
+    'dots_no_batch': ('attention',),
+    'qkv_proj': ('o', 'gate', 'up', 'attention'),
+}
+
+
+def executed_flops_per_token(cfg, seq_len: int, loss_chunk: bool = False) -> float:
+  """Matmul FLOPs per token that the train step executes: `cfg.flops_per_token` (6N, or 4N +
+  6 x adapters with LoRA, + attention) plus the forward FLOPs rematerialisation reruns.
+
+  Without remat that is 6N: forward 2N, backward 4N (activation and weight gradients); 'full'
+  adds a second forward of each block but its last projection (~8N). A frozen LoRA base costs
+  2 per weight again for each rerun projection, its adapters 2 per adapter parameter.
+  Attention kernels (pallas, cudnn) are custom calls, not dots: under 'dots' their forward
+  reruns too. loss_chunk: the chunked loss (jax.checkpoint per chunk) reruns the head.
+  Elementwise ops (norms, softmax, the optimizer) are not counted: a few percent.
+  """
+  rerun = set(RECOMPUTED[cfg.remat])
+  if cfg.remat == 'dots' and cfg.attention not in ('xla', 'reference'):
+    rerun.add('attention')
+  per_layer = 0.0
+  for name, (n_in, n_out) in _projections(cfg).items():
+    if name in rerun:
+      adapter = cfg.lora_rank * (n_in + n_out) if name in cfg.lora_targets else 0
+      per_layer += 2 * (n_in * n_out + adapter)
+  if 'attention' in rerun:
+    per_layer += 4 * cfg.num_heads * cfg.head_dim * seq_len  # QK^T and PV, 2 FLOPs per MAC
+  head = 0.0
+  if loss_chunk:
+    head_adapter = (cfg.lora_rank * (cfg.embed_dim + cfg.vocab_size)
+                    if 'head' in cfg.lora_targets and not cfg.tie_embeddings else 0)
+    head = 2 * (cfg.embed_dim * cfg.vocab_size + head_adapter)
+  return cfg.flops_per_token(seq_len) + cfg.num_layers * per_layer + head
+
+
+def _has_loops(compiled, default: bool) -> bool:
+  """Whether the compiled program has a while loop (whose body XLA's cost analysis counts once)."""
+  try:
+    return re.search(r'\bwhile\(', compiled.as_text()) is not None
+  except Exception:  # no HLO text from this backend: go by what the config makes loops of
+    return default
 
 
 def get_topology(name: str, slices: int = 1):
@@ -149,13 +218,17 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
   chip = CHIPS[gen]
   per_chip = len(devices) // len({(getattr(d, 'slice_index', 0), tuple(d.coords)) for d in devices})
   n = len(devices)
+  # The MFU numerator counts what the model needs (LoRA's frozen base: 4N, no weight
+  # gradients); the denominator what the program runs, remat's reruns included.
   model_flops = model_cfg.flops_per_token(t) * b * t / n
   flops = float(cost.get('flops', 0.0))
-  if model_cfg.scan_layers:
-    # XLA's cost analysis counts a while loop's body once, so for scanned layers estimate the
-    # executed FLOPs instead: full remat runs each block's forward twice (8 instead of 6
-    # FLOPs per parameter and token); other policies recompute little.
-    flops_executed = model_flops * (8 / 6 if model_cfg.remat == 'full' else 1.0)
+  loss_chunk = bool(config.train.get('loss_chunk', 0))
+  # XLA's count is exact for a loop-free program; a loop's body it counts once, so the scanned
+  # layers (or grad_accum's micro-batches, the chunked loss) need the formula instead.
+  estimated = not flops or _has_loops(compiled, default=model_cfg.scan_layers or loss_chunk
+                                      or config.train.grad_accum > 1)
+  if estimated:
+    flops_executed = executed_flops_per_token(model_cfg, t, loss_chunk) * b * t / n
   else:
     flops_executed = flops
   floor = flops_executed / (chip['peak_flops'] / per_chip)
@@ -177,7 +250,8 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
       alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
       code_bytes=mem.generated_code_size_in_bytes, flops_per_device=flops,
       flops_executed_per_device=flops_executed, scanned=model_cfg.scan_layers,
-      model_flops_per_device=model_flops, step_time_floor_s=floor, largest=largest[:8])
+      model_flops_per_device=model_flops, step_time_floor_s=floor, largest=largest[:8],
+      flops_estimated=estimated)
   return report, compiled
 
 
@@ -225,8 +299,9 @@ def format_report(config, report: Report) -> str:
       f" ({100 * r.total_bytes / r.hbm_bytes:.0f}%) -> {'fits' if r.fits else 'DOES NOT FIT'}",
       f"FLOPs per step per device: {r.model_flops_per_device:.4g} model"
       f" ({'4N + 6 x adapters' if config.model.get('lora_rank') else '6N'} + attention),"
-      + (f" ~{r.flops_executed_per_device:.4g} executed (estimated: XLA's cost analysis,"
-         f" {r.flops_per_device:.4g}, counts the scanned layer loop once)" if r.scanned else
+      + (f" ~{r.flops_executed_per_device:.4g} executed (estimated for remat"
+         f" '{config.model.remat}': XLA's cost analysis, {r.flops_per_device:.4g}, counts a"
+         " loop's body once)" if r.flops_estimated else
          f" {r.flops_per_device:.4g} compiled (XLA cost analysis)")
       + f"; step >= {r.step_time_floor_s * 1e3:.0f} ms at peak, MFU ceiling"
       f" {100 * r.mfu_ceiling:.0f}%",

@@ -3,8 +3,12 @@ hand-written ChatML rendering; the Llama 3 template (prefix consistency, one BOS
 from an HF checkpoint dir and from a .jinja file; record, template and config errors; JSONL
 round trip; build_data with a trained tokenizer; a short training run."""
 
+import fnmatch
 import json
+import os
 import re
+import shlex
+import tomllib
 
 import ml_collections
 import numpy as np
@@ -12,6 +16,7 @@ import pytest
 
 from llmjax import config as config_lib
 from llmjax.data import build_data, local_files_source, make_dataset
+from llmjax.data import chat
 from llmjax.data.chat import ChatTemplate, load_template
 from llmjax.data.sources import Conversation, iter_conversations
 from llmjax.data.tokenizer import Tokenizer
@@ -143,12 +148,145 @@ def test_template_from_an_hf_checkpoint_dir_and_bos_written_by_the_template(tmp_
   assert again.tolist() == tokens.tolist()
 
 
+# --- Shipped templates (data.chat_template='chatml', 'llama3', 'qwen2.5') -----------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# CONVERSATION in ChatML, written by hand.
+CHATML_TEXT = ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n'
+               '<|im_start|>assistant\n Hello there. <|im_end|>\n'
+               '<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\nBye.<|im_end|>\n')
+# CONVERSATION as Llama 3 Instruct renders it, by hand: BOS once, contents trimmed.
+LLAMA3_TEXT = ('<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>'
+               '<|start_header_id|>user<|end_header_id|>\n\nHi!<|eot_id|>'
+               '<|start_header_id|>assistant<|end_header_id|>\n\nHello there.<|eot_id|>'
+               '<|start_header_id|>user<|end_header_id|>\n\nBye?<|eot_id|>'
+               '<|start_header_id|>assistant<|end_header_id|>\n\nBye.<|eot_id|>')
+
+
+def _readme_chat_example():
+  """The README's chat SFT example: (argv after `python -m llmjax.main`, the chat.jsonl line its
+  comment shows), so the test runs the command as the README writes it."""
+  text = open(os.path.join(ROOT, 'README.md')).read()
+  for block in re.findall(r'```bash\n(.*?)```', text, re.S):
+    lines = block.replace('\\\n', ' ').splitlines()
+    for line in lines:
+      if 'llmjax.main' in line and '--config.data.format=messages' in line:
+        argv = shlex.split(line)
+        (record,) = [l.split(':', 1)[1].strip() for l in lines if l.startswith('# chat.jsonl:')]
+        return argv[argv.index('llmjax.main') + 1:], record
+  raise AssertionError('the README has no llmjax.main example with --config.data.format=messages')
+
+
+def test_readme_chat_example_validates_and_renders_chatml(tmp_path, monkeypatch):
+  """The README's command line, parsed as main parses it (in a directory holding its chat.jsonl),
+  validates and renders ChatML exactly as written by hand, loss on the assistant turns only."""
+  argv, record = _readme_chat_example()
+  assert '--config.data.chat_template=chatml' in argv
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'chat.jsonl').write_text(record + '\n')
+  argv = [a.replace('=experiments/', f'={ROOT}/experiments/') for a in argv]
+  config, workdir, rest = config_lib.parse_cli(argv)
+  assert (workdir, rest, config.data.chat_template) == ('DIR', {}, 'chatml')
+  config_lib.validate(config)
+  template = load_template(config.data, CharTokenizer())
+  assert template.origin == 'data.chat_template=chatml'
+  assert template.render(CONVERSATION) == CHATML_TEXT
+  assert template.render(CONVERSATION[:2], add_generation_prompt=True) == (
+      '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n'
+      '<|im_start|>assistant\n')
+  (row,) = _rows([Conversation(CONVERSATION)], template, seq_len=256)
+  n = len(CHATML_TEXT)
+  assert row['targets'][:n].tolist() == ids(CHATML_TEXT)
+  assert [template.tokenizer.decode(r) for r in _runs(row['targets'][:n].tolist(),
+                                                      row['loss_mask'][:n].tolist(), 1.0)] == [
+      ' Hello there. <|im_end|>\n', 'Bye.<|im_end|>\n']
+  # The README record itself renders as its one user turn and one assistant turn.
+  (conversation,) = iter_conversations(str(tmp_path / 'chat.jsonl'))
+  assert template.render(conversation.messages) == (
+      '<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n')
+
+
+def test_shipped_llama3_renders_as_llama3_instruct():
+  tok = SpecialCharTokenizer()
+  template = load_template(ml_collections.ConfigDict(dict(chat_template='llama3')), tok)
+  assert template.origin == 'data.chat_template=llama3'
+  assert template.render(CONVERSATION) == LLAMA3_TEXT
+  assert template.render(CONVERSATION) == ChatTemplate(LLAMA3, tok).render(CONVERSATION)
+  assert template.render(CONVERSATION[:2], add_generation_prompt=True) == (
+      LLAMA3_TEXT[:LLAMA3_TEXT.index('Hello')])
+  tokens, weights = template.tokenize(Conversation(CONVERSATION))
+  assert tok.decode(tokens) == LLAMA3_TEXT and (tokens == tok.bos_id).sum() == 1
+  assert [tok.decode(r) for r in _runs(tokens.tolist(), weights.tolist(), 1.0)] == [
+      'Hello there.<|eot_id|>', 'Bye.<|eot_id|>']
+
+
+def test_shipped_qwen25_is_chatml_with_its_default_system_message():
+  template = load_template(ml_collections.ConfigDict(dict(chat_template='qwen2.5')),
+                           CharTokenizer())
+  assert template.render(CONVERSATION) == CHATML_TEXT  # the conversation has a system message
+  default = ('<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful'
+             ' assistant.<|im_end|>\n')
+  assert template.render(CONVERSATION[1:3]) == default + (
+      '<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n Hello there. <|im_end|>\n')
+  tokens, weights = template.tokenize(Conversation(CONVERSATION[1:]))
+  assert [template.tokenizer.decode(r) for r in _runs(tokens.tolist(), weights.tolist(), 1.0)] == [
+      ' Hello there. <|im_end|>\n', 'Bye.<|im_end|>\n']
+
+
+def test_a_name_wins_over_a_file_of_that_name_and_paths_still_work(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'chatml').write_text('{{ messages[0].content }}')
+  tok = CharTokenizer()
+  assert load_template(ml_collections.ConfigDict(dict(chat_template='chatml')), tok).render(
+      CONVERSATION) == CHATML_TEXT
+  for path in ('./chatml', str(tmp_path / 'chatml')):
+    template = load_template(ml_collections.ConfigDict(dict(chat_template=path)), tok)
+    assert template.render(CONVERSATION) == 'Be brief.'
+
+
+@pytest.mark.parametrize('value, hint', [
+    ('chatml.jinja', " Did you mean 'chatml'?"),  # the README's old spelling, no such file
+    ('lama3', " Did you mean 'llama3'?"),
+    ('templates/qwen2.5.jinja', " Did you mean 'qwen2.5'?"),
+    ('vicuna', ''),
+])
+def test_an_unknown_name_that_is_no_file_is_one_line_listing_the_names(tmp_path, value, hint):
+  want = (f"data.chat_template='{value}' does not exist: it is neither a shipped template"
+          " ('chatml', 'llama3', 'qwen2.5') nor a file; pass one of those names, a .jinja file,"
+          f" or '' for the tokenizer's own template.{hint}")
+  with pytest.raises(ConfigError) as e:
+    load_template(ml_collections.ConfigDict(dict(chat_template=value)), CharTokenizer())
+  assert str(e.value) == want
+  c = config_lib.base_config()
+  c.data.format, c.data.chat_template = 'messages', value
+  c.data.path = _write(tmp_path / 'chat.jsonl', [_chat(0)])
+  with pytest.raises(ConfigError) as e:
+    config_lib.validate(c)
+  assert str(e.value) == want
+
+
+def test_every_shipped_template_is_package_data():
+  """A non-editable install carries each file of llmjax/data/templates (pyproject's
+  package-data matches it) and TEMPLATES names each of them."""
+  with open(os.path.join(ROOT, 'pyproject.toml'), 'rb') as f:
+    patterns = tomllib.load(f)['tool']['setuptools']['package-data']['llmjax.data']
+  shipped = sorted(os.listdir(os.path.join(ROOT, 'llmjax', 'data', 'templates')))
+  assert shipped == sorted(chat.TEMPLATES.values())
+  for name in shipped:
+    assert any(fnmatch.fnmatch(f'templates/{name}', p) for p in patterns), name
+  for name in chat.TEMPLATES:
+    source, _ = chat.template_source(name)
+    ChatTemplate(source, CharTokenizer())  # compiles
+
+
 # --- Errors ------------------------------------------------------------------------------------
 
 def test_a_missing_or_broken_template_names_data_chat_template(tmp_path):
   cfg = ml_collections.ConfigDict(dict(chat_template=''))
   with pytest.raises(ConfigError, match=r"^data.format='messages' needs a chat template .*set"
-                     r" data.chat_template to a .jinja file"):
+                     r" data.chat_template to a shipped template \('chatml', 'llama3',"
+                     r" 'qwen2.5'\) or a .jinja file"):
     load_template(cfg, CharTokenizer())  # like a trained sentencepiece tokenizer: none
   cfg.chat_template = str(tmp_path / 'nope.jinja')
   with pytest.raises(ConfigError, match=r"data.chat_template='.*nope.jinja' does not exist"):
@@ -322,20 +460,66 @@ def test_build_data_with_a_trained_tokenizer_and_a_template_file(chat_files, tmp
     build_data(cfg, str(tmp_path), seed=0, batch_size=4)
 
 
-def test_train_and_evaluate_runs_on_messages_jsonl(chat_files, tmp_path):
-  """The whole job (the fastest loop-test settings, 3 steps) on chat data from the config."""
-  import math
+def test_next_token_loss_ignores_system_and_user_targets(chat_files, tmp_path):
+  """The train step's loss on a batch of the real pipeline (trained tokenizer, the shipped
+  'chatml' template): loss_mask is 0 on every system/user/header target, and rewriting those
+  targets leaves the loss bit for bit; rewriting one assistant target changes it."""
+  import jax
+  import jax.numpy as jnp
 
+  from llmjax.models.config import get_preset
+  from llmjax.models.transformer import Transformer
+  from llmjax.train.losses import next_token_loss
+
+  path, _ = chat_files
+  cfg = ml_collections.ConfigDict(dict(
+      path=path, tfds_name='', format='messages', text_key='text', messages_key='messages',
+      chat_template='chatml', seq_len=128, tokenizer_path='', vocab_size=400,
+      tokenizer_type='bpe', eval_batches=2))
+  tok, train, _ = build_data(cfg, str(tmp_path), seed=0, batch_size=2)
+  batch = next(iter(train))
+  mask = batch['loss_mask']
+  # Each trained run decodes to an answer and its '<|im_end|>\n'; the rest holds the system
+  # message and the questions, untrained.
+  for r in range(mask.shape[0]):
+    for run in _runs(batch['targets'][r].tolist(), mask[r].tolist(), 1.0):
+      assert re.fullmatch(r'(Box \d+ is (red|green|blue|amber|violet)\.|Quite sure\.)'
+                          r'<\|im_end\|>\n', tok.decode(run)), tok.decode(run)
+    untrained = tok.decode(batch['targets'][r][(mask[r] == 0) & (batch['segment_ids'][r] > 0)])
+    assert 'painted boxes' in untrained and 'Sure?' in untrained
+  model_cfg = get_preset('tiny', num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2,
+                         head_dim=16, mlp_dim=64, vocab_size=tok.vocab_size)
+  model = Transformer(model_cfg)
+  params = model.init(jax.random.key(0), jnp.asarray(batch['inputs']))
+  loss = lambda b: float(next_token_loss(params, {k: jnp.asarray(v) for k, v in b.items()},
+                                         model.apply)[0])
+  base = loss(batch)
+  prompt_changed = dict(batch, targets=np.where(mask == 0, (batch['targets'] + 7) % tok.vocab_size,
+                                                batch['targets']))
+  assert loss(prompt_changed) == base
+  r, i = np.argwhere(mask == 1)[0]
+  answer_changed = dict(batch, targets=batch['targets'].copy())
+  answer_changed['targets'][r, i] = (answer_changed['targets'][r, i] + 7) % tok.vocab_size
+  assert loss(answer_changed) != base
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_learns_the_answers_on_messages_jsonl(chat_files, tmp_path):
+  """The whole job (the fastest loop-test settings, 40 steps, seed fixed by the config) on chat
+  data from the config: the answers ('Box i is <one of 5 colours>.', 'Quite sure.') are
+  learnt fast, so the loss on them falls to a third of the first step's."""
   from test_loop import losses, tiny_config
   from llmjax.train.loop import train_and_evaluate
 
-  c = tiny_config(steps=3, eval_every=3)
+  c = tiny_config(steps=40, eval_every=40)
   c.data.path, c.data.chat_template = chat_files
   c.data.format, c.data.vocab_size = 'messages', 400
   out = train_and_evaluate(c, str(tmp_path))
-  assert out['step'] == 3
+  assert out['step'] == 40
   got = losses(tmp_path)
-  assert sorted(got) == [1, 2, 3] and all(math.isfinite(v) for v in got.values())
+  assert sorted(got) == list(range(1, 41))
+  assert got[1] > 5.0  # it starts from nothing
+  assert max(got[38], got[39], got[40]) < got[1] / 3, got
   # The run keeps its template; `generate --chat` prompts with it: the user turn then the
   # assistant header, exactly as the template renders a conversation awaiting a reply.
   from llmjax import generate

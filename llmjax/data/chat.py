@@ -7,7 +7,9 @@ the exact text the model was tuned on. It is rendered here as transformers'
 `apply_chat_template` renders it (a sandboxed Jinja environment with trim_blocks and
 lstrip_blocks; variables `messages`, `add_generation_prompt`, `bos_token`, `eos_token`; a
 `raise_exception` function and a `tojson` filter), so a model fine-tuned here sees the same
-text at inference time through any HF-compatible server.
+text at inference time through any HF-compatible server. data.chat_template names one of the
+templates shipped in llmjax/data/templates/ (TEMPLATES: 'chatml', 'llama3', 'qwen2.5') or a
+.jinja file.
 
 Which characters belong to assistant turn i is found without parsing the template:
 render(messages[:i], add_generation_prompt=True) ends where the assistant's text starts, and
@@ -18,7 +20,9 @@ it ("prefix-stable"); one that is not (e.g. a template that drops earlier turns'
 refused with a DataError rather than trained on misaligned weights.
 """
 
+import importlib.resources
 import json
+import os
 import re
 
 import jinja2
@@ -29,7 +33,7 @@ import numpy as np
 from llmjax import files
 from llmjax.data.sources import Conversation
 from llmjax.data.tokenizer import Tokenizer
-from llmjax.errors import ConfigError, DataError
+from llmjax.errors import ConfigError, DataError, closest
 
 
 def _raise_exception(message: str):
@@ -170,24 +174,64 @@ class ChatTemplate:
     return np.asarray(tokens, np.int32), np.asarray(weights, np.float32)
 
 
+# The templates shipped in llmjax/data/templates/ (package data), by the name that
+# data.chat_template selects them with. Each file is the checkpoint's Jinja source verbatim.
+TEMPLATES = {
+    # ChatML as the transformers chat-templating docs write it (and ChatML checkpoints such as
+    # OpenHermes 2.5 ship it): no default system message, so nothing the data does not say is
+    # trained on. The choice for a tokenizer trained by the run.
+    'chatml': 'chatml.jinja',
+    # Meta-Llama-3-8B-Instruct's tokenizer_config.json chat_template: {{ bos_token }} first,
+    # contents trimmed, every turn closed by <|eot_id|>.
+    'llama3': 'llama3.jinja',
+    # Qwen2.5-7B-Instruct's: ChatML plus Qwen's default system message when the conversation
+    # has none, and tool calls.
+    'qwen2.5': 'qwen2.5.jinja',
+}
+
+
+def template_source(value: str) -> tuple[str, str]:
+  """data.chat_template -> (Jinja source, origin for messages): a name of TEMPLATES (a name
+  wins over a file of that name in the working directory, so a config means the same thing
+  wherever it runs), else a .jinja file (local or gs://). ConfigError, one line, for neither."""
+  if value in TEMPLATES:
+    resource = importlib.resources.files(__package__).joinpath('templates', TEMPLATES[value])
+    return resource.read_text(encoding='utf-8'), f"data.chat_template={value}"
+  check_template(value)
+  return files.read_text(value), f"data.chat_template={value}"
+
+
+def check_template(value: str) -> None:
+  """ConfigError when data.chat_template is neither a shipped name nor an existing file; cheap
+  (config validation calls it before anything runs)."""
+  if value in TEMPLATES or (files.exists(value) and not files.isdir(value)):
+    return
+  stem = os.path.basename(value)
+  stem = stem[:-len('.jinja')] if stem.endswith('.jinja') else stem
+  raise ConfigError(f"data.chat_template='{value}' does not exist: it is neither a shipped"
+                    f" template ({', '.join(repr(n) for n in TEMPLATES)}) nor a file; pass one"
+                    " of those names, a .jinja file, or '' for the tokenizer's own template."
+                    f"{closest(stem, TEMPLATES)}")
+
+
 NO_TEMPLATE = ("data.format='messages' needs a chat template and the tokenizer has none (one"
                " trained by the run or a sentencepiece .model file never does): set"
-               " data.chat_template to a .jinja file, or use an HF checkpoint dir that ships one"
-               " (data.tokenizer_path or init.hf_dir).")
+               " data.chat_template to a shipped template ('chatml', 'llama3', 'qwen2.5') or a"
+               " .jinja file, or use an HF checkpoint dir that ships one (data.tokenizer_path or"
+               " init.hf_dir).")
 
 
 RUN_TEMPLATE = 'chat_template.jinja'  # WORKDIR/chat_template.jinja: a run's data.chat_template
 
 
 def load_template(data_cfg, tokenizer: Tokenizer) -> ChatTemplate:
-  """The run's chat template: data.chat_template's .jinja file, else the tokenizer's own (an HF
-  checkpoint's, through data.tokenizer_path or init.hf_dir); ConfigError when there is none."""
-  path = data_cfg.get('chat_template', '')
-  if path:
-    if not files.exists(path) or files.isdir(path):
-      raise ConfigError(f"data.chat_template='{path}' does not exist; pass a .jinja file, or ''"
-                        " for the tokenizer's own template.")
-    return ChatTemplate(files.read_text(path), tokenizer, f"data.chat_template={path}")
+  """The run's chat template: data.chat_template's (a shipped name or a .jinja file), else the
+  tokenizer's own (an HF checkpoint's, through data.tokenizer_path or init.hf_dir); ConfigError
+  when there is none."""
+  value = data_cfg.get('chat_template', '')
+  if value:
+    source, origin = template_source(value)
+    return ChatTemplate(source, tokenizer, origin)
   source = getattr(tokenizer, 'chat_template', None)
   if not source:
     raise ConfigError(NO_TEMPLATE)
