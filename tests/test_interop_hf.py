@@ -265,6 +265,12 @@ def test_qwen2_sliding_window_fields():
      " Qwen2ForCausalLM, MistralForCausalLM, GPT2LMHeadModel"),
     (dict(quantization_config={'quant_method': 'gptq'}), 'dequantize the checkpoint first'),
     (dict(hidden_size=None), "required field 'hidden_size' is missing"),
+    (dict(num_attention_heads=0), 'num_attention_heads=0 must be positive'),
+    (dict(hidden_size='sixty-four'), "hidden_size='sixty-four' is not a number"),
+    (dict(rope_scaling={'rope_type': 'linear', 'factor': 'two'}),
+     r"rope_scaling.factor='two' is not a number"),
+    (dict(rope_scaling={'rope_type': 'dynamic', 'factor': 2.0}, max_position_embeddings=None),
+     "required field 'max_position_embeddings' is missing"),
 ])
 def test_unsupported_config_fields_are_named(fields, message):
   with pytest.raises(ConfigError, match=message):
@@ -349,6 +355,19 @@ def test_no_weights_or_config(tmp_path):
   (tmp_path / 'pytorch_model.bin').write_bytes(b'')
   with pytest.raises(CheckpointError, match=r"neither model.safetensors nor .*found \['pytorch_model.bin'\]"):
     load_hf(str(tmp_path))
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+  (tmp_path / 'config.json').write_text('[1, 2]')
+  with pytest.raises(CheckpointError, match='holds a JSON list, not an object of config fields'):
+    load_hf(str(tmp_path))
+
+
+def test_reading_into_a_config_with_adapters_names_the_fix():
+  # Used to be an AssertionError ('interop tensor map out of date').
+  with pytest.raises(CheckpointError, match=r'holds no LoRA adapters \(layers/attn/q/lora_a,'
+                     r' layers/attn/q/lora_b\); load it without lora_rank'):
+    load_hf(os.path.join(GOLDEN, 'llama_dynamic'), lora_rank=4, lora_targets=('q',))
 
 
 def test_export_rejects_params_of_another_model(tmp_path):

@@ -41,9 +41,13 @@ def read_hf_config(hf_dir: str) -> dict:
     raise CheckpointError(f"{path} not found: {hf_dir} is not a Hugging Face checkpoint dir.")
   try:
     with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
+      hf = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not an object of config"
+                          " fields; is it a transformers config.json?")
+  return hf
 
 
 def config_from_hf(hf: dict, path: str = 'config.json', **overrides) -> ModelConfig:
@@ -162,10 +166,7 @@ def read_params(hf_dir: str, cfg: ModelConfig, family: Family, *, shardings=None
 
   shardings: None (default device) or a pytree of `jax.sharding.Sharding`s like the params.
   """
-  reader = Reader(hf_dir, rename=family.rename)
-  check_tensors(reader, family, cfg)
   abstract = _abstract_params(cfg)
-  params = {}
   entries = [((), path, layout, None) for path, layout in family.top_tensors(cfg).items()]
   blocks = family.block_tensors(cfg).items()
   if cfg.scan_layers:
@@ -173,17 +174,35 @@ def read_params(hf_dir: str, cfg: ModelConfig, family: Family, *, shardings=None
   else:
     entries += [((f'layer_{i}',), path, layout, i)
                 for i in range(cfg.num_layers) for path, layout in blocks]
+  _check_mapped(abstract, [prefix + path for prefix, path, _, _ in entries], family, hf_dir)
+  reader = Reader(hf_dir, rename=family.rename)
+  check_tensors(reader, family, cfg)
+  params = {}
   for prefix, path, layout, layer in entries:
     full = prefix + path
     spec = _get(abstract, full)
     sharding = _get(shardings, full) if shardings is not None else None
     stacked = prefix == ('layers',)
     _set(params, full, _placed(reader, layout, spec.shape, spec.dtype, sharding, layer, stacked))
-  mapped = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-  model = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  assert mapped == model, f"interop tensor map out of date: {sorted(mapped ^ model)}"
   reader.close()
   return params
+
+
+def _check_mapped(abstract, paths, family: Family, hf_dir: str) -> None:
+  """CheckpointError unless the checkpoint's tensors give exactly the model's params."""
+  model = {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  mapped = set(paths)
+  unread = sorted('/'.join(p) for p in model - mapped)
+  if any('lora' in p for p in unread):
+    raise CheckpointError(f"{hf_dir}: a {family.architecture} checkpoint holds no LoRA adapters"
+                          f" ({_listing(unread)}); load it without lora_rank/lora_targets and"
+                          " add fresh adapters with llmjax.models.lora.with_base.")
+  if unread or mapped - model:
+    extra = sorted('/'.join(p) for p in mapped - model)
+    raise CheckpointError(f"{hf_dir}: the model config does not match the {family.architecture}"
+                          f" tensor map (params not in the checkpoint: {_listing(unread) or 'none'};"
+                          f" tensors with no param: {_listing(extra) or 'none'}); pass the config"
+                          " that config_from_hf gives for this checkpoint.")
 
 
 def load_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None, rules=None, shardings=None,

@@ -32,9 +32,13 @@ def _json(hf_dir: str, name: str) -> dict:
     return {}
   try:
     with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
+      out = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}); download it again.") from None
+  if not isinstance(out, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(out).__name__}, not an object; download"
+                          " it again.")
+  return out
 
 
 def _token_string(value) -> str | None:
@@ -83,7 +87,7 @@ def chat_template(hf_dir: str) -> str | None:
   template = (_json(hf_dir, 'chat_template.json').get('chat_template')
               or _json(hf_dir, 'tokenizer_config.json').get('chat_template'))
   if isinstance(template, list):  # [{'name': 'default', 'template': ...}, {'name': 'tool_use', ...}]
-    named = {t.get('name'): t.get('template') for t in template}
+    named = {t.get('name'): t.get('template') for t in template if isinstance(t, dict)}
     template = named.get('default') or next(iter(named.values()), None)
   return template
 
