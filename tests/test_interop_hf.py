@@ -27,7 +27,8 @@ from llmjax.models import Cache, Transformer
 from llmjax.train import checkpoint
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
-NAMES = sorted(d for d in os.listdir(GOLDEN) if os.path.isdir(os.path.join(GOLDEN, d)))
+# transformers-made checkpoints (export_sentencepiece, an llmjax export, is test_export_hf's).
+NAMES = sorted(d for d in os.listdir(GOLDEN) if os.path.exists(os.path.join(GOLDEN, d, 'golden.npz')))
 MAX_LOGIT_DIFF = 1e-4
 
 

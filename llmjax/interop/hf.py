@@ -25,7 +25,9 @@ from llmjax.interop import families
 from llmjax.interop.families import ARCHITECTURES, Family
 from llmjax.interop.layout import Layout
 from llmjax.interop.safetensors_io import Reader, write_sharded
-from llmjax.interop.tokenizer import TOKENIZER_FILES, load_tokenizer, special_ids
+from llmjax.data.tokenizer import SentencePieceTokenizer
+from llmjax.interop.tokenizer import (TOKENIZER_FILES, load_tokenizer, special_ids,
+                                      write_sentencepiece_hf_files)
 from llmjax.models.config import DTYPES, ModelConfig
 from llmjax.models.transformer import init_params, logical_axes
 
@@ -271,12 +273,20 @@ def _hf_tensors(family: Family, cfg: ModelConfig, params):
     yield from group(leaves, i)
 
 
-def _special_of(tokenizer_dir: str) -> dict:
-  """The checkpoint's declared bos/eos/pad ids (None where it declares none)."""
-  tokenizer = load_tokenizer(tokenizer_dir)
-  if tokenizer is None:  # ids from generation_config.json / config.json only
-    return special_ids(tokenizer_dir, lambda token: None)
-  return tokenizer._special
+def _special_of(tokenizer) -> dict:
+  """{'bos', 'eos', 'pad': id or None, 'eos_ids': [ids]}: what the tokenizer's files declare,
+  else, for a sentencepiece model (llmjax's own), its <s>/</s>/<pad> pieces, the ids the
+  pipeline and sampler use."""
+  special = dict(tokenizer._special)
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    piece_ids = {'bos': tokenizer.sp.bos_id(), 'eos': tokenizer.sp.eos_id(),
+                 'pad': tokenizer.sp.pad_id()}
+    for kind, i in piece_ids.items():
+      if special[kind] is None and i >= 0:
+        special[kind] = i
+    special['eos_ids'] = special['eos_ids'] or ([special['eos']] if special['eos'] is not None
+                                                else [])
+  return special
 
 
 def save_hf(hf_dir: str, cfg: ModelConfig, params, *, tokenizer_dir: str | None = None,
@@ -298,7 +308,13 @@ def save_hf(hf_dir: str, cfg: ModelConfig, params, *, tokenizer_dir: str | None 
     if tuple(leaf.shape) != tuple(spec.shape):
       raise CheckpointError(f"param {jax.tree_util.keystr(path)} has shape {list(leaf.shape)}"
                             f" but the model config implies {list(spec.shape)}.")
-  special = _special_of(tokenizer_dir) if tokenizer_dir else {}
+  tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+  if tokenizer is not None:
+    special = _special_of(tokenizer)
+  elif tokenizer_dir:  # ids from generation_config.json / config.json only
+    special = special_ids(tokenizer_dir, lambda token: None)
+  else:
+    special = {}
   os.makedirs(hf_dir, exist_ok=True)
   hf = config_to_hf(cfg, family.architecture, special)
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
@@ -310,8 +326,13 @@ def save_hf(hf_dir: str, cfg: ModelConfig, params, *, tokenizer_dir: str | None 
       if os.path.exists(os.path.join(tokenizer_dir, name)):
         shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(hf_dir, name))
         copied.add(name)
+  if 'tokenizer.model' in copied and not copied & {'tokenizer.json', 'tokenizer_config.json'}:
+    # A bare sentencepiece model (an llmjax run's own): transformers would not know its class
+    # or special tokens, so the files AutoTokenizer reads are written beside it.
+    write_sentencepiece_hf_files(tokenizer, hf_dir, model_max_length=cfg.max_seq_len)
   if 'generation_config.json' not in copied:
     eos = special.get('eos_ids') or special.get('eos')
+    eos = eos[0] if isinstance(eos, list) and len(eos) == 1 else eos
     gen = {'bos_token_id': special.get('bos'), 'eos_token_id': eos,
            'pad_token_id': special.get('pad'), '_from_model_config': True}
     with open(os.path.join(hf_dir, 'generation_config.json'), 'w') as f:
