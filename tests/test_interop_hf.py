@@ -95,6 +95,32 @@ def test_project_sampler_greedy_matches_generate(name):
   assert sampler.generate(cfg, params, g['prompt'], p, eos_id=-1) == g['generated']
 
 
+def test_dynamic_ntk_rope_grows_the_base_past_the_pretraining_context():
+  cfg, _, _ = loaded('llama_dynamic_ntk')
+  from llmjax.models.rope import inv_frequencies
+  assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_max_len) == ('dynamic', 4.0, 8)
+  plain = inv_frequencies(dataclasses.replace(cfg, rope_scaling=''))
+  got = np.asarray(inv_frequencies(cfg, seq_len=jnp.array([3, 8, 9, 48])))  # [4, head_dim / 2]
+  np.testing.assert_array_equal(got[:2], np.stack([plain, plain]))  # up to 8: unscaled
+  d = cfg.head_dim
+  for row, n in zip(got[2:], (9, 48)):  # transformers' formula, by hand in float64
+    base = 10_000.0 * (4.0 * n / 8 - 3.0) ** (d / (d - 2))
+    np.testing.assert_allclose(row, base ** (-np.arange(0, d, 2) / d), rtol=1e-5)
+
+
+def test_dynamic_ntk_sampler_and_export():
+  """The project sampler past max_position_embeddings (context raised with max_seq_len), and
+  the export keeps transformers' threshold, max_position_embeddings, at the original 8."""
+  sampler = pytest.importorskip('llmjax.infer.sampler')
+  _, _, g = golden('llama_dynamic_ntk')
+  cfg, params, _ = load_hf(os.path.join(GOLDEN, 'llama_dynamic_ntk'), max_seq_len=64)
+  p = sampler.SamplingParams(max_new_tokens=len(g['generated'][0]), temperature=0.0)
+  assert sampler.generate(cfg, params, g['prompt'], p, eos_id=-1) == g['generated']
+  hf = config_to_hf(cfg)
+  assert hf['max_position_embeddings'] == 8
+  assert hf['rope_scaling'] == {'rope_type': 'dynamic', 'factor': 4.0}
+
+
 def stored_tensors(d):
   out = {}
   for f in sorted(os.listdir(d)):

@@ -152,7 +152,10 @@ def _llama_like_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> dict:
       'hidden_size': cfg.embed_dim, 'intermediate_size': cfg.mlp_dim,
       'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
       'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim, 'hidden_act': 'silu',
-      'max_position_embeddings': cfg.max_seq_len, 'rms_norm_eps': cfg.norm_eps,
+      # transformers' dynamic scaling starts growing the base past max_position_embeddings.
+      'max_position_embeddings': (cfg.rope_original_max_len if cfg.rope_scaling == 'dynamic'
+                                  else cfg.max_seq_len),
+      'rms_norm_eps': cfg.norm_eps,
       'tie_word_embeddings': cfg.tie_embeddings, 'attention_dropout': 0.0, 'use_cache': True,
       **_rope_to_hf(cfg)}
 

@@ -6,6 +6,11 @@ sentencepiece `tokenizer.model`; its special tokens are named in `tokenizer_conf
 The first that names a token wins, in that order. `encode` adds no BOS/EOS, as everywhere in
 llmjax; the chat template (Jinja source, rendered by the data code) is the `chat_template`
 attribute.
+
+Export: a bare sentencepiece model (an llmjax run's own WORKDIR/tokenizer.model) gets the
+files transformers and vLLM read written beside it (`write_sentencepiece_hf_files`): a
+tokenizer.json that tokenizes exactly as sentencepiece does, tokenizer_config.json and
+special_tokens_map.json.
 """
 
 import json
@@ -196,6 +201,11 @@ def sentencepiece_to_tokenizers(sp: spm.SentencePieceProcessor) -> tokenizers.To
   pieces, ranked by the merged piece's score: sentencepiece merges the adjacent pair whose union
   scores highest, `tokenizers` the pair of lowest rank, so the two pick the same pairs (the
   construction of transformers' `SentencePieceExtractor`).
+
+  Two known differences: text that spells a control piece ('</s>') is that special token here,
+  as in every transformers tokenizer (sentencepiece spells it out in bytes); and a unigram
+  model's Viterbi may break ties between equally scored segmentations differently (a run of
+  spaces as '▁'+'▁▁▁' or '▁▁▁'+'▁'). BPE, the default of trained tokenizers, has no such ties.
   """
   from tokenizers import AddedToken, decoders, models, normalizers
   proto = _sp_proto(sp)
