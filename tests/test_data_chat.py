@@ -492,7 +492,7 @@ def test_next_token_loss_ignores_system_and_user_targets(chat_files, tmp_path):
   model = Transformer(model_cfg)
   params = model.init(jax.random.key(0), jnp.asarray(batch['inputs']))
   loss = lambda b: float(next_token_loss(params, {k: jnp.asarray(v) for k, v in b.items()},
-                                         model.apply)[0])
+                                         model.apply).total)
   base = loss(batch)
   prompt_changed = dict(batch, targets=np.where(mask == 0, (batch['targets'] + 7) % tok.vocab_size,
                                                 batch['targets']))

@@ -93,8 +93,15 @@ def test_generate_hf_without_tokenizer(capsys):
   rc = generate.main([f'--hf={WITHOUT_TOKENIZER}', '--prompt=hi'])
   assert rc == 2
   assert '--prompt_ids' in capsys.readouterr().err
-  rc = generate.main([f'--hf={WITHOUT_TOKENIZER}', '--prompt_ids=1,2,3', '--max_new_tokens=5',
-                      '--temperature=0', '--json'])
+  # The golden's prompt: greedy `generate --hf` continues it as transformers' generate did
+  # (tools/make_hf_goldens.py records 32 greedy steps with EOS off; the checkpoint has no
+  # tokenizer, so generate has no EOS either).
+  with open(os.path.join(WITHOUT_TOKENIZER, 'golden.json')) as f:
+    want = json.load(f)
+  prompt, continuation = want['prompt'][0], want['generated'][0]
+  rc = generate.main([f'--hf={WITHOUT_TOKENIZER}', '--prompt_ids=' + ','.join(map(str, prompt)),
+                      f'--max_new_tokens={len(continuation)}', '--temperature=0', '--json'])
   assert rc == 0
   row = json.loads(capsys.readouterr().out.splitlines()[-1])
-  assert row['prompt_ids'] == [1, 2, 3] and len(row['ids']) == 5 and row['text'] is None
+  assert row['prompt_ids'] == prompt and row['text'] is None
+  assert row['ids'] == continuation

@@ -27,7 +27,8 @@ from llmjax.models import Cache, Transformer
 from llmjax.train import checkpoint
 
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
-NAMES = sorted(d for d in os.listdir(GOLDEN) if os.path.isdir(os.path.join(GOLDEN, d)))
+# transformers-made checkpoints (export_sentencepiece, an llmjax export, is test_export_hf's).
+NAMES = sorted(d for d in os.listdir(GOLDEN) if os.path.exists(os.path.join(GOLDEN, d, 'golden.npz')))
 MAX_LOGIT_DIFF = 1e-4
 
 
@@ -92,6 +93,32 @@ def test_project_sampler_greedy_matches_generate(name):
   cfg, params, _ = loaded(name)
   p = sampler.SamplingParams(max_new_tokens=len(g['generated'][0]), temperature=0.0)
   assert sampler.generate(cfg, params, g['prompt'], p, eos_id=-1) == g['generated']
+
+
+def test_dynamic_ntk_rope_grows_the_base_past_the_pretraining_context():
+  cfg, _, _ = loaded('llama_dynamic_ntk')
+  from llmjax.models.rope import inv_frequencies
+  assert (cfg.rope_scaling, cfg.rope_scaling_factor, cfg.rope_original_max_len) == ('dynamic', 4.0, 8)
+  plain = inv_frequencies(dataclasses.replace(cfg, rope_scaling=''))
+  got = np.asarray(inv_frequencies(cfg, seq_len=jnp.array([3, 8, 9, 48])))  # [4, head_dim / 2]
+  np.testing.assert_array_equal(got[:2], np.stack([plain, plain]))  # up to 8: unscaled
+  d = cfg.head_dim
+  for row, n in zip(got[2:], (9, 48)):  # transformers' formula, by hand in float64
+    base = 10_000.0 * (4.0 * n / 8 - 3.0) ** (d / (d - 2))
+    np.testing.assert_allclose(row, base ** (-np.arange(0, d, 2) / d), rtol=1e-5)
+
+
+def test_dynamic_ntk_sampler_and_export():
+  """The project sampler past max_position_embeddings (context raised with max_seq_len), and
+  the export keeps transformers' threshold, max_position_embeddings, at the original 8."""
+  sampler = pytest.importorskip('llmjax.infer.sampler')
+  _, _, g = golden('llama_dynamic_ntk')
+  cfg, params, _ = load_hf(os.path.join(GOLDEN, 'llama_dynamic_ntk'), max_seq_len=64)
+  p = sampler.SamplingParams(max_new_tokens=len(g['generated'][0]), temperature=0.0)
+  assert sampler.generate(cfg, params, g['prompt'], p, eos_id=-1) == g['generated']
+  hf = config_to_hf(cfg)
+  assert hf['max_position_embeddings'] == 8
+  assert hf['rope_scaling'] == {'rope_type': 'dynamic', 'factor': 4.0}
 
 
 def stored_tensors(d):
@@ -265,6 +292,12 @@ def test_qwen2_sliding_window_fields():
      " Qwen2ForCausalLM, MistralForCausalLM, GPT2LMHeadModel"),
     (dict(quantization_config={'quant_method': 'gptq'}), 'dequantize the checkpoint first'),
     (dict(hidden_size=None), "required field 'hidden_size' is missing"),
+    (dict(num_attention_heads=0), 'num_attention_heads=0 must be positive'),
+    (dict(hidden_size='sixty-four'), "hidden_size='sixty-four' is not a number"),
+    (dict(rope_scaling={'rope_type': 'linear', 'factor': 'two'}),
+     r"rope_scaling.factor='two' is not a number"),
+    (dict(rope_scaling={'rope_type': 'dynamic', 'factor': 2.0}, max_position_embeddings=None),
+     "required field 'max_position_embeddings' is missing"),
 ])
 def test_unsupported_config_fields_are_named(fields, message):
   with pytest.raises(ConfigError, match=message):
@@ -349,6 +382,19 @@ def test_no_weights_or_config(tmp_path):
   (tmp_path / 'pytorch_model.bin').write_bytes(b'')
   with pytest.raises(CheckpointError, match=r"neither model.safetensors nor .*found \['pytorch_model.bin'\]"):
     load_hf(str(tmp_path))
+
+
+def test_config_json_that_is_not_an_object(tmp_path):
+  (tmp_path / 'config.json').write_text('[1, 2]')
+  with pytest.raises(CheckpointError, match='holds a JSON list, not an object of config fields'):
+    load_hf(str(tmp_path))
+
+
+def test_reading_into_a_config_with_adapters_names_the_fix():
+  # Used to be an AssertionError ('interop tensor map out of date').
+  with pytest.raises(CheckpointError, match=r'holds no LoRA adapters \(layers/attn/q/lora_a,'
+                     r' layers/attn/q/lora_b\); load it without lora_rank'):
+    load_hf(os.path.join(GOLDEN, 'llama_dynamic'), lora_rank=4, lora_targets=('q',))
 
 
 def test_export_rejects_params_of_another_model(tmp_path):

@@ -3,6 +3,7 @@
     /tmp/hf/bin/python tools/make_hf_goldens.py            # build goldens, then check exports
     /tmp/hf/bin/python tools/make_hf_goldens.py --check    # only check exports of existing goldens
     /tmp/hf/bin/python tools/make_hf_goldens.py --no-check # only build the goldens
+    /tmp/hf/bin/python tools/make_hf_goldens.py --only=llama_dynamic_ntk  # one golden (same seed)
 
 Runs in a Python with torch + transformers (never the test suite's venv). For each family it
 builds a tiny random-weight model with transformers (eager attention, float32), saves it with
@@ -13,7 +14,7 @@ builds a tiny random-weight model with transformers (eager attention, float32), 
 Weights are drawn wider than transformers' init (and biases/norm scales are not left at 0/1) so
 that every tensor matters and greedy decoding has clear margins between the top two tokens.
 
-The export check runs llmjax (in /work/venv, no torch) to import each golden and export it back
+The export check runs llmjax (in LLMJAX_PYTHON, default /work/main/.venv/bin/python, no torch) to import each golden and export it back
 (`python -m llmjax.convert --from=hf` then `--to=hf`), loads the export with transformers and
 compares logits with the golden's (max |diff| <= 1e-4).
 """
@@ -33,7 +34,7 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, 'tests', 'golden')
-LLMJAX_PYTHON = '/work/venv/bin/python'
+LLMJAX_PYTHON = os.environ.get('LLMJAX_PYTHON', '/work/main/.venv/bin/python')
 VOCAB = 256
 PROMPT_LEN = 16  # the window of `mistral_window` (8) is shorter than prompt + continuation
 NEW_TOKENS = 32
@@ -72,6 +73,13 @@ MODELS = {
     'gpt2': (GPT2LMHeadModel, lambda: GPT2Config(
         vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=1,
         eos_token_id=2)),
+    # Dynamic NTK scaling in use: max_position_embeddings 8 < the prompt (16), so the forward
+    # pass runs with the base grown for 16 positions and every decoding step grows it further
+    # (transformers recomputes it from the largest position + 1 of each call). Last, so the
+    # seeds of the others are unchanged.
+    'llama_dynamic_ntk': (LlamaForCausalLM, lambda: LlamaConfig(
+        **dict(COMMON, max_position_embeddings=8), num_attention_heads=4, num_key_value_heads=2,
+        rope_scaling={'rope_type': 'dynamic', 'factor': 4.0})),
 }
 SHARDED = {'llama_gqa_llama3': '150KB'}  # max_shard_size: several shards + index.json
 
@@ -196,12 +204,14 @@ def check_export(name: str) -> float:
 def main(argv: list[str]) -> int:
   torch.set_num_threads(2)
   print(f'transformers {transformers.__version__}, torch {torch.__version__}')
+  only = [a.split('=', 1)[1] for a in argv if a.startswith('--only=')]
+  names = only or list(MODELS)
   if '--check' not in argv:
-    for seed, name in enumerate(MODELS):
-      build(name, seed)
+    for name in names:
+      build(name, list(MODELS).index(name))
   if '--no-check' in argv:  # before llmjax.convert exists
     return 0
-  worst = max(check_export(name) for name in MODELS)
+  worst = max(check_export(name) for name in names)
   return 0 if worst <= 1e-4 else 1
 
 

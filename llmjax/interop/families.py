@@ -39,6 +39,25 @@ def _require(hf: dict, key: str, path: str):
   return hf[key]
 
 
+def _number(value, key: str, path: str, kind=float):
+  """`kind(value)`, or a ConfigError naming the field (configs edited by hand carry strings)."""
+  try:
+    if isinstance(value, bool) or (kind is int and float(value) != int(value)):
+      raise ValueError
+    return kind(value)
+  except (TypeError, ValueError):
+    raise ConfigError(f"{path}: {key}={value!r} is not a number; fix the config.json.") from None
+
+
+def _size(hf: dict, key: str, path: str, default=None) -> int:
+  """A required (or defaulted) positive integer field."""
+  value = _require(hf, key, path) if default is None else (hf.get(key) or default)
+  value = _number(value, key, path, int)
+  if value <= 0:
+    raise ConfigError(f"{path}: {key}={value} must be positive; fix the config.json.")
+  return value
+
+
 def _only(hf: dict, path: str, arch: str, allowed: dict[str, tuple]) -> None:
   """Fields whose other values change the math in ways llmjax does not implement."""
   for key, values in allowed.items():
@@ -77,17 +96,21 @@ def _rope(hf: dict, path: str) -> dict:
   if extra:
     raise ConfigError(f"{path}: {key} fields {extra} are not supported for rope_type='{kind}';"
                       f" llmjax reads only {sorted(ROPE_KEYS[kind]) or 'rope_theta'}.")
-  fields = dict(rope_theta=float(theta), rope_scaling=ROPE_TYPES[kind])
+  where = f'{path}: {key}'
+  fields = dict(rope_theta=_number(theta, 'rope_theta', path), rope_scaling=ROPE_TYPES[kind])
   if kind != 'default':
-    fields['rope_scaling_factor'] = float(_require(params, 'factor', f'{path}: {key}'))
+    fields['rope_scaling_factor'] = _number(_require(params, 'factor', where), f'{key}.factor', path)
   if kind == 'llama3':
-    fields.update(rope_low_freq_factor=float(params.get('low_freq_factor', 1.0)),
-                  rope_high_freq_factor=float(params.get('high_freq_factor', 4.0)),
-                  rope_original_max_len=int(_require(params, 'original_max_position_embeddings',
-                                                     f'{path}: {key}')))
+    fields.update(
+        rope_low_freq_factor=_number(params.get('low_freq_factor', 1.0), f'{key}.low_freq_factor', path),
+        rope_high_freq_factor=_number(params.get('high_freq_factor', 4.0), f'{key}.high_freq_factor', path),
+        rope_original_max_len=_number(_require(params, 'original_max_position_embeddings', where),
+                                      f'{key}.original_max_position_embeddings', path, int))
   if kind == 'dynamic':
-    # transformers grows the base only past max_position_embeddings (= max_seq_len here).
-    fields['rope_original_max_len'] = int(hf['max_position_embeddings'])
+    # transformers (5.x `_compute_dynamic_ntk_parameters`) grows the base past
+    # max_position_embeddings, not past rope_scaling's original_max_position_embeddings.
+    fields['rope_original_max_len'] = _number(_require(hf, 'max_position_embeddings', path),
+                                              'max_position_embeddings', path, int)
   return fields
 
 
@@ -105,16 +128,17 @@ def _rope_to_hf(cfg: ModelConfig) -> dict:
 
 def _llama_like(hf: dict, path: str, arch: str) -> dict:
   _only(hf, path, arch, {'hidden_act': ('silu',), 'partial_rotary_factor': (1.0,)})
-  embed = _require(hf, 'hidden_size', path)
-  heads = _require(hf, 'num_attention_heads', path)
+  embed = _size(hf, 'hidden_size', path)
+  heads = _size(hf, 'num_attention_heads', path)
   return dict(
-      vocab_size=_require(hf, 'vocab_size', path),
-      num_layers=_require(hf, 'num_hidden_layers', path), embed_dim=embed, num_heads=heads,
-      num_kv_heads=hf.get('num_key_value_heads') or heads,
-      head_dim=hf.get('head_dim') or embed // heads,
-      mlp_dim=_require(hf, 'intermediate_size', path),
-      max_seq_len=_require(hf, 'max_position_embeddings', path),
-      norm='rmsnorm', norm_eps=float(hf.get('rms_norm_eps', 1e-6)), mlp='swiglu',
+      vocab_size=_size(hf, 'vocab_size', path),
+      num_layers=_size(hf, 'num_hidden_layers', path), embed_dim=embed, num_heads=heads,
+      num_kv_heads=_size(hf, 'num_key_value_heads', path, heads),
+      head_dim=_size(hf, 'head_dim', path, max(embed // heads, 1)),
+      mlp_dim=_size(hf, 'intermediate_size', path),
+      max_seq_len=_size(hf, 'max_position_embeddings', path),
+      norm='rmsnorm', norm_eps=_number(hf.get('rms_norm_eps', 1e-6), 'rms_norm_eps', path),
+      mlp='swiglu',
       position='rope', tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
       **_rope(hf, path))
 
@@ -128,7 +152,10 @@ def _llama_like_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> dict:
       'hidden_size': cfg.embed_dim, 'intermediate_size': cfg.mlp_dim,
       'num_hidden_layers': cfg.num_layers, 'num_attention_heads': cfg.num_heads,
       'num_key_value_heads': cfg.num_kv_heads, 'head_dim': cfg.head_dim, 'hidden_act': 'silu',
-      'max_position_embeddings': cfg.max_seq_len, 'rms_norm_eps': cfg.norm_eps,
+      # transformers' dynamic scaling starts growing the base past max_position_embeddings.
+      'max_position_embeddings': (cfg.rope_original_max_len if cfg.rope_scaling == 'dynamic'
+                                  else cfg.max_seq_len),
+      'rms_norm_eps': cfg.norm_eps,
       'tie_word_embeddings': cfg.tie_embeddings, 'attention_dropout': 0.0, 'use_cache': True,
       **_rope_to_hf(cfg)}
 
@@ -155,14 +182,14 @@ def _qwen2_window(hf: dict, path: str) -> int:
   use_sliding_window (transformers' Qwen2Config.layer_types); llmjax has one window for all."""
   if not hf.get('use_sliding_window') or not hf.get('sliding_window'):
     return 0
-  layers = hf['num_hidden_layers']
+  layers = _size(hf, 'num_hidden_layers', path)
   types = hf.get('layer_types') or [
       'sliding_attention' if i >= hf.get('max_window_layers', layers) else 'full_attention'
       for i in range(layers)]
   if all(t == 'full_attention' for t in types):
     return 0
   if all(t == 'sliding_attention' for t in types):
-    return int(hf['sliding_window'])
+    return _size(hf, 'sliding_window', path)
   n = sum(t == 'sliding_attention' for t in types)
   raise ConfigError(
       f"{path}: use_sliding_window=true with max_window_layers={hf.get('max_window_layers')}"
@@ -189,7 +216,8 @@ def _qwen2_to_hf(cfg):
 
 def _mistral_from_hf(hf, path):
   fields = _llama_like(hf, path, 'MistralForCausalLM')
-  return dict(fields, sliding_window=int(hf.get('sliding_window') or 0))
+  window = hf.get('sliding_window') or 0
+  return dict(fields, sliding_window=_number(window, 'sliding_window', path, int) if window else 0)
 
 
 def _mistral_to_hf(cfg):
@@ -205,13 +233,14 @@ def _gpt2_from_hf(hf, path):
       'activation_function': ('gelu_new', 'gelu_pytorch_tanh'),
       'scale_attn_weights': (True,), 'scale_attn_by_inverse_layer_idx': (False,),
       'add_cross_attention': (False,)})
-  embed = _require(hf, 'n_embd', path)
-  heads = _require(hf, 'n_head', path)
+  embed = _size(hf, 'n_embd', path)
+  heads = _size(hf, 'n_head', path)
   return dict(
-      vocab_size=_require(hf, 'vocab_size', path), num_layers=_require(hf, 'n_layer', path),
-      embed_dim=embed, num_heads=heads, num_kv_heads=heads, head_dim=embed // heads,
-      mlp_dim=hf.get('n_inner') or 4 * embed, max_seq_len=_require(hf, 'n_positions', path),
-      norm='layernorm', norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)), mlp='gelu',
+      vocab_size=_size(hf, 'vocab_size', path), num_layers=_size(hf, 'n_layer', path),
+      embed_dim=embed, num_heads=heads, num_kv_heads=heads, head_dim=max(embed // heads, 1),
+      mlp_dim=_size(hf, 'n_inner', path, 4 * embed), max_seq_len=_size(hf, 'n_positions', path),
+      norm='layernorm', mlp='gelu',
+      norm_eps=_number(hf.get('layer_norm_epsilon', 1e-5), 'layer_norm_epsilon', path),
       position='learned', qkv_bias=True, out_bias=True, mlp_bias=True,
       tie_embeddings=bool(hf.get('tie_word_embeddings', True)))
 

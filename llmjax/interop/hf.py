@@ -25,7 +25,9 @@ from llmjax.interop import families
 from llmjax.interop.families import ARCHITECTURES, Family
 from llmjax.interop.layout import Layout
 from llmjax.interop.safetensors_io import Reader, write_sharded
-from llmjax.interop.tokenizer import TOKENIZER_FILES, load_tokenizer, special_ids
+from llmjax.data.tokenizer import SentencePieceTokenizer
+from llmjax.interop.tokenizer import (TOKENIZER_FILES, load_tokenizer, special_ids,
+                                      write_sentencepiece_hf_files)
 from llmjax.models.config import DTYPES, RUNTIME_FIELDS, ModelConfig, check_architecture
 from llmjax.models.transformer import init_params, logical_axes
 
@@ -41,9 +43,13 @@ def read_hf_config(hf_dir: str) -> dict:
     raise CheckpointError(f"{path} not found: {hf_dir} is not a Hugging Face checkpoint dir.")
   try:
     with open(path) as f:
-      return json.load(f)
-  except json.JSONDecodeError as e:
+      hf = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise CheckpointError(f"{path} is not valid JSON ({e}).") from None
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{path} holds a JSON {type(hf).__name__}, not an object of config"
+                          " fields; is it a transformers config.json?")
+  return hf
 
 
 def config_from_hf(hf: dict, path: str = 'config.json', **overrides) -> ModelConfig:
@@ -151,10 +157,7 @@ def read_params(hf_dir: str, cfg: ModelConfig, family: Family, *, shardings=None
 
   shardings: None (default device) or a pytree of `jax.sharding.Sharding`s like the params.
   """
-  reader = Reader(hf_dir, rename=family.rename)
-  check_tensors(reader, family, cfg)
   abstract = _abstract_params(cfg)
-  params = {}
   entries = [((), path, layout, None) for path, layout in family.top_tensors(cfg).items()]
   blocks = family.block_tensors(cfg).items()
   if cfg.scan_layers:
@@ -162,17 +165,35 @@ def read_params(hf_dir: str, cfg: ModelConfig, family: Family, *, shardings=None
   else:
     entries += [((f'layer_{i}',), path, layout, i)
                 for i in range(cfg.num_layers) for path, layout in blocks]
+  _check_mapped(abstract, [prefix + path for prefix, path, _, _ in entries], family, hf_dir)
+  reader = Reader(hf_dir, rename=family.rename)
+  check_tensors(reader, family, cfg)
+  params = {}
   for prefix, path, layout, layer in entries:
     full = prefix + path
     spec = _get(abstract, full)
     sharding = _get(shardings, full) if shardings is not None else None
     stacked = prefix == ('layers',)
     _set(params, full, _placed(reader, layout, spec.shape, spec.dtype, sharding, layer, stacked))
-  mapped = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
-  model = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
-  assert mapped == model, f"interop tensor map out of date: {sorted(mapped ^ model)}"
   reader.close()
   return params
+
+
+def _check_mapped(abstract, paths, family: Family, hf_dir: str) -> None:
+  """CheckpointError unless the checkpoint's tensors give exactly the model's params."""
+  model = {tuple(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+  mapped = set(paths)
+  unread = sorted('/'.join(p) for p in model - mapped)
+  if any('lora' in p for p in unread):
+    raise CheckpointError(f"{hf_dir}: a {family.architecture} checkpoint holds no LoRA adapters"
+                          f" ({_listing(unread)}); load it without lora_rank/lora_targets and"
+                          " add fresh adapters with llmjax.models.lora.with_base.")
+  if unread or mapped - model:
+    extra = sorted('/'.join(p) for p in mapped - model)
+    raise CheckpointError(f"{hf_dir}: the model config does not match the {family.architecture}"
+                          f" tensor map (params not in the checkpoint: {_listing(unread) or 'none'};"
+                          f" tensors with no param: {_listing(extra) or 'none'}); pass the config"
+                          " that config_from_hf gives for this checkpoint.")
 
 
 def load_hf(hf_dir: str, *, mesh: jax.sharding.Mesh | None = None, rules=None, shardings=None,
@@ -241,12 +262,20 @@ def _hf_tensors(family: Family, cfg: ModelConfig, params):
     yield from group(leaves, i)
 
 
-def _special_of(tokenizer_dir: str) -> dict:
-  """The checkpoint's declared bos/eos/pad ids (None where it declares none)."""
-  tokenizer = load_tokenizer(tokenizer_dir)
-  if tokenizer is None:  # ids from generation_config.json / config.json only
-    return special_ids(tokenizer_dir, lambda token: None)
-  return tokenizer._special
+def _special_of(tokenizer) -> dict:
+  """{'bos', 'eos', 'pad': id or None, 'eos_ids': [ids]}: what the tokenizer's files declare,
+  else, for a sentencepiece model (llmjax's own), its <s>/</s>/<pad> pieces, the ids the
+  pipeline and sampler use."""
+  special = dict(tokenizer._special)
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    piece_ids = {'bos': tokenizer.sp.bos_id(), 'eos': tokenizer.sp.eos_id(),
+                 'pad': tokenizer.sp.pad_id()}
+    for kind, i in piece_ids.items():
+      if special[kind] is None and i >= 0:
+        special[kind] = i
+    special['eos_ids'] = special['eos_ids'] or ([special['eos']] if special['eos'] is not None
+                                                else [])
+  return special
 
 
 def save_hf(hf_dir: str, cfg: ModelConfig, params, *, tokenizer_dir: str | None = None,
@@ -268,7 +297,13 @@ def save_hf(hf_dir: str, cfg: ModelConfig, params, *, tokenizer_dir: str | None 
     if tuple(leaf.shape) != tuple(spec.shape):
       raise CheckpointError(f"param {jax.tree_util.keystr(path)} has shape {list(leaf.shape)}"
                             f" but the model config implies {list(spec.shape)}.")
-  special = _special_of(tokenizer_dir) if tokenizer_dir else {}
+  tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+  if tokenizer is not None:
+    special = _special_of(tokenizer)
+  elif tokenizer_dir:  # ids from generation_config.json / config.json only
+    special = special_ids(tokenizer_dir, lambda token: None)
+  else:
+    special = {}
   os.makedirs(hf_dir, exist_ok=True)
   hf = config_to_hf(cfg, family.architecture, special)
   with open(os.path.join(hf_dir, 'config.json'), 'w') as f:
@@ -280,8 +315,13 @@ def save_hf(hf_dir: str, cfg: ModelConfig, params, *, tokenizer_dir: str | None 
       if os.path.exists(os.path.join(tokenizer_dir, name)):
         shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(hf_dir, name))
         copied.add(name)
+  if 'tokenizer.model' in copied and not copied & {'tokenizer.json', 'tokenizer_config.json'}:
+    # A bare sentencepiece model (an llmjax run's own): transformers would not know its class
+    # or special tokens, so the files AutoTokenizer reads are written beside it.
+    write_sentencepiece_hf_files(tokenizer, hf_dir, model_max_length=cfg.max_seq_len)
   if 'generation_config.json' not in copied:
     eos = special.get('eos_ids') or special.get('eos')
+    eos = eos[0] if isinstance(eos, list) and len(eos) == 1 else eos
     gen = {'bos_token_id': special.get('bos'), 'eos_token_id': eos,
            'pad_token_id': special.get('pad'), '_from_model_config': True}
     with open(os.path.join(hf_dir, 'generation_config.json'), 'w') as f:

@@ -183,7 +183,8 @@ class Attention(nn.Module):
     v = dense((cfg.num_kv_heads, cfg.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), 'v',
               cfg.qkv_bias)(x)
     if cfg.position == 'rope':
-      inv_freq = inv_frequencies(cfg, seq_len=None)
+      # Dynamic scaling sizes the base by the sequence so far, as transformers does per call.
+      inv_freq = inv_frequencies(cfg, seq_len=jnp.max(positions, axis=-1) + 1)  # [batch] lengths
       q = apply_rope(q, positions, inv_freq)
       k = apply_rope(k, positions, inv_freq)
     q = nn.with_logical_constraint(q, (axes.BATCH, axes.LENGTH, axes.HEADS, axes.HEAD_DIM))

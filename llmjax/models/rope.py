@@ -12,18 +12,25 @@ import numpy as np
 from llmjax.models.config import ModelConfig
 
 
-def inv_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> np.ndarray:
-  """Inverse frequencies [head_dim // 2] after `cfg.rope_scaling`, as float32 numpy.
+def inv_frequencies(cfg: ModelConfig, seq_len=None):
+  """Inverse frequencies [head_dim // 2] after `cfg.rope_scaling`, as float32 numpy; for
+  'dynamic' scaling with `seq_len` given, float32 [*seq_len.shape, head_dim // 2].
 
-  `seq_len` matters only for 'dynamic' (NTK-aware) scaling, which grows the base once the
-  sequence exceeds the pretraining context (transformers' `_compute_dynamic_ntk_parameters`).
+  `seq_len` (an int or an int array, e.g. [batch]: each sequence's largest position + 1)
+  matters only for 'dynamic' (NTK-aware) scaling, which grows the base once the sequence
+  exceeds the pretraining context `rope_original_max_len` (transformers'
+  `_compute_dynamic_ntk_parameters`, in float32 as there).
   """
   dim = cfg.head_dim
   base = cfg.rope_theta
-  if cfg.rope_scaling == 'dynamic' and seq_len is not None and seq_len > cfg.rope_original_max_len:
-    factor = cfg.rope_scaling_factor
-    base = base * ((factor * seq_len / cfg.rope_original_max_len) - (factor - 1)) ** (dim / (dim - 2))
-  inv = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim))
+  exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+  inv = 1.0 / (base ** exponents)
+  if cfg.rope_scaling == 'dynamic' and seq_len is not None:
+    factor, old_len = cfg.rope_scaling_factor, cfg.rope_original_max_len
+    seq = jnp.asarray(seq_len).astype(jnp.float32)[..., None]  # [..., 1]
+    grown = base * ((factor * seq / old_len) - (factor - 1)) ** (dim / (dim - 2))
+    # Up to the pretraining context the frequencies are exactly the unscaled ones.
+    return jnp.where(seq > old_len, 1.0 / (grown ** exponents), inv).astype(jnp.float32)
   if cfg.rope_scaling == 'linear':
     inv = inv / cfg.rope_scaling_factor
   elif cfg.rope_scaling == 'llama3':
@@ -45,9 +52,12 @@ def inv_frequencies(cfg: ModelConfig, seq_len: int | None = None) -> np.ndarray:
 def apply_rope(x: jnp.ndarray, positions: jnp.ndarray, inv_freq: np.ndarray) -> jnp.ndarray:
   """Rotates x [batch, length, heads, head_dim] by its positions [batch, length].
 
+  inv_freq: [head_dim/2], or [batch, head_dim/2] (dynamic scaling: each sequence its own).
   Angles are computed in float32 (positions up to 128k lose precision in bfloat16); the result
   has x's dtype.
   """
+  if inv_freq.ndim == 2:
+    inv_freq = inv_freq[:, None, :]  # [batch, 1, head_dim/2]
   angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, length, head_dim/2]
   sin = jnp.sin(angles)[:, :, None, :]
   cos = jnp.cos(angles)[:, :, None, :]
