@@ -10,7 +10,6 @@ reads only what its devices hold and never the whole model; stacked (scanned) la
 the layers of the block.
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ from llmjax.interop.safetensors_io import Reader, write_sharded
 from llmjax.data.tokenizer import SentencePieceTokenizer
 from llmjax.interop.tokenizer import (TOKENIZER_FILES, load_tokenizer, special_ids,
                                       write_sentencepiece_hf_files)
-from llmjax.models.config import DTYPES, RUNTIME_FIELDS, ModelConfig, check_architecture
+from llmjax.models.config import RUNTIME_FIELDS, ModelConfig, check_architecture
 from llmjax.models.transformer import init_params, logical_axes
 
 # config.json's dtype (transformers 5 spelling) or torch_dtype (transformers 4) -> ours.
