@@ -167,3 +167,29 @@ def test_a_resumed_fine_tune_equals_an_uninterrupted_one(tmp_path):
   # Fine-tuning started from the base run's weights: its first loss is far below the first
   # loss of the (freshly initialised) base run.
   assert want[1] < rows(base)[1] - 0.5
+
+
+@pytest.mark.slow
+def test_experiments_sft_fine_tunes_a_checkpoint_without_a_matching_preset(tmp_path):
+  """experiments/sft.py pins no preset: the golden Llama checkpoint (2 layers, d=64, not a
+  preset) trains as is, in float32 master weights, from its own weights."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  data = tmp_path / 'sft.jsonl'
+  data.write_text(''.join(json.dumps({'prompt': f'Q: {i} + 1?\nA:', 'completion': f' {i + 1}'})
+                          + '\n' for i in range(40)))
+  c = config_lib.load_config(os.path.join(root, 'experiments/sft.py:seq_len=32,batch=4'))
+  c.init.hf_dir = GOLDEN
+  c.data.path = str(data)
+  c.data.eval_batches = 1
+  c.model.dtype = 'float32'
+  c.train.update(dict(steps=2, lr=0.0, eval_every=2, log_every=1))
+  out = train_and_evaluate(c, str(tmp_path / 'run'))
+  assert out['step'] == 2
+  from llmjax.interop import load_hf
+  want_cfg, want, _ = load_hf(GOLDEN, scan_layers=False)  # the experiment's (tiny's) layout
+  saved = checkpoint.read_model_config(str(tmp_path / 'run'))
+  assert (saved.num_layers, saved.embed_dim, saved.vocab_size) == (
+      want_cfg.num_layers, want_cfg.embed_dim, want_cfg.vocab_size)
+  got, _ = checkpoint.restore_params(str(tmp_path / 'run'))
+  jax.tree.map(np.testing.assert_array_equal, got, want)  # lr 0: still the checkpoint's
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(got))
