@@ -132,11 +132,13 @@ def parse_cli(argv: list[str], *, need_workdir: bool = True):
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
-             data_files: bool = True) -> ModelConfig:
+             data_files: bool = True, platform: str | None = None) -> ModelConfig:
   """Checks the whole config before anything compiles; returns the ModelConfig.
 
   data_files=False skips the checks that need the data (data.path, data.tokenizer_path) to be
   given and to exist on this machine: `llmjax.plan` compiles the step where they are not.
+  platform: where the step will run ('cpu', 'gpu', 'tpu'), for model.attention's kernel;
+  default `jax.default_backend()` (`llmjax.plan` passes 'tpu').
   """
   model = ModelConfig.from_dict(config.model)
   t = config.train
@@ -182,6 +184,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if init.get('hf_dir'):
     from llmjax.interop import hf  # reads only config.json: cheap, and before any compile
     hf.check_matches(init.hf_dir, model)
+  import jax
+  from llmjax.kernels import dispatch  # the attention kernel's own limits, known before tracing
+  dispatch.check_config(model, platform or jax.default_backend())
   return model
 
 
