@@ -136,11 +136,13 @@ def parse_cli(argv: list[str], *, need_workdir: bool = True):
 
 
 def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
-             data_files: bool = True) -> ModelConfig:
+             data_files: bool = True, platform: str | None = None) -> ModelConfig:
   """Checks the whole config before anything compiles; returns the ModelConfig.
 
   data_files=False skips the checks that need the data (data.path, data.tokenizer_path) to be
   given and to exist on this machine: `llmjax.plan` compiles the step where they are not.
+  platform: where the step will run ('cpu', 'gpu', 'tpu'), for model.attention's kernel;
+  default `jax.default_backend()` (`llmjax.plan` passes 'tpu').
   """
   model = ModelConfig.from_dict(config.model)
   t = config.train
@@ -194,6 +196,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     from llmjax.train import checkpoint, state  # model_config.json and the step list only
     state.check_params_dir(init.params_dir, model)
     checkpoint.latest_step(init.params_dir)
+  import jax
+  from llmjax.kernels import dispatch  # the attention kernel's own limits, known before tracing
+  dispatch.check_config(model, platform or jax.default_backend())
   return model
 
 

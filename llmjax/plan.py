@@ -179,7 +179,7 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
   from llmjax.train.loop import make_trainer
 
   # plan reads no data: check everything but the data files, which live where the job runs.
-  model_cfg = config_lib.validate(config, data_files=False)
+  model_cfg = config_lib.validate(config, data_files=False, platform='tpu')
   slices = sharding.num_slices(config.mesh) if slices is None else slices
   devices = get_topology(topology, slices)
   sizes = sharding.validate(config, model_cfg, len(devices), slices)

@@ -85,3 +85,67 @@ def test_model_decodes_the_same_with_pallas_as_with_xla():
     return jnp.concatenate(out, axis=1)
 
   np.testing.assert_allclose(run('pallas'), run('xla'), atol=1e-4, rtol=1e-4)
+
+
+# --- Cache length: whole kernel blocks, so a decode step reads the cache in place.
+
+def _primitives(fn, *args):
+  """Primitives of fn's jaxpr, inside nested jits too, but not inside the kernel itself."""
+  names = set()
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      names.add(eqn.primitive.name)
+      if eqn.primitive.name == 'pallas_call':
+        continue
+      for value in eqn.params.values():
+        if isinstance(value, jax.extend.core.ClosedJaxpr):
+          walk(value.jaxpr)
+        elif isinstance(value, jax.extend.core.Jaxpr):
+          walk(value)
+
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return names
+
+
+@pytest.mark.parametrize('n', [1, 7, 64, 300, 512, 513, 600, 1024, 1500, 4096])
+def test_cache_length_is_whole_blocks(n):
+  block = da.BlockSizes().block_k
+  c = da.cache_length(n)
+  assert n <= c < n + block
+  if n > block:
+    assert c % block == 0
+  else:  # one block of the whole cache, rounded to sublanes
+    assert c % 8 == 0 and c - n < 8
+  assert da.cache_length(c) == c  # already aligned: unchanged
+
+
+@pytest.mark.parametrize('s, pads', [(600, True), (da.cache_length(600), False), (300, True),
+                                     (da.cache_length(300), False)])
+def test_decode_pads_the_cache_only_when_it_is_not_whole_blocks(s, pads):
+  # A pad of the [batch, s, kv_heads, head_dim] cache is a copy of all of it every step.
+  q = jnp.zeros((2, 1, 4, 64))
+  k = jnp.zeros((2, s, 2, 64))
+  mask = Mask(causal=True, q_offset=jnp.array([3, 5]), kv_lengths=jnp.array([4, 6]))
+  prims = _primitives(
+      lambda q, k, v: da.decode_attention(q, k, v, mask, interpret=True), q, k, k)
+  assert ('pad' in prims) == pads, prims
+  assert 'pallas_call' in prims
+
+
+def test_dispatch_cache_length_rounds_only_where_the_decode_kernel_runs():
+  import types
+  from llmjax.kernels import dispatch
+  cfg = lambda attention, head_dim=64: types.SimpleNamespace(attention=attention,
+                                                              head_dim=head_dim)
+  n, aligned = 600, da.cache_length(600)
+  assert aligned != n
+  assert dispatch.cache_length(n, cfg('pallas_tpu'), 'tpu') == aligned
+  assert dispatch.cache_length(n, cfg('pallas_tpu'), 'cpu') == aligned  # interpreted
+  assert dispatch.cache_length(n, cfg('pallas'), 'tpu') == aligned
+  assert dispatch.cache_length(n, cfg('auto'), 'tpu') == aligned
+  # XLA reads every slot: a longer cache would cost it work. The Triton kernel pads to 64s.
+  assert dispatch.cache_length(n, cfg('auto'), 'cpu') == n
+  assert dispatch.cache_length(n, cfg('auto', head_dim=192), 'tpu') == n  # auto -> XLA there
+  assert dispatch.cache_length(n, cfg('xla'), 'tpu') == n
+  assert dispatch.cache_length(n, cfg('pallas'), 'gpu') == n

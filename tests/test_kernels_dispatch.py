@@ -157,3 +157,110 @@ def test_cudnn_on_gpu_rejects_masks_it_cannot_express(monkeypatch):
   with pytest.raises(ConfigError, match='segment ids'):
     dispatch.cudnn(q, q, q, Mask(q_segment_ids=jnp.ones((1, 16), jnp.int32),
                                  kv_segment_ids=jnp.ones((1, 16), jnp.int32)))
+
+
+# --- check_config: model.attention checked when the config is validated, not when tracing.
+
+def _validate(platform=None, **model):
+  c = config_lib.base_config('tiny', vocab_size=256, num_layers=2, embed_dim=64, num_heads=4,
+                             num_kv_heads=2, head_dim=16, mlp_dim=128)
+  c.model.update(model)
+  return config_lib.validate(c, data_files=False, platform=platform)
+
+
+def _one_line_error(match, **kwargs):
+  with pytest.raises(ConfigError, match=match) as e:
+    _validate(**kwargs)
+  assert '\n' not in str(e.value)
+  return str(e.value)
+
+
+def test_validate_rejects_a_typo_in_model_attention_with_did_you_mean(monkeypatch):
+  # Nothing may be traced or compiled before the error: jit is made to fail.
+  monkeypatch.setattr(jax, 'jit', lambda *a, **kw: pytest.fail('compiled before the check'))
+  msg = _one_line_error("model.attention='palas' is unknown", attention='palas')
+  assert "Did you mean 'pallas'?" in msg
+
+
+def test_validate_rejects_cudnn_on_cpu_before_compiling(monkeypatch):
+  monkeypatch.setattr(jax, 'jit', lambda *a, **kw: pytest.fail('compiled before the check'))
+  assert jax.default_backend() == 'cpu'
+  _one_line_error("model.attention='cudnn' does not run on cpu.*use 'auto'", attention='cudnn')
+  _one_line_error("model.attention='pallas_tpu' does not run on gpu", attention='pallas_tpu',
+                  platform='gpu')
+  _one_line_error("model.attention='pallas_gpu' does not run on tpu", attention='pallas_gpu',
+                  platform='tpu')
+
+
+@pytest.mark.parametrize('attention, platform, head_dim, dtype, match', [
+    ('pallas_tpu', 'tpu', 192, 'float32', r'model.head_dim=192 \(the Mosaic kernels need'),
+    ('pallas', 'tpu', 192, 'float32', 'model.head_dim=192'),
+    ('pallas', 'cpu', 192, 'float32', 'model.head_dim=192'),  # the TPU kernel, interpreted
+    ('pallas_gpu', 'gpu', 96, 'float32', r'model.head_dim=96 \(the Triton kernel needs a power'),
+    ('pallas', 'gpu', 96, 'float32', 'model.head_dim=96'),
+    ('cudnn', 'gpu', 256, 'bfloat16', r'model.head_dim=256 \(cuDNN needs <= 128'),
+    ('cudnn', 'gpu', 64, 'float32', r"model.dtype='float32' \(cuDNN flash attention takes"),
+])
+def test_validate_rejects_shapes_the_kernel_cannot_take(attention, platform, head_dim, dtype,
+                                                        match):
+  _one_line_error(match, attention=attention, platform=platform, head_dim=head_dim,
+                  dtype=dtype)
+
+
+@pytest.mark.parametrize('attention, platform, head_dim, dtype', [
+    ('pallas_tpu', 'tpu', 256, 'float32'),
+    ('pallas_tpu', 'tpu', 64, 'float32'),
+    ('pallas', 'gpu', 128, 'float32'),
+    ('pallas_gpu', 'cpu', 64, 'float32'),
+    ('cudnn', 'gpu', 128, 'bfloat16'),
+    ('auto', 'tpu', 192, 'float32'),  # auto falls back to XLA where the kernel can't
+    ('auto', 'gpu', 96, 'float32'),
+    ('xla', 'tpu', 200, 'float32'),
+])
+def test_validate_accepts_what_the_kernels_take(attention, platform, head_dim, dtype):
+  _validate(attention=attention, platform=platform, head_dim=head_dim, dtype=dtype)
+
+
+def test_check_config_knows_exactly_the_registry():
+  from llmjax.kernels import dispatch
+  assert set(dispatch.RUNS_ON) == set(IMPLEMENTATIONS)
+  for name in IMPLEMENTATIONS:  # each name runs somewhere, and is accepted there
+    for platform in dispatch.RUNS_ON[name]:
+      _validate(attention=name, platform=platform, head_dim=64, dtype='bfloat16')
+
+
+def test_the_kernels_trace_time_limits_agree_with_check_config():
+  from llmjax.kernels import flash_attention_gpu, flash_attention_tpu
+  q = jnp.zeros((1, 8, 2, 192))
+  with pytest.raises(ValueError, match='head_dim=192'):
+    flash_attention_tpu.flash_attention(q, q, q, Mask(), interpret=True)
+  with pytest.raises(ConfigError, match='head_dim=192'):
+    _validate(attention='pallas_tpu', head_dim=192)
+  q = jnp.zeros((1, 8, 2, 96))
+  with pytest.raises(ValueError, match='head_dim=96'):
+    flash_attention_gpu.flash_attention(q, q, q, Mask(), interpret=True)
+  with pytest.raises(ConfigError, match='head_dim=96'):
+    _validate(attention='pallas_gpu', head_dim=96)
+
+
+def test_plan_checks_the_kernel_for_tpu_not_for_this_host():
+  # plan compiles for TPU from a CPU host: the Triton kernel is refused there, before compiling.
+  c = config_lib.base_config('tiny', vocab_size=256, num_layers=2, embed_dim=64, num_heads=4,
+                             num_kv_heads=2, head_dim=16, mlp_dim=128)
+  c.model.attention = 'pallas_gpu'
+  _validate(attention='pallas_gpu')  # fine for this CPU host (interpreted)
+  with pytest.raises(ConfigError, match="model.attention='pallas_gpu' does not run on tpu"):
+    plan_lib.plan(c, 'v5e:2x2')
+
+
+def test_auto_falls_back_to_xla_where_the_platform_kernel_cannot_take_head_dim(monkeypatch):
+  from llmjax.kernels import dispatch
+  calls = []
+  monkeypatch.setattr(dispatch, 'pallas_tpu', lambda *a, **kw: calls.append('pallas_tpu'))
+  monkeypatch.setattr(dispatch, 'pallas_gpu', lambda *a, **kw: calls.append('pallas_gpu'))
+  monkeypatch.setattr(dispatch, 'xla_attention', lambda *a, **kw: calls.append('xla'))
+  for backend, head_dim in (('tpu', 128), ('tpu', 192), ('gpu', 64), ('gpu', 96)):
+    monkeypatch.setattr(dispatch.jax, 'default_backend', lambda: backend)
+    q = jnp.zeros((1, 16, 4, head_dim))  # float32: cuDNN can't, so GPU goes to Triton or XLA
+    dispatch.auto(q, q, q, Mask())
+  assert calls == ['pallas_tpu', 'xla', 'pallas_gpu', 'xla']

@@ -1,5 +1,6 @@
 """Model tests: published shapes, masking properties, RoPE, KV-cache decoding, attention."""
 
+import ast
 import dataclasses
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from llmjax.errors import ConfigError
 from llmjax.models import PRESETS, Cache, Mask, Transformer, get_preset, init_params
+from llmjax.models import layers, transformer
 from llmjax.models.attention import reference_attention, xla_attention
 from llmjax.models.config import ModelConfig
 from llmjax.models.rope import apply_rope, inv_frequencies
@@ -200,3 +202,20 @@ def test_model_config_from_dict_names_unknown_key():
   d['num_head'] = 4
   with pytest.raises(ConfigError, match="model.num_head: unknown model key. Did you mean 'num_heads'"):
     ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize('key, registry', [
+    ('norm', layers.NORMS), ('mlp', layers.MLPS), ('remat', transformer.REMAT_POLICIES)])
+def test_config_accepts_exactly_the_names_the_implementations_register(key, registry):
+  names = set(registry)
+  assert len(names) >= 2
+  base = get_preset('tiny', vocab_size=64)
+  for name in names:
+    dataclasses.replace(base, **{key: name}).validate()
+  with pytest.raises(ConfigError, match=f"model.{key}='nope' is not one of"):
+    dataclasses.replace(base, **{key: 'nope'}).validate()
+  # The error lists the same names: nothing the config knows is missing from the registry.
+  with pytest.raises(ConfigError) as e:
+    dataclasses.replace(base, **{key: 'nope'}).validate()
+  listed = set(ast.literal_eval(str(e.value).split('is not one of ')[1].split(']')[0] + ']'))
+  assert listed == names

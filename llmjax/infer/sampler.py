@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llmjax.errors import UserError
+from llmjax.kernels import dispatch
 from llmjax.models.config import ModelConfig
 from llmjax.models.transformer import Cache, Transformer
 
@@ -84,6 +85,20 @@ def _generate(params, tokens, lengths, rng, *, cfg: ModelConfig, params_: Sampli
   return jax.lax.while_loop(cond, body, carry)[4]
 
 
+def _shapes(cfg: ModelConfig, longest: int, max_new_tokens: int,
+            platform: str | None = None) -> tuple[int, int]:
+  """(padded prompt length, cache length) for prompts of up to `longest` tokens.
+
+  Both are rounded up so that prompts of similar lengths reuse one compiled program. The cache
+  is then sized in whole blocks of the decode kernel where it runs (`dispatch.cache_length`),
+  which may exceed max_seq_len: the slots past the last position are never written or read, and
+  a cache of partial blocks would be copied (padded) on every decode step.
+  """
+  t = min(_round_up(longest, 16), cfg.max_seq_len)
+  max_len = min(_round_up(t + max_new_tokens, 64), cfg.max_seq_len)
+  return t, dispatch.cache_length(max_len, cfg, platform)
+
+
 def generate(cfg: ModelConfig, params, prompts: list[list[int]], params_: SamplingParams, *,
              eos_id: int | tuple[int, ...], seed: int = 0) -> list[list[int]]:
   """Samples a continuation for each prompt (token ids); each result stops before EOS.
@@ -102,9 +117,7 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], params_: Sampli
     raise UserError(f"prompt of {longest} tokens + max_new_tokens={params_.max_new_tokens} ="
                     f" {need} exceeds the model context {cfg.max_seq_len}; shorten the prompt or"
                     " lower max_new_tokens.")
-  # Round shapes up so prompts of similar lengths reuse one compiled program.
-  t = min(_round_up(longest, 16), cfg.max_seq_len)
-  max_len = min(_round_up(t + params_.max_new_tokens, 64), cfg.max_seq_len)
+  t, max_len = _shapes(cfg, longest, params_.max_new_tokens)
   tokens = np.zeros((len(prompts), t), np.int32)
   for i, p in enumerate(prompts):
     tokens[i, :len(p)] = p

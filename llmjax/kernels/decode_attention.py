@@ -21,7 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from llmjax.kernels._util import out_struct, platform_call, round_up
-from llmjax.models.attention import Mask, reference_attention
+from llmjax.kernels.mask import Mask
+from llmjax.kernels.reference import reference_attention
 
 NUM_LANES = 128
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -122,6 +123,21 @@ def _decode_call(interpret, q, k, v, q_pos, kv_len, *, causal, window, scale, bl
   )(q_pos, kv_len, q, k, v)
 
 
+def _block_k(cache_len: int, block_sizes: BlockSizes | None) -> int:
+  """The key block for a cache of `cache_len` slots: the configured one, or a single block of the
+  (8-rounded) whole cache when that is shorter."""
+  return min((block_sizes or BlockSizes()).block_k, round_up(cache_len, 8))
+
+
+def cache_length(n: int, block_sizes: BlockSizes | None = None) -> int:
+  """The smallest cache length >= n that is whole key blocks, so `decode_attention` reads it in
+  place. Any other length is padded to whole blocks on every decode step, and that `jnp.pad` is a
+  copy of the entire cache: as much HBM traffic again as the attention itself. The sampler sizes
+  its cache with this (via `llmjax.kernels.dispatch.cache_length`); slots past `kv_lengths` cost
+  memory only, never reads (the index_map skips their blocks)."""
+  return round_up(n, _block_k(n, block_sizes))
+
+
 def supports(q, mask: Mask) -> bool:
   """Whether `decode_attention` can take this call: one query token, no segment ids."""
   return q.shape[1] == 1 and mask.q_segment_ids is None
@@ -143,9 +159,9 @@ def decode_attention(q, k, v, mask: Mask, *, scale: float | None = None,
   batch, _, heads, head_dim = q.shape
   s, kv_heads = k.shape[1], k.shape[2]
   scale = head_dim ** -0.5 if scale is None else scale
-  block_k = min((block_sizes or BlockSizes()).block_k, round_up(s, 8))
+  block_k = _block_k(s, block_sizes)
   s_pad = round_up(s, block_k)
-  if s_pad != s:  # a cache of whole blocks avoids this copy; the padding is masked by kv_len
+  if s_pad != s:  # a copy of the cache: `cache_length` avoids it; the padding is masked by kv_len
     k = jnp.pad(k, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
     v = jnp.pad(v, ((0, 0), (0, s_pad - s), (0, 0), (0, 0)))
   q_pos = (jnp.zeros((batch,), jnp.int32) if mask.q_offset is None

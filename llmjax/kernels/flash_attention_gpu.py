@@ -22,7 +22,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from llmjax.kernels._util import (MaskSpec, kv_block_range, out_struct, platform_call,
                                   q_block_range, round_up)
-from llmjax.models.attention import Mask, reference_attention
+from llmjax.kernels.mask import Mask
+from llmjax.kernels.reference import reference_attention
 
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -266,6 +267,15 @@ def _flash_bwd(spec, scale, bs, interpret, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def head_dim_unsupported(head_dim: int) -> str | None:
+  """Why the kernel can't take this head_dim, or None: Triton blocks (here [block, head_dim]
+  tiles) must have power-of-two sizes. `llmjax.kernels.dispatch.check_config` reports this
+  before compiling."""
+  if head_dim & (head_dim - 1) == 0:
+    return None
+  return f'head_dim={head_dim} (the Triton kernel needs a power of two)'
+
+
 def flash_attention(q, k, v, mask: Mask, *, scale: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret=None) -> jax.Array:
   """Flash attention on GPU (Triton) with the entry point's signature.
@@ -280,8 +290,8 @@ def flash_attention(q, k, v, mask: Mask, *, scale: float | None = None,
   s, kv_heads = k.shape[1], k.shape[2]
   if heads % kv_heads:
     raise ValueError(f'{heads=} must be a multiple of {kv_heads=}')
-  if head_dim & (head_dim - 1):
-    raise ValueError(f'{head_dim=} must be a power of two for the Triton kernel')
+  if (why := head_dim_unsupported(head_dim)) is not None:
+    raise ValueError(f'flash_attention_gpu cannot take {why}')
   scale = head_dim ** -0.5 if scale is None else scale
   bs = block_sizes or BlockSizes()
   # Short sequences: shrink tiles (to powers of two >= 16, Triton's smallest dot).

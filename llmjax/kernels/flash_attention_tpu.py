@@ -39,7 +39,8 @@ from llmjax.kernels._util import out_struct as _out
 from llmjax.kernels._util import platform_call as _platform
 from llmjax.kernels._util import q_block_range as _q_block_range
 from llmjax.kernels._util import round_up as _round_up
-from llmjax.models.attention import Mask, reference_attention
+from llmjax.kernels.mask import Mask
+from llmjax.kernels.reference import reference_attention
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -399,6 +400,16 @@ def _fit(blocks: tuple[int, ...], length: int, multiple: int) -> tuple[int, ...]
   return (short,) * len(blocks) if short <= min(blocks) else blocks
 
 
+def head_dim_unsupported(head_dim: int) -> str | None:
+  """Why the kernels can't take this head_dim, or None. The softmax statistics are kept
+  lane-replicated [rows, 128] and broadcast to [rows, head_dim] (`_lanes`): a slice for
+  head_dim < 128, a tile for multiples of 128, nothing in between. `llmjax.kernels.dispatch.
+  check_config` reports this before compiling."""
+  if head_dim < NUM_LANES or head_dim % NUM_LANES == 0:
+    return None
+  return f'head_dim={head_dim} (the Mosaic kernels need < 128 or a multiple of 128)'
+
+
 def flash_attention(q, k, v, mask: Mask, *, scale: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret=None) -> jax.Array:
   """Flash attention on TPU with the entry point's signature.
@@ -416,6 +427,8 @@ def flash_attention(q, k, v, mask: Mask, *, scale: float | None = None,
   s, kv_heads = k.shape[1], k.shape[2]
   if heads % kv_heads:
     raise ValueError(f'{heads=} must be a multiple of {kv_heads=}')
+  if (why := head_dim_unsupported(head_dim)) is not None:
+    raise ValueError(f'flash_attention_tpu cannot take {why}')
   scale = head_dim ** -0.5 if scale is None else scale
   bs = block_sizes or BlockSizes.for_device()
   # Shrink tiles for short sequences; pad lengths to whole tiles.

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from llmjax.models import axes
-from llmjax.models.attention import Mask
+from llmjax import axes
+from llmjax.kernels.mask import Mask
 
 
 def _axes_tuple(entry) -> tuple[str, ...]:

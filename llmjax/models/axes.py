@@ -1,18 +1,5 @@
-"""Logical axis names for parameters and activations.
+"""The logical axis names, re-exported from their leaf module `llmjax.axes` (where the kernels
+can import them without importing `llmjax.models`); layers use them as `axes.EMBED`."""
 
-Layers name every dimension with one of these; the config's rules table maps them to mesh
-axes (see `llmjax.sharding`), so no layer ever mentions a mesh.
-"""
-
-BATCH = 'batch'
-LENGTH = 'length'        # sequence positions of activations
-KV_LENGTH = 'kv_length'  # positions of the KV cache
-EMBED = 'embed'          # model width
-HEADS = 'heads'          # query heads
-KV_HEADS = 'kv_heads'    # key/value heads (GQA/MQA)
-HEAD_DIM = 'head_dim'
-MLP = 'mlp'              # feed-forward hidden width
-VOCAB = 'vocab'
-LAYERS = 'layers'        # the stacked axis of scanned layers
-LORA = 'lora'            # the rank of LoRA adapters: small, so no rule maps it (replicated)
-POSITIONS = 'positions'  # learned absolute position table (GPT-2)
+from llmjax.axes import (BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, KV_LENGTH, LAYERS, LENGTH,  # noqa: F401
+                         LORA, MLP, POSITIONS, VOCAB)

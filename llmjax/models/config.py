@@ -7,17 +7,58 @@ Experiment files hold the same fields in an ml-collections `ConfigDict` (`config
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 from llmjax.errors import ConfigError, closest
 
-# Registries of the choices a config can name. The modules that implement them import these
-# names, so grep leads from a config value to its code.
-NORMS = ('rmsnorm', 'layernorm')
-MLPS = ('swiglu', 'gelu')
+
+class _Names:
+  """The names of a registry dict in a module that imports this one, read on first use.
+
+  `layers.NORMS`, `layers.MLPS` and `transformer.REMAT_POLICIES` map names to code and are the
+  one source of truth; a tuple here would drift from them, and importing them at module level
+  would be a cycle (those modules import `ModelConfig`). Iterable and supports `in`, like the
+  tuples below.
+  """
+
+  def __init__(self, registry: Callable[[], dict]):
+    self._registry = registry
+
+  def __iter__(self):
+    return iter(self._registry())
+
+  def __contains__(self, name) -> bool:
+    return name in self._registry()
+
+  def __len__(self) -> int:
+    return len(self._registry())
+
+  def __repr__(self) -> str:
+    return repr(tuple(self))
+
+
+def _norms() -> dict:
+  from llmjax.models.layers import NORMS as registry
+  return registry
+
+
+def _mlps() -> dict:
+  from llmjax.models.layers import MLPS as registry
+  return registry
+
+
+def _remat_policies() -> dict:
+  from llmjax.models.transformer import REMAT_POLICIES as registry
+  return registry
+
+
+# Registries of the choices a config can name, so grep leads from a config value to its code.
+# The first three are the keys of the dicts that implement them.
+NORMS = _Names(_norms)  # llmjax.models.layers.NORMS
+MLPS = _Names(_mlps)  # llmjax.models.layers.MLPS
 POSITIONS = ('rope', 'learned')
 ROPE_SCALINGS = ('', 'linear', 'dynamic', 'llama3')
-REMAT_POLICIES = ('none', 'full', 'dots', 'dots_no_batch', 'qkv_proj')
+REMAT_POLICIES = _Names(_remat_policies)  # llmjax.models.transformer.REMAT_POLICIES
 DTYPES = ('float32', 'bfloat16', 'float16')
 # Projections that can carry LoRA adapters, by their module names (`DenseGeneral` name=...).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'head')
@@ -52,7 +93,7 @@ class ModelConfig:
   sliding_window: int = 0  # Mistral: attend to the last `sliding_window` tokens; 0 = no window.
   dtype: str = 'float32'  # compute dtype of matmuls; softmax, norms and losses stay float32.
   param_dtype: str = 'float32'
-  attention: str = 'xla'  # implementation name, see `llmjax.models.attention.IMPLEMENTATIONS`.
+  attention: str = 'xla'  # implementation name, see `llmjax.kernels.dispatch.IMPLEMENTATIONS`.
   remat: str = 'none'  # see `llmjax.models.transformer.REMAT_POLICIES`.
   scan_layers: bool = True  # one compiled block for all layers: compile time independent of depth.
   init_std: float = 0.02

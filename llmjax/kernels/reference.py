@@ -1,0 +1,51 @@
+"""The plain-jnp attention implementations: `reference_attention` (the oracle every kernel is
+tested against) and `xla_attention` (what XLA runs, and 'auto''s fallback).
+
+Both have the entry point's signature `(q, k, v, mask, *, scale=None)`. They live in the kernel
+layer so that the kernels' `*_reference` oracles and the dispatcher need nothing from
+`llmjax.models`; `llmjax.models.attention` re-exports them.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.kernels.mask import Mask
+
+
+def reference_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Array:
+  """Plain-jnp attention, the oracle for every other implementation.
+
+  Repeats K/V to all query heads and computes everything in float32.
+  Args: q [B, T, N, H], k/v [B, S, K, H]. Returns [B, T, N, H] in q's dtype.
+  """
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  groups = q.shape[2] // k.shape[2]
+  k32 = jnp.repeat(k.astype(jnp.float32), groups, axis=2)  # [B, S, N, H]
+  v32 = jnp.repeat(v.astype(jnp.float32), groups, axis=2)
+  logits = jnp.einsum('btnh,bsnh->bnts', q.astype(jnp.float32), k32) * scale
+  m = mask.dense(q.shape[1], k.shape[1])[:, None]  # [B, 1, T, S]
+  logits = jnp.where(m, logits, -jnp.inf)
+  probs = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  probs = jnp.where(m, probs, 0.0)
+  denom = jnp.sum(probs, axis=-1, keepdims=True)
+  probs = probs / jnp.where(denom == 0, 1.0, denom)
+  return jnp.einsum('bnts,bsnh->btnh', probs, v32).astype(q.dtype)
+
+
+def xla_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Array:
+  """Einsum attention for XLA: GQA by grouping query heads (K/V are never repeated in memory),
+  matmuls in the input dtype with float32 accumulation, softmax in float32.
+  Args: q [B, T, N, H], k/v [B, S, K, H]. Returns [B, T, N, H].
+  """
+  b, t, n, h = q.shape
+  kv_heads = k.shape[2]
+  scale = h ** -0.5 if scale is None else scale
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+  logits = jnp.einsum('btkgh,bskh->bkgts', q, k, preferred_element_type=jnp.float32) * scale
+  m = mask.dense(t, k.shape[1])[:, None, None]  # [B, 1, 1, T, S]
+  # A large finite negative instead of -inf keeps fully masked rows finite in the backward pass.
+  logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(m, probs, 0.0).astype(v.dtype)  # fully masked rows -> zero output
+  out = jnp.einsum('bkgts,bskh->btkgh', probs, v, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
