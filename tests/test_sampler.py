@@ -80,3 +80,24 @@ def test_generated_text_stops_at_the_first_stop_string():
   first = text.index(stop)
   cut = sampler.cut_at_stop(text, [stop])
   assert cut == text[:first] and stop not in cut and text.startswith(cut)
+
+
+def test_dynamic_rope_prefill_sizes_the_base_by_each_unpadded_prompt():
+  """Dynamic NTK RoPE sizes its base by a row's largest position: prompt padding (to the
+  compile bucket) must not count, so the first greedy token of prompts past the 8-token
+  threshold (one batch, three lengths) is the argmax of a full forward of that prompt alone.
+  (Later tokens may differ from full forwards by design, in transformers too: cached keys
+  keep the base they were rotated with.)"""
+  import jax.numpy as jnp
+  cfg = llmjax.models.get_preset('tiny', vocab_size=64, num_layers=2, embed_dim=64, num_heads=4,
+                                 num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=64,
+                                 rope_scaling='dynamic', rope_scaling_factor=4.0,
+                                 rope_original_max_len=8, init_std=0.5)
+  # A large init makes attention sharp, so a wrong RoPE base changes the greedy tokens.
+  params = llmjax.models.init_params(cfg, jax.random.PRNGKey(1))
+  prompts = [[(7 * i + 3 * n) % 64 for i in range(n)] for n in (9, 13, 21)]
+  outs = sampler.generate(cfg, params, prompts, sampler.SamplingParams(1, temperature=0),
+                          eos_id=-1)
+  for prompt, out in zip(prompts, outs):
+    logits, _ = llmjax.models.Transformer(cfg).apply({'params': params}, jnp.array([prompt]))
+    assert out == [int(jnp.argmax(logits[0, -1]))], len(prompt)

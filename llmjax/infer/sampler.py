@@ -61,7 +61,11 @@ def _generate(params, tokens, lengths, rng, *, cfg: ModelConfig, params_: Sampli
   batch = tokens.shape[0]
   n_new = params_.max_new_tokens
   cache = Cache.zeros(cfg, batch, max_len)
-  logits, cache = model.apply({'params': params}, tokens, cache=cache)  # prefill
+  # Padding slots repeat their row's last position, so a row's largest position is its own
+  # length - 1 (dynamic RoPE sizes its base by it, as transformers does on the unpadded row).
+  positions = jnp.minimum(jnp.arange(tokens.shape[1])[None, :], (lengths - 1)[:, None])
+  logits, cache = model.apply({'params': params}, tokens, positions=positions,
+                              cache=cache)  # prefill
   cache = cache.replace(lengths=lengths)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
 

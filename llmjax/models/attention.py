@@ -11,6 +11,7 @@ masked blocks. `attention(...)` picks the implementation by its registry name.
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from llmjax.errors import ConfigError, closest
