@@ -62,12 +62,7 @@ def from_hf(src: str, dst: str, dtype: str = '') -> None:
   cfg, params, _ = load_hf(src, **overrides)
   if files.isdir(checkpoint.checkpoint_dir(dst)):
     raise UserError(f"{dst}/checkpoints already exists; pass a new --dst.")
-  files.makedirs(dst)
-  checkpoint.write_model_config(dst, cfg)
-  manager = checkpoint.make_manager(dst, max_to_keep=1, async_save=False)
-  checkpoint.save(manager, 0, {'params': params}, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  checkpoint.write_params_workdir(dst, cfg, params)
   for name in TOKENIZER_FILES:
     if files.exists(files.join(src, name)):
       files.copy_file(files.join(src, name), files.join(dst, name))

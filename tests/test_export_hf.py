@@ -42,12 +42,7 @@ def run_and_export(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('export')
   work, out = str(tmp / 'run'), str(tmp / 'hf')
   cfg, params, _ = load_hf(EXPORT)
-  os.makedirs(work)
-  checkpoint.write_model_config(work, cfg)
-  manager = checkpoint.make_manager(work, max_to_keep=1, async_save=False)
-  checkpoint.save(manager, 0, {'params': params}, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  checkpoint.write_params_workdir(work, cfg, params)
   shutil.copy(os.path.join(EXPORT, 'tokenizer.model'), os.path.join(work, 'tokenizer.model'))
   assert convert.main(['--to=hf', f'--src={work}', f'--dst={out}']) == 0
   return work, out

@@ -138,6 +138,11 @@ def test_config_errors_name_the_key():
     get_preset('tiny', lora_rank=4, lora_targets=('qq',))
   with pytest.raises(ConfigError, match='model.lora_rank=-1'):
     get_preset('tiny', lora_rank=-1)
+  # A tied model's head is the embedding: a 'head' adapter would not exist and train nothing.
+  with pytest.raises(ConfigError, match=r"model.lora_targets names 'head' but"
+                                        r" model.tie_embeddings=True.*drop 'head'"):
+    get_preset('llama3-1b', lora_rank=4, lora_targets=('q', 'head'))
+  get_preset('llama3-8b', lora_rank=4, lora_targets=('q', 'head'))  # untied: fine
   d = dataclasses.asdict(get_preset('tiny', lora_rank=2))
   d['lora_targets'] = list(d['lora_targets'])  # as a ConfigDict or JSON holds it
   assert ModelConfig.from_dict(d).lora_targets == ('q', 'k', 'v', 'o', 'gate', 'up', 'down')

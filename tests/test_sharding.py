@@ -34,7 +34,10 @@ def test_minus_one_is_inferred_and_dcn_multiplies():
      r"mesh.tensor=4 does not divide model.num_kv_heads=2 .*use a size in \[1, 2\]"),
     (dict(rules='fsdp_tensor', fsdp=-1, tensor=8, batch=1), 8,
      r"mesh.tensor=8 does not divide model.num_heads=4"),
-    (dict(rules='fsdp', fsdp=-1, tensor=3), 3, r"mesh.tensor=3 does not divide model.vocab_size=128"),
+    # 'fsdp' maps only the vocabulary to tensor: the blocks would be replicated over it.
+    (dict(rules='fsdp', fsdp=-1, tensor=2), 8,
+     r"mesh.tensor=2 but sharding.rules='fsdp' splits no block \(heads, mlp\) over tensor.*"
+     r"use sharding.rules='fsdp_tensor' or mesh.tensor=1"),
     (dict(rules='fsdp_tensor', fsdp=1, tensor=-1), 64,
      r"mesh.tensor=64 does not divide model.num_heads=4"),
     (dict(batch=12), 8, r"train.batch_size=12 is not divisible by data x fsdp = 8 .* multiple of 8"),

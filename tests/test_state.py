@@ -35,12 +35,7 @@ def _config(**model):
 
 def _write_workdir(path, cfg: ModelConfig, params) -> None:
   """A workdir as `llmjax.convert --from=hf` writes one: model_config.json + step 0 params."""
-  os.makedirs(path, exist_ok=True)
-  checkpoint.write_model_config(str(path), cfg)
-  manager = checkpoint.make_manager(str(path), max_to_keep=1, async_save=False)
-  checkpoint.save(manager, 0, {'params': params}, force=True)
-  manager.wait_until_finished()
-  manager.close()
+  checkpoint.write_params_workdir(str(path), cfg, params)
 
 
 def _trainer(c):

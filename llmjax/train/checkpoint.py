@@ -67,6 +67,18 @@ def read_model_config(workdir: str) -> ModelConfig:
                           f" ({str(e).splitlines()[0][:200]}); restore it from the run.") from None
 
 
+def write_params_workdir(workdir: str, model_cfg: ModelConfig, params) -> None:
+  """A workdir holding only params at step 0 (`llmjax.convert --from=hf` output): its
+  model_config.json and checkpoints/0/state = {'params': params}, which `init.params_dir`,
+  `restore_params`, generate and `convert --to=hf` read like a training run's."""
+  files.makedirs(workdir)
+  write_model_config(workdir, model_cfg)
+  manager = make_manager(workdir, max_to_keep=1, async_save=False)
+  save(manager, 0, {'params': params}, force=True)
+  manager.wait_until_finished()
+  manager.close()
+
+
 def make_manager(workdir: str, *, max_to_keep: int, async_save: bool = True) -> ocp.CheckpointManager:
   """An Orbax manager of WORKDIR/checkpoints (items 'state' and 'data'), created if absent."""
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,

@@ -231,8 +231,8 @@ def evaluate(eval_step, params, batches, batch_sharding) -> dict:
     out = jax.device_get(eval_step(params, _global_batch(b, batch_sharding)))
     out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)
     total = out if total is None else jax.tree.map(np.add, total, out)
-  if total is None:
-    return {}
+  if total is None:  # data.eval_batches=0: nothing measured
+    return {'eval_loss': float('nan'), 'eval_perplexity': float('nan')}
   reduced = {k: float(v) for k, v in losses.reduce_output(total).items() if k != 'weight'}
   loss = reduced.pop('loss')
   return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
