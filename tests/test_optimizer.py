@@ -44,8 +44,9 @@ def test_zero_gradient_step_decays_every_kernel_and_no_norm_or_bias(name):
   opt = make_optimizer(_train_cfg())
   state = opt.init(params)
   grads = jax.tree.map(jnp.zeros_like, params)
+  update = jax.jit(opt.update)
   for _ in range(2):  # step 0 has lr 0 (warmup starts at 0); step 1 has lr > 0
-    updates, state = opt.update(grads, state, params)
+    updates, state = update(grads, state, params)
   flat = traverse_util.flatten_dict(updates)
   kinds = {}
   for path, u in flat.items():
