@@ -111,17 +111,15 @@ def test_encode_pair_moves_trailing_spaces_and_uses_the_prefix_token():
 def bigram():
   cfg = llmjax.models.get_preset('tiny', vocab_size=64, num_layers=2, embed_dim=64, num_heads=4,
                                  num_kv_heads=2, head_dim=16, mlp_dim=128, max_seq_len=16)
-  params = llmjax.models.init_params(cfg, jax.random.PRNGKey(0))
+  params = jax.jit(lambda key: llmjax.models.init_params(cfg, key))(jax.random.PRNGKey(0))
   params = jax.tree_util.tree_map_with_path(
       lambda path, x: x * 0 if any(getattr(k, 'key', None) in ('o', 'down') for k in path)
       else x, params)
   params['head']['kernel'] = params['head']['kernel'] * 40  # logits far from uniform
-  rows = []
-  for start in range(0, 64, 16):  # the log-softmax of every token's logits: [vocab, vocab]
-    logits = llmjax.models.Transformer(cfg).apply(
-        {'params': params}, np.arange(start, start + 16, dtype=np.int32)[None])[0][0]
-    rows.append(np.asarray(logits, np.float64))
-  table = np.concatenate(rows)
+  # Row r holds tokens 16r..16r+15: one forward gives the logits of every token.
+  logits, _ = jax.jit(llmjax.models.Transformer(cfg).apply)(
+      {'params': params}, np.arange(64, dtype=np.int32).reshape(4, 16))
+  table = np.asarray(logits, np.float64).reshape(64, 64)  # [token, next token]
   table = table - np.log(np.exp(table - table.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
       - table.max(-1, keepdims=True)
   return cfg, params, table
@@ -190,12 +188,15 @@ def test_cli_multiple_choice_json(tmp_path, capsys):
 
 
 def _greedy_without_cache(cfg, params, ids, n, eos):
-  """Greedy decoding by a full forward pass per token (no KV cache): the reference."""
-  model = llmjax.models.Transformer(cfg)
+  """Greedy decoding by a full forward pass per token (no KV cache): the reference. Rows are
+  right-padded to one length (causal: padding after a token cannot change its logits)."""
+  forward = jax.jit(llmjax.models.Transformer(cfg).apply)
   ids, out = list(ids), []
   for _ in range(n):
-    logits, _ = model.apply({'params': params}, np.asarray([ids], np.int32))
-    tok = int(np.argmax(logits[0, -1]))
+    row = np.zeros((1, 32), np.int32)
+    row[0, :len(ids)] = ids
+    logits, _ = forward({'params': params}, row)
+    tok = int(np.argmax(logits[0, len(ids) - 1]))
     if tok in eos:
       break
     out.append(tok)
@@ -309,3 +310,13 @@ def test_records_reader_ignores_other_fields_and_blank_lines(tmp_path):
   path.write_text('{"prompt": "p", "answer": true}\n')
   with pytest.raises(DataError, match=r"d.jsonl:1: 'answer' must be a string"):
     records.generate_records(str(path))
+
+
+def test_empty_context_without_any_prefix_token_is_a_data_error(bigram):
+  cfg, params, _ = bigram
+
+  class Bare(CharTokenizer):
+    bos_id = eos_id = -1
+
+  with pytest.raises(DataError, match='the context is empty'):
+    harness.multiple_choice(cfg, params, Bare(), [{'context': '', 'choices': ['a'], 'answer': 0}])

@@ -94,6 +94,9 @@ def multiple_choice(cfg: ModelConfig, params, tokenizer, records: Sequence[dict]
   for k, rec in enumerate(records):
     for c, choice in enumerate(rec['choices']):
       ctx, cont = scoring.encode_pair(tokenizer, rec['context'], choice)
+      if not ctx:
+        raise DataError(f"record {k}: the context is empty and the tokenizer has no BOS or EOS"
+                        " token to condition the choices on; give a non-empty context.")
       if not cont:
         raise DataError(f"record {k}: choice {c} ({choice!r}) encodes to no tokens after the"
                         " context; every choice needs at least one token.")
