@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from llmjax import cli, config as config_lib, convert, generate, launch, main as main_lib, plan
+from llmjax import tasks as tasks_cli
+from llmjax.eval import __main__ as eval_cli
 from llmjax.errors import ConfigError, UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +24,12 @@ PUBLIC_FLAGS = {
     plan: ['config', 'topology', 'slices', 'config.KEY'],
     launch: ['name', 'zone', 'accelerator', 'version', 'spot', 'queued', 'project', 'dry-run',
              'repo', 'ref', 'config', 'workdir', 'detach'],
+    tasks_cli: ['out', 'tasks', 'seed', 'format'],
+    eval_cli: ['workdir', 'hf', 'task', 'data', 'max_new_tokens', 'stop', 'chat', 'system',
+               'batch_size', 'json'],
 }
+# The module a user runs (`python -m NAME`): a package's CLI lives in its __main__.
+RUN_AS = {eval_cli: 'llmjax.eval'}
 
 
 def _one_line_error(capsys) -> str:
@@ -39,7 +46,7 @@ def _one_line_error(capsys) -> str:
 def test_help_lists_every_flag_and_exits_0(capsys, module, flag):
   assert module.main([flag]) == 0
   out = capsys.readouterr().out
-  assert out.startswith('usage: python -m ' + module.__name__)
+  assert out.startswith('usage: python -m ' + RUN_AS.get(module, module.__name__))
   for name in PUBLIC_FLAGS[module]:
     assert f'  --{name}' in out, (name, out)
   assert '-h, --help' in out
@@ -55,7 +62,8 @@ def test_help_wins_over_bad_flags(capsys):
 
 
 @pytest.mark.parametrize('module', ['llmjax.main', 'llmjax.generate', 'llmjax.convert',
-                                    'llmjax.plan', 'llmjax.launch'])
+                                    'llmjax.plan', 'llmjax.launch', 'llmjax.tasks',
+                                    'llmjax.eval'])
 def test_help_from_the_shell(module):
   r = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True,
                      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
