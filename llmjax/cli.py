@@ -1,7 +1,7 @@
 """The command line of every llmjax CLI: flag parsing, --help, and one-line errors.
 
-Each CLI (llmjax.main, .generate, .convert, .plan, .launch, .tasks, .eval) declares its flags beside its
-code, as `Flag(name, default, help)`s, and hands its body to `run`:
+Each CLI (llmjax.main, .generate, .convert, .plan, .launch, .tasks, .eval) declares its flags
+beside its code, as `Flag(name, default, help)`s, and hands its body to `run`:
 
     FLAGS = (cli.Flag('workdir', '', 'the llmjax run to sample from', metavar='DIR'), ...)
 
