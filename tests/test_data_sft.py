@@ -70,13 +70,14 @@ def test_hand_computed_row(bos, eos):
 
 
 def test_mask_follows_the_targets_across_piece_boundaries():
-  """seq_len 4: the prompt ends exactly at the first piece's last target, so that piece has no
-  trained target and is dropped (it would cost compute only); the next piece's first input is
-  d (a prompt token) and its first target (e, the first completion token) is 1. A mask taken
-  from the inputs' weights would make it 0."""
+  """seq_len 4: the prompt 'abc' ends one target before the first piece's end, so that piece's
+  last target (d, the first completion token, predicted from c) is its only trained one; a
+  mask taken from the inputs' weights would make the piece all 0 (and drop it). The next
+  piece starts at d and trains all its targets."""
   tok = CharTokenizer()
-  got = list(_pieces(_rows([PromptCompletion('abcd', 'efgh')], tok, seq_len=4)))
-  want = [(ids('defg'), ids('efgh'), [1, 1, 1, 1]),
+  got = list(_pieces(_rows([PromptCompletion('abc', 'defgh')], tok, seq_len=4)))
+  want = [([1] + ids('abc'), ids('abcd'), [0, 0, 0, 1]),
+          (ids('defg'), ids('efgh'), [1, 1, 1, 1]),
           (ids('h'), [2], [1])]
   assert sorted(got) == sorted(want)
   # A completion split mid-way: every completion target stays 1 in every piece.
@@ -85,6 +86,42 @@ def test_mask_follows_the_targets_across_piece_boundaries():
           (ids('defg'), ids('efgh'), [1, 1, 1, 1]),
           (ids('hij'), ids('ij') + [2], [1, 1, 1])]
   assert sorted(got) == sorted(want)
+
+
+def test_examples_whose_answers_start_past_seq_len_are_dropped_and_counted(caplog):
+  """seq_len 4: 'abcd' + 'efgh' is [bos] a b c d | e ...: the first piece's targets a b c d are
+  all prompt, so the answer is cut off from its prompt entirely; the example is dropped whole
+  (before 8ad6c80's piece rule alone, its answer was trained without any prompt) and counted,
+  once, with the issue's message. The examples that fit are all still there."""
+  tok = CharTokenizer()
+  examples = [PromptCompletion('abcd', 'efgh'), PromptCompletion('a', 'b'),
+              PromptCompletion('wxyz', 'q'), PromptCompletion('', 'c'),
+              PromptCompletion('abcdefgh', 'i')]  # 3 of 5 do not fit
+  ds = make_dataset(examples, tok, seq_len=4, batch_size=1, seed=0, shuffle=False,
+                    repeat=False)
+  with caplog.at_level('WARNING', logger='llmjax.data.pipeline'):
+    rows = [{k: v[0] for k, v in batch.items()} for batch in ds]
+  got = sorted(_pieces(rows))
+  assert got == [([1] + ids('ab'), ids('ab') + [2], [0, 1, 1]),
+                 ([1] + ids('c'), ids('c') + [2], [1, 1])]
+  assert ds.dropped_examples.count == 3
+  counts = [r.getMessage() for r in caplog.records if 'examples dropped' in r.getMessage()]
+  assert counts == ['3 examples dropped: their answers did not fit in seq_len=4']
+  # Every pass drops the same examples: over many passes the count is logged once per run.
+  caplog.clear()
+  it = iter(make_dataset(examples, tok, seq_len=4, batch_size=1, seed=0))
+  with caplog.at_level('WARNING', logger='llmjax.data.pipeline'):
+    for _ in range(12):  # ~1 row per fitting example: 4+ passes
+      next(it)
+  assert [r.getMessage() for r in caplog.records if 'examples dropped' in r.getMessage()] == [
+      '3 examples dropped: their answers did not fit in seq_len=4']
+  # Nothing dropped: nothing logged, count 0.
+  caplog.clear()
+  ds = make_dataset(examples[1:2] * 3, tok, seq_len=4, batch_size=1, seed=0, shuffle=False,
+                    repeat=False)
+  with caplog.at_level('WARNING', logger='llmjax.data.pipeline'):
+    list(ds)
+  assert ds.dropped_examples.count == 0 and not caplog.records
 
 
 def test_packed_examples_keep_their_own_masks_and_segments():
