@@ -127,7 +127,7 @@ class DroppedExamples:
   def __init__(self, seq_len: int, num_documents: int, where: str = ''):
     self.seq_len, self.num_documents, self.where = seq_len, num_documents, where
     self.count, self.dropped_so_far = None, 0
-    self._last, self._whole, self._noticed = -1, False, False
+    self._last, self._whole, self._noticed, self._in_a_row = -1, False, False, 0
 
   def message(self, count: int) -> str:
     where = f' ({self.where})' if self.where else ''
@@ -141,6 +141,11 @@ class DroppedExamples:
     if position != self._last + 1 or position % n == 0:  # a jump, or a new pass begins
       self.dropped_so_far, self._whole = 0, position % n == 0
     self._last = position
+    self._in_a_row = self._in_a_row + 1 if dropped else 0
+    if self._in_a_row >= n:  # every document dropped: a repeated stream would spin forever
+      raise DataError(f"all {n} examples{f' ({self.where})' if self.where else ''} were"
+                      f" dropped: their answers do not fit in data.seq_len={self.seq_len};"
+                      " raise data.seq_len or shorten the prompts.")
     if dropped:
       self.dropped_so_far += 1
       if not self._noticed:  # a short run may never finish a pass: say so at the first one
