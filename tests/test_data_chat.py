@@ -125,12 +125,16 @@ def test_loss_on_errors_and_dropped_conversations(caplog):
       call()
   # The second answer starts at character 171 of the rendering (target 171): past seq_len=100.
   assert CHATML_TEXT.index('Bye.<|im_end|>') > 100 > CHATML_TEXT.index(' Hello there.')
+  short = Conversation(CONVERSATION[1:3])  # 'Hi!' / ' Hello there. ': fits either way
   for loss_on, count in (('assistant', 0), ('last_assistant', 1)):
-    ds = make_dataset([Conversation(CONVERSATION)], tok, seq_len=100, batch_size=1, seed=0,
-                      shuffle=False, repeat=False, chat_template=template, loss_on=loss_on)
+    ds = make_dataset([Conversation(CONVERSATION), short], tok, seq_len=100, batch_size=1,
+                      seed=0, shuffle=False, repeat=False, chat_template=template,
+                      loss_on=loss_on)
     with caplog.at_level('WARNING', logger='llmjax.data.pipeline'):
-      rows = list(ds)
-    assert ds.dropped_examples.count == count and len(rows) == 2 - 2 * count
+      trained = [tok.decode(b['targets'][0][b['loss_mask'][0] == 1]) for b in ds]
+    assert ds.dropped_examples.count == count
+    assert ''.join(trained).count('Bye.<|im_end|>') == 1 - count  # the long one's last answer
+    assert ''.join(trained).count(' Hello there. <|im_end|>') == 2 - count
   assert [r.getMessage() for r in caplog.records if 'examples dropped' in r.getMessage()] == [
       '1 examples dropped: their answers did not fit in seq_len=100']
 
@@ -564,7 +568,9 @@ def test_train_and_evaluate_learns_the_answers_on_messages_jsonl(chat_files, tmp
 
   c = tiny_config(steps=40, eval_every=40)
   c.data.path, c.data.chat_template = chat_files
-  c.data.format, c.data.vocab_size = 'messages', 400
+  # 64, not the loop tests' 32: the system message and question alone fill 32 tokens, and a
+  # conversation whose answers start past seq_len is dropped, not trained without its prompt.
+  c.data.format, c.data.vocab_size, c.data.seq_len = 'messages', 400, 64
   out = train_and_evaluate(c, str(tmp_path))
   assert out['step'] == 40
   got = losses(tmp_path)

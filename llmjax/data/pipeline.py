@@ -129,30 +129,34 @@ class DroppedExamples:
     self.count, self.dropped_so_far = None, 0
     self._last, self._whole, self._noticed, self._in_a_row = -1, False, False, 0
 
+  def _suffix(self) -> str:
+    return f' ({self.where})' if self.where else ''
+
   def message(self, count: int) -> str:
-    where = f' ({self.where})' if self.where else ''
     return (f"{count} examples dropped: their answers did not fit in seq_len={self.seq_len}"
-            f"{where}")
+            f"{self._suffix()}")
 
   def observe(self, position: int, dropped: bool) -> None:
     if position == self._last:
       return
     n = self.num_documents
+    if position != self._last + 1:  # a jump: a new iterator, or one restored
+      self._in_a_row = 0
     if position != self._last + 1 or position % n == 0:  # a jump, or a new pass begins
       self.dropped_so_far, self._whole = 0, position % n == 0
     self._last = position
     self._in_a_row = self._in_a_row + 1 if dropped else 0
     if self._in_a_row >= n:  # every document dropped: a repeated stream would spin forever
-      raise DataError(f"all {n} examples{f' ({self.where})' if self.where else ''} were"
-                      f" dropped: their answers do not fit in data.seq_len={self.seq_len};"
-                      " raise data.seq_len or shorten the prompts.")
+      raise DataError(f"all {n} examples{self._suffix()} were dropped: their answers do not"
+                      f" fit in data.seq_len={self.seq_len}; raise data.seq_len or shorten the"
+                      " prompts.")
     if dropped:
       self.dropped_so_far += 1
       if not self._noticed:  # a short run may never finish a pass: say so at the first one
         self._noticed = True
         _log.warning(f"an example was dropped: its answer did not fit in seq_len={self.seq_len}"
-                     f"{f' ({self.where})' if self.where else ''}; the count follows after a"
-                     " pass over the data. Raise data.seq_len or shorten the prompts.")
+                     f"{self._suffix()}; the count follows after a pass over the data. Raise"
+                     " data.seq_len or shorten the prompts.")
     if position % n == n - 1 and self._whole:
       first = self.count is None
       self.count = self.dropped_so_far
