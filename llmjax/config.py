@@ -223,12 +223,23 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # (TRL's field names), loss on the completion tokens and EOS only; 'messages' = chat SFT on
   # JSONL records {"messages": [{"role", "content"}, ...]} (TRL's and the HF Hub's
   # conversational format) rendered by the chat template, loss on the assistant turns (and
-  # their end-of-turn tokens) only. Both SFT formats need data.path.
+  # their end-of-turn tokens) only, or as data.loss_on says; 'alpaca' = SFT on JSONL records
+  # {"instruction", "input", "output"} (Stanford Alpaca's), the prompt rendered with Alpaca's
+  # template (sources.ALPACA_PROMPT_INPUT, or _NO_INPUT when the input is ''), loss on the
+  # output and EOS only. The SFT formats need data.path. An example whose answer starts past
+  # data.seq_len is dropped, and the count logged.
   c.data.format = 'text'
   c.data.text_key = 'text'  # JSONL field holding the document
   c.data.prompt_key = 'prompt'  # JSONL fields of a prompt_completion record
   c.data.completion_key = 'completion'
+  c.data.instruction_key = 'instruction'  # JSONL fields of an alpaca record (all required;
+  c.data.input_key = 'input'  # the input may be '', which selects the template without it)
+  c.data.output_key = 'output'
   c.data.messages_key = 'messages'  # JSONL field holding a conversation's list of messages
+  # For 'messages', what is trained on (sources.LOSS_ON): 'assistant' = every assistant turn;
+  # 'last_assistant' = the final one only (earlier turns are context); 'all' = every token of
+  # the rendered conversation, role headers and template markup included.
+  c.data.loss_on = 'assistant'
   # For 'messages': a shipped template ('chatml', 'llama3', 'qwen2.5') or a .jinja file; '' =
   # the tokenizer's own (an HF checkpoint's), which a trained tokenizer never has: use 'chatml'.
   c.data.chat_template = ''

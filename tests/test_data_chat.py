@@ -1,5 +1,5 @@
 """Chat SFT data (data.format='messages'): loss_mask on the assistant turns only, against a
-hand-written ChatML rendering; the Llama 3 template (prefix consistency, one BOS); templates
+hand-written ChatML rendering; data.loss_on's three values against hand-computed masks; the Llama 3 template (prefix consistency, one BOS); templates
 from an HF checkpoint dir and from a .jinja file; record, template and config errors; JSONL
 round trip; build_data with a trained tokenizer; a short training run."""
 
@@ -82,6 +82,61 @@ def test_hand_computed_chatml_row_trains_on_both_assistant_turns():
       '<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n'
       '<|im_start|>assistant\n', '<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\n']
   assert row['loss_mask'][n:].sum() == 0 and row['segment_ids'].tolist() == [1] * n + [0] * (256 - n)
+
+
+@pytest.mark.parametrize('loss_on', ['assistant', 'last_assistant', 'all'])
+def test_loss_on_against_hand_computed_masks_on_shipped_chatml(loss_on):
+  """data.loss_on on the two-assistant-turn CONVERSATION with data.chat_template='chatml': the
+  mask is written out by hand per character of the ChatML text (the target at i is character
+  i), through the whole pipeline."""
+  tok = CharTokenizer()
+  template = load_template(ml_collections.ConfigDict(dict(chat_template='chatml')), tok)
+  head = ('<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n'
+          '<|im_start|>assistant\n')
+  turn1 = ' Hello there. <|im_end|>\n'
+  middle = '<|im_start|>user\nBye?<|im_end|>\n<|im_start|>assistant\n'
+  turn2 = 'Bye.<|im_end|>\n'
+  text = head + turn1 + middle + turn2
+  trained = {'assistant': (0, 1, 0, 1), 'last_assistant': (0, 0, 0, 1), 'all': (1, 1, 1, 1)}
+  want = [float(w) for part, w in zip((head, turn1, middle, turn2), trained[loss_on])
+          for _ in part]
+  tokens, weights = template.tokenize(Conversation(CONVERSATION), loss_on)
+  assert tokens.tolist() == [1] + ids(text)
+  assert weights.tolist() == [0.0] + want  # the BOS added for ChatML is never a target
+  ds = make_dataset([Conversation(CONVERSATION)], tok, seq_len=256, batch_size=1, seed=0,
+                    shuffle=False, repeat=False, chat_template=template, loss_on=loss_on)
+  (batch,) = list(ds)
+  n = len(text)
+  assert batch['targets'][0].tolist() == ids(text) + [0] * (256 - n)
+  assert batch['loss_mask'][0].tolist() == want + [0.0] * (256 - n)
+
+
+def test_loss_on_errors_and_dropped_conversations(caplog):
+  """A bad data.loss_on is one line with the closest value, from make_dataset and tokenize too;
+  with 'last_assistant' a conversation whose last answer starts past seq_len is dropped and
+  counted, though its first answer fits ('assistant' keeps it)."""
+  tok = CharTokenizer()
+  template = ChatTemplate(CHATML, tok)
+  for call in (lambda: template.tokenize(Conversation(CONVERSATION), 'assistants'),
+               lambda: make_dataset([Conversation(CONVERSATION)], tok, seq_len=8, batch_size=1,
+                                    seed=0, chat_template=template, loss_on='assistants')):
+    with pytest.raises(ConfigError, match=r"^data.loss_on='assistants' is not one of"
+                       r" \['assistant', 'last_assistant', 'all'\]\. Did you mean 'assistant'\?$"):
+      call()
+  # The second answer starts at character 171 of the rendering (target 171): past seq_len=100.
+  assert CHATML_TEXT.index('Bye.<|im_end|>') > 100 > CHATML_TEXT.index(' Hello there.')
+  short = Conversation(CONVERSATION[1:3])  # 'Hi!' / ' Hello there. ': fits either way
+  for loss_on, count in (('assistant', 0), ('last_assistant', 1)):
+    ds = make_dataset([Conversation(CONVERSATION), short], tok, seq_len=100, batch_size=1,
+                      seed=0, shuffle=False, repeat=False, chat_template=template,
+                      loss_on=loss_on)
+    with caplog.at_level('WARNING', logger='llmjax.data.pipeline'):
+      trained = [tok.decode(b['targets'][0][b['loss_mask'][0] == 1]) for b in ds]
+    assert ds.dropped_examples.count == count
+    assert ''.join(trained).count('Bye.<|im_end|>') == 1 - count  # the long one's last answer
+    assert ''.join(trained).count(' Hello there. <|im_end|>') == 2 - count
+  assert [r.getMessage() for r in caplog.records if 'examples dropped' in r.getMessage()] == [
+      '1 examples dropped: their answers did not fit in seq_len=100']
 
 
 class SpecialCharTokenizer(Tokenizer):
@@ -513,7 +568,9 @@ def test_train_and_evaluate_learns_the_answers_on_messages_jsonl(chat_files, tmp
 
   c = tiny_config(steps=40, eval_every=40)
   c.data.path, c.data.chat_template = chat_files
-  c.data.format, c.data.vocab_size = 'messages', 400
+  # 64, not the loop tests' 32: the system message and question alone fill 32 tokens, and a
+  # conversation whose answers start past seq_len is dropped, not trained without its prompt.
+  c.data.format, c.data.vocab_size, c.data.seq_len = 'messages', 400, 64
   out = train_and_evaluate(c, str(tmp_path))
   assert out['step'] == 40
   got = losses(tmp_path)

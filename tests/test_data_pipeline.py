@@ -138,6 +138,56 @@ def test_orbax_checkpointed_iterator_resumes_exactly(tok, tmp_path, skip):
   assert not np.array_equal(next(make())['inputs'], want[0]['inputs'])
 
 
+def test_dropped_examples_keep_the_iterator_state_exact_and_are_counted_per_whole_pass(tok):
+  """SFT examples, every third with a prompt longer than seq_len (dropped whole): an iterator
+  restored from get_state mid-epoch yields exactly the batches of the uninterrupted one; the
+  restored iterator's counter waits for a pass it saw from the start, then counts the same 10."""
+  from llmjax.data.sources import PromptCompletion
+  examples = [PromptCompletion(('long prompt ' * 8) if i % 3 == 0 else f'Q{i}', f' A{i}.')
+              for i in range(30)]
+  assert all(len(tok.encode(e.prompt)) > 12 for e in examples[::3])
+  make = lambda: make_dataset(examples, tok, seq_len=12, batch_size=2, seed=5)
+  ds = make()
+  it = iter(ds)
+  for _ in range(7):
+    next(it)
+  state = it.get_state()
+  want = [next(it) for _ in range(40)]  # into the following passes
+  assert ds.dropped_examples.count == 10
+  fresh_ds = make()
+  fresh = iter(fresh_ds)
+  fresh.set_state(state)
+  for w in want:
+    got = next(fresh)
+    for k in w:
+      np.testing.assert_array_equal(got[k], w[k], err_msg=k)
+  assert fresh_ds.dropped_examples.count == 10
+  # Every kept row trains only examples whose prompt fits: no 'long prompt' is ever an input.
+  for w in want:
+    assert 'long prompt long prompt' not in tok.decode(w['inputs'].ravel().tolist())
+
+
+def test_dropped_examples_counts_only_passes_seen_whole():
+  from llmjax.data.pipeline import DroppedExamples
+  d = DroppedExamples(seq_len=8, num_documents=4)
+  for position, dropped in [(2, True), (3, False)]:  # a pass joined mid-way: not counted
+    d.observe(position, dropped)
+  assert d.count is None
+  for position, dropped in [(4, True), (5, False), (5, False), (6, True), (7, True)]:
+    d.observe(position, dropped)  # 5 twice: Grain recomputing a restored element
+  assert d.count == 3
+  for position, dropped in [(8, True), (10, False), (11, True)]:  # 9 skipped: not whole
+    d.observe(position, dropped)
+  assert d.count == 3
+  assert d.message(12) == '12 examples dropped: their answers did not fit in seq_len=8'
+  with pytest.raises(DataError, match=r"^all 4 examples were dropped: their answers do not fit"
+                     r" in data.seq_len=8; raise data.seq_len or shorten the prompts\.$"):
+    for position in range(12, 16):  # a whole pass dropped: a repeated stream would never end
+      d.observe(position, True)
+  assert DroppedExamples(256, 4, 'validation split').message(2) == (
+      '2 examples dropped: their answers did not fit in seq_len=256 (validation split)')
+
+
 def test_bad_arguments():
   src = in_memory_source(['a', 'b', 'c'])
   tok = None  # never reached: arguments are checked first

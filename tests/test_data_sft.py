@@ -1,6 +1,8 @@
-"""Supervised fine-tuning data (data.format='prompt_completion'): loss_mask on the completion's
-targets only, against hand-computed rows of a character tokenizer; across piece boundaries and
-packing; JSONL errors; build_data end to end; the loss ignoring prompt targets; a short run."""
+"""Supervised fine-tuning data (data.format='prompt_completion' and 'alpaca'): loss_mask on the
+completion's targets only, against hand-computed rows of a character tokenizer; across piece
+boundaries and packing; examples whose answers do not fit dropped and counted; Alpaca's
+templates written out by hand; JSONL and config errors; build_data end to end; the loss
+ignoring prompt targets; a short run."""
 
 import collections
 import json
@@ -70,13 +72,14 @@ def test_hand_computed_row(bos, eos):
 
 
 def test_mask_follows_the_targets_across_piece_boundaries():
-  """seq_len 4: the prompt ends exactly at the first piece's last target, so that piece has no
-  trained target and is dropped (it would cost compute only); the next piece's first input is
-  d (a prompt token) and its first target (e, the first completion token) is 1. A mask taken
-  from the inputs' weights would make it 0."""
+  """seq_len 4: the prompt 'abc' ends one target before the first piece's end, so that piece's
+  last target (d, the first completion token, predicted from c) is its only trained one; a
+  mask taken from the inputs' weights would make the piece all 0 (and drop it). The next
+  piece starts at d and trains all its targets."""
   tok = CharTokenizer()
-  got = list(_pieces(_rows([PromptCompletion('abcd', 'efgh')], tok, seq_len=4)))
-  want = [(ids('defg'), ids('efgh'), [1, 1, 1, 1]),
+  got = list(_pieces(_rows([PromptCompletion('abc', 'defgh')], tok, seq_len=4)))
+  want = [([1] + ids('abc'), ids('abcd'), [0, 0, 0, 1]),
+          (ids('defg'), ids('efgh'), [1, 1, 1, 1]),
           (ids('h'), [2], [1])]
   assert sorted(got) == sorted(want)
   # A completion split mid-way: every completion target stays 1 in every piece.
@@ -85,6 +88,46 @@ def test_mask_follows_the_targets_across_piece_boundaries():
           (ids('defg'), ids('efgh'), [1, 1, 1, 1]),
           (ids('hij'), ids('ij') + [2], [1, 1, 1])]
   assert sorted(got) == sorted(want)
+
+
+def test_examples_whose_answers_start_past_seq_len_are_dropped_and_counted(caplog):
+  """seq_len 4: 'abcd' + 'efgh' is [bos] a b c d | e ...: the first piece's targets a b c d are
+  all prompt, so the answer is cut off from its prompt entirely; the example is dropped whole
+  (before 8ad6c80's piece rule alone, its answer was trained without any prompt) and counted,
+  once, with the issue's message. The examples that fit are all still there."""
+  tok = CharTokenizer()
+  examples = [PromptCompletion('abcd', 'efgh'), PromptCompletion('a', 'b'),
+              PromptCompletion('wxyz', 'q'), PromptCompletion('', 'c'),
+              PromptCompletion('abcdefgh', 'i')]  # 3 of 5 do not fit
+  ds = make_dataset(examples, tok, seq_len=4, batch_size=1, seed=0, shuffle=False,
+                    repeat=False)
+  with caplog.at_level('WARNING', logger='llmjax.data.pipeline'):
+    rows = [{k: v[0] for k, v in batch.items()} for batch in ds]
+  got = sorted(_pieces(rows))
+  assert got == [([1] + ids('ab'), ids('ab') + [2], [0, 1, 1]),
+                 ([1] + ids('c'), ids('c') + [2], [1, 1])]
+  assert ds.dropped_examples.count == 3
+  counts = [r.getMessage() for r in caplog.records if 'examples dropped' in r.getMessage()]
+  assert counts == ['3 examples dropped: their answers did not fit in seq_len=4']
+  # Every pass drops the same examples: over many passes the count is logged once per run.
+  caplog.clear()
+  it = iter(make_dataset(examples, tok, seq_len=4, batch_size=1, seed=0))
+  with caplog.at_level('WARNING', logger='llmjax.data.pipeline'):
+    for _ in range(12):  # ~1 row per fitting example: 4+ passes
+      next(it)
+  assert [r.getMessage() for r in caplog.records if 'examples dropped' in r.getMessage()] == [
+      '3 examples dropped: their answers did not fit in seq_len=4']
+  # Every example dropped: one line, not an endless search for a piece to train on.
+  with pytest.raises(DataError, match=r"^all 2 examples were dropped: their answers do not fit"
+                     r" in data.seq_len=4;"):
+    next(iter(make_dataset(examples[::2][:2], tok, seq_len=4, batch_size=1, seed=0)))
+  # Nothing dropped: nothing logged, count 0.
+  caplog.clear()
+  ds = make_dataset(examples[1:2] * 3, tok, seq_len=4, batch_size=1, seed=0, shuffle=False,
+                    repeat=False)
+  with caplog.at_level('WARNING', logger='llmjax.data.pipeline'):
+    list(ds)
+  assert ds.dropped_examples.count == 0 and not caplog.records
 
 
 def test_packed_examples_keep_their_own_masks_and_segments():
@@ -159,6 +202,100 @@ def test_txt_files_and_unknown_formats_are_refused(tmp_path):
     list(iter_prompt_completions(str(tmp_path / 'a.txt')))
   with pytest.raises(ConfigError, match=r"data.format='txt' is not one of"):
     local_files_source(str(tmp_path / 'a.txt'), 'text', str(tmp_path / 'tfds'), data_format='txt')
+
+
+# --- data.format='alpaca' ---------------------------------------------------------------------
+
+# Stanford Alpaca's two prompts (tatsu-lab/stanford_alpaca train.py PROMPT_DICT), written out by
+# hand for one record each.
+ALPACA_WITH_INPUT = (
+    'Below is an instruction that describes a task, paired with an input that provides further'
+    ' context. Write a response that appropriately completes the request.\n\n'
+    '### Instruction:\nAdd the numbers.\n\n### Input:\n2 and 3\n\n### Response:')
+ALPACA_NO_INPUT = (
+    'Below is an instruction that describes a task. Write a response that appropriately'
+    ' completes the request.\n\n### Instruction:\nSay hi.\n\n### Response:')
+
+
+def _alpaca_records(n=40, **keys):
+  k = dict(dict(instruction='instruction', input='input', output='output'), **keys)
+  records = [{k['instruction']: 'Add the numbers.', k['input']: '2 and 3', k['output']: '5'},
+             {k['instruction']: 'Say hi.', k['input']: '', k['output']: 'Hi!'}]
+  return records + [{k['instruction']: f'Count to {i}.', k['input']: '', k['output']: f'{i}'}
+                    for i in range(n - 2)]
+
+
+def test_alpaca_records_become_prompt_completions_with_alpacas_templates(tmp_path):
+  """Through get_sources with renamed fields (data.instruction_key, ...): the with-input and the
+  no-input record's prompts are the hand-written templates, completions the outputs; in the
+  pipeline the mask is 1 on the output and EOS only, exactly as for prompt_completion."""
+  from llmjax.data import get_sources
+  path = _write(tmp_path / 'alpaca.jsonl', _alpaca_records(instruction='q', input='ctx',
+                                                            output='a'))
+  cfg = _data_cfg(path=path, format='alpaca', instruction_key='q', input_key='ctx',
+                  output_key='a')
+  srcs = get_sources(cfg, str(tmp_path))
+  got = {srcs['train'][i] for i in range(len(srcs['train']))} | {
+      srcs['validation'][i] for i in range(len(srcs['validation']))}
+  assert len(got) == 40
+  assert PromptCompletion(ALPACA_WITH_INPUT, '5') in got
+  assert PromptCompletion(ALPACA_NO_INPUT, 'Hi!') in got
+  tok = CharTokenizer()
+  for prompt, output in ((ALPACA_WITH_INPUT, '5'), (ALPACA_NO_INPUT, 'Hi!')):
+    (row,) = _rows([PromptCompletion(prompt, output)], tok, seq_len=256)
+    tokens = [1] + ids(prompt) + ids(output) + [2]
+    n = len(tokens) - 1
+    assert row['targets'][:n].tolist() == tokens[1:]
+    # The target at i is token i + 1: the prompt's len(prompt) targets are 0, then output + EOS.
+    assert row['loss_mask'].tolist() == ([0.0] * len(prompt) + [1.0] * (len(output) + 1)
+                                         + [0.0] * (256 - n))
+    assert tok.decode(row['targets'][row['loss_mask'] == 1][:-1]) == output
+  # The same file under data.format='prompt_completion' is refused for its missing fields.
+  with pytest.raises(DataError, match=r"alpaca\.jsonl:1: no 'prompt' field"):
+    get_sources(_data_cfg(path=path), str(tmp_path / 'other'))
+
+
+@pytest.mark.parametrize('missing, key, hint', [
+    ('instruction', 'instruction_key', r" Did you mean 'instructions'\?"),
+    ('input', 'input_key', r" Did you mean 'inputs'\?"),
+    ('output', 'output_key', ''),
+])
+def test_a_missing_alpaca_field_names_file_line_and_key(tmp_path, missing, key, hint):
+  records = _alpaca_records()
+  renamed = {'instruction': 'instructions', 'input': 'inputs', 'output': 'answer_text_x'}
+  records[6] = {renamed[missing] if k == missing else k: v for k, v in records[6].items()}
+  path = _write(tmp_path / 'alpaca.jsonl', records)
+  with pytest.raises(DataError, match=rf"alpaca\.jsonl:7: no '{missing}' field; set data\.{key}"
+                                      rf" to the field that holds the {missing}.*\.{hint}$") as e:
+    local_files_source(path, 'text', str(tmp_path / 'tfds'), data_format='alpaca')
+  assert '\n' not in str(e.value) and not list(tmp_path.rglob('*.array_record*'))
+  records[6] = dict(_alpaca_records()[6], output=7)
+  with pytest.raises(DataError, match=r"alpaca\.jsonl:7: field 'output' is a int, not a string"):
+    local_files_source(_write(tmp_path / 'alpaca.jsonl', records), 'text',
+                       str(tmp_path / 'tfds'), data_format='alpaca')
+
+
+def test_sft_config_keys_are_validated_in_one_line():
+  """data.format='alpaca' needs data.path; data.loss_on takes LOSS_ON's values (did-you-mean),
+  and only for conversations; base_config carries the new keys with their defaults."""
+  from llmjax import config as config_lib
+  c = config_lib.base_config()
+  assert (c.data.instruction_key, c.data.input_key, c.data.output_key, c.data.loss_on) == (
+      'instruction', 'input', 'output', 'assistant')
+  c.data.format = 'alpaca'
+  with pytest.raises(ConfigError, match=r"data.format='alpaca' needs data.path: a .jsonl file or"
+                     r' glob of \{"instruction": ..., "input": ..., "output": ...\} records'):
+    config_lib.validate(c)
+  c.data.format, c.data.loss_on = 'text', 'last_asistant'
+  with pytest.raises(ConfigError, match=r"^data.loss_on='last_asistant' is not one of \["
+                     r"'assistant', 'last_assistant', 'all'\]\. Did you mean 'last_assistant'\?$"):
+    config_lib.validate(c)
+  c.data.loss_on = 'all'
+  with pytest.raises(ConfigError, match=r"^data.loss_on='all' is only read for"
+                     r" data.format='messages' \(this run's is 'text'\)"):
+    config_lib.validate(c)
+  c.data.loss_on = 'assistant'
+  config_lib.validate(c)
 
 
 # --- build_data and the loss -------------------------------------------------------------------

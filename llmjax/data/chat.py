@@ -31,7 +31,7 @@ import jinja2.sandbox
 import numpy as np
 
 from llmjax import files
-from llmjax.data.sources import Conversation
+from llmjax.data.sources import Conversation, check_loss_on
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.errors import ConfigError, DataError, closest
 
@@ -150,9 +150,14 @@ class ChatTemplate:
     bos = self.tokenizer.bos_id
     return [bos] + ids if bos >= 0 and ids[:1] != [bos] else ids
 
-  def tokenize(self, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
-    """(tokens int32 [n], weights float32 [n]): weight 1 on the tokens of assistant turns
-    (their end-of-turn tokens included), 0 on everything else.
+  def tokenize(self, conversation: Conversation,
+               loss_on: str = 'assistant') -> tuple[np.ndarray, np.ndarray]:
+    """(tokens int32 [n], weights float32 [n]): weight 1 on the tokens trained on, 0 elsewhere.
+
+    loss_on (data.loss_on, `sources.LOSS_ON`): 'assistant' weights the tokens of every
+    assistant turn (their end-of-turn tokens included) and nothing else; 'last_assistant'
+    only those of the final assistant turn; 'all' every token of the rendering, role headers
+    and template markup included (a BOS added here is never a target, so its weight is moot).
 
     Each piece of `segments` is encoded on its own, so a turn boundary is a token boundary.
     The pipeline's EOS is not appended: the template's end-of-turn token already ends every
@@ -163,11 +168,16 @@ class ChatTemplate:
     templates without it (ChatML on a project tokenizer) still start like a pretraining
     document.
     """
+    check_loss_on(loss_on)
+    segments = self.segments(conversation.messages, conversation.where)
+    # The last assistant piece is the final assistant turn: segments keeps them in order.
+    last = max((j for j, (_, assistant) in enumerate(segments) if assistant), default=-1)
     tokens, weights = [], []
-    for text, assistant in self.segments(conversation.messages, conversation.where):
+    for j, (text, assistant) in enumerate(segments):
       ids = self._encode(text)
+      trained = {'assistant': assistant, 'last_assistant': j == last, 'all': True}[loss_on]
       tokens += ids
-      weights += [float(assistant)] * len(ids)
+      weights += [float(trained)] * len(ids)
     bos = self.tokenizer.bos_id
     if bos >= 0 and tokens[:1] != [bos]:
       tokens, weights = [bos] + tokens, [0.0] + weights

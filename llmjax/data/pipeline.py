@@ -10,16 +10,23 @@ Batch keys, all [batch_size // process_count, seq_len]:
   segment_ids      int32  1, 2, ... for the pieces packed into the row, 0 on padding
   positions        int32  position within the piece, restarting at 0 for each
   loss_mask        float32  1 where targets[i] is trained on, 0 elsewhere: for data.format
-                   'text', every real token (0 on padding only); for 'prompt_completion',
-                   the completion's tokens and its eos (0 on the prompt's tokens and padding);
-                   for 'messages', the tokens of every assistant turn, its end-of-turn
-                   token(s) included (0 on system/user turns, role headers and padding)
+                   'text', every real token (0 on padding only); for 'prompt_completion'
+                   and 'alpaca', the completion's (output's) tokens and its eos (0 on the
+                   prompt's tokens and padding); for 'messages', the tokens data.loss_on
+                   names: by default every assistant turn, its end-of-turn token(s)
+                   included (0 on system/user turns, role headers and padding)
 A row holds several pieces, so the model must attend only within equal segment_ids; RoPE sees
 each piece from position 0. A document longer than seq_len + 1 tokens is cut into pieces that
 overlap by one token, so every next-token pair of it is trained exactly once (a continuation
 piece starts without BOS at position 0: it trains on text without its earlier context, the
 usual trade-off of fixed-length training; for SFT, a completion cut this way is trained
 partly without its prompt, so choose seq_len above most examples' length).
+
+An example whose weighted targets all lie past its first seq_len (an SFT prompt that fills a
+row by itself: its answer would be trained only without its prompt, or not at all) is dropped
+whole, never trained on with an empty loss, and counted: `DroppedExamples` logs "12 examples
+dropped: their answers did not fit in seq_len=256" once per run, when a pass over the data
+completes (and a first notice when the first one goes). A text document always fits.
 
 A prompt/completion example is tokenized as [bos] + encode(prompt) + encode(completion) +
 [eos] (the two parts encoded separately, so the boundary is a token boundary), with a weight
@@ -28,11 +35,17 @@ token being predicted, so loss_mask[i] is the weight of targets[i], i.e. of toke
 the example: the prediction of the first completion token (made at the last prompt token) is
 trained, the prediction of the first prompt token (made at bos) is not.
 
+An Alpaca record (data.format='alpaca') is a prompt/completion example whose prompt is
+Alpaca's template filled with its instruction and input (`sources.alpaca_prompt`) and whose
+completion is its output: the same tokens and weights.
+
 A conversation (data.format='messages') is rendered by the chat template and tokenized piece by
-piece (`llmjax.data.chat.ChatTemplate.tokenize`): weight 1 on each assistant message's text and
-the template's end-of-turn token(s) after it, 0 elsewhere (the generation-prompt header
-'<|im_start|>assistant\n' included). No eos is added (the end-of-turn token plays its part),
-and bos only when the template does not write one itself.
+piece (`llmjax.data.chat.ChatTemplate.tokenize`): with data.loss_on='assistant' (the
+default), weight 1 on each assistant message's text and the template's end-of-turn token(s)
+after it, 0 elsewhere (the generation-prompt header '<|im_start|>assistant\n' included);
+'last_assistant' keeps only the final assistant turn's; 'all' weights every token. No eos is
+added (the end-of-turn token plays its part), and bos only when the template does not write
+one itself.
 
 The iterator's state (a few integers: epoch, index, packing offsets) is what the trainer
 checkpoints with `grain.checkpoint.CheckpointSave(iterator)`; restoring it resumes the exact
@@ -47,13 +60,19 @@ Config keys (`config.data`, read by `build_data`):
   format          what one document is, a value of `sources.DATA_FORMATS`: 'text'
                   (pretraining; documents from text_key), 'prompt_completion' (SFT: JSONL
                   records {"prompt": str, "completion": str}, loss on the completion only;
-                  needs path) or 'messages' (chat SFT: JSONL records {"messages": [{"role":
-                  "system"|"user"|"assistant", "content": str}, ...]} rendered by the chat
-                  template, loss on the assistant turns only; needs path). Absent = 'text'.
+                  needs path), 'alpaca' (SFT: JSONL records {"instruction": str, "input":
+                  str, "output": str} with Alpaca's prompt template, loss on the output
+                  only; needs path) or 'messages' (chat SFT: JSONL records {"messages":
+                  [{"role": "system"|"user"|"assistant", "content": str}, ...]} rendered by
+                  the chat template, loss as loss_on says; needs path). Absent = 'text'.
   text_key        the JSONL field / TFDS feature holding the text ('text').
   prompt_key, completion_key  the JSONL fields of a prompt_completion record ('prompt',
                   'completion', as in TRL).
+  instruction_key, input_key, output_key  the JSONL fields of an alpaca record
+                  ('instruction', 'input', 'output', as in Stanford Alpaca's data).
   messages_key    the JSONL field holding a conversation's message list ('messages').
+  loss_on         for 'messages', what is trained on (`sources.LOSS_ON`): 'assistant' (every
+                  assistant turn; the default), 'last_assistant' or 'all' (every token).
   chat_template   for 'messages': a .jinja file to render conversations with; '' = the
                   tokenizer's own (an HF checkpoint's chat_template; a tokenizer trained by
                   the run or a sentencepiece .model file has none, so it needs this key).
@@ -70,6 +89,7 @@ Config keys (`config.data`, read by `build_data`):
                   the same at every evaluation so losses are comparable across steps.
 """
 
+import logging
 import os
 
 import grain
@@ -84,25 +104,90 @@ from llmjax.errors import ConfigError, DataError
 # Enough documents to learn a subword vocabulary; more only slows tokenizer training.
 TOKENIZER_TRAINING_DOCUMENTS = 50_000
 
+_log = logging.getLogger(__name__)
 
-class _Tokenize(grain.transforms.Map):
-  """document -> {tokens: [bos] + ids + [eos], weights} as int32 / float32 [num_tokens].
 
-  weights[j] says whether predicting token j is trained on: 1 everywhere for a text document,
-  0 on bos and the prompt of a `PromptCompletion`, 1 on the assistant turns of a
-  `Conversation` only (tokens as its chat template renders them). A class, not a lambda, so
-  that Grain worker processes can pickle it.
+class DroppedExamples:
+  """Counts the examples `_SplitIntoPieces` drops whole (their answers did not fit in
+  seq_len), and logs the count once per run, when a pass over this host's documents completes.
+
+  It lives in the process that iterates the dataset: the pipeline's transforms run there (no
+  worker processes). `observe` is called in stream order with each document's position in the
+  stream (pass * num_documents + index in the pass). Grain's restore recomputes the element it
+  resumes at (the same position again: not counted twice); a position that does not follow
+  the last one (a new iterator, a restored checkpoint) starts the pass's tally over, and only a
+  pass observed from its first document to its last sets `count`. Which examples are dropped
+  depends on each example alone, so every pass drops the same ones, in a new order.
+
+  Attributes:
+    count: examples dropped in one whole pass; None until a pass has been observed whole.
+    dropped_so_far: examples dropped in the pass under way, since its tally started.
   """
 
-  def __init__(self, tokenizer: Tokenizer, chat_template: chat.ChatTemplate | None = None):
-    self.tokenizer, self.chat_template = tokenizer, chat_template
+  def __init__(self, seq_len: int, num_documents: int, where: str = ''):
+    self.seq_len, self.num_documents, self.where = seq_len, num_documents, where
+    self.count, self.dropped_so_far = None, 0
+    self._last, self._whole, self._noticed, self._in_a_row = -1, False, False, 0
+
+  def _suffix(self) -> str:
+    return f' ({self.where})' if self.where else ''
+
+  def message(self, count: int) -> str:
+    return (f"{count} examples dropped: their answers did not fit in seq_len={self.seq_len}"
+            f"{self._suffix()}")
+
+  def observe(self, position: int, dropped: bool) -> None:
+    if position == self._last:
+      return
+    n = self.num_documents
+    if position != self._last + 1:  # a jump: a new iterator, or one restored
+      self._in_a_row = 0
+    if position != self._last + 1 or position % n == 0:  # a jump, or a new pass begins
+      self.dropped_so_far, self._whole = 0, position % n == 0
+    self._last = position
+    self._in_a_row = self._in_a_row + 1 if dropped else 0
+    if self._in_a_row >= n:  # every document dropped: a repeated stream would spin forever
+      raise DataError(f"all {n} examples{self._suffix()} were dropped: their answers do not"
+                      f" fit in data.seq_len={self.seq_len}; raise data.seq_len or shorten the"
+                      " prompts.")
+    if dropped:
+      self.dropped_so_far += 1
+      if not self._noticed:  # a short run may never finish a pass: say so at the first one
+        self._noticed = True
+        _log.warning(f"an example was dropped: its answer did not fit in seq_len={self.seq_len}"
+                     f"{self._suffix()}; the count follows after a pass over the data. Raise"
+                     " data.seq_len or shorten the prompts.")
+    if position % n == n - 1 and self._whole:
+      first = self.count is None
+      self.count = self.dropped_so_far
+      if first and self.count:
+        _log.warning(self.message(self.count))
+
+
+class _Tokenize(grain.transforms.MapWithIndex):
+  """(position, document) -> {tokens: [bos] + ids + [eos], weights: float32, position} as
+  int32 / float32 [num_tokens]; position (the document's place in the stream) is passed on
+  for `DroppedExamples`.
+
+  weights[j] says whether predicting token j is trained on: 1 everywhere for a text document,
+  0 on bos and the prompt of a `PromptCompletion`, 1 on the tokens `loss_on` names of a
+  `Conversation` (tokens as its chat template renders them). A class, not a lambda, so that
+  Grain worker processes can pickle it.
+  """
+
+  def __init__(self, tokenizer: Tokenizer, chat_template: chat.ChatTemplate | None = None,
+               loss_on: str = 'assistant'):
+    self.tokenizer, self.chat_template, self.loss_on = tokenizer, chat_template, loss_on
+
+  def map_with_index(self, position: int, document) -> dict:
+    return dict(self.map(document), position=position)
 
   def map(self, document: str | sources.PromptCompletion | sources.Conversation) -> dict:
     if isinstance(document, sources.Conversation):
       if self.chat_template is None:
         raise ConfigError("data.format='messages' needs a chat template; set"
                           " data.chat_template to a .jinja file.")
-      tokens, weights = self.chat_template.tokenize(document)
+      tokens, weights = self.chat_template.tokenize(document, self.loss_on)
       return {'tokens': tokens, 'weights': weights}
     t = self.tokenizer
     # Some checkpoints' tokenizers have no BOS (Qwen2) or EOS (-1): then only the segment ids
@@ -119,23 +204,31 @@ class _Tokenize(grain.transforms.Map):
 
 
 class _SplitIntoPieces(grain.experimental.FlatMapTransform):
-  """{tokens, weights} [n] -> pieces {inputs: p[:-1], targets: p[1:], weights: w[1:]} with
-  len(p) <= seq_len + 1, where w is the weights of p's tokens."""
+  """{tokens, weights, position} [n] -> pieces {inputs: p[:-1], targets: p[1:], weights: w[1:]}
+  with len(p) <= seq_len + 1, where w is the weights of p's tokens; none for an example whose
+  weighted targets all lie past its first piece (counted by `dropped`)."""
 
   max_fan_out = 1 << 30  # only MapDataset.flat_map reads it; FlatMapIterDataset has no limit
 
-  def __init__(self, seq_len: int):
-    self.seq_len = seq_len
+  def __init__(self, seq_len: int, dropped: DroppedExamples | None = None):
+    self.seq_len, self.dropped = seq_len, dropped
 
   def flat_map(self, example: dict) -> list[dict]:
     n = self.seq_len
     tokens, weights = example['tokens'], example['weights']
+    # A weight belongs to the token predicted, so it follows the targets: w[1:], not w[:-1].
+    # An example with weighted targets but none in its first piece (an SFT prompt that fills
+    # seq_len) would train its answer without its prompt, or, cut anywhere else, with an empty
+    # loss: dropped whole and counted, so the user learns that seq_len is too short.
+    cut = weights[1:].any() and not weights[1:n + 1].any()
+    if self.dropped is not None and 'position' in example:
+      self.dropped.observe(int(example['position']), bool(cut))
+    if cut:
+      return []
     # Consecutive pieces share one token: the last target of one is the first input of the next.
     pieces = [(tokens[s:s + n + 1], weights[s:s + n + 1]) for s in range(0, len(tokens) - 1, n)]
-    # A weight belongs to the token predicted, so it follows the targets: w[1:], not w[:-1].
-    # A piece with no weighted target (the middle of a prompt longer than seq_len) would only
-    # cost a forward and backward pass: dropped. Every document keeps at least one piece (its
-    # EOS or end-of-turn is always weighted), so the stream never runs dry.
+    # A later piece with no weighted target (the middle of a long user turn) would only cost a
+    # forward and backward pass: dropped. Every kept example keeps its first piece.
     return [{'inputs': p[:-1], 'targets': p[1:], 'weights': w[1:]} for p, w in pieces
             if w[1:].any()]
 
@@ -151,8 +244,8 @@ def _finish_row(row: dict) -> dict:
 
 def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  shuffle: bool = True, repeat: bool = True, process_index: int = 0,
-                 process_count: int = 1,
-                 chat_template: chat.ChatTemplate | None = None) -> grain.IterDataset:
+                 process_count: int = 1, chat_template: chat.ChatTemplate | None = None,
+                 loss_on: str = 'assistant', where: str = '') -> grain.IterDataset:
   """Packed batches of `source`'s documents for this host.
 
   Args:
@@ -167,9 +260,13 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
     process_index, process_count: this host reads documents process_index, process_index +
       process_count, ...: whole documents, disjoint across hosts.
     chat_template: renders `sources.Conversation` documents (bound to `tokenizer`).
+    loss_on: data.loss_on, what of a `sources.Conversation` is trained on (`sources.LOSS_ON`).
+    where: named in the dropped-examples log lines, e.g. 'validation split' ('' for train).
   Returns:
     An IterDataset of dicts {inputs, targets, segment_ids, positions, loss_mask}, each
-    [batch_size // process_count, seq_len]; `iter()` of it has get_state/set_state.
+    [batch_size // process_count, seq_len]; `iter()` of it has get_state/set_state. Its
+    `dropped_examples` attribute is the `DroppedExamples` that counts this host's examples
+    dropped because their answers did not fit in seq_len.
   """
   if seq_len < 1:
     raise ConfigError(f"data.seq_len={seq_len} must be at least 1.")
@@ -178,6 +275,7 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   if batch_size < process_count or batch_size % process_count:
     raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {process_count}"
                       " hosts; use a multiple.")
+  sources.check_loss_on(loss_on)
   if len(source) < process_count:
     raise DataError(f"{len(source)} documents cannot be shared by {process_count} hosts; add"
                     " documents.")
@@ -185,10 +283,16 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
   ds = ds[process_index::process_count]  # shard before shuffling: hosts never share documents
   if shuffle:
     ds = ds.shuffle(seed=seed)  # repeated below, it draws a new permutation every epoch
+  num_documents = len(ds)
   if repeat:
     ds = ds.repeat(None)
-  ds = ds.map(_Tokenize(tokenizer, chat_template))
-  it = gx.FlatMapIterDataset(ds.to_iter_dataset(), _SplitIntoPieces(seq_len))
+  # map_with_index: the index is the document's position in the (repeated) stream, which
+  # DroppedExamples needs to know where a pass over the data ends.
+  ds = ds.map_with_index(_Tokenize(tokenizer, chat_template, loss_on))
+  if process_count > 1:
+    where = ', '.join(filter(None, [where, f'host {process_index} of {process_count}']))
+  dropped = DroppedExamples(seq_len, num_documents, where)
+  it = gx.FlatMapIterDataset(ds.to_iter_dataset(), _SplitIntoPieces(seq_len, dropped))
   local_batch = batch_size // process_count
   # First fit over >= 16 open rows fills ~93% of the tokens on the embedded corpus (best fit
   # is no better there, and slower). Shuffling the finished rows breaks up the runs of short
@@ -197,7 +301,9 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
       it, length_struct={'inputs': seq_len, 'targets': seq_len, 'weights': seq_len},
       num_packing_bins=max(local_batch, 16), seed=seed, shuffle_bins=shuffle)
   it = it.map(_finish_row)
-  return it.batch(local_batch, drop_remainder=True)
+  it = it.batch(local_batch, drop_remainder=True)
+  it.dropped_examples = dropped
+  return it
 
 
 def get_sources(data_cfg, workdir: str) -> dict:
@@ -212,7 +318,10 @@ def get_sources(data_cfg, workdir: str) -> dict:
         data_cfg.path, data_cfg.text_key, tfds_dir(workdir), data_format=data_format,
         prompt_key=data_cfg.get('prompt_key', 'prompt'),
         completion_key=data_cfg.get('completion_key', 'completion'),
-        messages_key=data_cfg.get('messages_key', 'messages'))
+        messages_key=data_cfg.get('messages_key', 'messages'),
+        instruction_key=data_cfg.get('instruction_key', 'instruction'),
+        input_key=data_cfg.get('input_key', 'input'),
+        output_key=data_cfg.get('output_key', 'output'))
   if data_cfg.tfds_name:
     return sources.tfds_source(data_cfg.tfds_name, data_cfg.text_key)
   return {split: sources.in_memory_source(corpus.default_corpus(split))
@@ -322,7 +431,7 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
   """
   srcs = get_sources(data_cfg, workdir)
   tokenizer = build_tokenizer(data_cfg, workdir, srcs['train'])
-  template = None
+  template, loss_on = None, data_cfg.get('loss_on', 'assistant')
   if sources.check_data_format(data_cfg) == 'messages':
     template = chat.load_template(data_cfg, tokenizer)
     if data_cfg.get('chat_template', '') and process_index == 0:
@@ -330,14 +439,14 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
       files.write_text(files.join(workdir, chat.RUN_TEMPLATE), template.source)
     # Renders one conversation now: a template that refuses the data fails here, before
     # anything compiles, rather than inside the first training step's input.
-    template.tokenize(srcs['train'][0])
+    template.tokenize(srcs['train'][0], loss_on)
   common = dict(seq_len=data_cfg.seq_len, batch_size=batch_size, process_index=process_index,
-                process_count=process_count, chat_template=template)
+                process_count=process_count, chat_template=template, loss_on=loss_on)
   train = make_dataset(srcs['train'], tokenizer, seed=seed, **common)
   # Repeated (but not shuffled) so that every host yields exactly eval_batches batches even
   # when the validation split is small: hosts must run the same number of eval steps.
   eval_ds = make_dataset(srcs['validation'], tokenizer, seed=seed, shuffle=False, repeat=True,
-                         **common)
+                         where='validation split', **common)
   cache = []
 
   def eval_batches() -> list[dict]:

@@ -5,17 +5,19 @@ needs for a seeded global shuffle and for checkpointing the iterator as a few in
 document is a `str` for data.format='text' (pretraining), a `PromptCompletion` for
 data.format='prompt_completion' (supervised fine-tuning: JSONL records
 `{"prompt": ..., "completion": ...}`, TRL's prompt-completion format; only the completion is
-trained on, see `llmjax.data.pipeline`) and a `Conversation` for data.format='messages' (JSONL
-records `{"messages": [{"role": ..., "content": ...}, ...]}`, TRL's and the HF Hub's
-conversational format; rendered by a chat template and trained on the assistant turns, see
-`llmjax.data.chat`).
+trained on, see `llmjax.data.pipeline`) and for data.format='alpaca' (JSONL records
+`{"instruction": ..., "input": ..., "output": ...}`, Stanford Alpaca's format: the prompt is
+Alpaca's template filled with the instruction and input, the completion is the output), and
+a `Conversation` for data.format='messages' (JSONL records `{"messages": [{"role": ...,
+"content": ...}, ...]}`, TRL's and the HF Hub's conversational format; rendered by a chat
+template and trained on the assistant turns, see `llmjax.data.chat`).
 
 Local files are converted once into a TFDS dataset in ArrayRecord format under
 WORKDIR/tfds/ and read back with `as_data_source`: no TensorFlow is involved (TFDS only needs
 TF for its tf.data readers and TFRecord files, neither of which this path touches), and later
 runs reuse the prepared files. Each document is one JSONL object's text field (its prompt
-and completion fields for 'prompt_completion', its messages list as a JSON string for
-'messages'), or one blank-line-separated paragraph of a .txt file: paragraphs keep a unit of
+and completion fields for 'prompt_completion', its rendered prompt and output for 'alpaca',
+its messages list as a JSON string for 'messages'), or one blank-line-separated paragraph of a .txt file: paragraphs keep a unit of
 meaning together while giving the shuffle something finer than whole books; a paragraph
 longer than MAX_TXT_DOCUMENT_CHARS (a file without blank lines) is cut at line boundaries, so
 one huge
@@ -37,15 +39,43 @@ VALIDATION_EVERY = 20
 MAX_TXT_DOCUMENT_CHARS = 32_000  # ~8k tokens: a few rows of any usual seq_len
 # Bump when the way files become documents changes, so prepared copies are rebuilt.
 _FORMAT = 2
-# The values of data.format: what one document is. 'prompt_completion' and 'messages' read only
-# local JSONL files (the embedded corpus and TFDS catalog datasets are plain text).
-DATA_FORMATS = ('text', 'prompt_completion', 'messages')
+# The values of data.format: what one document is. 'prompt_completion', 'alpaca' and 'messages'
+# read only local JSONL files (the embedded corpus and TFDS catalog datasets are plain text).
+DATA_FORMATS = ('text', 'prompt_completion', 'alpaca', 'messages')
+# The values of data.loss_on, for data.format='messages': which tokens of a rendered
+# conversation are trained on (`llmjax.data.chat.ChatTemplate.tokenize`). 'assistant': every
+# assistant turn and its end-of-turn token(s) (TRL's assistant_only_loss); 'last_assistant':
+# only the final assistant turn (the earlier ones are context, as in a multi-turn prompt);
+# 'all': every token of the rendering, template markup included (language modelling on chats).
+LOSS_ON = ('assistant', 'last_assistant', 'all')
 # The roles a 'messages' conversation may use: those every chat template knows (tool calls
 # need per-template fields that records do not carry portably).
 ROLES = ('system', 'user', 'assistant')
 # The JSONL record of each format that reads only local files, for error messages.
 _RECORDS = {'prompt_completion': '{"prompt": ..., "completion": ...}',
+            'alpaca': '{"instruction": ..., "input": ..., "output": ...}',
             'messages': '{"messages": [{"role": ..., "content": ...}, ...]}'}
+
+# Stanford Alpaca's prompt templates (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT),
+# verbatim: the prompt ends at 'Response:' and the output follows it directly, as Alpaca
+# trained (source + target, with the loss on the target and EOS only). A record whose input is
+# empty (or absent) takes the template without the Input section, as Alpaca's code does.
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further"
+    " context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately"
+    " completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:")
+
+
+def alpaca_prompt(instruction: str, input_text: str = '') -> str:
+  """The Alpaca prompt of one record: ALPACA_PROMPT_INPUT, or ALPACA_PROMPT_NO_INPUT when
+  `input_text` is empty."""
+  if input_text:
+    return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=input_text)
+  return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
 
 
 class PromptCompletion(NamedTuple):
@@ -82,7 +112,19 @@ def check_data_format(data_cfg, *, data_files: bool = True) -> str:
     raise ConfigError(f"data.chat_template='{data_cfg.chat_template}' is only read for"
                       f" data.format='messages' (this run's is '{fmt}'); set data.format or"
                       " data.chat_template=''.")
+  loss_on = data_cfg.get('loss_on', 'assistant')
+  check_loss_on(loss_on)
+  if loss_on != 'assistant' and fmt != 'messages':
+    raise ConfigError(f"data.loss_on='{loss_on}' is only read for data.format='messages' (this"
+                      f" run's is '{fmt}'); set data.format or data.loss_on='assistant'.")
   return fmt
+
+
+def check_loss_on(loss_on: str) -> None:
+  """ConfigError, with the closest value, when data.loss_on is not one of LOSS_ON."""
+  if loss_on not in LOSS_ON:
+    raise ConfigError(f"data.loss_on='{loss_on}' is not one of {list(LOSS_ON)}."
+                      f"{closest(str(loss_on), LOSS_ON)}")
 
 
 class TextSource:
@@ -107,7 +149,8 @@ class TextSource:
 class PromptCompletionSource:
   """Random-access `PromptCompletion`s from a source of dicts with 'prompt' and 'completion'
   (str or bytes): the features of a prepared prompt_completion copy, whatever data.prompt_key
-  and data.completion_key named them in the JSONL files."""
+  and data.completion_key named them in the JSONL files (and of an alpaca copy: its prompt
+  already rendered)."""
 
   def __init__(self, source):
     self.source = source
@@ -270,6 +313,28 @@ def iter_prompt_completions(path: str, prompt_key: str = 'prompt',
       yield example
 
 
+def iter_alpaca(path: str, instruction_key: str = 'instruction', input_key: str = 'input',
+                output_key: str = 'output') -> Iterator[PromptCompletion]:
+  """The examples of one .jsonl file of Alpaca records, as `PromptCompletion(alpaca_prompt(
+  instruction, input), output)`; a bad line raises DataError `path:line: ...`.
+
+  All three fields are required, the input too ('' when there is none, as in Alpaca's own
+  data): a file whose inputs are under another name would otherwise lose them silently.
+  """
+  if not path.endswith('.jsonl'):
+    raise DataError(f"{path}: data.format='alpaca' reads .jsonl files of"
+                    ' {"instruction": ..., "input": ..., "output": ...} records; convert it or'
+                    " set data.format='text'.")
+  keys = (instruction_key, input_key, output_key)
+  for n, obj in _jsonl_objects(path):
+    instruction = _string_field(path, n, obj, instruction_key, 'data.instruction_key',
+                                'instruction', keys)
+    input_text = _string_field(path, n, obj, input_key, 'data.input_key',
+                               'input ("" when there is none)', keys)
+    output = _string_field(path, n, obj, output_key, 'data.output_key', 'output', keys)
+    yield PromptCompletion(alpaca_prompt(instruction, input_text), output)
+
+
 def _messages_field(path: str, n: int, obj, key: str) -> list[dict]:
   """obj[key] when it is a valid conversation; else DataError naming path:n and the fix."""
   fix = 'each message needs a "role" and a string "content"'
@@ -310,8 +375,8 @@ def iter_conversations(path: str, messages_key: str = 'messages') -> Iterator[Co
     yield Conversation(tuple(_messages_field(path, n, obj, messages_key)), f'{path}:{n}')
 
 
-# One TFDS example per document: {'text': str}, {'prompt': str, 'completion': str} or
-# {'messages': JSON str, 'where': 'path:line'}.
+# One TFDS example per document: {'text': str}, {'prompt': str, 'completion': str} (also for
+# 'alpaca') or {'messages': JSON str, 'where': 'path:line'}.
 def _text_examples(path: str, text_key: str) -> Iterator[dict]:
   for doc in iter_documents(path, text_key):
     yield {'text': doc}
@@ -319,6 +384,12 @@ def _text_examples(path: str, text_key: str) -> Iterator[dict]:
 
 def _prompt_completion_examples(path: str, prompt_key: str, completion_key: str) -> Iterator[dict]:
   for example in iter_prompt_completions(path, prompt_key, completion_key):
+    yield example._asdict()
+
+
+def _alpaca_examples(path: str, instruction_key: str, input_key: str,
+                     output_key: str) -> Iterator[dict]:
+  for example in iter_alpaca(path, instruction_key, input_key, output_key):
     yield example._asdict()
 
 
@@ -376,11 +447,15 @@ def _builder_class():
 
 def local_files_source(pattern: str, text_key: str, data_dir: str, *,
                        data_format: str = 'text', prompt_key: str = 'prompt',
-                       completion_key: str = 'completion', messages_key: str = 'messages') -> dict:
+                       completion_key: str = 'completion', messages_key: str = 'messages',
+                       instruction_key: str = 'instruction', input_key: str = 'input',
+                       output_key: str = 'output') -> dict:
   """{'train', 'validation'} sources for local files, prepared once under `data_dir`.
 
   data_format 'text' gives `TextSource`s of str; 'prompt_completion' (JSONL only) gives
-  `PromptCompletionSource`s of `PromptCompletion`; 'messages' (JSONL only) gives
+  `PromptCompletionSource`s of `PromptCompletion`; 'alpaca' (JSONL only) too, each prompt the
+  rendered Alpaca template (so it trains exactly as a prompt_completion file of those
+  prompts would); 'messages' (JSONL only) gives
   `ConversationSource`s of `Conversation`. The prepared copy is keyed by the format,
   its field names and the files' paths, sizes and modification times, so editing a file or
   switching the format builds a new one instead of silently reusing stale data.
@@ -399,6 +474,13 @@ def local_files_source(pattern: str, text_key: str, data_dir: str, *,
     spec += [data_format, prompt_key, completion_key]
     examples = functools.partial(_prompt_completion_examples, prompt_key=prompt_key,
                                  completion_key=completion_key)
+    features, wrap = PromptCompletion._fields, PromptCompletionSource
+  elif data_format == 'alpaca':
+    # The template's text is part of the key: a change to it must not reuse old prompts.
+    spec += [data_format, instruction_key, input_key, output_key, ALPACA_PROMPT_INPUT,
+             ALPACA_PROMPT_NO_INPUT]
+    examples = functools.partial(_alpaca_examples, instruction_key=instruction_key,
+                                 input_key=input_key, output_key=output_key)
     features, wrap = PromptCompletion._fields, PromptCompletionSource
   else:  # 'messages'
     spec += [data_format, messages_key]
