@@ -118,14 +118,6 @@ def chunked_logprobs(head: Callable, hidden: jax.Array, targets: jax.Array,
   return jnp.swapaxes(lp, 0, 1).reshape(b, t)  # [n, batch, chunk] -> [batch, length]
 
 
-def chunked_cross_entropy(head: Callable, hidden: jax.Array, targets: jax.Array,
-                          weights: jax.Array, chunk: int):
-  """`cross_entropy(head(hidden), targets, weights)` through `chunked_logprobs`."""
-  lp = chunked_logprobs(head, hidden, targets, chunk)
-  weights = weights.astype(jnp.float32)
-  return -jnp.sum(lp * weights), jnp.sum(weights)
-
-
 def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
   """Per-segment sums of a packed row: values [batch, length], segment_ids [batch, length]
   (1..num_segments; 0 = padding, dropped) -> [batch, num_segments], column s-1 for segment s."""
