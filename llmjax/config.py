@@ -66,10 +66,16 @@ def _literal(text: str, kind: type):
 
 
 def _typed(text: str, current):
-  """`text` parsed as the type of `current` (anything when it is None); ValueError if not."""
+  """`text` parsed as the type of `current` (anything when it is None); ValueError if not.
+
+  A tuple or list also takes bare comma-separated words ('arithmetic,facts'), so a list of
+  names needs no Python quoting in a shell.
+  """
   if current is None:
     return _literal(text, object)
   value = _literal(text, type(current))
+  if isinstance(current, (tuple, list)) and isinstance(value, str):
+    value = type(current)(w.strip() for w in value.split(',') if w.strip())
   if not isinstance(value, type(current)) and not (
       isinstance(current, float) and isinstance(value, int)):
     raise ValueError(f"expected {type(current).__name__}")
@@ -176,6 +182,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if tok and not files.exists(tok):  # a sentencepiece .model may be on gs://
     raise ConfigError(f"data.tokenizer_path='{tok}' does not exist; pass a sentencepiece .model,"
                       " a Hugging Face checkpoint dir, or '' to train one into the workdir.")
+  from llmjax.eval import suite  # eval.tasks parsed and its files found, nothing read yet
+  suite.specs_from_config(config, data_files=data_files)
   init = config.get('init', {})
   if init.get('hf_dir') and init.get('params_dir'):
     raise ConfigError(f"init.hf_dir='{init.hf_dir}' and init.params_dir='{init.params_dir}' are"
@@ -248,6 +256,14 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.data.vocab_size = 8192  # size of a trained tokenizer
   c.data.tokenizer_type = 'bpe'  # 'bpe' or 'unigram'
   c.data.eval_batches = 8  # batches of the validation split per evaluation
+  # Built-in instruction tasks to train on instead of data.path (llmjax.data.tasks: 'arithmetic',
+  # 'facts', 'strings', 'format'), with data.format='prompt_completion' or 'messages': their
+  # train splits are the data, their held-out splits the eval_loss, and every eval also scores
+  # exact match on each held-out split (eval_<task>_exact_match). On the command line:
+  # --config.data.builtin_tasks=arithmetic,facts.
+  c.data.builtin_tasks = ()
+  c.data.builtin_seed = 0  # which problems are held out; apart from train.seed, so a sweep
+  # over train.seed is scored on the same held-out questions
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 1000
@@ -294,6 +310,17 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # Or from a Hugging Face checkpoint dir (config.json + safetensors), read straight into the
   # state's shardings; its tokenizer becomes the run's unless data.tokenizer_path is set.
   c.init.hf_dir = ''
+
+  # Tasks scored at every eval besides eval_loss (llmjax.eval.suite): built-in task names,
+  # 'KIND:FILE' or 'NAME=KIND:FILE' with KIND generate, multiple_choice or perplexity; logged as
+  # eval_<name>_<metric>. Each file is checked when the run starts.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.tasks = ()
+  c.eval.max_new_tokens = 32  # generate: greedy tokens per answer at most
+  c.eval.stop = ()  # generate: answers are cut at the first of these strings (built-in: '\n')
+  c.eval.chat = False  # generate files: prompts as user turns of the run's chat template
+  c.eval.batch_size = 32  # sequences per forward pass or generate call
+  c.eval.max_examples = 0  # >0: only the first N records of each task (a quicker, noisier eval)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ()  # printed with their continuations at every eval

@@ -312,6 +312,10 @@ def get_sources(data_cfg, workdir: str) -> dict:
     raise ConfigError(f"data.path='{data_cfg.path}' and data.tfds_name='{data_cfg.tfds_name}'"
                       " are both set; set only one.")
   data_format = sources.check_data_format(data_cfg)
+  if data_cfg.get('builtin_tasks', ()):
+    from llmjax.data import tasks  # generated in memory: nothing to prepare on disk
+    return tasks.builtin_sources(data_cfg.builtin_tasks, data_format,
+                                 data_cfg.get('builtin_seed', 0))
   if data_cfg.path:
     files.check_local('data.path', data_cfg.path)  # read by glob and TFDS on each host
     return sources.local_files_source(
@@ -410,6 +414,16 @@ def _load_hf_tokenizer(hf_dir: str) -> Tokenizer | None:
   from llmjax.interop.tokenizer import TOKENIZER_READ_FILES, load_tokenizer
   with files.download_dir(hf_dir, TOKENIZER_READ_FILES) as local:
     return load_tokenizer(local)
+
+
+def run_tokenizer_path(workdir: str) -> str:
+  """The tokenizer `build_tokenizer` stored in an llmjax workdir, as a data.tokenizer_path
+  (its hf_tokenizer/ dir or its tokenizer.model); '' when it holds neither."""
+  hf_dir = files.join(workdir, HF_TOKENIZER_DIR)
+  if files.isdir(hf_dir):
+    return hf_dir
+  path = files.join(workdir, 'tokenizer.model')
+  return path if files.exists(path) else ''
 
 
 def load_run_tokenizer(workdir: str) -> Tokenizer:

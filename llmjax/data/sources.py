@@ -51,6 +51,8 @@ LOSS_ON = ('assistant', 'last_assistant', 'all')
 # The roles a 'messages' conversation may use: those every chat template knows (tool calls
 # need per-template fields that records do not carry portably).
 ROLES = ('system', 'user', 'assistant')
+# The formats data.builtin_tasks can be trained in (`llmjax.data.tasks.builtin_sources`).
+BUILTIN_FORMATS = ('prompt_completion', 'messages')
 # The JSONL record of each format that reads only local files, for error messages.
 _RECORDS = {'prompt_completion': '{"prompt": ..., "completion": ...}',
             'alpaca': '{"instruction": ..., "input": ..., "output": ...}',
@@ -104,10 +106,22 @@ def check_data_format(data_cfg, *, data_files: bool = True) -> str:
   if fmt not in DATA_FORMATS:
     raise ConfigError(f"data.format='{fmt}' is not one of {list(DATA_FORMATS)}."
                       f"{closest(fmt, DATA_FORMATS)}")
-  if data_files and fmt in _RECORDS and not data_cfg.get('path', ''):
+  builtin = tuple(data_cfg.get('builtin_tasks', ()))
+  if builtin:
+    from llmjax.data import tasks  # the names, with did-you-mean, before anything is read
+    tasks.check_task_names(builtin, where='data.builtin_tasks')
+    if fmt not in BUILTIN_FORMATS:
+      raise ConfigError(f"data.builtin_tasks needs data.format='prompt_completion' (the Q/A"
+                        f" records as they are) or 'messages' (as conversations, with"
+                        f" data.chat_template); this run's is '{fmt}'.")
+    for key in ('path', 'tfds_name'):
+      if data_cfg.get(key, ''):
+        raise ConfigError(f"data.builtin_tasks={builtin} and data.{key}='{data_cfg[key]}' are"
+                          f" both set; train on one of them (data.{key}='' for the tasks).")
+  elif data_files and fmt in _RECORDS and not data_cfg.get('path', ''):
     raise ConfigError(f"data.format='{fmt}' needs data.path: a .jsonl file or glob of"
                       f" {_RECORDS[fmt]} records (the embedded corpus and data.tfds_name are"
-                      " text only).")
+                      " text only), or data.builtin_tasks.")
   if data_cfg.get('chat_template', '') and fmt != 'messages':
     raise ConfigError(f"data.chat_template='{data_cfg.chat_template}' is only read for"
                       f" data.format='messages' (this run's is '{fmt}'); set data.format or"

@@ -228,18 +228,22 @@ def task_names() -> tuple[str, ...]:
   return tuple(TASKS)
 
 
-def check_task_names(names: Sequence[str], *, what: str = 'built-in task') -> tuple[str, ...]:
-  """`names` as a tuple, or a one-line ConfigError naming the unknown (or repeated) one."""
+def check_task_names(names: Sequence[str], *, where: str = '') -> tuple[str, ...]:
+  """`names` as a tuple, or a one-line ConfigError naming the unknown (or repeated) one.
+
+  where: the key or flag that gave the names ('data.builtin_tasks'), to start the message.
+  """
   names = tuple(names)
+  at = f"{where}: " if where else ''
   if not names:
-    raise ConfigError(f"no {what} given; pick from {', '.join(TASKS)}.")
+    raise ConfigError(f"{at}no built-in task given; pick from {', '.join(TASKS)}.")
   for name in names:
     if name not in TASKS:
-      raise ConfigError(f"unknown {what} '{name}'.{closest(name, TASKS)} The tasks:"
+      raise ConfigError(f"{at}unknown built-in task '{name}'.{closest(name, TASKS)} The tasks:"
                         f" {', '.join(TASKS)}.")
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:
-    raise ConfigError(f"{what} '{repeated[0]}' is given twice; list each task once.")
+    raise ConfigError(f"{at}built-in task '{repeated[0]}' is given twice; list each task once.")
   return names
 
 
@@ -281,6 +285,29 @@ def as_messages(rec: dict) -> dict:
   return {'messages': [{'role': 'user', 'content': question(rec)},
                        {'role': 'assistant', 'content': rec['answer']}],
           'answer': rec['answer']}
+
+
+def builtin_sources(names: Sequence[str], data_format: str, seed: int = 0) -> dict:
+  """{'train', 'validation'} sources of `data.builtin_tasks`: the train splits of `names`
+  (concatenated; the pipeline shuffles) and their held-out splits (the run's eval_loss).
+
+  data_format 'prompt_completion' gives `PromptCompletion`s of the records; 'messages' gives
+  `Conversation`s of `as_messages` (the run's chat template renders them).
+  """
+  from llmjax.data import sources  # here: sources imports nothing of ours, keep it that way
+  names = check_task_names(names, where='data.builtin_tasks')
+  out = {}
+  for split, source_split in (('train', 'train'), ('validation', 'heldout')):
+    recs = [(name, i, r) for name in names
+            for i, r in enumerate(make_task(name, source_split, seed))]
+    if data_format == 'messages':
+      out[split] = sources.ConversationSource(
+          [{'messages': json.dumps(as_messages(r)['messages']),
+            'where': f'built-in task {name} {source_split} record {i}'} for name, i, r in recs])
+    else:
+      out[split] = sources.PromptCompletionSource(
+          [{'prompt': r['prompt'], 'completion': r['completion']} for _, _, r in recs])
+  return out
 
 
 def write_tasks(out: str, names: Sequence[str], *, seed: int = 0,

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from llmjax import config as config_lib
 from llmjax import files, sharding
 from llmjax.errors import ConfigError
+from llmjax.eval import suite
 from llmjax.infer import sampler
 from llmjax.models.config import ModelConfig
 from llmjax.models.transformer import Transformer
@@ -187,15 +188,21 @@ class Input:
   train_ds: object  # an IterDataset of host-local batches
   train_iter: object  # its checkpointable iterator
   eval_batches: Callable  # () -> list of host-local batches (cached)
+  eval_tasks: list = dataclasses.field(default_factory=list)  # llmjax.eval.suite.Task, checked
 
 
 def build_input(config, model_cfg: ModelConfig, workdir: str) -> Input:
   """The run's tokenizer and batches (each host reads its own share of the global batch)."""
   from llmjax import data as data_lib  # imported here: tokenizer training may be slow to import
   data_cfg, t = config.data, config.train
-  if config.init.get('hf_dir') and not data_cfg.tokenizer_path:
+  # A run that starts from other weights keeps their token ids: the source's tokenizer is the
+  # run's unless data.tokenizer_path says otherwise.
+  source_tokenizer = (config.init.get('hf_dir') or
+                      (config.init.get('params_dir') and
+                       data_lib.run_tokenizer_path(config.init.params_dir)))
+  if source_tokenizer and not data_cfg.tokenizer_path:
     data_cfg = data_cfg.copy_and_resolve_references()
-    data_cfg.tokenizer_path = config.init.hf_dir  # the checkpoint's own token ids
+    data_cfg.tokenizer_path = source_tokenizer
   build = lambda: data_lib.build_data(
       data_cfg, workdir, seed=t.seed, batch_size=t.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
@@ -210,7 +217,14 @@ def build_input(config, model_cfg: ModelConfig, workdir: str) -> Input:
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
                       f"{model_cfg.vocab_size}; set model.vocab_size >= {tokenizer.vocab_size}.")
-  return Input(tokenizer, train_ds, iter(train_ds), eval_batches)
+  from llmjax.eval import suite
+  template = None
+  if data_cfg.get('format', 'text') == 'messages' or config.get('eval', {}).get('chat', False):
+    from llmjax.data import chat
+    template = chat.load_template(data_cfg, tokenizer)
+  # Every eval file read and checked now, before the model is built.
+  eval_tasks = suite.load_tasks(config, tokenizer, model_cfg, template)
+  return Input(tokenizer, train_ds, iter(train_ds), eval_batches, eval_tasks)
 
 
 def initial_state(trainer: Trainer, config, model_cfg: ModelConfig, manager,
@@ -318,6 +332,12 @@ def train_loop(config, model_cfg, trainer: Trainer, state: TrainState, data: Inp
                               trainer.batch_sharding))
           log.print(f"step {step}: loss {row.get('loss', latest.get('loss', float('nan'))):.4f}"
                     f" eval_loss {row['eval_loss']:.4f} eval_ppl {row['eval_perplexity']:.2f}")
+          if data.eval_tasks:
+            scores = suite.run_tasks(data.eval_tasks, config, model_cfg, state.params,
+                                     data.tokenizer, step=step, workdir=log.workdir,
+                                     write=jax.process_index() == 0)
+            row.update(scores)
+            log.print('  ' + ', '.join(f"{k[len('eval_'):]} {v:.3f}" for k, v in scores.items()))
           print_samples(config, model_cfg, state.params, data.tokenizer, log)
           paused += time.time() - began
         if row:
