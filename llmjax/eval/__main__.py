@@ -121,7 +121,9 @@ def main(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
   flags = parse_flags(argv)
   data = read_data(flags)  # every bad line fails here, before the model loads
-  from llmjax.generate import load
+  from llmjax.generate import chat_template, load, load_tokenizer
+  if flags['chat']:  # and a missing or unusable chat template (it needs only the tokenizer)
+    chat_template(flags, load_tokenizer(flags))
   cfg, params, tokenizer = load(flags)
   if tokenizer is None:
     raise UserError(f"{flags['hf'] or flags['workdir']} has no tokenizer (tokenizer.json or"
