@@ -244,21 +244,23 @@ def check_template(value: str) -> None:
                     f"{closest(stem, TEMPLATES)}")
 
 
-def check_assistant_marker(source: str, origin: str, bos_token: str = '',
-                           eos_token: str = '') -> None:
+def check_assistant_marker(source: str, origin: str, bos_token: str = '<s>',
+                           eos_token: str = '</s>') -> None:
   """ConfigError when `source` renders a user message the same with add_generation_prompt=True
   as without: nothing then marks where the assistant's answer starts, so no prompt can ask the
   model for one (chat, `generate --chat`) and SFT could not tell the answer from the markup
-  before it. Needs no tokenizer (the bos/eos texts default to ''), so config validation can
-  call it; a template that refuses this one-message conversation is left to the data to fail.
+  before it. Needs no tokenizer, so config validation can call it: the bos/eos texts default
+  to stand-ins, which can only let a template pass that the tokenizer's own texts then refuse
+  (`ChatTemplate.check_assistant_marker`, in `load_template`). A template that refuses this
+  one-message conversation is left to the data to fail, naming the record.
   """
   try:
     env = _environment().from_string(source)
     user = [{'role': 'user', 'content': 'hi'}]
     texts = [env.render(messages=user, add_generation_prompt=g, bos_token=bos_token,
                         eos_token=eos_token) for g in (True, False)]
-  except jinja2.TemplateError:  # a syntax error is ChatTemplate's to report, a refusal the data's
-    return
+  except jinja2.TemplateError:  # a syntax error is ChatTemplate's to report, a refusal the
+    return  # data's (with the record named)
   if texts[0] == texts[1]:
     raise ConfigError(f"{origin} has no assistant marker: add_generation_prompt=True adds nothing"
                       " after a user message, so nothing marks where a reply starts; use a"
