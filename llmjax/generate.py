@@ -63,15 +63,16 @@ def chat_template(flags, tokenizer):
   no assistant marker. Needs only the tokenizer (`load_tokenizer`), not the params."""
   from llmjax import files
   from llmjax.data import chat
+  where = flags.get('hf') or flags['workdir']
   if tokenizer is None:
-    raise UserError(f"{flags['hf'] or flags['workdir']} has no tokenizer.json or"
+    raise UserError(f"{where} has no tokenizer.json or"
                     " tokenizer.model; a chat needs one to render its messages.")
   run_template = files.join(flags['workdir'], chat.RUN_TEMPLATE) if flags['workdir'] else ''
   if run_template and files.exists(run_template):
     template = chat.ChatTemplate(files.read_text(run_template), tokenizer, run_template)
   elif getattr(tokenizer, 'chat_template', None):
     template = chat.ChatTemplate(tokenizer.chat_template, tokenizer,
-                                 f"the chat template of {flags['hf'] or flags['workdir']}")
+                                 f"the chat template of {where}")
   else:
     raise UserError("--chat: this model has no chat template (no data.chat_template in its run,"
                     " none in its tokenizer); drop --chat to continue plain text.")
