@@ -131,28 +131,27 @@ class Chat:
       self.system = system
     self.history, self.replies = [], 0
 
-  def _messages(self):
-    return ([{'role': 'system', 'content': self.system}] if self.system else []) + self.history
+  def _messages(self, history=None):
+    history = self.history if history is None else history
+    return ([{'role': 'system', 'content': self.system}] if self.system else []) + history
 
   def prompt_ids(self) -> list[int] | None:
     """The prompt for the next reply, the oldest turns dropped until it fits with
     max_new_tokens in the model's context; None (said on stderr, the last message dropped)
     when even the system message and the last message alone do not fit."""
     room = self.cfg.max_seq_len - self.sampling.max_new_tokens
-    dropped = 0
-    while True:
-      ids = self.template.prompt_ids(self._messages())
-      if len(ids) <= room:
-        break
-      if len(self.history) < 3:  # only the last user message left
-        self.history.pop()
-        print(f"[the last message ({len(ids)} tokens with the system message) does not fit the"
-              f" model's context of {self.cfg.max_seq_len} tokens with --max_new_tokens="
-              f"{self.sampling.max_new_tokens}; it was dropped: write a shorter one]",
-              file=self.err, flush=True)
-        return None
+    alone = len(self.template.prompt_ids(self._messages(self.history[-1:])))
+    if alone > room:
+      self.history.pop()  # the conversation before it stays
+      print(f"[the last message ({alone} tokens with the system message) does not fit the"
+            f" model's context of {self.cfg.max_seq_len} tokens with --max_new_tokens="
+            f"{self.sampling.max_new_tokens}; it was dropped: write a shorter one]",
+            file=self.err, flush=True)
+      return None
+    ids, dropped = self.template.prompt_ids(self._messages()), 0
+    while len(ids) > room:  # ends by the last message alone at the latest, which fits
       self.history = self.history[2:]  # the oldest user message and its reply
-      dropped += 1
+      ids, dropped = self.template.prompt_ids(self._messages()), dropped + 1
     if dropped:
       print(f"[dropped the oldest {dropped} turn{'s' if dropped > 1 else ''} to fit the model's"
             f" context of {self.cfg.max_seq_len} tokens]", file=self.err, flush=True)
@@ -207,7 +206,10 @@ def repl(chat: Chat, stdin=None) -> int:
   stdin = stdin or sys.stdin
   prompt = '> ' if stdin.isatty() else ''
   if prompt:
-    import readline  # noqa: F401  (line editing and history for input())
+    try:
+      import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:  # not on every platform; input() works without it
+      pass
     print(f"[chatting with {chat.flags['workdir'] or chat.flags['hf']}; /help lists the"
           " commands, Ctrl-D quits]", file=chat.err, flush=True)
   while True:

@@ -245,7 +245,7 @@ def test_the_oldest_turns_are_dropped_to_fit_the_context(capsys):
   assert len(c.prompt_ids()) == 4 + 3 * 10 and c.history == turns[2:]
   assert capsys.readouterr().err == ("[dropped the oldest 1 turn to fit the model's context of"
                                      " 64 tokens]\n")
-  c.history = [_user('x' * 41)]  # 4 + 42 > 44: even alone it does not fit
-  assert c.prompt_ids() is None and c.history == []
+  c.history = turns[:4] + [_user('x' * 41)]  # 4 + 42 > 44: even alone it does not fit
+  assert c.prompt_ids() is None and c.history == turns[:4]  # the conversation stays
   assert 'the last message (46 tokens with the system message) does not fit' in (
       capsys.readouterr().err)

@@ -198,7 +198,9 @@ def stream(cfg: ModelConfig, params, prompt_ids: list[int], params_: SamplingPar
   The same engine as `generate` (prefill, cache slots, positions, cache size, rng splits), run
   one jitted step per token from Python instead of inside a while_loop, so that the caller sees
   each token before the next is computed: `list(stream(...)) == generate(...)[0]` for the same
-  arguments and seed, greedy or sampled. The prefill compiles once per padded prompt length and
+  arguments and seed, greedy or sampled (bit for bit on CPU, where the tests check it; another
+  backend may fuse the step and the loop body differently, which can only flip a near-tie
+  token). The prefill compiles once per padded prompt length and
   the step once per cache length, never per token. Stops before the first EOS id (not yielded)
   or after max_new_tokens; closing the generator early (a stop string) stops decoding.
   """
