@@ -178,6 +178,8 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if template:
     from llmjax.data import chat  # a shipped template's name, or a .jinja file
     chat.check_template(template)
+    if config.data.get('format', 'text') == 'messages':  # said before a tokenizer is trained
+      chat.check_assistant_marker(*chat.template_source(template))
   tok = config.data.get('tokenizer_path', '') if data_files else ''
   if tok and not files.exists(tok):  # a sentencepiece .model may be on gs://
     raise ConfigError(f"data.tokenizer_path='{tok}' does not exist; pass a sentencepiece .model,"

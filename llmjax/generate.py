@@ -57,36 +57,64 @@ def parse_flags(argv: list[str]) -> dict:
   return flags
 
 
-def chat_prompts(flags, tokenizer) -> list[list[int]]:
-  """--prompt texts as user turns (after --system) rendered with the run's chat template."""
+def chat_template(flags, tokenizer):
+  """The chat template to prompt with: the run's (WORKDIR/chat_template.jinja, its
+  data.chat_template), else the tokenizer's; a one-line UserError when there is none or it has
+  no assistant marker. Needs only the tokenizer (`load_tokenizer`), not the params."""
   from llmjax import files
   from llmjax.data import chat
+  where = flags.get('hf') or flags['workdir']
+  if tokenizer is None:
+    raise UserError(f"{where} has no tokenizer.json or"
+                    " tokenizer.model; a chat needs one to render its messages.")
   run_template = files.join(flags['workdir'], chat.RUN_TEMPLATE) if flags['workdir'] else ''
   if run_template and files.exists(run_template):
     template = chat.ChatTemplate(files.read_text(run_template), tokenizer, run_template)
   elif getattr(tokenizer, 'chat_template', None):
-    template = chat.ChatTemplate(tokenizer.chat_template, tokenizer)
+    template = chat.ChatTemplate(tokenizer.chat_template, tokenizer,
+                                 f"the chat template of {where}")
   else:
     raise UserError("--chat: this model has no chat template (no data.chat_template in its run,"
                     " none in its tokenizer); drop --chat to continue plain text.")
+  template.check_assistant_marker()
+  return template
+
+
+def chat_prompts(flags, tokenizer, template=None) -> list[list[int]]:
+  """--prompt texts as user turns (after --system) rendered with the run's chat template."""
+  template = template or chat_template(flags, tokenizer)
   system = [{'role': 'system', 'content': flags['system']}] if flags['system'] else []
   return [template.prompt_ids(system + [{'role': 'user', 'content': p}])
           for p in flags['prompt']]
 
 
-def load(flags):
-  """(ModelConfig, params, tokenizer) from --workdir or --hf."""
+def load_tokenizer(flags):
+  """The tokenizer of --workdir or --hf alone, without the params (None: --hf has none)."""
+  if flags['hf']:
+    from llmjax.interop.tokenizer import load_tokenizer as load_hf_tokenizer
+    return load_hf_tokenizer(flags['hf'])
+  from llmjax.data.pipeline import load_run_tokenizer
+  return load_run_tokenizer(flags['workdir'])
+
+
+def load(flags, tokenizer=None):
+  """(ModelConfig, params, tokenizer) from --workdir or --hf; `tokenizer`: one already loaded
+  by `load_tokenizer`, not read again for a workdir."""
   if flags['hf']:
     from llmjax.interop import load_hf
     return load_hf(flags['hf'])
-  from llmjax.data.pipeline import load_run_tokenizer
   from llmjax.train import checkpoint
   workdir = flags['workdir']
   cfg = checkpoint.read_model_config(workdir)
   from llmjax.models import lora
   params, _ = checkpoint.restore_params(workdir)
   params, cfg = lora.merge(params, cfg)  # one matmul per projection when decoding
-  return cfg, params, load_run_tokenizer(workdir)
+  return cfg, params, tokenizer or load_tokenizer(flags)
+
+
+def stop_ids(tokenizer) -> tuple[int, ...]:
+  """Every stop id of the checkpoint's generation_config (HF tokenizers), else the EOS piece."""
+  return tuple(getattr(tokenizer, 'eos_ids', None) or [getattr(tokenizer, 'eos_id', -1)])
 
 
 def main(argv: list[str]) -> int:
@@ -96,7 +124,11 @@ def main(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
   flags = parse_flags(argv)
   from llmjax.infer import sampler
-  cfg, params, tokenizer = load(flags)
+  template = tokenizer = None
+  if flags['chat']:  # a missing or unusable template fails here, before the params load
+    tokenizer = load_tokenizer(flags)
+    template = chat_template(flags, tokenizer)
+  cfg, params, tokenizer = load(flags, tokenizer)
   if flags['prompt_ids']:
     try:
       prompts = [[int(x) for x in flags['prompt_ids'].split(',')]]
@@ -109,16 +141,15 @@ def _main(argv: list[str]) -> int:
     raise UserError(f"{flags['hf']} has no tokenizer.json or tokenizer.model; pass token ids"
                     " with --prompt_ids=1,2,3 (and --json to get ids back).")
   elif flags['chat']:
-    prompts = chat_prompts(flags, tokenizer)
+    prompts = chat_prompts(flags, tokenizer, template)
   else:
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
     prompts = [bos + tokenizer.encode(p) for p in flags['prompt']]
   sp = sampler.SamplingParams(max_new_tokens=flags['max_new_tokens'],
                               temperature=flags['temperature'], top_k=flags['top_k'],
                               top_p=flags['top_p'])
-  # Every stop id of the checkpoint's generation_config (HF tokenizers), else the EOS piece.
-  eos = tuple(getattr(tokenizer, 'eos_ids', None) or [getattr(tokenizer, 'eos_id', -1)])
-  outs = sampler.generate(cfg, params, prompts, sp, eos_id=eos, seed=flags['seed'])
+  outs = sampler.generate(cfg, params, prompts, sp, eos_id=stop_ids(tokenizer),
+                          seed=flags['seed'])
   for prompt, ids in zip(prompts, outs):
     if tokenizer is None:  # ids only: nothing to decode with
       text = None

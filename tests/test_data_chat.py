@@ -291,7 +291,8 @@ def test_shipped_qwen25_is_chatml_with_its_default_system_message():
 
 def test_a_name_wins_over_a_file_of_that_name_and_paths_still_work(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  (tmp_path / 'chatml').write_text('{{ messages[0].content }}')
+  (tmp_path / 'chatml').write_text(
+      '{{ messages[0].content }}{% if add_generation_prompt %}<a>{% endif %}')
   tok = CharTokenizer()
   assert load_template(ml_collections.ConfigDict(dict(chat_template='chatml')), tok).render(
       CONVERSATION) == CHATML_TEXT
@@ -597,3 +598,60 @@ def test_generate_chat_flag_errors_are_one_line(capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert err == ['error: --chat renders --prompt texts; it cannot take --prompt_ids.',
                  'error: --system needs --chat.']
+
+
+# --- A template that marks no assistant turn (add_generation_prompt adds nothing) --------------
+
+NO_MARKER = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+NO_MARKER_MESSAGE = (r" has no assistant marker: add_generation_prompt=True adds nothing after a"
+                     r" user message, so nothing marks where a reply starts; use a template with"
+                     r" a generation prompt \(e\.g\. data\.chat_template=chatml\)\.$")
+
+
+@pytest.mark.parametrize('name', list(chat.TEMPLATES))
+def test_shipped_templates_have_an_assistant_marker_and_an_end_of_turn(name):
+  source, origin = chat.template_source(name)
+  chat.check_assistant_marker(source, origin)  # as config validation calls it: no tokenizer
+  template = load_template(ml_collections.ConfigDict(dict(chat_template=name)), CharTokenizer())
+  assert template.end_of_turn() == {'chatml': '<|im_end|>', 'llama3': '<|eot_id|>',
+                                    'qwen2.5': '<|im_end|>'}[name]
+
+
+def test_a_template_without_assistant_marker_is_refused_by_config_and_load_template(tmp_path):
+  path = tmp_path / 'plain.jinja'
+  path.write_text(NO_MARKER)
+  want = re.escape(f'data.chat_template={path}') + NO_MARKER_MESSAGE
+  c = config_lib.base_config()
+  c.data.format, c.data.chat_template = 'messages', str(path)
+  c.data.path = _write(tmp_path / 'chat.jsonl', [_chat(0)])
+  with pytest.raises(ConfigError, match='^' + want):  # before a tokenizer is trained
+    config_lib.validate(c)
+  with pytest.raises(ConfigError, match='^' + want):  # build_data's call, with the tokenizer
+    load_template(c.data, CharTokenizer())
+  # The tokenizer's own template (an HF checkpoint's), named as such.
+  tok = CharTokenizer()
+  tok.chat_template = NO_MARKER
+  with pytest.raises(ConfigError, match="^the tokenizer's chat_template" + NO_MARKER_MESSAGE):
+    load_template(ml_collections.ConfigDict(dict(chat_template='')), tok)
+  # A marker that is only the EOS text counts where the tokenizer has one (config validation,
+  # without a tokenizer, lets it pass); without an EOS it renders nothing.
+  only_eos = NO_MARKER + '{% if add_generation_prompt %}{{ eos_token }}{% endif %}'
+  chat.check_assistant_marker(only_eos, 'x')
+  ChatTemplate(only_eos, CharTokenizer()).check_assistant_marker()
+  with pytest.raises(ConfigError, match='^y' + NO_MARKER_MESSAGE):
+    ChatTemplate(only_eos, CharTokenizer(eos_id=-1), 'y').check_assistant_marker()
+  # Only for data.format='messages': a text run ignores the key (and says so, as before).
+  c.data.format = 'text'
+  with pytest.raises(ConfigError, match=r"is only read for data.format='messages'"):
+    config_lib.validate(c)
+
+
+def test_the_marker_check_leaves_refusals_to_the_data():
+  # A template that refuses a conversation without a system message cannot be checked on one
+  # user message: the records are rendered later and a refusal names the record.
+  source = ("{% if messages[0].role != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+            "{% for m in messages %}{{ m.content }}{% endfor %}")
+  chat.check_assistant_marker(source, 'x')
+  assert ChatTemplate(source, CharTokenizer()).end_of_turn() == ''
+  chat.check_assistant_marker(CHATML, 'x')
+  assert ChatTemplate(CHATML, CharTokenizer()).end_of_turn() == '<|im_end|>'

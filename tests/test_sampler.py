@@ -101,3 +101,34 @@ def test_dynamic_rope_prefill_sizes_the_base_by_each_unpadded_prompt():
   for prompt, out in zip(prompts, outs):
     logits, _ = llmjax.models.Transformer(cfg).apply({'params': params}, jnp.array([prompt]))
     assert out == [int(jnp.argmax(logits[0, -1]))], len(prompt)
+
+
+# --- stream: one prompt token by token, the same engine as generate.
+
+@pytest.mark.parametrize('p', [sampler.SamplingParams(10, temperature=0),
+                               sampler.SamplingParams(10, temperature=1.0, top_k=20, top_p=0.9)],
+                         ids=['greedy', 'sampled'])
+def test_stream_yields_the_tokens_of_generate(p):
+  cfg, params = _model('xla')
+  for prompt, seed in [([1, 5, 7, 2, 9], 0), ([4] * 17, 3)]:  # 17: a second prefill bucket
+    want = sampler.generate(cfg, params, [prompt], p, eos_id=-1, seed=seed)[0]
+    assert len(want) == 10
+    assert list(sampler.stream(cfg, params, prompt, p, eos_id=-1, seed=seed)) == want
+    # Stopped before the first EOS, as generate's result is: the third token as the EOS id.
+    eos = (want[2], min(set(range(64)) - set(want)))  # a second id that never comes
+    cut = sampler.generate(cfg, params, [prompt], p, eos_id=eos, seed=seed)[0]
+    assert cut == want[:want.index(eos[0])]
+    assert list(sampler.stream(cfg, params, prompt, p, eos_id=eos, seed=seed)) == cut
+
+
+def test_stream_compiles_its_step_once_and_yields_before_finishing():
+  cfg, params = _model('xla')
+  p = sampler.SamplingParams(12, temperature=0)
+  list(sampler.stream(cfg, params, [1, 2, 3], p, eos_id=-1))  # compiled for this cache length
+  before = sampler._stream_step._cache_size()
+  tokens = sampler.stream(cfg, params, [3, 2, 1, 5], p, eos_id=-1)
+  first = next(tokens)  # a token is out before the others are computed
+  assert isinstance(first, int) and len([first, *tokens]) == 12
+  assert sampler._stream_step._cache_size() == before  # 11 steps, no new compile
+  with pytest.raises(Exception, match='exceeds the model context 2048'):
+    next(sampler.stream(cfg, params, [1] * 2040, p, eos_id=-1))

@@ -104,6 +104,26 @@ class ChatTemplate:
       raise DataError(f"{where or 'a conversation'}: {self.origin} refused it ({e}); fix the"
                       " conversation or use another template (data.chat_template).") from None
 
+  def check_assistant_marker(self) -> None:
+    """ConfigError (one line) when the template marks no start of the assistant's answer."""
+    check_assistant_marker(self.source, self.origin, self.bos_token, self.eos_token)
+
+  def end_of_turn(self) -> str:
+    """The markup the template writes after an assistant message's content, stripped of
+    whitespace ('<|im_end|>' for ChatML); '' when none. A model tuned on the template ends its
+    reply with it, so a chat stops there even where it is plain text to the tokenizer, not an
+    EOS id (ChatML on a tokenizer trained by the run)."""
+    reply = 'Y3s, th1s is the repl7.'  # text no template writes by itself
+    user = [{'role': 'user', 'content': 'hi'}]
+    try:
+      start = self.render(user, add_generation_prompt=True)
+      full = self.render(user + [{'role': 'assistant', 'content': reply}])
+    except DataError:  # a template that refuses this conversation has no usable answer
+      return ''
+    if not full.startswith(start) or reply not in full[len(start):]:
+      return ''
+    return full[len(start):].split(reply, 1)[1].strip()
+
   def segments(self, messages, where: str = '') -> list[tuple[str, bool]]:
     """The whole conversation's rendering cut into (text, is_assistant) pieces, in order.
 
@@ -224,6 +244,29 @@ def check_template(value: str) -> None:
                     f"{closest(stem, TEMPLATES)}")
 
 
+def check_assistant_marker(source: str, origin: str, bos_token: str = '<s>',
+                           eos_token: str = '</s>') -> None:
+  """ConfigError when `source` renders a user message the same with add_generation_prompt=True
+  as without: nothing then marks where the assistant's answer starts, so no prompt can ask the
+  model for one (chat, `generate --chat`) and SFT could not tell the answer from the markup
+  before it. Needs no tokenizer, so config validation can call it: the bos/eos texts default
+  to stand-ins, which can only let a template pass that the tokenizer's own texts then refuse
+  (`ChatTemplate.check_assistant_marker`, in `load_template`). A template that refuses this
+  one-message conversation is left to the data to fail, naming the record.
+  """
+  try:
+    env = _environment().from_string(source)
+    user = [{'role': 'user', 'content': 'hi'}]
+    texts = [env.render(messages=user, add_generation_prompt=g, bos_token=bos_token,
+                        eos_token=eos_token) for g in (True, False)]
+  except jinja2.TemplateError:  # a syntax error is ChatTemplate's to report, a refusal the
+    return  # data's (with the record named)
+  if texts[0] == texts[1]:
+    raise ConfigError(f"{origin} has no assistant marker: add_generation_prompt=True adds nothing"
+                      " after a user message, so nothing marks where a reply starts; use a"
+                      " template with a generation prompt (e.g. data.chat_template=chatml).")
+
+
 NO_TEMPLATE = ("data.format='messages' needs a chat template and the tokenizer has none (one"
                " trained by the run or a sentencepiece .model file never does): set"
                " data.chat_template to a shipped template ('chatml', 'llama3', 'qwen2.5') or a"
@@ -237,12 +280,15 @@ RUN_TEMPLATE = 'chat_template.jinja'  # WORKDIR/chat_template.jinja: a run's dat
 def load_template(data_cfg, tokenizer: Tokenizer) -> ChatTemplate:
   """The run's chat template: data.chat_template's (a shipped name or a .jinja file), else the
   tokenizer's own (an HF checkpoint's, through data.tokenizer_path or init.hf_dir); ConfigError
-  when there is none."""
+  when there is none or it has no assistant marker (`check_assistant_marker`)."""
   value = data_cfg.get('chat_template', '')
   if value:
     source, origin = template_source(value)
-    return ChatTemplate(source, tokenizer, origin)
-  source = getattr(tokenizer, 'chat_template', None)
-  if not source:
-    raise ConfigError(NO_TEMPLATE)
-  return ChatTemplate(source, tokenizer, "the tokenizer's chat_template")
+    template = ChatTemplate(source, tokenizer, origin)
+  else:
+    source = getattr(tokenizer, 'chat_template', None)
+    if not source:
+      raise ConfigError(NO_TEMPLATE)
+    template = ChatTemplate(source, tokenizer, "the tokenizer's chat_template")
+  template.check_assistant_marker()
+  return template

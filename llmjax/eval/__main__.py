@@ -96,7 +96,7 @@ def _table(task: str, metrics: dict, records: list) -> str:
   return '\n'.join(lines)
 
 
-def evaluate(flags, cfg, params, tokenizer, data) -> tuple[dict, list]:
+def evaluate(flags, cfg, params, tokenizer, data, template=None) -> tuple[dict, list]:
   from llmjax.eval import harness
   task, bs = flags['task'], flags['batch_size']
   if task == 'generate':
@@ -104,7 +104,7 @@ def evaluate(flags, cfg, params, tokenizer, data) -> tuple[dict, list]:
     if flags['chat']:
       from llmjax.generate import chat_prompts
       prompts = chat_prompts({'workdir': flags['workdir'], 'system': flags['system'],
-                              'prompt': [r['prompt'] for r in data]}, tokenizer)
+                              'prompt': [r['prompt'] for r in data]}, tokenizer, template)
     return harness.generate_task(cfg, params, tokenizer, data,
                                  max_new_tokens=flags['max_new_tokens'], stop=flags['stop'],
                                  prompts=prompts, batch_size=bs, progress=_progress)
@@ -121,12 +121,15 @@ def main(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
   flags = parse_flags(argv)
   data = read_data(flags)  # every bad line fails here, before the model loads
-  from llmjax.generate import load
+  from llmjax.generate import chat_template, load, load_tokenizer
+  template = None
+  if flags['chat']:  # and a missing or unusable chat template (it needs only the tokenizer)
+    template = chat_template(flags, load_tokenizer(flags))
   cfg, params, tokenizer = load(flags)
   if tokenizer is None:
     raise UserError(f"{flags['hf'] or flags['workdir']} has no tokenizer (tokenizer.json or"
                     " tokenizer.model); evaluation needs one to encode the records.")
-  metrics, records = evaluate(flags, cfg, params, tokenizer, data)
+  metrics, records = evaluate(flags, cfg, params, tokenizer, data, template)
   if flags['json']:
     print(json.dumps(dict(metrics, records=records)))
   else:
