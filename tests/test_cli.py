@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from llmjax import chat as chat_cli
 from llmjax import cli, config as config_lib, convert, generate, launch, main as main_lib, plan
 from llmjax import tasks as tasks_cli
 from llmjax.eval import __main__ as eval_cli
@@ -27,6 +28,8 @@ PUBLIC_FLAGS = {
     tasks_cli: ['out', 'tasks', 'seed', 'format'],
     eval_cli: ['workdir', 'hf', 'task', 'data', 'max_new_tokens', 'stop', 'chat', 'system',
                'batch_size', 'json'],
+    chat_cli: ['workdir', 'hf', 'system', 'max_new_tokens', 'temperature', 'top_k', 'top_p',
+               'seed', 'stop'],
 }
 # The module a user runs (`python -m NAME`): a package's CLI lives in its __main__.
 RUN_AS = {eval_cli: 'llmjax.eval'}
@@ -63,7 +66,7 @@ def test_help_wins_over_bad_flags(capsys):
 
 @pytest.mark.parametrize('module', ['llmjax.main', 'llmjax.generate', 'llmjax.convert',
                                     'llmjax.plan', 'llmjax.launch', 'llmjax.tasks',
-                                    'llmjax.eval'])
+                                    'llmjax.eval', 'llmjax.chat'])
 def test_help_from_the_shell(module):
   r = subprocess.run([sys.executable, '-m', module, '--help'], capture_output=True, text=True,
                      cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)

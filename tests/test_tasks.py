@@ -144,7 +144,7 @@ def test_splits_are_disjoint_within_and_across_tasks():
 
 def test_sizes():
   sizes = {n: tuple(len(tasks.make_task(n, s)) for s in tasks.SPLITS) for n in NAMES}
-  assert sizes['arithmetic'] == (2000, 200)
+  assert sizes['arithmetic'] == (10000, 200)
   assert sizes['format'] == (600, 150)
   for n in ('facts', 'strings'):
     train, heldout = sizes[n]
@@ -217,7 +217,7 @@ def test_cli_writes_both_formats_in_another_process(tmp_path):
   for n in ('arithmetic', 'facts'):
     for split in tasks.SPLITS:
       assert _read(out / n / f'{split}.jsonl') == tasks.make_task(n, split, seed=3)
-  assert 'arithmetic:' in r.stdout and 'train 2000, heldout 200' in r.stdout
+  assert 'arithmetic:' in r.stdout and 'train 10000, heldout 200' in r.stdout
 
   out = tmp_path / 'msg'
   assert tasks_cli.main([f'--out={out}', '--tasks=format,strings', '--format=messages']) == 0

@@ -56,7 +56,9 @@ Splits = dict[str, list[Example]]  # {'train': [...], 'heldout': [...]}
 
 # --- arithmetic --------------------------------------------------------------------------------
 
-ARITHMETIC_SIZES = {'train': 2000, 'heldout': 200}
+# Most of the 15,050 problems go to train: a small model generalises to held-out sums only when
+# it cannot memorise its training sums (with 2,000 it does, and stays near 5% held out).
+ARITHMETIC_SIZES = {'train': 10000, 'heldout': 200}
 ARITHMETIC_MAX = 99  # "numbers up to 2 digits"
 
 
