@@ -20,14 +20,15 @@ Defaults: full fine-tuning, seq_len 1024, batch 16.
 
 Variants pin a preset (so a wrong --config.init.hf_dir is a one-line error naming the keys
 that differ) and set defaults that `llmjax.plan` has checked on a TPU slice: bf16 compute,
-remat, the Pallas flash kernel, the LM head and loss 1024 positions at a time, ZeRO-3
-(fsdp over all chips); full fine-tuning keeps float32 master weights and Adam moments, LoRA
-(`lora=16`: rank 16 on every attention and MLP projection, alpha 32) a frozen bfloat16 base.
+remat, the Pallas flash kernel, the LM head and loss 1024 positions at a time, ZeRO-3 (fsdp
+over all chips). Full fine-tuning (the default) keeps float32 master weights and Adam moments;
+`lora=16` trains rank-16 adapters (alpha 32) on every attention and MLP projection of a frozen
+bfloat16 base.
 
-  qwen2.5-0.5b   Qwen2.5-0.5B, seq_len 4096, batch 16, lr 2e-5 (LoRA 2e-4), v5e-4
-  llama3-1b      Llama 3.2 1B, seq_len 4096, batch 16, lr 2e-5 (LoRA 2e-4), v5e-8
-  llama3-8b      Llama 3 / 3.1 8B, seq_len 4096, batch 16, lr 1e-5 (LoRA 2e-4);
-                 full on a v5p-8, LoRA on a v5e-8
+  variant       checkpoint (or -Instruct)  seq_len  batch  lr (LoRA)    slice
+  qwen2.5-0.5b  Qwen2.5-0.5B               4096     16     2e-5 (2e-4)  v5e-4
+  llama3-1b     Llama-3.2-1B               4096     16     2e-5 (2e-4)  v5e-8
+  llama3-8b     Meta-Llama-3-8B            4096     16     1e-5 (2e-4)  v5p-8 (LoRA: v5e-8)
 
     JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \
         --config=experiments/sft.py:llama3-8b --topology=v5p:2x2x1
@@ -35,16 +36,38 @@ remat, the Pallas flash kernel, the LM head and loss 1024 positions at a time, Z
     python -m llmjax.launch setup --name=sft8b --zone=us-east5-a
     python -m llmjax.launch run --name=sft8b --zone=us-east5-a \
         --config=experiments/sft.py:llama3-8b --workdir=gs://BUCKET/sft8b \
-        -- --config.init.hf_dir=/data/Meta-Llama-3.1-8B --config.data.path=/data/sft.jsonl
+        -- --config.init.hf_dir=/data/Meta-Llama-3-8B --config.data.path=/data/sft.jsonl
 
-and the same with `:llama3-8b,lora=16` on `--topology=v5e:2x4` / `--accelerator=
-v5litepod-8`, `:llama3-1b[,lora=16]` on v5e:2x4 / v5litepod-8, `:qwen2.5-0.5b[,lora=16]` on
-v5e:2x2 / v5litepod-4. On a single host `python -m llmjax.main --config=experiments/sft.py:
-qwen2.5-0.5b --workdir=DIR --config.init.hf_dir=... --config.data.path=...` does the same.
+    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \
+        --config=experiments/sft.py:llama3-8b,lora=16 --topology=v5e:2x4
+    python -m llmjax.launch create --name=lora8b --zone=us-west4-a --accelerator=v5litepod-8
+    python -m llmjax.launch setup --name=lora8b --zone=us-west4-a
+    python -m llmjax.launch run --name=lora8b --zone=us-west4-a \
+        --config=experiments/sft.py:llama3-8b,lora=16 --workdir=gs://BUCKET/lora8b \
+        -- --config.init.hf_dir=/data/Meta-Llama-3-8B --config.data.path=/data/sft.jsonl
 
-`llmjax.plan` per chip (argument bytes: train state and batch; temporaries: activations,
-gradients, collectives' buffers; commands and full output in benchmarks/sft_plan.md):
-PLAN_TABLE
+The others alike: `:llama3-1b[,lora=16]` with --topology=v5e:2x4 / --accelerator=v5litepod-8
+and --config.init.hf_dir=/data/Llama-3.2-1B; `:qwen2.5-0.5b[,lora=16]` with v5e:2x2 /
+v5litepod-4 and /data/Qwen2.5-0.5B. On one host, llmjax.main runs the same config:
+
+    python -m llmjax.main --config=experiments/sft.py:qwen2.5-0.5b,lora=16 --workdir=DIR \
+        --config.init.hf_dir=/data/Qwen2.5-0.5B --config.data.path=sft.jsonl
+
+`llmjax.plan` per chip, each default (full output and compile times: benchmarks/sft_plan.md):
+
+  --config=experiments/sft.py:  --topology=  batch x seq     GiB of HBM: total (arguments
+                                             (per chip)      + temporaries)
+  qwen2.5-0.5b                  v5e:2x2      16 x 4096 (4)    8.11 of 15.75 (1.40 + 6.67)  fits
+  qwen2.5-0.5b,lora=16          v5e:2x2      16 x 4096 (4)    5.88 of 15.75 (0.32 + 5.51)  fits
+  llama3-1b                     v5e:2x4      16 x 4096 (2)    6.32 of 15.75 (1.73 + 4.54)  fits
+  llama3-1b,lora=16             v5e:2x4      16 x 4096 (2)    4.11 of 15.75 (0.39 + 3.67)  fits
+  llama3-8b                     v5p:2x2x1    16 x 4096 (4)   49.15 of 95.73 (22.44 + 26.68) fits
+  llama3-8b,lora=16             v5e:2x4      16 x 4096 (2)    9.26 of 15.75 (2.20 + 7.02)  fits
+
+Arguments are the train state and batch (fsdp shards of fp32 weights and two Adam moments for
+full SFT; the bf16 base and the adapters' Adam state for LoRA), temp the activations, gradients
+and collectives' buffers; total adds the program (~50 MiB). Full SFT of the 8B on a v5e-8 does
+not fit: 11.22 GiB of train state and 19.96 GiB of temporaries a chip, so it is a v5p job.
 """
 
 import dataclasses
@@ -114,10 +137,10 @@ class FromHF:
       c.model.lora_targets = ['q', 'k', 'v', 'o', 'gate', 'up', 'down']  # all linear (QLoRA)
     else:
       c.model.param_dtype = 'float32'  # fp32 master weights and Adam: small SFT updates
-    # Only each block's input survives to the backward pass: 4096-token rows at 2-4 a chip.
+    # Only each block's input survives to the backward pass: 2-4 rows of 4096 tokens a chip.
     c.model.remat = 'full'
-    # The flash kernel never materialises the [heads, seq, seq] float32 scores (1 GiB per
-    # sequence at 4096 tokens with 'xla' attention, 32 heads).
+    # The flash kernel never materialises the [heads, seq, seq] float32 scores ('xla'
+    # attention: 2 GiB a 4096-token sequence for Llama 3's 32 heads).
     c.model.attention = 'pallas'
     # The 128k/152k-vocab head and loss 1024 positions at a time: no [batch, seq, vocab]
     # float32 logits (2.3 GiB a 4096-token sequence for Qwen's vocabulary).
@@ -137,9 +160,10 @@ class FromHF:
 # Variant name -> a function of the rest of the argument (after 'VARIANT,') to the config.
 VARIANTS: dict[str, Callable[[str], ml_collections.ConfigDict]] = {
     # 'tiny': added with data.builtin_tasks (continues the quickstart model on CPU).
-    # 0.5B on 4 chips: 2 GiB of fp32 state a chip; 16 x 4096 = 4 rows a chip.
+    # 0.5B on a v5e-4: 1.4 GiB of fp32 weights and moments a chip, 4 rows of 4096 tokens.
     'qwen2.5-0.5b': FromHF('qwen2.5-0.5b', seq_len=4096, batch=16, lr=2e-5),
-    # Small models take a higher full-SFT rate than 8B's 1e-5: fewer, smaller weights move less.
+    # 2e-5: Stanford Alpaca's full-SFT rate. The 8B takes qwen25_7b_sft_v5p16.py's 1e-5, the
+    # more cautious rate at 16 sequences a step for a model with 8x the weights.
     'llama3-1b': FromHF('llama3-1b', seq_len=4096, batch=16, lr=2e-5),
     'llama3-8b': FromHF('llama3-8b', seq_len=4096, batch=16, lr=1e-5),
 }
