@@ -42,6 +42,31 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
+def split_variant(arg: str | None, variants) -> tuple[str, str]:
+  """'llama3-8b,lora=16' -> ('llama3-8b', 'lora=16'): a leading item without '=' names one of
+  `variants`; ('', arg) when there is none.
+
+  Separate from `parse_arg` because a variant usually brings its own defaults, which must be
+  known before the key=value items are typed against them:
+      name, rest = split_variant(arg, VARIANTS); a = parse_arg(rest, **defaults_of(name)).
+  An unknown name, or a variant name after a key=value item, is a one-line ConfigError.
+  """
+  items = [item.strip() for item in (arg or '').split(',') if item.strip()]
+  for i, item in enumerate(items):
+    if '=' in item:
+      continue
+    if i > 0:
+      where = (f"; put it first: ':{item},{','.join(items[:i] + items[i + 1:])}'"
+               if item in variants else "; only the first item may name a variant")
+      raise ConfigError(f"config argument '{item}' is not key=value{where}.")
+    if item not in variants:
+      raise ConfigError(f"config variant '{item}' is unknown.{closest(item, variants)}"
+                        f" Variants: {', '.join(variants)}.")
+  if items and '=' not in items[0]:
+    return items[0], ','.join(items[1:])
+  return '', ','.join(items)
+
+
 def _literal(text: str, kind: type):
   """`text` as a value of `kind`: str kept, bool from true/false/1/0/yes/no, else a literal.
 
