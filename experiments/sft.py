@@ -157,9 +157,50 @@ class FromHF:
     return c
 
 
+def _tiny(arg: str) -> ml_collections.ConfigDict:
+  """The quickstart model (init.params_dir) tuned on the built-in tasks, on a laptop CPU."""
+  a = config_lib.parse_arg(arg, lora=0, params_dir='/tmp/quickstart', steps=TINY_STEPS)
+  # The quickstart's architecture (experiments/quickstart.py), which init.params_dir must hold.
+  c = config_lib.base_config('tiny', vocab_size=1024, max_seq_len=1024)
+  c.init.params_dir = a.params_dir  # its tokenizer comes with it
+  # The Q/A records as they are (`Q: What is 12 + 7?\nA:` -> ` 19`): the corpus's own layout,
+  # so the model starts knowing where an answer goes; loss on the answer and EOS only.
+  c.data.format = 'prompt_completion'
+  c.data.builtin_tasks = ('arithmetic', 'facts', 'strings')
+  c.data.seq_len = 128  # ~7 examples a row: each is ~20 tokens
+  c.data.eval_batches = 4
+  c.train.batch_size = 16
+  c.train.steps = a.steps
+  c.train.warmup_steps = 30
+  # A constant rate after warmup: the run is short, and held-out sums are still improving at
+  # the end, so a decay would spend the last steps at a rate too low to learn.
+  c.train.min_lr_ratio = 1.0
+  c.train.weight_decay = 0.0
+  c.train.unigram_baseline_batches = 0  # a frequency baseline says nothing about a fine-tune
+  c.train.log_every = 20
+  c.train.eval_every = c.train.checkpoint_every = max(a.steps // 5, 1)
+  c.eval.max_new_tokens = 8  # the longest answer (a reversed word) is 7 tokens, plus EOS
+  if a.lora:
+    c.model.lora_rank = a.lora
+    c.model.lora_alpha = 2.0 * a.lora
+    c.model.lora_targets = ['q', 'k', 'v', 'o', 'gate', 'up', 'down']
+    c.train.lr = TINY_LORA_LR  # adapters start at zero and move the model through a low rank
+  else:
+    c.train.lr = TINY_LR  # the quickstart's own peak: a tiny model needs large steps
+  c.sample.prompts = ('Q: What is 12 + 7?\nA:', 'Q: What is the capital of Peru?\nA:',
+                      'Q: Spell the word fox backwards.\nA:')
+  c.sample.max_new_tokens = 8
+  return c
+
+
+TINY_STEPS = 1500
+TINY_LR = 3e-3
+TINY_LORA_LR = 1e-2
+
 # Variant name -> a function of the rest of the argument (after 'VARIANT,') to the config.
 VARIANTS: dict[str, Callable[[str], ml_collections.ConfigDict]] = {
-    # 'tiny': added with data.builtin_tasks (continues the quickstart model on CPU).
+    # The quickstart model on the built-in tasks (CPU): `:tiny` full, `:tiny,lora=8` LoRA.
+    'tiny': _tiny,
     # 0.5B on a v5e-4: 1.4 GiB of fp32 weights and moments a chip, 4 rows of 4096 tokens.
     'qwen2.5-0.5b': FromHF('qwen2.5-0.5b', seq_len=4096, batch=16, lr=2e-5),
     # 2e-5: Stanford Alpaca's full-SFT rate. The 8B takes qwen25_7b_sft_v5p16.py's 1e-5, the

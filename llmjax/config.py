@@ -229,6 +229,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
                                 **{f: getattr(model, f) for f in RUNTIME_FIELDS})
   if init.get('params_dir'):
     from llmjax.train import checkpoint, state  # model_config.json and the step list only
+    if not files.exists(files.join(init.params_dir, 'model_config.json')):
+      raise ConfigError(f"init.params_dir='{init.params_dir}' is not an llmjax workdir (it has"
+                        " no model_config.json); run the training that writes it first, or"
+                        " point init.params_dir at a run's --workdir.")
     state.check_params_dir(init.params_dir, model)
     checkpoint.latest_step(init.params_dir)
   import jax

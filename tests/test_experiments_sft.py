@@ -99,3 +99,23 @@ def test_split_variant():
     config_lib.split_variant('a1,x=1', variants)
   with pytest.raises(ConfigError, match="config variant 'a' is unknown"):
     config_lib.split_variant('a', {})  # no variants: nothing may be named
+
+
+def test_tiny_continues_the_quickstart_on_the_builtin_tasks(tmp_path):
+  from llmjax.models.config import ModelConfig
+  from llmjax.models.transformer import init_params
+  from llmjax.train import checkpoint
+  import jax
+  qs = config_lib.load_config(os.path.join(os.path.dirname(SFT), 'quickstart.py'))
+  src = ModelConfig.from_dict(qs.model)
+  checkpoint.write_params_workdir(str(tmp_path / 'qs'), src, init_params(src, jax.random.key(0)))
+  c = _load(f'tiny,params_dir={tmp_path / "qs"}')
+  model = config_lib.validate(c)  # the quickstart's architecture: init.params_dir accepts it
+  assert c.init.params_dir == str(tmp_path / 'qs') and c.data.builtin_tasks == (
+      'arithmetic', 'facts', 'strings') and c.data.format == 'prompt_completion'
+  assert model.lora_rank == 0
+  lora = config_lib.validate(_load(f'tiny,lora=8,params_dir={tmp_path / "qs"}'))
+  # "LoRA with under 5% trainable parameters" (issue 11): rank 8 on all seven projections.
+  assert 0 < lora.num_lora_params / lora.num_params < 0.05
+  with pytest.raises(ConfigError, match=r"init.params_dir='/nonexistent' is not an llmjax"):
+    config_lib.validate(_load('tiny,params_dir=/nonexistent'))

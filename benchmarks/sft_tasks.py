@@ -1,0 +1,110 @@
+"""SFT of the quickstart model on the built-in tasks: held-out exact match before and after,
+full fine-tuning and LoRA, and the wall time of each run (issue 11's end-to-end proof).
+
+    python benchmarks/sft_tasks.py [--root=/tmp/sft_tasks] [--steps=N]
+
+1. Pretrains the quickstart model into ROOT/quickstart (skipped when it is already there):
+   `python -m llmjax.main --config=experiments/quickstart.py --workdir=ROOT/quickstart`.
+2. Scores it on each task's held-out split (`python -m llmjax.eval --task=generate`, greedy,
+   stopped at the answer line's end, as the train loop scores built-in tasks).
+3. Runs `experiments/sft.py:tiny` (full) and `:tiny,lora=8` from it, each timed from the
+   command's start to its exit (tokenizer, compilation, evals and checkpoints included); their
+   held-out scores are those the train loop logged at the last step (metrics.jsonl).
+
+Prints a Markdown table (per task and over all held-out records) and writes ROOT/results.json.
+Runs one job at a time, so the timings are the machine's whole speed.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ('arithmetic', 'facts', 'strings')  # experiments/sft.py:tiny's data.builtin_tasks
+
+
+def run(cmd: list[str], log: str) -> float:
+  """Runs `cmd` (a python -m ... command) to completion; returns its wall seconds."""
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
+  began = time.time()
+  with open(log, 'w') as f:
+    r = subprocess.run([sys.executable, *cmd], stdout=f, stderr=subprocess.STDOUT, env=env,
+                       cwd=ROOT_DIR)
+  if r.returncode:
+    sys.exit(f"failed ({r.returncode}): {' '.join(cmd)}; see {log}")
+  return time.time() - began
+
+
+def heldout_scores(workdir: str, root: str) -> dict[str, tuple[int, int]]:
+  """{task: (correct, records)} of `workdir` on each held-out split, via llmjax.eval."""
+  from llmjax.data import tasks
+  out = {}
+  files = tasks.write_tasks(os.path.join(root, 'tasks'), TASKS)
+  for name in TASKS:
+    log = os.path.join(root, f'eval_before_{name}.json')
+    run(['-m', 'llmjax.eval', f'--workdir={workdir}', '--task=generate',
+         f'--data={files[name]["heldout"]}', '--stop=\n', '--max_new_tokens=8', '--json'], log)
+    recs = json.loads(open(log).read().strip().splitlines()[-1])['records']
+    out[name] = (sum(r['correct'] for r in recs), len(recs))
+  return out
+
+
+def logged_scores(workdir: str) -> dict[str, tuple[int, int]]:
+  """{task: (correct, records)} from the per-example files of the run's last eval."""
+  out = {}
+  for name in TASKS:
+    d = os.path.join(workdir, 'eval', name)
+    last = max(os.listdir(d), key=lambda f: int(f[len('step_'):-len('.jsonl')]))
+    recs = [json.loads(l) for l in open(os.path.join(d, last))]
+    out[name] = (sum(r['correct'] for r in recs), len(recs))
+  return out
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--root', default='/tmp/sft_tasks')
+  p.add_argument('--steps', type=int, default=0, help='SFT steps (0: the variant default)')
+  args = p.parse_args()
+  root = os.path.abspath(args.root)
+  os.makedirs(root, exist_ok=True)
+  qs = os.path.join(root, 'quickstart')
+  results = {}
+  if not os.path.exists(os.path.join(qs, 'model_config.json')):
+    results['quickstart_s'] = run(['-m', 'llmjax.main', '--config=experiments/quickstart.py',
+                                   f'--workdir={qs}'], os.path.join(root, 'quickstart.log'))
+  results['before'] = heldout_scores(qs, root)
+  steps = f',steps={args.steps}' if args.steps else ''
+  for label, variant in (('full', 'tiny'), ('lora', 'tiny,lora=8')):
+    workdir = os.path.join(root, label)
+    if os.path.exists(workdir):
+      sys.exit(f"{workdir} exists: remove it (or pass another --root) to time a fresh run.")
+    results[f'{label}_s'] = run(
+        ['-m', 'llmjax.main', f'--config=experiments/sft.py:{variant},params_dir={qs}{steps}',
+         f'--workdir={workdir}'], os.path.join(root, f'{label}.log'))
+    results[label] = logged_scores(workdir)
+  from llmjax import config as config_lib
+  lora = config_lib.validate(config_lib.load_config(
+      os.path.join(ROOT_DIR, f'experiments/sft.py:tiny,lora=8,params_dir={qs}')))
+  results['lora_trainable_fraction'] = lora.num_lora_params / lora.num_params
+  with open(os.path.join(root, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+
+  def cell(scores, name):
+    c, n = scores[name] if name else (sum(v[0] for v in scores.values()),
+                                      sum(v[1] for v in scores.values()))
+    return f'{c / n:.2f} ({c}/{n})'
+
+  print(f"| held-out exact match | quickstart model | SFT full ({results['full_s']:.0f} s) |"
+        f" SFT LoRA rank 8, {100 * results['lora_trainable_fraction']:.1f}% of the parameters"
+        f" ({results['lora_s']:.0f} s) |")
+  print('|---|---|---|---|')
+  for name in TASKS + ('',):
+    print(f"| {name or 'all'} | {cell(results['before'], name)} | {cell(results['full'], name)} |"
+          f" {cell(results['lora'], name)} |")
+
+
+if __name__ == '__main__':
+  main()
