@@ -30,14 +30,10 @@ FLAGS = (
     cli.Flag('hf', '', 'or a Hugging Face checkpoint dir (config.json + safetensors + tokenizer'
              ' with a chat template)', metavar='HF_DIR'),
     cli.Flag('system', '', 'the system message at the start of the conversation', metavar='TEXT'),
-    cli.Flag('max_new_tokens', 256, 'tokens per reply at most'),
-    cli.Flag('temperature', 0.7, 'sampling temperature; 0: greedy'),
-    cli.Flag('top_k', 0, 'sample from the k most likely tokens; 0: all'),
-    cli.Flag('top_p', 1.0, 'nucleus sampling: the smallest set of tokens with this much'
-             ' probability; 1: all'),
-    cli.Flag('seed', 0, 'random seed: reply n of a conversation is sampled with seed + n'),
-    cli.Flag('stop', [], 'end a reply where this string first appears (not printed)',
-             metavar='STRING'),
+    *generate.sampling_flags(
+        max_new_tokens=256, temperature=0.7,
+        seed='random seed: reply n of a conversation is sampled with seed + n',
+        stop='end a reply where this string first appears (not printed)'),
 )
 
 HELP = """commands:

@@ -19,6 +19,21 @@ import sys
 from llmjax import cli
 from llmjax.errors import UserError
 
+def sampling_flags(*, max_new_tokens: int, temperature: float, seed: str,
+                   stop: str) -> tuple:
+  """The sampling flags every sampling CLI takes (generate, chat), with its own defaults and
+  help for the seed and the stop strings."""
+  return (
+      cli.Flag('max_new_tokens', max_new_tokens, 'tokens to generate per prompt at most'),
+      cli.Flag('temperature', temperature, 'sampling temperature; 0: greedy'),
+      cli.Flag('top_k', 0, 'sample from the k most likely tokens; 0: all'),
+      cli.Flag('top_p', 1.0, 'nucleus sampling: the smallest set of tokens with this much'
+               ' probability; 1: all'),
+      cli.Flag('seed', 0, seed),
+      cli.Flag('stop', [], stop, metavar='STRING'),
+  )
+
+
 FLAGS = (
     cli.Flag('workdir', '', 'an llmjax run to sample from (local or gs://): its latest'
              ' checkpoint, LoRA adapters merged, and its tokenizer', metavar='DIR'),
@@ -28,14 +43,8 @@ FLAGS = (
              metavar='TEXT'),
     cli.Flag('prompt_ids', '', 'or one prompt as comma-separated token ids (no BOS added)',
              metavar='1,2,3'),
-    cli.Flag('max_new_tokens', 64, 'tokens to generate per prompt'),
-    cli.Flag('temperature', 0.8, 'sampling temperature; 0: greedy'),
-    cli.Flag('top_k', 0, 'sample from the k most likely tokens; 0: all'),
-    cli.Flag('top_p', 1.0, 'nucleus sampling: the smallest set of tokens with this much'
-             ' probability; 1: all'),
-    cli.Flag('seed', 0, 'random seed of the sampling'),
-    cli.Flag('stop', [], 'cut the printed text where this string first appears',
-             metavar='STRING'),
+    *sampling_flags(max_new_tokens=64, temperature=0.8, seed='random seed of the sampling',
+                    stop='cut the printed text where this string first appears'),
     cli.Flag('json', False, 'print {"prompt_ids", "ids", "text"} per prompt instead of text'),
     cli.Flag('chat', False, "each prompt is a user message rendered with the chat template (the"
              " run's data.chat_template, else the tokenizer's); the reply is printed"),

@@ -72,6 +72,15 @@ def merge(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   return traverse_util.unflatten_dict(out), without_lora(cfg)
 
 
+def disable(params: dict) -> dict:
+  """`params` with every adapter's output off (lora_b zeroed): the base model, computed by the
+  same program on the same base buffers, so a LoRA policy's reference model (DPO) costs no
+  second copy of the weights. Exact: the adapter adds (x @ a) @ 0 = 0 to each projection."""
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict(
+      {p: jnp.zeros_like(v) if p[-1] == 'lora_b' else v for p, v in flat.items()})
+
+
 def with_base(params: dict, base: dict) -> dict:
   """`params` (adapters freshly initialised) with every base leaf taken from `base`.
 
