@@ -332,7 +332,8 @@ def get_sources(data_cfg, workdir: str) -> dict:
   if data_cfg.get('builtin_tasks', ()):
     from llmjax.data import tasks  # generated in memory: nothing to prepare on disk
     return tasks.builtin_sources(data_cfg.builtin_tasks, data_format,
-                                 data_cfg.get('builtin_seed', 0))
+                                 data_cfg.get('builtin_seed', 0),
+                                 conversational=bool(data_cfg.get('chat_template', '')))
   if data_cfg.path:
     files.check_local('data.path', data_cfg.path)  # read by glob and TFDS on each host
     return sources.local_files_source(
