@@ -121,7 +121,7 @@ def _dpo(case, out_dir):
   n = len(rows)
   sequences = _unpad(batch)
   return [{'prompt_ids': r['prompt_ids'], 'chosen_ids': r['chosen_ids'],
-           'rejected_ids': r['rejected_ids'], 'margin': r.get('margin') or 0.0,
+           'rejected_ids': r['rejected_ids'],
            # The collator's rows: chosen sequences first, then rejected.
            'chosen': sequences[i], 'rejected': sequences[n + i]} for i, r in enumerate(rows)]
 
