@@ -133,8 +133,8 @@ def check_data_format(data_cfg, *, data_files: bool = True) -> str:
                       " text only), or data.builtin_tasks.")
   if data_cfg.get('chat_template', '') and fmt not in TEMPLATE_FORMATS:
     raise ConfigError(f"data.chat_template='{data_cfg.chat_template}' is only read for"
-                      f" data.format='messages', 'preference' and 'unpaired_preference' (this"
-                      f" run's is '{fmt}'); set data.format or data.chat_template=''.")
+                      f" data.format='messages' (this run's is '{fmt}') and the preference"
+                      " formats; set data.format or data.chat_template=''.")
   pairs_per_row = data_cfg.get('pairs_per_row', 1)
   if not isinstance(pairs_per_row, int) or pairs_per_row < 1:
     raise ConfigError(f"data.pairs_per_row={pairs_per_row!r} must be an integer >= 1 (1: one"
