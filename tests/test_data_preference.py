@@ -296,3 +296,12 @@ def test_builtin_preference_build_data(tmp_path):
   assert all(e['pair_mask'][b].any() for b in range(4)) and heldout
   with pytest.raises(ConfigError, match='data.pairs_per_row=0'):
     sources.check_data_format(ml_collections.ConfigDict(dict(data, pairs_per_row=0)))
+
+
+def test_written_preference_files_read_back_as_pairs(tmp_path):
+  from llmjax import tasks as tasks_cli
+  assert tasks_cli.main([f'--out={tmp_path}', '--tasks=format', '--format=preference']) == 0
+  got = list(sources.iter_preference_pairs(str(tmp_path / 'format' / 'heldout.jsonl')))
+  want = tasks.preference_pairs('format', 'heldout', 0)
+  assert [(p.prompt, p.chosen, p.rejected) for p in got] == [
+      (r['prompt'], r['chosen'], r['rejected']) for r in want]

@@ -136,7 +136,8 @@ def _kto(case, out_dir):
   ds = datasets.Dataset.from_list(case['records'])
   ds = KTOTrainer._prepare_dataset(stub, ds, tok, args, 'train')
   rows = [dict(r) for r in ds]
-  collator = DataCollatorForUnpairedPreference(pad_token_id=tok.pad_token_id, max_length=case['max_length'])
+  collator = DataCollatorForUnpairedPreference(pad_token_id=tok.pad_token_id,
+                                               max_length=case['max_length'])
   batch = collator([{k: r[k] for k in ('prompt_ids', 'completion_ids', 'KL_completion_ids',
                                        'label')} for r in rows])
   seqs = _unpad(batch)

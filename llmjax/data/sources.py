@@ -692,7 +692,8 @@ def local_files_source(pattern: str, text_key: str, data_dir: str, *,
   rendered Alpaca template (so it trains exactly as a prompt_completion file of those
   prompts would); 'messages' (JSONL only) gives
   `ConversationSource`s of `Conversation`; 'preference' and 'unpaired_preference' (JSONL only)
-  give `PreferenceSource`s of `PreferencePair` / `UnpairedExample`. The prepared copy is keyed by the format,
+  give `PreferenceSource`s of `PreferencePair` / `UnpairedExample`. The prepared copy is keyed
+  by the format,
   its field names and the files' paths, sizes and modification times, so editing a file or
   switching the format builds a new one instead of silently reusing stale data.
   """
