@@ -305,3 +305,23 @@ def test_written_preference_files_read_back_as_pairs(tmp_path):
   want = tasks.preference_pairs('format', 'heldout', 0)
   assert [(p.prompt, p.chosen, p.rejected) for p in got] == [
       (r['prompt'], r['chosen'], r['rejected']) for r in want]
+
+
+def test_build_data_from_preference_jsonl_trains_a_tokenizer_on_its_texts(tmp_path):
+  from llmjax.config import base_config
+  path = tmp_path / 'pairs.jsonl'
+  words = ['apple', 'river', 'stone', 'cloud', 'green', 'small']
+  path.write_text(''.join(json.dumps({'prompt': f'Q: {w} {i}?\nA:', 'chosen': f' {w}',
+                                      'rejected': f' {words[i % 5 - 1]}x', 'margin': i % 3})
+                          + '\n' for i, w in enumerate(words * 7)))
+  data = base_config().data
+  data.path, data.format, data.seq_len, data.vocab_size, data.eval_batches = (
+      str(path), 'preference', 64, 300, 1)
+  tok, train, eval_batches = build_data(data, str(tmp_path / 'w'), seed=0, batch_size=2)
+  b = next(iter(train))
+  assert b['pair_mask'].tolist() == [[1.0], [1.0]]
+  assert set(b['margin'].ravel().tolist()) <= {0.0, 1.0, 2.0}
+  for row in _rows([b]):
+    (c_in, _, c_mask), (r_in, _, r_mask) = _segments(row).values()
+    assert c_in[-1] == tok.eos_id == r_in[-1] and c_mask[-2] == 1.0 == r_mask[-2]
+  assert eval_batches()[0]['inputs'].shape == (2, 64)

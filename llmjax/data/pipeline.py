@@ -64,7 +64,11 @@ Config keys (`config.data`, read by `build_data`):
                   str, "output": str} with Alpaca's prompt template, loss on the output
                   only; needs path) or 'messages' (chat SFT: JSONL records {"messages":
                   [{"role": "system"|"user"|"assistant", "content": str}, ...]} rendered by
-                  the chat template, loss as loss_on says; needs path). Absent = 'text'.
+                  the chat template, loss as loss_on says; needs path), 'preference'
+                  (DPO / reward models: JSONL {"prompt", "chosen", "rejected"}, strings or
+                  conversations, the prompt optional) or 'unpaired_preference' (KTO: JSONL
+                  {"prompt", "completion", "label"}), both tokenized as TRL does and batched
+                  as rows of whole pairs (`llmjax.data.preference`). Absent = 'text'.
   text_key        the JSONL field / TFDS feature holding the text ('text').
   prompt_key, completion_key  the JSONL fields of a prompt_completion record ('prompt',
                   'completion', as in TRL).
@@ -407,6 +411,10 @@ def _texts(document: str | sources.PromptCompletion | sources.Conversation) -> t
     # The contents only: the template's markup is the same few strings in every example and
     # would take vocabulary from the text (a sentencepiece model splits it into pieces anyway).
     return tuple(m['content'] for m in document.messages)
+  if isinstance(document, (sources.PreferencePair, sources.UnpairedExample)):
+    parts = (document[:3] if isinstance(document, sources.PreferencePair) else document[:2])
+    return tuple(m['content'] if isinstance(p, tuple) else p
+                 for p in parts for m in (p if isinstance(p, tuple) else (p,)))
   return tuple(document) if isinstance(document, sources.PromptCompletion) else (document,)
 
 
