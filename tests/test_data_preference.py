@@ -105,7 +105,7 @@ def test_pipeline_matches_trl_token_for_token(case, tmp_path):
     assert got['completions'] == [want[k] for k in keys]
 
 
-def test_truncation_skips_only_the_pair_whose_prompt_fills_max_length(caplog):
+def test_truncation_skips_only_the_pair_whose_prompt_fills_max_length():
   (case,) = [c for c in CASES if c['name'] == 'truncated']
   assert len(case['trl']) == 2  # TRL dropped the long prompt, as the pipeline does above
   assert len(case['trl'][0]['chosen']['input_ids']) == case['max_length']  # cut keep_start
@@ -122,7 +122,7 @@ def test_hand_computed_pair_row_and_packing():
   rows = _rows(ds)
   assert len(rows) == 3
   segs = _segments(rows[0])
-  assert segs[1] == ([1] + ids('abcd') + [2], ids('abcd') + [2, 0], [0, 1, 1, 1, 0, 0][:0] +
+  assert segs[1] == ([1] + ids('abcd') + [2], ids('abcd') + [2, 0],
                      [0.0, 0.0, 1.0, 1.0, 1.0, 0.0])
   assert segs[2] == ([1] + ids('abe') + [2], ids('abe') + [2, 0], [0.0, 0.0, 1.0, 1.0, 0.0])
   assert rows[0]['margin'].tolist() == [0.5] and rows[0]['pair_mask'].tolist() == [1.0]
@@ -168,8 +168,7 @@ def test_bad_pairs_are_skipped_and_counted(caplog):
   tok = CharTokenizer()
   pairs = [PreferencePair('ab', 'c', 'c'), PreferencePair('ab', '', 'd'),
            PreferencePair('ab', ' ', 'd'), PreferencePair('x' * 10, 'c', 'd'),
-           PreferencePair('a', 'b', 'c'), PreferencePair((), (), ())]
-  pairs[-1] = PreferencePair('q', 'r', 's')
+           PreferencePair('a', 'b', 'c'), PreferencePair('q', 'r', 's')]
   with caplog.at_level('WARNING', logger='llmjax.data.preference'):
     ds = make_dataset(pairs, tok, seq_len=16, batch_size=1, seed=0, shuffle=False,
                       repeat=False)
