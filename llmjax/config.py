@@ -275,6 +275,17 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.data.input_key = 'input'  # the input may be '', which selects the template without it)
   c.data.output_key = 'output'
   c.data.messages_key = 'messages'  # JSONL field holding a conversation's list of messages
+  # Preference data (llmjax.data.preference): 'preference' records {prompt_key, chosen_key,
+  # rejected_key} (no prompt: implicit, the common prefix), 'unpaired_preference' (KTO) records
+  # {prompt_key, completion_key, label_key: true|false}; strings or lists of messages.
+  c.data.chosen_key = 'chosen'
+  c.data.rejected_key = 'rejected'
+  c.data.label_key = 'label'
+  # Whole preference pairs per row (segments 2k+1 chosen, 2k+2 rejected): 1 = one pair per row,
+  # as TRL batches, so train.batch_size counts pairs; > 1 packs pairs first fit into rows of
+  # data.seq_len (fewer padding tokens) and train.batch_size counts rows. Each sequence of a
+  # pair is cut to data.seq_len // 2 tokens (TRL's max_length).
+  c.data.pairs_per_row = 1
   # For 'messages', what is trained on (sources.LOSS_ON): 'assistant' = every assistant turn;
   # 'last_assistant' = the final one only (earlier turns are context); 'all' = every token of
   # the rendered conversation, role headers and template markup included.

@@ -1,7 +1,7 @@
 """Write the built-in instruction tasks (llmjax.data.tasks) as JSONL files for SFT and eval.
 
     python -m llmjax.tasks --out=DIR [--tasks=arithmetic,facts] [--seed=0]
-                           [--format=prompt_completion|messages]
+                           [--format=prompt_completion|messages|preference]
 
 writes DIR/<task>/train.jsonl and DIR/<task>/heldout.jsonl, no prompt of heldout in train.
 Tasks: arithmetic (What is 12 + 7?), facts (about the embedded corpus's world), strings
@@ -10,7 +10,10 @@ Tasks: arithmetic (What is 12 + 7?), facts (about the embedded corpus's world), 
 {"prompt": "Q: What is 12 + 7?\\nA:", "completion": " 19", "answer": "19"} records, for
 data.format='prompt_completion'; --format=messages writes {"messages": [{"role": "user",
 "content": "What is 12 + 7?"}, {"role": "assistant", "content": "19"}], "answer": "19"}, for
-data.format='messages'. `answer` is what exact match compares the generated text with.
+data.format='messages'; --format=preference writes {"prompt": "Q: What is 12 + 7?\\nA:",
+"chosen": " 19", "rejected": " 21", "answer": "19"} (chosen the correct answer, rejected a
+plausible wrong or badly formatted one; `llmjax.data.tasks.preference_pairs`), for
+data.format='preference'. `answer` is what exact match compares the generated text with.
 
     python -m llmjax.tasks --out=/tmp/tasks --tasks=arithmetic
     python -m llmjax.main --config=experiments/quickstart.py --workdir=/tmp/sft \\
@@ -28,7 +31,8 @@ FLAGS = (
              metavar='NAME,NAME'),
     cli.Flag('seed', 0, 'which problems go to which split, and their order'),
     cli.Flag('format', 'prompt_completion', "the records: 'prompt_completion' (prompt,"
-             " completion, answer) or 'messages' (a user/assistant conversation, answer)",
+             " completion, answer), 'messages' (a user/assistant conversation, answer) or"
+             " 'preference' (prompt, chosen, rejected, answer)",
              metavar='FORMAT'),
 )
 

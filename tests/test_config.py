@@ -85,9 +85,11 @@ def test_every_experiment_loads_and_validates():
 
 @pytest.mark.parametrize('over,message', [
     ({'data.format': 'prompt-completion'}, r"data.format='prompt-completion' is not one of"
-     r" \['text', 'prompt_completion', 'alpaca', 'messages'\]. Did you mean 'prompt_completion'\?"),
+     r" \['text', 'prompt_completion', 'alpaca', 'messages', 'preference',"
+     r" 'unpaired_preference'\]. Did you mean 'prompt_completion'\?"),
     ({'data.format': 'chat'}, r"data.format='chat' is not one of \['text', 'prompt_completion',"
-     r" 'alpaca', 'messages'\]\.$"),
+     r" 'alpaca', 'messages', 'preference', 'unpaired_preference'\]\.$"),
+    ({'data.format': 'preference'}, r"data.format='preference' needs data.path: .* text only"),
     ({'data.format': 'prompt_completion'}, r"needs data.path: a .jsonl file or glob of .*"
      r" text only"),
     ({'data.format': 'messages'}, r"data.format='messages' needs data.path: .* text only"),

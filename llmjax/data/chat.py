@@ -59,6 +59,20 @@ def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
   return env
 
 
+def encode_with_specials(tokenizer: Tokenizer, specials: dict[str, int], text: str) -> list[int]:
+  """tokenizer.encode(text) with the special texts of `specials` ({text: id}) mapped to their ids
+  (a sentencepiece model would spell '</s>' out as characters; HF tokenizers map them anyway)."""
+  if not specials:
+    return tokenizer.encode(text)
+  ids, start = [], 0
+  pattern = '|'.join(re.escape(s) for s in sorted(specials, key=len, reverse=True))
+  for m in re.finditer(pattern, text):
+    ids += tokenizer.encode(text[start:m.start()]) if m.start() > start else []
+    ids.append(specials[m.group()])
+    start = m.end()
+  return ids + (tokenizer.encode(text[start:]) if start < len(text) else [])
+
+
 class ChatTemplate:
   """A chat template bound to the run's tokenizer: conversation -> (tokens, weights).
 
@@ -153,15 +167,13 @@ class ChatTemplate:
     return [(text, assistant) for text, assistant in out if text]
 
   def _encode(self, text: str) -> list[int]:
-    if not self._specials:
-      return self.tokenizer.encode(text)
-    ids, start = [], 0
-    pattern = '|'.join(re.escape(s) for s in sorted(self._specials, key=len, reverse=True))
-    for m in re.finditer(pattern, text):
-      ids += self.tokenizer.encode(text[start:m.start()]) if m.start() > start else []
-      ids.append(self._specials[m.group()])
-      start = m.end()
-    return ids + (self.tokenizer.encode(text[start:]) if start < len(text) else [])
+    return encode_with_specials(self.tokenizer, self._specials, text)
+
+  def encode(self, text: str) -> list[int]:
+    """Token ids of a rendering: the bos/eos texts the template wrote become their ids, nothing
+    is added (as transformers' apply_chat_template(tokenize=True) tokenizes, with
+    add_special_tokens=False; TRL's preference trainers tokenize conversations so)."""
+    return self._encode(text)
 
   def prompt_ids(self, messages) -> list[int]:
     """Token ids of `messages` followed by the template's assistant header: the prompt to

@@ -64,13 +64,23 @@ Config keys (`config.data`, read by `build_data`):
                   str, "output": str} with Alpaca's prompt template, loss on the output
                   only; needs path) or 'messages' (chat SFT: JSONL records {"messages":
                   [{"role": "system"|"user"|"assistant", "content": str}, ...]} rendered by
-                  the chat template, loss as loss_on says; needs path). Absent = 'text'.
+                  the chat template, loss as loss_on says; needs path), 'preference'
+                  (DPO / reward models: JSONL {"prompt", "chosen", "rejected"}, strings or
+                  conversations, the prompt optional) or 'unpaired_preference' (KTO: JSONL
+                  {"prompt", "completion", "label"}), both tokenized as TRL does and batched
+                  as rows of whole pairs (`llmjax.data.preference`). Absent = 'text'.
   text_key        the JSONL field / TFDS feature holding the text ('text').
   prompt_key, completion_key  the JSONL fields of a prompt_completion record ('prompt',
                   'completion', as in TRL).
   instruction_key, input_key, output_key  the JSONL fields of an alpaca record
                   ('instruction', 'input', 'output', as in Stanford Alpaca's data).
   messages_key    the JSONL field holding a conversation's message list ('messages').
+  chosen_key, rejected_key  the JSONL fields of a 'preference' record ('chosen', 'rejected';
+                  its prompt is prompt_key, absent = an implicit prompt); label_key the true/
+                  false field of an 'unpaired_preference' record ('label'; its prompt and
+                  completion are prompt_key and completion_key). See `llmjax.data.preference`.
+  pairs_per_row   for the preference formats: whole pairs per row (1 = one pair per row, as
+                  TRL batches; > 1 packs pairs first fit), so train.batch_size counts rows.
   loss_on         for 'messages', what is trained on (`sources.LOSS_ON`): 'assistant' (every
                   assistant turn; the default), 'last_assistant' or 'all' (every token).
   chat_template   for 'messages': a .jinja file to render conversations with; '' = the
@@ -245,7 +255,8 @@ def _finish_row(row: dict) -> dict:
 def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  shuffle: bool = True, repeat: bool = True, process_index: int = 0,
                  process_count: int = 1, chat_template: chat.ChatTemplate | None = None,
-                 loss_on: str = 'assistant', where: str = '') -> grain.IterDataset:
+                 loss_on: str = 'assistant', where: str = '',
+                 pairs_per_row: int = 1) -> grain.IterDataset:
   """Packed batches of `source`'s documents for this host.
 
   Args:
@@ -262,6 +273,10 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
     chat_template: renders `sources.Conversation` documents (bound to `tokenizer`).
     loss_on: data.loss_on, what of a `sources.Conversation` is trained on (`sources.LOSS_ON`).
     where: named in the dropped-examples log lines, e.g. 'validation split' ('' for train).
+    pairs_per_row: data.pairs_per_row, for preference sources (`sources.PreferencePair` or
+      `sources.UnpairedExample` documents): their batches are
+      `llmjax.data.preference.make_preference_dataset`'s (rows of whole pairs, with pair_mask
+      and margin or label; a `skipped_pairs` attribute instead of `dropped_examples`).
   Returns:
     An IterDataset of dicts {inputs, targets, segment_ids, positions, loss_mask}, each
     [batch_size // process_count, seq_len]; `iter()` of it has get_state/set_state. Its
@@ -276,6 +291,12 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
     raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {process_count}"
                       " hosts; use a multiple.")
   sources.check_loss_on(loss_on)
+  if len(source) and isinstance(source[0], (sources.PreferencePair, sources.UnpairedExample)):
+    from llmjax.data import preference
+    return preference.make_preference_dataset(
+        source, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle,
+        repeat=repeat, process_index=process_index, process_count=process_count,
+        chat_template=chat_template, pairs_per_row=pairs_per_row, where=where)
   if len(source) < process_count:
     raise DataError(f"{len(source)} documents cannot be shared by {process_count} hosts; add"
                     " documents.")
@@ -315,7 +336,8 @@ def get_sources(data_cfg, workdir: str) -> dict:
   if data_cfg.get('builtin_tasks', ()):
     from llmjax.data import tasks  # generated in memory: nothing to prepare on disk
     return tasks.builtin_sources(data_cfg.builtin_tasks, data_format,
-                                 data_cfg.get('builtin_seed', 0))
+                                 data_cfg.get('builtin_seed', 0),
+                                 conversational=bool(data_cfg.get('chat_template', '')))
   if data_cfg.path:
     files.check_local('data.path', data_cfg.path)  # read by glob and TFDS on each host
     return sources.local_files_source(
@@ -325,7 +347,10 @@ def get_sources(data_cfg, workdir: str) -> dict:
         messages_key=data_cfg.get('messages_key', 'messages'),
         instruction_key=data_cfg.get('instruction_key', 'instruction'),
         input_key=data_cfg.get('input_key', 'input'),
-        output_key=data_cfg.get('output_key', 'output'))
+        output_key=data_cfg.get('output_key', 'output'),
+        chosen_key=data_cfg.get('chosen_key', 'chosen'),
+        rejected_key=data_cfg.get('rejected_key', 'rejected'),
+        label_key=data_cfg.get('label_key', 'label'))
   if data_cfg.tfds_name:
     return sources.tfds_source(data_cfg.tfds_name, data_cfg.text_key)
   return {split: sources.in_memory_source(corpus.default_corpus(split))
@@ -386,6 +411,10 @@ def _texts(document: str | sources.PromptCompletion | sources.Conversation) -> t
     # The contents only: the template's markup is the same few strings in every example and
     # would take vocabulary from the text (a sentencepiece model splits it into pieces anyway).
     return tuple(m['content'] for m in document.messages)
+  if isinstance(document, (sources.PreferencePair, sources.UnpairedExample)):
+    parts = (document[:3] if isinstance(document, sources.PreferencePair) else document[:2])
+    return tuple(m['content'] if isinstance(p, tuple) else p
+                 for p in parts for m in (p if isinstance(p, tuple) else (p,)))
   return tuple(document) if isinstance(document, sources.PromptCompletion) else (document,)
 
 
@@ -446,7 +475,13 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
   srcs = get_sources(data_cfg, workdir)
   tokenizer = build_tokenizer(data_cfg, workdir, srcs['train'])
   template, loss_on = None, data_cfg.get('loss_on', 'assistant')
-  if sources.check_data_format(data_cfg) == 'messages':
+  data_format = sources.check_data_format(data_cfg)
+  if data_format in sources.PREFERENCE_FORMATS:
+    from llmjax.data import preference  # a template only for conversational records
+    template = preference.load_template(data_cfg, tokenizer, srcs['train'])
+    if template is not None and data_cfg.get('chat_template', '') and process_index == 0:
+      files.write_text(files.join(workdir, chat.RUN_TEMPLATE), template.source)
+  elif data_format == 'messages':
     template = chat.load_template(data_cfg, tokenizer)
     if data_cfg.get('chat_template', '') and process_index == 0:
       # Kept with the run, so `llmjax.generate --chat` prompts the model as it was tuned.
@@ -455,7 +490,8 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
     # anything compiles, rather than inside the first training step's input.
     template.tokenize(srcs['train'][0], loss_on)
   common = dict(seq_len=data_cfg.seq_len, batch_size=batch_size, process_index=process_index,
-                process_count=process_count, chat_template=template, loss_on=loss_on)
+                process_count=process_count, chat_template=template, loss_on=loss_on,
+                pairs_per_row=data_cfg.get('pairs_per_row', 1))
   train = make_dataset(srcs['train'], tokenizer, seed=seed, **common)
   # Repeated (but not shuffled) so that every host yields exactly eval_batches batches even
   # when the validation split is small: hosts must run the same number of eval steps.

@@ -41,7 +41,11 @@ MAX_TXT_DOCUMENT_CHARS = 32_000  # ~8k tokens: a few rows of any usual seq_len
 _FORMAT = 2
 # The values of data.format: what one document is. 'prompt_completion', 'alpaca' and 'messages'
 # read only local JSONL files (the embedded corpus and TFDS catalog datasets are plain text).
-DATA_FORMATS = ('text', 'prompt_completion', 'alpaca', 'messages')
+# 'preference' and 'unpaired_preference' are the preference-optimisation formats (DPO and reward
+# models; KTO): see PreferencePair and UnpairedExample, and `llmjax.data.preference`.
+DATA_FORMATS = ('text', 'prompt_completion', 'alpaca', 'messages', 'preference',
+                'unpaired_preference')
+PREFERENCE_FORMATS = ('preference', 'unpaired_preference')
 # The values of data.loss_on, for data.format='messages': which tokens of a rendered
 # conversation are trained on (`llmjax.data.chat.ChatTemplate.tokenize`). 'assistant': every
 # assistant turn and its end-of-turn token(s) (TRL's assistant_only_loss); 'last_assistant':
@@ -52,11 +56,15 @@ LOSS_ON = ('assistant', 'last_assistant', 'all')
 # need per-template fields that records do not carry portably).
 ROLES = ('system', 'user', 'assistant')
 # The formats data.builtin_tasks can be trained in (`llmjax.data.tasks.builtin_sources`).
-BUILTIN_FORMATS = ('prompt_completion', 'messages')
+BUILTIN_FORMATS = ('prompt_completion', 'messages', 'preference', 'unpaired_preference')
+# The formats whose records may be conversations rendered by data.chat_template.
+TEMPLATE_FORMATS = ('messages', 'preference', 'unpaired_preference')
 # The JSONL record of each format that reads only local files, for error messages.
 _RECORDS = {'prompt_completion': '{"prompt": ..., "completion": ...}',
             'alpaca': '{"instruction": ..., "input": ..., "output": ...}',
-            'messages': '{"messages": [{"role": ..., "content": ...}, ...]}'}
+            'messages': '{"messages": [{"role": ..., "content": ...}, ...]}',
+            'preference': '{"prompt": ..., "chosen": ..., "rejected": ...}',
+            'unpaired_preference': '{"prompt": ..., "completion": ..., "label": true|false}'}
 
 # Stanford Alpaca's prompt templates (tatsu-lab/stanford_alpaca, train.py PROMPT_DICT),
 # verbatim: the prompt ends at 'Response:' and the output follows it directly, as Alpaca
@@ -112,8 +120,9 @@ def check_data_format(data_cfg, *, data_files: bool = True) -> str:
     tasks.check_task_names(builtin, where='data.builtin_tasks')
     if fmt not in BUILTIN_FORMATS:
       raise ConfigError(f"data.builtin_tasks needs data.format='prompt_completion' (the Q/A"
-                        f" records as they are) or 'messages' (as conversations, with"
-                        f" data.chat_template); this run's is '{fmt}'.")
+                        f" records as they are), 'messages' (as conversations, with"
+                        f" data.chat_template), 'preference' or 'unpaired_preference' (their"
+                        f" preference pairs); this run's is '{fmt}'.")
     for key in ('path', 'tfds_name'):
       if data_cfg.get(key, ''):
         raise ConfigError(f"data.builtin_tasks={builtin} and data.{key}='{data_cfg[key]}' are"
@@ -122,10 +131,14 @@ def check_data_format(data_cfg, *, data_files: bool = True) -> str:
     raise ConfigError(f"data.format='{fmt}' needs data.path: a .jsonl file or glob of"
                       f" {_RECORDS[fmt]} records (the embedded corpus and data.tfds_name are"
                       " text only), or data.builtin_tasks.")
-  if data_cfg.get('chat_template', '') and fmt != 'messages':
+  if data_cfg.get('chat_template', '') and fmt not in TEMPLATE_FORMATS:
     raise ConfigError(f"data.chat_template='{data_cfg.chat_template}' is only read for"
-                      f" data.format='messages' (this run's is '{fmt}'); set data.format or"
-                      " data.chat_template=''.")
+                      f" data.format='messages' (this run's is '{fmt}') and the preference"
+                      " formats; set data.format or data.chat_template=''.")
+  pairs_per_row = data_cfg.get('pairs_per_row', 1)
+  if not isinstance(pairs_per_row, int) or pairs_per_row < 1:
+    raise ConfigError(f"data.pairs_per_row={pairs_per_row!r} must be an integer >= 1 (1: one"
+                      " pair per row, as TRL batches).")
   loss_on = data_cfg.get('loss_on', 'assistant')
   check_loss_on(loss_on)
   if loss_on != 'assistant' and fmt != 'messages':
@@ -197,6 +210,85 @@ class ConversationSource:
 
   def __repr__(self) -> str:
     return f'ConversationSource({len(self)} conversations)'
+
+
+# A preference text: a plain string, or a conversation (a tuple of {"role", "content"} dicts).
+PreferenceText = str | tuple
+
+
+class PreferencePair(NamedTuple):
+  """One paired preference example (data.format='preference', TRL's preference format).
+
+  prompt, chosen, rejected: all strings, or all conversations: the prompt's messages (rendered
+  with the generation prompt) and the completions' assistant messages. An implicit-prompt
+  record (no prompt) has already been split by `extract_prompt`.
+  margin: the record's optional numeric `margin` field (0.0 when absent), for reward models.
+  where: 'path:line' of its JSONL record, for messages ('' for in-memory ones).
+  """
+  prompt: PreferenceText
+  chosen: PreferenceText
+  rejected: PreferenceText
+  margin: float = 0.0
+  where: str = ''
+
+
+class UnpairedExample(NamedTuple):
+  """One unpaired preference example (data.format='unpaired_preference', KTO's
+  `{"prompt", "completion", "label"}`): label True = desirable, False = undesirable."""
+  prompt: PreferenceText
+  completion: PreferenceText
+  label: bool
+  where: str = ''
+
+
+def _as_text(value) -> PreferenceText:
+  return tuple(value) if isinstance(value, list) else value
+
+
+class PreferenceSource:
+  """Random-access `PreferencePair`s or `UnpairedExample`s from a source of dicts {'record':
+  JSON object str, 'where': 'path:line'} (str or bytes): the features of a prepared
+  'preference' / 'unpaired_preference' copy, and the built-in pairs. A conversation is a JSON
+  list, so TFDS's fixed features hold it as text."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, i: int) -> PreferencePair | UnpairedExample:
+    x = {k: v.decode('utf-8') if isinstance(v, bytes) else v for k, v in self.source[i].items()}
+    r = json.loads(x['record'])
+    if 'label' in r:
+      return UnpairedExample(_as_text(r['prompt']), _as_text(r['completion']), r['label'],
+                             x['where'])
+    return PreferencePair(_as_text(r['prompt']), _as_text(r['chosen']), _as_text(r['rejected']),
+                          float(r.get('margin', 0.0)), x['where'])
+
+  def __repr__(self) -> str:
+    return f'PreferenceSource({len(self)} examples)'
+
+
+def extract_prompt(chosen, rejected):
+  """(prompt, chosen, rejected) of an implicit-prompt pair: the prompt is the longest common
+  prefix of chosen and rejected (characters of strings, messages of conversations), as TRL's
+  `trl.data_utils.extract_prompt` computes it, quirks included:
+  - a space just before the first difference goes to the completions, not the prompt;
+  - when one is a prefix of the other (no difference found), the prompt stops one element
+    short of the shorter, so each completion keeps at least its last element.
+  One divergence: TRL's space rule at a difference in the very first element (idx 0) looks at
+  element -1 (the last character) and may return chosen[:-1] as the prompt; here the prompt is
+  then empty.
+  """
+  n = min(len(chosen), len(rejected))
+  idx = 0
+  for idx in range(n):
+    if chosen[idx] != rejected[idx]:
+      if idx > 0 and chosen[idx - 1] == ' ':
+        idx -= 1
+      break
+  return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
 class _HeldOut:
@@ -389,6 +481,124 @@ def iter_conversations(path: str, messages_key: str = 'messages') -> Iterator[Co
     yield Conversation(tuple(_messages_field(path, n, obj, messages_key)), f'{path}:{n}')
 
 
+def _check_messages(path: str, n: int, key: str, messages: list, setting: str) -> tuple:
+  """A list of {"role", "content"} messages, checked; else DataError naming path:n."""
+  fix = 'each message needs a "role" and a string "content"'
+  if not messages:
+    raise DataError(f"{path}:{n}: field '{key}' is an empty list of messages; give it at least"
+                    f" one message (or a string), or set {setting}.")
+  for j, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise DataError(f"{path}:{n}: {key} message {j} is a {type(m).__name__}, not an object;"
+                      f" {fix}.")
+    for field in ('role', 'content'):
+      if field not in m:
+        raise DataError(f"{path}:{n}: {key} message {j} has no '{field}'; {fix}.")
+    if m['role'] not in ROLES:
+      raise DataError(f"{path}:{n}: {key} message {j} has role {m['role']!r}; use one of"
+                      f" {list(ROLES)}.{closest(str(m['role']), ROLES)}")
+    if not isinstance(m['content'], str):
+      raise DataError(f"{path}:{n}: {key} message {j}'s content is a"
+                      f" {type(m['content']).__name__}, not a string; {fix}.")
+  return tuple(messages)
+
+
+def _preference_field(path: str, n: int, obj: dict, key: str, setting: str, what: str,
+                      taken: tuple[str, ...]):
+  """obj[key] as a str or a checked message list; DataError naming path:n and the key."""
+  if key not in obj:
+    hint = closest(key, [k for k in obj if k not in taken])
+    raise DataError(f"{path}:{n}: no '{key}' field; set {setting} to the field that holds the"
+                    f" {what}.{hint}")
+  value = obj[key]
+  if isinstance(value, list):
+    return _check_messages(path, n, key, value, setting)
+  if not isinstance(value, str):
+    raise DataError(f"{path}:{n}: field '{key}' is a {type(value).__name__}, not a string or a"
+                    f' list of {{"role": ..., "content": ...}} messages; set {setting} to the'
+                    f" field that holds the {what}.")
+  return value
+
+
+def _kinds_match(path: str, n: int, named: dict) -> None:
+  """DataError unless the fields are all strings or all conversations."""
+  kinds = {k: 'a conversation' if isinstance(v, tuple) else 'a string' for k, v in named.items()}
+  if len(set(kinds.values())) > 1:
+    said = ', '.join(f"'{k}' is {v}" for k, v in kinds.items())
+    raise DataError(f"{path}:{n}: {said}; a record's fields must be all strings or all lists of"
+                    " messages.")
+
+
+def _check_jsonl(path: str, fmt: str) -> None:
+  if not path.endswith('.jsonl'):
+    raise DataError(f"{path}: data.format='{fmt}' reads .jsonl files of {_RECORDS[fmt]} records;"
+                    " convert it or set data.format='text'.")
+
+
+def iter_preference_pairs(path: str, prompt_key: str = 'prompt', chosen_key: str = 'chosen',
+                          rejected_key: str = 'rejected') -> Iterator[PreferencePair]:
+  """The pairs of one .jsonl file of TRL preference records; a bad line raises DataError
+  `path:line: ...`. A record without the prompt field has an implicit prompt (the common
+  prefix of chosen and rejected, `extract_prompt`); so has one whose prompt is a string while
+  its completions are conversations (or the reverse), as TRL's maybe_extract_prompt decides.
+  An optional numeric `margin` is kept."""
+  _check_jsonl(path, 'preference')
+  keys = (prompt_key, chosen_key, rejected_key)
+  for n, obj in _jsonl_objects(path):
+    if not isinstance(obj, dict):
+      raise DataError(f"{path}:{n}: a {type(obj).__name__}, not a JSON object; write"
+                      f" {_RECORDS['preference']} records.")
+    chosen = _preference_field(path, n, obj, chosen_key, 'data.chosen_key', 'chosen completion',
+                               keys)
+    rejected = _preference_field(path, n, obj, rejected_key, 'data.rejected_key',
+                                 'rejected completion', keys)
+    _kinds_match(path, n, {chosen_key: chosen, rejected_key: rejected})
+    prompt = None
+    if prompt_key in obj:
+      prompt = _preference_field(path, n, obj, prompt_key, 'data.prompt_key', 'prompt', keys)
+      if isinstance(prompt, tuple) != isinstance(chosen, tuple):
+        prompt = None  # TRL: the prompt is then inside the completions
+    if prompt is None:
+      prompt, chosen, rejected = extract_prompt(chosen, rejected)
+    margin = obj.get('margin', 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+      raise DataError(f"{path}:{n}: field 'margin' is {json.dumps(margin)}, not a number; give"
+                      " a number or leave the field out.")
+    yield PreferencePair(prompt, chosen, rejected, float(margin), f'{path}:{n}')
+
+
+def iter_unpaired(path: str, prompt_key: str = 'prompt', completion_key: str = 'completion',
+                  label_key: str = 'label') -> Iterator[UnpairedExample]:
+  """The examples of one .jsonl file of KTO records {"prompt", "completion", "label":
+  true|false}; a bad line raises DataError `path:line: ...`."""
+  _check_jsonl(path, 'unpaired_preference')
+  keys = (prompt_key, completion_key, label_key)
+  for n, obj in _jsonl_objects(path):
+    if not isinstance(obj, dict):
+      raise DataError(f"{path}:{n}: a {type(obj).__name__}, not a JSON object; write"
+                      f" {_RECORDS['unpaired_preference']} records.")
+    prompt = _preference_field(path, n, obj, prompt_key, 'data.prompt_key', 'prompt', keys)
+    completion = _preference_field(path, n, obj, completion_key, 'data.completion_key',
+                                   'completion', keys)
+    _kinds_match(path, n, {prompt_key: prompt, completion_key: completion})
+    if label_key not in obj:
+      raise DataError(f"{path}:{n}: no '{label_key}' field; set data.label_key to the field that"
+                      " holds true (desirable) or false (undesirable)."
+                      f"{closest(label_key, [k for k in obj if k not in keys])}")
+    if not isinstance(obj[label_key], bool):
+      raise DataError(f"{path}:{n}: field '{label_key}' is {json.dumps(obj[label_key])}, not"
+                      " true or false; write true for a desirable completion, false for an"
+                      " undesirable one.")
+    yield UnpairedExample(prompt, completion, obj[label_key], f'{path}:{n}')
+
+
+def preference_feature(example: PreferencePair | UnpairedExample) -> dict:
+  """The {'record', 'where'} dict `PreferenceSource` reads back as `example`."""
+  r = example._asdict()
+  where = r.pop('where')
+  return {'record': json.dumps(r, ensure_ascii=False), 'where': where}
+
+
 # One TFDS example per document: {'text': str}, {'prompt': str, 'completion': str} (also for
 # 'alpaca') or {'messages': JSON str, 'where': 'path:line'}.
 def _text_examples(path: str, text_key: str) -> Iterator[dict]:
@@ -412,6 +622,16 @@ def _conversation_examples(path: str, messages_key: str) -> Iterator[dict]:
     # A JSON string: TFDS features are fixed-shape, a conversation is a ragged list of dicts.
     yield {'messages': json.dumps(conversation.messages, ensure_ascii=False),
            'where': conversation.where}
+
+
+def _preference_examples(path: str, fmt: str, prompt_key: str, chosen_key: str,
+                          rejected_key: str, completion_key: str, label_key: str) -> Iterator[dict]:
+  if fmt == 'preference':
+    examples = iter_preference_pairs(path, prompt_key, chosen_key, rejected_key)
+  else:
+    examples = iter_unpaired(path, prompt_key, completion_key, label_key)
+  for example in examples:
+    yield preference_feature(example)
 
 
 def _count_documents(files: list[str], examples: Callable[[str], Iterator[dict]]) -> int:
@@ -463,14 +683,17 @@ def local_files_source(pattern: str, text_key: str, data_dir: str, *,
                        data_format: str = 'text', prompt_key: str = 'prompt',
                        completion_key: str = 'completion', messages_key: str = 'messages',
                        instruction_key: str = 'instruction', input_key: str = 'input',
-                       output_key: str = 'output') -> dict:
+                       output_key: str = 'output', chosen_key: str = 'chosen',
+                       rejected_key: str = 'rejected', label_key: str = 'label') -> dict:
   """{'train', 'validation'} sources for local files, prepared once under `data_dir`.
 
   data_format 'text' gives `TextSource`s of str; 'prompt_completion' (JSONL only) gives
   `PromptCompletionSource`s of `PromptCompletion`; 'alpaca' (JSONL only) too, each prompt the
   rendered Alpaca template (so it trains exactly as a prompt_completion file of those
   prompts would); 'messages' (JSONL only) gives
-  `ConversationSource`s of `Conversation`. The prepared copy is keyed by the format,
+  `ConversationSource`s of `Conversation`; 'preference' and 'unpaired_preference' (JSONL only)
+  give `PreferenceSource`s of `PreferencePair` / `UnpairedExample`. The prepared copy is keyed
+  by the format,
   its field names and the files' paths, sizes and modification times, so editing a file or
   switching the format builds a new one instead of silently reusing stale data.
   """
@@ -496,6 +719,12 @@ def local_files_source(pattern: str, text_key: str, data_dir: str, *,
     examples = functools.partial(_alpaca_examples, instruction_key=instruction_key,
                                  input_key=input_key, output_key=output_key)
     features, wrap = PromptCompletion._fields, PromptCompletionSource
+  elif data_format in PREFERENCE_FORMATS:
+    spec += [data_format, prompt_key, chosen_key, rejected_key, completion_key, label_key]
+    examples = functools.partial(_preference_examples, fmt=data_format, prompt_key=prompt_key,
+                                 chosen_key=chosen_key, rejected_key=rejected_key,
+                                 completion_key=completion_key, label_key=label_key)
+    features, wrap = ('record', 'where'), PreferenceSource
   else:  # 'messages'
     spec += [data_format, messages_key]
     examples = functools.partial(_conversation_examples, messages_key=messages_key)

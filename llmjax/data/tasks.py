@@ -42,7 +42,7 @@ SPLITS = ('train', 'heldout')
 PROMPT = 'Q: {question}\nA:'
 COMPLETION = ' {answer}'
 # The formats `write_tasks` writes, as data.format calls them.
-FILE_FORMATS = ('prompt_completion', 'messages')
+FILE_FORMATS = ('prompt_completion', 'messages', 'preference')
 
 
 class Example(NamedTuple):
@@ -289,17 +289,132 @@ def as_messages(rec: dict) -> dict:
           'answer': rec['answer']}
 
 
-def builtin_sources(names: Sequence[str], data_format: str, seed: int = 0) -> dict:
+# --- preference pairs --------------------------------------------------------------------------
+
+def _fact_pools() -> dict[str, tuple[str, ...]]:
+  """question -> the answers of the same kind in the corpus's world (every value of that
+  relation: all favourite colours, all capitals, ...), for plausible wrong facts."""
+  relation, pools = {}, {}
+  for name, person in corpus.PEOPLE.items():
+    for key, forms in PERSON_QUESTIONS.items():
+      pools.setdefault(key, set()).add(person[key])
+      relation.update((f.format(name=name), key) for f in forms)
+  for country, (capital, others) in corpus.COUNTRIES.items():
+    pools.setdefault('capital', set()).add(capital)
+    pools.setdefault('country', set()).add(country)
+    relation.update((f.format(country=country), 'capital') for f in CAPITAL_QUESTIONS)
+    for city in (capital,) + others:
+      relation.update((f.format(city=city), 'country') for f in COUNTRY_QUESTIONS)
+  return {q: tuple(sorted(pools[r])) for q, r in relation.items()}
+
+
+def _string_question(question: str) -> tuple[int, str]:
+  """(index in STRING_QUESTIONS, word) of a strings question."""
+  for i, (form, _) in enumerate(STRING_QUESTIONS):
+    head, tail = form.split('{word}')
+    if question.startswith(head) and question.endswith(tail):
+      return i, question[len(head):len(question) - len(tail)]
+  raise ValueError(f'not a strings question: {question!r}')
+
+
+def _wrong_string(question: str, rng: random.Random) -> str:
+  """A plausible wrong transformation: the word not reversed (or reversed wrongly), only its
+  first letter capitalised, a letter count off by one, the last letter for the first."""
+  op, word = _string_question(question)
+  right = str(STRING_QUESTIONS[op][1](word))
+  candidates = {
+      0: [word, word[1:] + word[0], right[1:] + right[0]],  # backwards
+      1: [word.capitalize(), word, right[:-1] + right[-1].lower()],  # upper case
+      2: [str(len(word) + 1), str(len(word) - 1), str(len(word) + 2)],  # letter count
+      3: [word[-1], word[1:2], rng.choice('abcdefghijklmnopqrstuvwxyz')],  # first letter
+  }[op]
+  wrong = [c for c in candidates if c and c != right]
+  return rng.choice(wrong) if wrong else right + word[0]
+
+
+def _wrong_value(name: str, ex: Example, rng: random.Random, pools: dict) -> str:
+  """A plausible wrong answer's text for `ex` of task `name`."""
+  if name == 'arithmetic':
+    delta = rng.choice([-3, -2, -1, 1, 2, 3])
+    wrong = ex.value + delta
+    return str(wrong if wrong >= 0 else ex.value - delta)  # never a sign the corpus never shows
+  if name == 'facts':
+    return rng.choice([v for v in pools[ex.question] if v != ex.value])
+  if name == 'strings':
+    return _wrong_string(ex.question, rng)
+  # format: the right value, badly formatted (bare, JSON cut short, Python's quotes)
+  value = json.loads(ex.value)['answer']
+  bad = [str(value), ex.value[:-1], str({'answer': value})]
+  return rng.choice([b for b in bad if b != ex.value])
+
+
+def preference_pairs(name: str, split: str, seed: int = 0) -> list[dict]:
+  """The preference records {'prompt', 'chosen', 'rejected', 'answer'} of one split of a task:
+  the task's records (same prompts, same train/held-out split, same order), chosen = the
+  record's completion (the correct, well-formatted answer), rejected = a plausible wrong one in
+  the same layout (' <answer>'):
+    arithmetic  the result off by 1 to 3 (never negative)
+    facts       another answer of the same kind in the corpus's world (another colour, city,
+                friend, ... that some fact has)
+    strings     a wrong transformation (the word not reversed, capitalised only, a letter count
+                off by one, the wrong letter)
+    format      the right value badly formatted: bare, JSON without its closing brace, or
+                Python's single quotes
+  Deterministic from (name, split, seed); chosen never equals rejected.
+  """
+  recs = make_task(name, split, seed)
+  examples = _splits(name, int(seed))[split]
+  rng = random.Random(f'preference:{name}:{split}:{seed}')
+  pools = _fact_pools() if name == 'facts' else {}
+  out = []
+  for rec, ex in zip(recs, examples):
+    wrong = _wrong_value(name, ex, rng, pools)
+    assert wrong != rec['answer'], (name, ex)
+    out.append({'prompt': rec['prompt'], 'chosen': rec['completion'],
+                'rejected': COMPLETION.format(answer=wrong), 'answer': rec['answer']})
+  return out
+
+
+def as_preference_messages(rec: dict) -> dict:
+  """A preference record as TRL's conversational preference format: the user's question, the
+  chosen and rejected answers as assistant messages (bare, as in `as_messages`)."""
+  assistant = lambda text: [{'role': 'assistant', 'content': text.strip()}]
+  return {'prompt': [{'role': 'user', 'content': question(rec)}],
+          'chosen': assistant(rec['chosen']), 'rejected': assistant(rec['rejected']),
+          'answer': rec['answer']}
+
+
+def builtin_sources(names: Sequence[str], data_format: str, seed: int = 0,
+                    conversational: bool = False) -> dict:
   """{'train', 'validation'} sources of `data.builtin_tasks`: the train splits of `names`
   (concatenated; the pipeline shuffles) and their held-out splits (the run's eval_loss).
 
   data_format 'prompt_completion' gives `PromptCompletion`s of the records; 'messages' gives
-  `Conversation`s of `as_messages` (the run's chat template renders them).
+  `Conversation`s of `as_messages` (the run's chat template renders them); 'preference' gives
+  `PreferencePair`s of `preference_pairs` (as conversations, `as_preference_messages`, when
+  `conversational`: data.chat_template is set); 'unpaired_preference' the same pairs unpaired
+  as TRL's unpair_preference_dataset does (chosen desirable, rejected undesirable), each
+  pair's two examples one after the other.
   """
   from llmjax.data import sources  # here: sources imports nothing of ours, keep it that way
   names = check_task_names(names, where='data.builtin_tasks')
   out = {}
   for split, source_split in (('train', 'train'), ('validation', 'heldout')):
+    if data_format in sources.PREFERENCE_FORMATS:
+      features = []
+      for name in names:
+        for i, r in enumerate(preference_pairs(name, source_split, seed)):
+          where = f'built-in task {name} {source_split} pair {i}'
+          r = as_preference_messages(r) if conversational else r
+          p, c, j = (sources._as_text(r[k]) for k in ('prompt', 'chosen', 'rejected'))
+          if data_format == 'preference':
+            examples = [sources.PreferencePair(p, c, j, 0.0, where)]
+          else:
+            examples = [sources.UnpairedExample(p, c, True, where),
+                        sources.UnpairedExample(p, j, False, where)]
+          features += [sources.preference_feature(e) for e in examples]
+      out[split] = sources.PreferenceSource(features)
+      continue
     recs = [(name, i, r) for name in names
             for i, r in enumerate(make_task(name, source_split, seed))]
     if data_format == 'messages':
@@ -316,7 +431,8 @@ def write_tasks(out: str, names: Sequence[str], *, seed: int = 0,
                 file_format: str = 'prompt_completion') -> dict[str, dict[str, str]]:
   """Writes OUT/<task>/train.jsonl and OUT/<task>/heldout.jsonl (local or gs://).
 
-  file_format: 'prompt_completion' (records with 'answer') or 'messages' (`as_messages`).
+  file_format: 'prompt_completion' (records with 'answer'), 'messages' (`as_messages`) or
+  'preference' (`preference_pairs`: {'prompt', 'chosen', 'rejected', 'answer'}).
   Returns {task: {split: path}}. Names and format are checked before anything is written.
   """
   names = check_task_names(names)
@@ -324,12 +440,13 @@ def write_tasks(out: str, names: Sequence[str], *, seed: int = 0,
     raise ConfigError(f"unknown task file format '{file_format}'."
                       f"{closest(file_format, FILE_FORMATS)} Use one of {', '.join(FILE_FORMATS)}.")
   convert = as_messages if file_format == 'messages' else dict
+  records = preference_pairs if file_format == 'preference' else make_task
   written = {}
   for name in names:
     written[name] = {}
     for split in SPLITS:
       path = files.join(out, name, f'{split}.jsonl')
-      lines = [json.dumps(convert(r), ensure_ascii=False) for r in make_task(name, split, seed)]
+      lines = [json.dumps(convert(r), ensure_ascii=False) for r in records(name, split, seed)]
       files.write_text(path, ''.join(line + '\n' for line in lines))
       written[name][split] = path
   return written
