@@ -130,3 +130,34 @@ def test_grad_accum_4_gives_the_grad_accum_1_update(loss_fn):
     out = loss_fn(p1, _batch(0), _apply(ModelConfig.from_dict(_config(1).model)))
     assert 0.0 <= float(out.metrics['high']) <= float(out.weight)
     assert set(m1[0]) == {'loss', 'weight', 'grad_norm', 'high', 'logp_per_token'}
+
+
+@pytest.mark.parametrize('chunk', [0, 4])
+def test_token_stats_equal_numpy_and_their_logprobs_token_logprobs(chunk):
+  """entropy, mean logit and top-1 against float64 numpy on the full logits; the log-probs
+  (values and gradients) equal token_logprobs', chunked or not."""
+  params = init_params(CFG, jax.random.key(1))
+  apply_fn = _apply(CFG)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(3, CFG.vocab_size, (2, 17)).astype(np.int32)
+  batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
+           'segment_ids': np.ones((2, 16), np.int32),
+           'positions': np.tile(np.arange(16, dtype=np.int32), (2, 1))}
+  stats = losses.token_stats(params, batch, apply_fn, chunk)
+  logits, _ = apply_fn(params, jnp.asarray(batch['inputs']), positions=batch['positions'],
+                       segment_ids=batch['segment_ids'])
+  logits = np.asarray(logits, np.float64)
+  logp = _log_softmax(logits)
+  np.testing.assert_allclose(stats['entropy'], -(np.exp(logp) * logp).sum(-1), rtol=1e-5)
+  np.testing.assert_allclose(stats['mean_logit'], logits.mean(-1), rtol=1e-5, atol=1e-7)
+  targets = batch['targets'].copy()
+  targets[1, :8] = logits[1, :8].argmax(-1)  # half of row 1 predicted right
+  stats = losses.token_stats(params, dict(batch, targets=targets), apply_fn, chunk)
+  np.testing.assert_array_equal(stats['is_top1'], logits.argmax(-1) == targets)
+  assert stats['is_top1'][1, :8].all()
+  want = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(stats['logprobs'], want, rtol=1e-5)
+  b = dict(batch, targets=targets)
+  g1 = jax.grad(lambda p: jnp.sum(losses.token_stats(p, b, apply_fn, chunk)['logprobs']))(params)
+  g0 = jax.grad(lambda p: jnp.sum(losses.token_logprobs(p, b, apply_fn)))(params)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), g1, g0)

@@ -118,6 +118,58 @@ def chunked_logprobs(head: Callable, hidden: jax.Array, targets: jax.Array,
   return jnp.swapaxes(lp, 0, 1).reshape(b, t)  # [n, batch, chunk] -> [batch, length]
 
 
+def logit_stats(logits: jax.Array, targets: jax.Array) -> dict:
+  """Per-position statistics of the next-token distribution, all float32.
+
+  logits [..., vocab] (any float dtype), targets [...] int -> dict of [...] arrays:
+    logprobs:   log softmax(logits)[target] (differentiable, as `target_logprobs`)
+    entropy:    -sum_v p_v log p_v
+    mean_logit: the mean of the raw logits over the vocabulary (TRL's `logits/chosen` is its
+                mean over completion tokens)
+    is_top1:    1.0 where the target is the argmax (ties: the first index, as TRL), else 0.0
+  Only logprobs carries a gradient: the others are for logging.
+  """
+  logits = logits.astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  frozen = jax.lax.stop_gradient(logits)
+  logp = frozen - jax.lax.stop_gradient(logz)[..., None]
+  return {
+      'logprobs': target_logit - logz,
+      'entropy': -jnp.sum(jnp.exp(logp) * logp, axis=-1),
+      'mean_logit': jnp.mean(frozen, axis=-1),
+      'is_top1': (jnp.argmax(frozen, axis=-1) == targets).astype(jnp.float32),
+  }
+
+
+def token_stats(params, batch, apply_fn, loss_chunk: int = 0) -> dict:
+  """`logit_stats` of every position of the batch: dict of [batch, length] float32 arrays.
+
+  The log-probs equal `token_logprobs`' (values and gradients). loss_chunk as there: > 0 applies
+  the head to loss_chunk positions at a time under `jax.checkpoint`, so neither the float32
+  logits of the whole row nor a copy for the statistics ever exists.
+  """
+  kw = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
+  if not loss_chunk:
+    logits, _ = apply_fn(params, batch['inputs'], **kw)
+    return logit_stats(logits, batch['targets'])
+  hidden, _ = apply_fn(params, batch['inputs'], return_hidden=True, **kw)
+  head = lambda x: apply_fn(params, x, method=Transformer.logits)
+  b, t, _ = hidden.shape
+  if t % loss_chunk:
+    raise ValueError(f"train.loss_chunk={loss_chunk} must divide the sequence length {t}.")
+  n = t // loss_chunk
+  split = lambda x: jnp.swapaxes(x.reshape(b, n, loss_chunk, *x.shape[2:]), 0, 1)
+
+  @jax.checkpoint
+  def one(h, y):
+    return logit_stats(head(h), y)  # each [batch, chunk]
+
+  _, out = jax.lax.scan(lambda c, xs: (c, one(*xs)), None,
+                        (split(hidden), split(batch['targets'])))
+  return {k: jnp.swapaxes(v, 0, 1).reshape(b, t) for k, v in out.items()}
+
+
 def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
   """Per-segment sums of a packed row: values [batch, length], segment_ids [batch, length]
   (1..num_segments; 0 = padding, dropped) -> [batch, num_segments], column s-1 for segment s."""
