@@ -227,6 +227,16 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     else:  # the checkpoint's architecture; the experiment says only how to run it
       model = hf.config_from_hf(hf.read_hf_config(init.hf_dir), f"{init.hf_dir}/config.json",
                                 **{f: getattr(model, f) for f in RUNTIME_FIELDS})
+  from llmjax.train import objectives  # the loss fits the data and the model
+  objectives.check(config, model)
+  dpo = config.get('dpo', {})
+  if dpo.get('ref_hf_dir'):
+    from llmjax.interop import hf  # the reference runs the policy's program: same architecture
+    hf.check_matches(dpo.ref_hf_dir, model, key='dpo.ref_hf_dir')
+  if dpo.get('ref_params_dir'):
+    from llmjax.train import checkpoint, state
+    state.check_params_dir(dpo.ref_params_dir, model)
+    checkpoint.latest_step(dpo.ref_params_dir)
   if init.get('params_dir'):
     from llmjax.train import checkpoint, state  # model_config.json and the step list only
     if not files.exists(files.join(init.params_dir, 'model_config.json')):
@@ -314,6 +324,10 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # >0: the loss applies the LM head to this many positions at a time (must divide
   # data.seq_len), so the [batch, seq_len, vocab] float32 logits never exist at once; 0: whole.
   c.train.loss_chunk = 0
+  # What the run optimises (llmjax.train.objectives): 'lm' = next-token loss (pretraining, SFT);
+  # 'dpo' = the DPO family (dpo.*) on data.format='preference' (KTO: 'unpaired_preference');
+  # 'reward' = a Bradley-Terry reward model (model.head='score') on 'preference' pairs.
+  c.train.objective = 'lm'
   c.train.seed = 0  # initialisation and data order
   c.train.lr = 3e-4
   c.train.warmup_steps = 100
@@ -363,6 +377,25 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.eval.chat = False  # generate files: prompts as user turns of the run's chat template
   c.eval.batch_size = 32  # sequences per forward pass or generate call
   c.eval.max_examples = 0  # >0: only the first N records of each task (a quicker, noisier eval)
+
+  # train.objective='dpo' (llmjax/train/dpo.py, formulas and defaults as TRL 1.16).
+  c.dpo = ml_collections.ConfigDict()
+  # sigmoid (DPO), hinge, ipo, robust, sigmoid_norm (Tulu 3), simpo and orpo (reference-free),
+  # kto (unpaired data)
+  c.dpo.loss = 'sigmoid'
+  c.dpo.beta = 0.1  # the KL penalty's strength; rewards are beta x log-ratio
+  c.dpo.label_smoothing = 0.0  # robust / simpo: the probability that a preference is flipped
+  c.dpo.simpo_gamma = 0.5  # simpo: the target reward margin
+  c.dpo.desirable_weight = 1.0  # kto: weights of desirable / undesirable examples' losses
+  c.dpo.undesirable_weight = 1.0
+  c.dpo.sft_weight = 0.0  # > 0: adds that times the chosen completions' NLL (RPO)
+  # The reference model: another checkpoint (architecture checked), else the policy's initial
+  # weights (init.hf_dir / init.params_dir; a LoRA policy's own base, adapters off).
+  c.dpo.ref_hf_dir = ''
+  c.dpo.ref_params_dir = ''
+  # train.objective='reward' (llmjax/train/reward.py, as TRL's RewardTrainer).
+  c.reward = ml_collections.ConfigDict()
+  c.reward.center_coef = 0.0  # TRL's center_rewards_coefficient: + coef x mean((r_c + r_r)^2)
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ()  # printed with their continuations at every eval

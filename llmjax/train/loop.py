@@ -29,7 +29,8 @@ from llmjax.eval import suite
 from llmjax.infer import sampler
 from llmjax.models.config import ModelConfig
 from llmjax.models.transformer import Transformer
-from llmjax.train import checkpoint, losses, metrics as metrics_lib
+from llmjax.models import lora
+from llmjax.train import checkpoint, losses, metrics as metrics_lib, objectives
 from llmjax.train import state as state_lib
 from llmjax.train.optimizer import learning_rate_schedule, make_optimizer
 from llmjax.train.state import TrainState
@@ -118,21 +119,40 @@ class Trainer:
   # (given params, rng) -> TrainState: `given` (a subset of the params' leaves, already placed
   # on their shardings, donated) completed by initialising only the leaves it lacks.
   init_from: Callable
-  train_step: Callable  # jitted (state, batch) -> (state, metrics), state donated
-  eval_step: Callable  # jitted (params, batch) -> LossOutput of sums
+  train_step: Callable  # jitted (state, batch[, ref_params]) -> (state, metrics), state donated
+  eval_step: Callable  # jitted (params, batch[, ref_params]) -> LossOutput of sums
+  # How the loss gets a reference model (DPO): '' none; 'arg' its params are the steps' third
+  # argument (`state.reference_params`, sharded like the policy's); 'lora' the step derives
+  # it from the params (the base with adapters off).
+  reference: str = ''
+  # (given params, rng) -> the reference's params (`state.reference_params`): `given` completed
+  # like init_from's, adapters off for a LoRA model; params only, no optimizer state.
+  init_reference: Callable | None = None
 
 
-def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss) -> Trainer:
+def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = -1) -> Trainer:
   """Builds the model, optimizer, sharded abstract state and the jitted steps for `mesh`.
 
   Parameters and optimizer state get their shardings from the logical axis names of the
   params (optax states mirror the params tree, so their moments inherit the same names).
+  loss_fn: default the objective's (`objectives.make_loss`: train.objective, train.loss_chunk);
+    a function given here gets `loss_chunk=train.loss_chunk`.
+  pad_id: the tokenizer's pad id, for a reward model's read position (`objectives.make_loss`).
   """
   # Divisibility of heads/MLP/vocab/batch by the mesh: one-line errors before tracing.
   sharding.check_mesh_fits(config, model_cfg, dict(mesh.shape))
   model = Transformer(model_cfg)
   optimizer = make_optimizer(config.train)
-  loss_fn = functools.partial(loss_fn, loss_chunk=config.train.get('loss_chunk', 0))
+  if loss_fn is None:
+    loss_fn = objectives.make_loss(config, pad_id)
+  else:
+    loss_fn = functools.partial(loss_fn, loss_chunk=config.train.get('loss_chunk', 0))
+  reference = ''
+  if objectives.uses_reference(config):
+    # A LoRA policy's reference is its own base (adapters off) unless another checkpoint is
+    # named: no second copy of the weights.
+    own = not (config.dpo.get('ref_hf_dir') or config.dpo.get('ref_params_dir'))
+    reference = 'lora' if model_cfg.lora_rank and own else 'arg'
 
   def init_params(rng):
     return model.init(rng, jnp.zeros((1, 8), jnp.int32))['params']
@@ -157,16 +177,25 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=losses.next_token_loss)
     params = state_lib.combine(given, nn.meta.unbox(init_params(rng)))
     return TrainState.create(params, optimizer, rng, trainable)
 
+  def reference_from(given, rng):
+    params = state_lib.combine(given, nn.meta.unbox(init_params(rng)))
+    return lora.disable(params) if model_cfg.lora_rank else params
+
   init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_shardings)
   init_from = jax.jit(complete, out_shardings=state_shardings, donate_argnums=0)
+  init_reference = jax.jit(reference_from, out_shardings=state_shardings.params,
+                           donate_argnums=0)
+  reference_fn = lora.disable if reference == 'lora' else None
+  ref_in = (state_shardings.params,) if reference == 'arg' else ()
   train_step = jax.jit(
-      make_train_step(apply_fn, loss_fn, optimizer, config.train.grad_accum, trainable),
-      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-      donate_argnums=0)
-  eval_step = jax.jit(make_eval_step(apply_fn, loss_fn),
-                      in_shardings=(state_shardings.params, batch_sharding))
+      make_train_step(apply_fn, loss_fn, optimizer, config.train.grad_accum, trainable,
+                      reference_fn),
+      in_shardings=(state_shardings, batch_sharding) + ref_in,
+      out_shardings=(state_shardings, None), donate_argnums=0)
+  eval_step = jax.jit(make_eval_step(apply_fn, loss_fn, reference_fn),
+                      in_shardings=(state_shardings.params, batch_sharding) + ref_in)
   return Trainer(model, optimizer, abstract, state_shardings, batch_sharding, trainable, init,
-                 init_from, train_step, eval_step)
+                 init_from, train_step, eval_step, reference, init_reference)
 
 
 # ------------------------------------------------------------------------------------- stages
@@ -237,20 +266,29 @@ def initial_state(trainer: Trainer, config, model_cfg: ModelConfig, manager,
   return state_lib.build_state(trainer, config, model_cfg), False
 
 
-def evaluate(eval_step, params, batches, batch_sharding) -> dict:
-  """eval_loss, eval_perplexity (and eval_<metric> for the loss's own metrics), with every
-  sum added over all eval batches before one division."""
+def evaluate(eval_step, params, batches, batch_sharding, ref_params=None,
+             finish: Callable = lambda m: m, perplexity: bool = True) -> dict:
+  """eval_loss, eval_perplexity (a language model's: `perplexity`) and eval_<metric> for the
+  loss's own metrics, with every sum added over all eval batches before one division.
+
+  ref_params: the reference model's, for a loss that takes them (`Trainer.reference='arg'`).
+  finish: reduced metrics -> reported ones (`objectives.finish_metrics`).
+  """
   total = None
+  ref = () if ref_params is None else (ref_params,)
   for b in batches:
-    out = jax.device_get(eval_step(params, _global_batch(b, batch_sharding)))
+    out = jax.device_get(eval_step(params, _global_batch(b, batch_sharding), *ref))
     out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)
     total = out if total is None else jax.tree.map(np.add, total, out)
   if total is None:  # data.eval_batches=0: nothing measured
     return {'eval_loss': float('nan'), 'eval_perplexity': float('nan')}
-  reduced = {k: float(v) for k, v in losses.reduce_output(total).items() if k != 'weight'}
+  reduced = finish({k: float(v) for k, v in losses.reduce_output(total).items()
+                    if k != 'weight'})
   loss = reduced.pop('loss')
-  return {'eval_loss': loss, 'eval_perplexity': math.exp(min(loss, 50.0)),
-          **{f'eval_{k}': v for k, v in reduced.items()}}
+  out = {'eval_loss': loss}
+  if perplexity:
+    out['eval_perplexity'] = math.exp(min(loss, 50.0))
+  return {**out, **{f'eval_{k}': v for k, v in reduced.items()}}
 
 
 def print_samples(config, model_cfg, params, tokenizer, log) -> None:
@@ -293,13 +331,16 @@ def report_start(config, model_cfg, mesh, data: Input, log, start_step: int,
 
 
 def train_loop(config, model_cfg, trainer: Trainer, state: TrainState, data: Input, manager,
-               log) -> tuple[TrainState, int, dict]:
+               log, ref_params=None) -> tuple[TrainState, int, dict]:
   """Steps until train.steps (or a stop); returns (state, last step, latest metrics).
 
   Each metrics.jsonl row holds what was measured at its step: train metrics at log steps
   (tokens/s over the steps since the last log, eval and sample time excluded), eval metrics
-  at eval steps.
+  at eval steps. ref_params: the reference model's (`Trainer.reference='arg'`).
   """
+  ref = () if ref_params is None else (ref_params,)
+  finish = functools.partial(objectives.finish_metrics, config)
+  is_lm = objectives.objective(config) == 'lm'
   t = config.train
   schedule = learning_rate_schedule(t)
   tokens_per_step = t.batch_size * config.data.seq_len
@@ -312,13 +353,13 @@ def train_loop(config, model_cfg, trainer: Trainer, state: TrainState, data: Inp
     try:
       while step < t.steps:
         batch = _global_batch(next(data.train_iter), trainer.batch_sharding)
-        state, m = trainer.train_step(state, batch)
+        state, m = trainer.train_step(state, batch, *ref)
         step += 1
         window_steps += 1
         log.step()
         row = {}
         if step % t.log_every == 0 or step == t.steps:
-          m = jax.device_get(m)  # the only host sync outside eval and checkpoints
+          m = finish(jax.device_get(m))  # the only host sync outside eval and checkpoints
           tps = tokens_per_step * window_steps / max(time.time() - window_start - paused, 1e-9)
           row = {'loss': m['loss'], 'grad_norm': m['grad_norm'], 'tokens_per_s': tps,
                  'lr': float(schedule(step - 1)),  # the rate this step's update used
@@ -329,9 +370,12 @@ def train_loop(config, model_cfg, trainer: Trainer, state: TrainState, data: Inp
         if step % t.eval_every == 0 or step == t.steps:
           began = time.time()
           row.update(evaluate(trainer.eval_step, state.params, data.eval_batches(),
-                              trainer.batch_sharding))
+                              trainer.batch_sharding, ref_params, finish, perplexity=is_lm))
+          shown = (f" eval_ppl {row['eval_perplexity']:.2f}" if is_lm else
+                   ''.join(f" eval_{k} {row['eval_' + k]:.3f}" for k in
+                           ('rewards/accuracies', 'accuracy') if 'eval_' + k in row))
           log.print(f"step {step}: loss {row.get('loss', latest.get('loss', float('nan'))):.4f}"
-                    f" eval_loss {row['eval_loss']:.4f} eval_ppl {row['eval_perplexity']:.2f}")
+                    f" eval_loss {row['eval_loss']:.4f}{shown}")
           if data.eval_tasks:
             scores = suite.run_tasks(data.eval_tasks, config, model_cfg, state.params,
                                      data.tokenizer, step=step, workdir=log.workdir,
@@ -365,15 +409,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
   data = build_input(config, model_cfg, workdir)
-  trainer = make_trainer(config, model_cfg, mesh, rules)
+  trainer = make_trainer(config, model_cfg, mesh, rules,
+                         pad_id=getattr(data.tokenizer, 'pad_id', -1))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.train.max_to_keep)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state, resumed = initial_state(trainer, config, model_cfg, manager, data.train_iter)
+    ref_params = (state_lib.reference_params(trainer, config, model_cfg)
+                  if trainer.reference == 'arg' else None)
     checkpoint.write_model_config(workdir, model_cfg)
     start_step = int(state.step)
     log = metrics_lib.MetricsLogger(workdir, config.train.steps, start_step)
     report_start(config, model_cfg, mesh, data, log, start_step, resumed)
-    state, step, latest = train_loop(config, model_cfg, trainer, state, data, manager, log)
+    state, step, latest = train_loop(config, model_cfg, trainer, state, data, manager, log,
+                                     ref_params)
   manager.wait_until_finished()
   manager.close()
   log.close()

@@ -80,16 +80,42 @@ def build_state(trainer, config, model_cfg: ModelConfig) -> TrainState:
   init = config.get('init', {})
   if not init.get('params_dir') and not init.get('hf_dir'):
     return trainer.init(rng)
-  # The leaves a source supplies: everything but the adapters.
-  _, base_abstract = lora.split(trainer.abstract_state.params)
-  if init.get('params_dir'):
-    given = _params_from_workdir(init.params_dir, model_cfg, base_abstract)
-  else:
-    from llmjax.interop import hf
-    family = hf.check_matches(init.hf_dir, model_cfg)
-    shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
-    given = hf.read_params(init.hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
+  given = source_params(trainer.abstract_state.params, model_cfg,
+                        hf_dir=init.get('hf_dir', ''), params_dir=init.get('params_dir', ''))
   return trainer.init_from(given, rng)
+
+
+def source_params(abstract_params, model_cfg: ModelConfig, *, hf_dir: str = '',
+                  params_dir: str = '') -> dict:
+  """The leaves a source checkpoint supplies (everything but LoRA adapters) of an HF dir or an
+  llmjax workdir, each read straight into the sharding and dtype of `abstract_params`."""
+  _, base_abstract = lora.split(abstract_params)
+  if params_dir:
+    return _params_from_workdir(params_dir, model_cfg, base_abstract)
+  from llmjax.interop import hf
+  family = hf.check_matches(hf_dir, model_cfg)
+  shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
+  return hf.read_params(hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
+
+
+def reference_params(trainer, config, model_cfg: ModelConfig) -> dict:
+  """A DPO run's frozen reference model: params only (no optimizer state, no train state),
+  sharded like the policy's.
+
+  dpo.ref_hf_dir / dpo.ref_params_dir when set, else the policy's own initial weights (its
+  init.hf_dir / init.params_dir, read again: on a resumed run the policy has moved on; a run
+  with no source: the initialisation of train.seed). A LoRA policy's reference has its
+  adapters off (`lora.disable`), so it computes the base model.
+  """
+  init, dpo = config.get('init', {}), config.dpo
+  hf_dir = dpo.get('ref_hf_dir', '') or (init.get('hf_dir', '') if not dpo.get('ref_params_dir')
+                                         else '')
+  params_dir = dpo.get('ref_params_dir', '') or (init.get('params_dir', '') if not hf_dir else '')
+  given = {}
+  if hf_dir or params_dir:
+    given = source_params(trainer.abstract_state.params, model_cfg, hf_dir=hf_dir,
+                          params_dir=params_dir)
+  return trainer.init_reference(given, jax.random.key(config.train.seed))
 
 
 def _params_from_workdir(workdir: str, model_cfg: ModelConfig, base_abstract):

@@ -1,0 +1,94 @@
+"""What a run optimises (`train.objective`): the loss, whether it needs a reference model, and
+the config checks that go with it. Every objective runs through the one train step
+(`llmjax.train.step`); they differ only here, in the loss function and the batch.
+
+    'lm'      next-token cross-entropy: pretraining and SFT (data.format text, prompt_completion,
+              alpaca, messages)
+    'dpo'     the DPO family (`llmjax.train.dpo`, dpo.loss): data.format 'preference' (KTO:
+              'unpaired_preference'); a frozen reference model unless the loss is reference-free
+    'reward'  a Bradley-Terry reward model (`llmjax.train.reward`): model.head='score',
+              data.format 'preference'
+"""
+
+import functools
+from typing import Callable
+
+from llmjax.errors import ConfigError, closest
+from llmjax.train import losses
+
+OBJECTIVES = ('lm', 'dpo', 'reward')
+PREFERENCE_FORMATS = ('preference', 'unpaired_preference')
+
+
+def objective(config) -> str:
+  return config.train.get('objective', 'lm')
+
+
+def check(config, model_cfg) -> None:
+  """One-line ConfigErrors for an objective that does not fit the data or the model."""
+  obj = objective(config)
+  fmt = config.data.get('format', 'text')
+  if obj not in OBJECTIVES:
+    raise ConfigError(f"train.objective='{obj}' is not one of {list(OBJECTIVES)}."
+                      f"{closest(obj, OBJECTIVES)}")
+  head = getattr(model_cfg, 'head', 'lm')
+  if obj == 'lm' and fmt in PREFERENCE_FORMATS:
+    raise ConfigError(f"data.format='{fmt}' holds preference pairs, which train.objective='lm'"
+                      " cannot learn from; set train.objective='dpo' (experiments/dpo.py) or"
+                      " 'reward' (experiments/reward.py).")
+  if obj == 'dpo':
+    from llmjax.train import dpo
+    cfg = dpo.DPOConfig.from_config(config.dpo)
+    dpo.check_data_format(cfg.loss, fmt)
+    if head != 'lm':
+      raise ConfigError(f"train.objective='dpo' trains a language model, but model.head="
+                        f"'{head}'; set model.head='lm'.")
+    ref = [k for k in ('ref_hf_dir', 'ref_params_dir') if config.dpo.get(k, '')]
+    if len(ref) == 2:
+      raise ConfigError(f"dpo.ref_hf_dir='{config.dpo.ref_hf_dir}' and dpo.ref_params_dir="
+                        f"'{config.dpo.ref_params_dir}' are both set; name one reference.")
+    if ref and not cfg.uses_reference:
+      raise ConfigError(f"dpo.{ref[0]} is set but dpo.loss='{cfg.loss}' is reference-free;"
+                        f" drop dpo.{ref[0]}.")
+  if obj == 'reward':
+    if fmt != 'preference':
+      raise ConfigError(f"train.objective='reward' trains on {{prompt, chosen, rejected}} pairs:"
+                        f" set data.format='preference' (this run's is '{fmt}').")
+    if head != 'score':
+      raise ConfigError(f"train.objective='reward' needs a scalar head: set model.head='score'"
+                        f" (or start from a *ForSequenceClassification checkpoint); it is"
+                        f" '{head}'.")
+
+
+def uses_reference(config) -> bool:
+  """True when the loss reads a reference model's log-probs (DPO, KTO; not SimPO/ORPO)."""
+  if objective(config) != 'dpo':
+    return False
+  from llmjax.train import dpo
+  return dpo.DPOConfig.from_config(config.dpo).uses_reference
+
+
+def make_loss(config, pad_id: int = -1) -> Callable:
+  """loss_fn(params, batch, apply_fn[, ref_params]) -> LossOutput for the run's objective,
+  with train.loss_chunk applied. pad_id: the tokenizer's pad id (a reward is never read at it,
+  as transformers' *ForSequenceClassification)."""
+  chunk = config.train.get('loss_chunk', 0)
+  obj = objective(config)
+  pairs = config.data.get('pairs_per_row', 1)
+  if obj == 'dpo':
+    from llmjax.train import dpo
+    return dpo.make_loss_fn(dpo.DPOConfig.from_config(config.dpo), pairs, chunk)
+  if obj == 'reward':
+    from llmjax.train import reward
+    return functools.partial(reward.reward_loss, num_pairs=pairs,
+                             center_coef=config.reward.get('center_coef', 0.0), pad_id=pad_id,
+                             loss_chunk=chunk)
+  return functools.partial(losses.next_token_loss, loss_chunk=chunk)
+
+
+def finish_metrics(config, reduced: dict) -> dict:
+  """Reported metrics that are no mean of sums (KTO's rewards/margins), from reduced ones."""
+  if objective(config) == 'dpo':
+    from llmjax.train import dpo
+    return dpo.derived_metrics(dpo.DPOConfig.from_config(config.dpo), reduced)
+  return reduced
