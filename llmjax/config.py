@@ -225,8 +225,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     if config.model.get('preset'):  # the experiment pins an architecture: it must be this one
       hf.check_matches(init.hf_dir, model)
     else:  # the checkpoint's architecture; the experiment says only how to run it
-      model = hf.config_from_hf(hf.read_hf_config(init.hf_dir), f"{init.hf_dir}/config.json",
-                                **{f: getattr(model, f) for f in RUNTIME_FIELDS})
+      theirs = hf.config_from_hf(hf.read_hf_config(init.hf_dir), f"{init.hf_dir}/config.json",
+                                 **{f: getattr(model, f) for f in RUNTIME_FIELDS})
+      # ... and its head: a reward experiment (model.head='score') may start from an LM.
+      hf.check_matches(init.hf_dir, dataclasses.replace(theirs, head=model.head))
+      model = dataclasses.replace(theirs, head=model.head)
   if init.get('params_dir'):
     from llmjax.train import checkpoint, state  # model_config.json and the step list only
     if not files.exists(files.join(init.params_dir, 'model_config.json')):
