@@ -18,3 +18,4 @@ VOCAB = 'vocab'
 LAYERS = 'layers'        # the stacked axis of scanned layers
 LORA = 'lora'            # the rank of LoRA adapters: small, so no rule maps it (replicated)
 POSITIONS = 'positions'  # learned absolute position table (GPT-2)
+SCORE = 'score'          # the reward head's one output (model.head='score'): no rule maps it

@@ -225,8 +225,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     if config.model.get('preset'):  # the experiment pins an architecture: it must be this one
       hf.check_matches(init.hf_dir, model)
     else:  # the checkpoint's architecture; the experiment says only how to run it
-      model = hf.config_from_hf(hf.read_hf_config(init.hf_dir), f"{init.hf_dir}/config.json",
-                                **{f: getattr(model, f) for f in RUNTIME_FIELDS})
+      theirs = hf.config_from_hf(hf.read_hf_config(init.hf_dir), f"{init.hf_dir}/config.json",
+                                 **{f: getattr(model, f) for f in RUNTIME_FIELDS})
+      # ... and its head: a reward experiment (model.head='score') may start from an LM.
+      hf.check_matches(init.hf_dir, dataclasses.replace(theirs, head=model.head))
+      model = dataclasses.replace(theirs, head=model.head)
   from llmjax.train import objectives  # the loss fits the data and the model
   objectives.check(config, model)
   dpo = config.get('dpo', {})

@@ -15,6 +15,12 @@ Tasks and their records (other fields are ignored):
   perplexity       a text file (one document) or a .jsonl file of {"text"} records: metrics
                    perplexity (per token) and bits_per_byte (per UTF-8 byte). Each document is
                    scored as [BOS] + text, in rolling windows of the model's context.
+  reward           {"prompt", "chosen", "rejected"} with a reward model (model.head='score',
+                   e.g. a LlamaForSequenceClassification): each of prompt + chosen and prompt +
+                   rejected tokenized as TRL's RewardTrainer does (EOS appended) and scored at
+                   its last token that is not the pad token (as transformers reads it); metrics
+                   accuracy (r_chosen > r_rejected), margin (mean r_chosen - r_rejected),
+                   mean_reward; the records hold each pair's two rewards.
 --json prints one JSON object: the metrics and `records`, one per example.
 """
 
@@ -24,14 +30,14 @@ import sys
 from llmjax import cli
 from llmjax.errors import UserError, closest
 
-TASK_NAMES = ('generate', 'multiple_choice', 'perplexity')
+TASK_NAMES = ('generate', 'multiple_choice', 'perplexity', 'reward')
 
 FLAGS = (
     cli.Flag('workdir', '', 'an llmjax run to evaluate (local or gs://): its latest checkpoint,'
              ' LoRA adapters merged, and its tokenizer', metavar='DIR'),
     cli.Flag('hf', '', 'or a Hugging Face checkpoint dir (config.json + safetensors + tokenizer)',
              metavar='HF_DIR'),
-    cli.Flag('task', '', 'generate, multiple_choice or perplexity', metavar='TASK'),
+    cli.Flag('task', '', 'generate, multiple_choice, perplexity or reward', metavar='TASK'),
     cli.Flag('data', '', 'the records: a JSONL file (perplexity: also a text file)',
              metavar='FILE'),
     cli.Flag('max_new_tokens', 32, 'generate: tokens to generate per prompt at most'),
@@ -74,7 +80,8 @@ def read_data(flags) -> list:
   from llmjax.eval import records
   reader = {'generate': records.generate_records,
             'multiple_choice': records.multiple_choice_records,
-            'perplexity': records.perplexity_texts}[flags['task']]
+            'perplexity': records.perplexity_texts,
+            'reward': records.reward_records}[flags['task']]
   return reader(flags['data'])
 
 
@@ -111,7 +118,41 @@ def evaluate(flags, cfg, params, tokenizer, data, template=None) -> tuple[dict, 
   if task == 'multiple_choice':
     return harness.multiple_choice(cfg, params, tokenizer, data, batch_size=bs,
                                    progress=_progress)
+  if task == 'reward':
+    return harness.reward_task(cfg, params, tokenizer, data, pad_id=reward_pad_id(flags, tokenizer),
+                               batch_size=bs, progress=_progress)
   return harness.perplexity(cfg, params, tokenizer, data, batch_size=bs, progress=_progress)
+
+
+def reward_pad_id(flags, tokenizer) -> int:
+  """The token where no reward is read: an HF checkpoint's config.json pad_token_id (what
+  transformers uses; none: -1, the last token), else the run tokenizer's pad id (its pad
+  token, else EOS: TRL's rule, which `llmjax.convert --to=hf` writes as pad_token_id)."""
+  if flags['hf']:
+    from llmjax.interop import hf
+    pad = hf.read_hf_config(flags['hf']).get('pad_token_id')
+    return -1 if pad is None else int(pad)
+  return int(getattr(tokenizer, 'pad_id', -1))
+
+
+def _model_config(flags):
+  if flags['hf']:
+    from llmjax.interop import hf
+    return hf.config_from_hf(hf.read_hf_config(flags['hf']), f"{flags['hf']}/config.json")
+  from llmjax.train import checkpoint
+  return checkpoint.read_model_config(flags['workdir'])
+
+
+def check_head(flags, cfg) -> None:
+  """A reward model scores only --task=reward, and --task=reward needs one: one line each."""
+  source = flags['hf'] or flags['workdir']
+  if flags['task'] == 'reward' and cfg.head != 'score':
+    raise UserError(f"--task=reward needs a reward model but {source} is a language model"
+                    " (model.head='lm'); pass a *ForSequenceClassification checkpoint or a"
+                    " workdir trained with model.head='score'.")
+  if flags['task'] != 'reward' and cfg.head == 'score':
+    raise UserError(f"{source} is a reward model (model.head='score'): it has no LM head for"
+                    f" --task={flags['task']}; use --task=reward.")
 
 
 def main(argv: list[str]) -> int:
@@ -125,6 +166,7 @@ def _main(argv: list[str]) -> int:
   template = None
   if flags['chat']:  # and a missing or unusable chat template (it needs only the tokenizer)
     template = chat_template(flags, load_tokenizer(flags))
+  check_head(flags, _model_config(flags))  # from config.json only, before the params load
   cfg, params, tokenizer = load(flags)
   if tokenizer is None:
     raise UserError(f"{flags['hf'] or flags['workdir']} has no tokenizer (tokenizer.json or"

@@ -1,5 +1,6 @@
 """The evaluation tasks over a model: generate (exact match), multiple choice (log-likelihood,
-acc, acc_norm) and perplexity (per token, bits per byte).
+acc, acc_norm), perplexity (per token, bits per byte) and, for a reward model (model.head=
+'score'), reward (preference accuracy, mean margin).
 
 Each task is `task(cfg, params, tokenizer, records, ...) -> (metrics, per_record)`, the same
 call from `python -m llmjax.eval` and from the train loop; `per_record` holds everything needed
@@ -195,3 +196,83 @@ def generate_task(cfg: ModelConfig, params, tokenizer, records: Sequence[dict], 
   out = [{'prompt': r['prompt'], 'target': r['target'], 'generated': g,
           'correct': scoring.exact_match(g, r['target'])} for r, g in zip(records, generated)]
   return {'exact_match': sum(r['correct'] for r in out) / max(len(out), 1)}, out
+
+
+# ------------------------------------------------------------------------------ reward
+
+
+def trl_sequence_ids(tokenizer, prompt: str, completion: str) -> list[int]:
+  """prompt + completion as TRL's RewardTrainer tokenizes plain text: the EOS token's text
+  appended unless the completion ends with it, then the whole string encoded with the
+  tokenizer's special tokens (a BOS where its post-processor adds one). A sentencepiece
+  tokenizer (no post-processor): [BOS] + encode(text) + [EOS]."""
+  eos = tokenizer.eos_id
+  if hasattr(tokenizer, 'tok'):  # an HF tokenizer.json: exactly TRL's call
+    eos_text = tokenizer.special_text(eos) if eos >= 0 else ''
+    if eos_text and not completion.endswith(eos_text):
+      completion = completion + eos_text
+    return tokenizer.tok.encode(prompt + completion, add_special_tokens=True).ids
+  bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+  return bos + tokenizer.encode(prompt + completion) + ([eos] if eos >= 0 else [])
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'pad_id'))
+def _rewards(params, inputs, segment_ids, positions, *, cfg: ModelConfig, pad_id: int):
+  from llmjax.train import reward
+  apply_fn = lambda p, x, **kw: Transformer(cfg).apply({'params': p}, x, **kw)
+  batch = {'inputs': inputs, 'segment_ids': segment_ids, 'positions': positions}
+  return reward.sequence_rewards(params, batch, apply_fn, 1, pad_id)[0][:, 0]  # [batch]
+
+
+def sequence_rewards(cfg: ModelConfig, params, sequences: Sequence[Sequence[int]], *,
+                     pad_id: int = -1, batch_size: int = 32, progress=None) -> list[float]:
+  """The reward of each token sequence (one right-padded row each), read as in
+  `llmjax.train.reward.reward_positions`."""
+  order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+  out = [0.0] * len(sequences)
+  n_batches = -(-len(sequences) // batch_size)
+  for b in range(n_batches):
+    idx = order[b * batch_size:(b + 1) * batch_size]
+    t = _bucket(max(len(sequences[i]) for i in idx), cfg.max_seq_len)
+    inputs = np.zeros((batch_size, t), np.int32)
+    segment_ids = np.zeros((batch_size, t), np.int32)
+    positions = np.zeros((batch_size, t), np.int32)
+    for r, i in enumerate(idx):
+      x = sequences[i]
+      inputs[r, :len(x)], segment_ids[r, :len(x)], positions[r, :len(x)] = x, 1, np.arange(len(x))
+    got = np.asarray(_rewards(params, inputs, segment_ids, positions, cfg=cfg, pad_id=pad_id))
+    for r, i in enumerate(idx):
+      out[i] = float(got[r])
+    if progress:
+      progress(b + 1, n_batches)
+  return out
+
+
+def reward_task(cfg: ModelConfig, params, tokenizer, records: Sequence[dict], *,
+                pad_id: int = -1, batch_size: int = 32, progress=None) -> tuple[dict, list[dict]]:
+  """records {'prompt', 'chosen', 'rejected'} -> ({'accuracy', 'margin', 'mean_reward'}, per
+  record {..., 'reward_chosen', 'reward_rejected', 'correct'}): the reward model's preference
+  accuracy (r_chosen > r_rejected) and mean margin r_chosen - r_rejected, as TRL's
+  RewardTrainer names them. Sequences are tokenized by `trl_sequence_ids`."""
+  if cfg.head != 'score':
+    raise DataError("--task=reward needs a reward model (model.head='score', e.g. a"
+                    " *ForSequenceClassification checkpoint); this model has an LM head.")
+  seqs = []
+  for k, rec in enumerate(records):
+    for side in ('chosen', 'rejected'):
+      ids = trl_sequence_ids(tokenizer, rec['prompt'], rec[side])
+      if len(ids) > cfg.max_seq_len:
+        raise DataError(f"record {k}: prompt + {side} is {len(ids)} tokens, more than the model"
+                        f" context {cfg.max_seq_len}; it cannot be scored.")
+      seqs.append(ids)
+  rewards = sequence_rewards(cfg, params, seqs, pad_id=pad_id, batch_size=batch_size,
+                             progress=progress)
+  out = []
+  for k, rec in enumerate(records):
+    c, r = rewards[2 * k], rewards[2 * k + 1]
+    out.append({**rec, 'reward_chosen': c, 'reward_rejected': r, 'correct': c > r})
+  n = max(len(out), 1)
+  metrics = {'accuracy': sum(r['correct'] for r in out) / n,
+             'margin': sum(r['reward_chosen'] - r['reward_rejected'] for r in out) / n,
+             'mean_reward': sum(rewards) / max(len(rewards), 1)}
+  return metrics, out

@@ -82,3 +82,13 @@ def perplexity_texts(path: str) -> list[str]:
   if not text.strip():
     raise DataError(f"--data={path} is empty.")
   return [text]
+
+
+def reward_records(path: str) -> list[dict]:
+  """{'prompt', 'chosen', 'rejected'} strings per line (TRL's standard preference format with
+  an explicit prompt); the optional 'margin' is ignored (it shapes training, not scores)."""
+  out = []
+  for n, rec in read_jsonl(path):
+    fields = {k: _field(path, n, rec, k, str, 'a string') for k in ('prompt', 'chosen', 'rejected')}
+    out.append(fields)
+  return out

@@ -27,6 +27,7 @@ class Family:
   block_tensors: Callable[[ModelConfig], dict[Path, Layout]]  # per layer, '{i}' in names
   ignored: str = r'$^'  # stored tensors that are not parameters (buffers), a regex
   rename: Callable[[str], str] = lambda name: name  # stored name -> canonical name
+  head: str = 'lm'  # ModelConfig.head of the class: 'score' for *ForSequenceClassification
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -268,7 +269,9 @@ def _llama_top(cfg: ModelConfig) -> dict[Path, Layout]:
   v, d = cfg.vocab_size, cfg.embed_dim
   out = {('embed', 'embedding'): table('model.embed_tokens.weight', v, d),
          ('final_norm', 'scale'): vector('model.norm.weight', (d,))}
-  if not cfg.tie_embeddings:
+  if cfg.head == 'score':  # *ForSequenceClassification: score = Linear(hidden, 1, bias=False)
+    out[('score', 'kernel')] = table('score.weight', 1, d, transpose=True)
+  elif not cfg.tie_embeddings:
     out[('head', 'kernel')] = table('lm_head.weight', v, d, transpose=True)
   return out
 
@@ -306,7 +309,7 @@ def _gpt2_top(cfg: ModelConfig) -> dict[Path, Layout]:
          ('pos_embedding',): table('transformer.wpe.weight', cfg.max_seq_len, d),
          ('final_norm', 'scale'): vector('transformer.ln_f.weight', (d,)),
          ('final_norm', 'bias'): vector('transformer.ln_f.bias', (d,))}
-  if not cfg.tie_embeddings:
+  if not cfg.tie_embeddings and cfg.head == 'lm':
     out[('head', 'kernel')] = table('lm_head.weight', v, d, transpose=True)
   return out
 
@@ -340,6 +343,35 @@ def _gpt2_rename(name: str) -> str:
   return name if name.startswith(('transformer.', 'lm_head.')) else 'transformer.' + name
 
 
+def _num_labels(hf: dict) -> int:
+  """num_labels as transformers' PretrainedConfig derives it: len(id2label), else the
+  num_labels field, else its default 2."""
+  if hf.get('id2label'):
+    return len(hf['id2label'])
+  return int(hf.get('num_labels') or 2)
+
+
+def _score_from_hf(lm_from_hf: Callable, arch: str) -> Callable[[dict, str], dict]:
+  """config.json of `arch` (a *ForSequenceClassification) -> fields: the LM family's plus
+  head='score'; only num_labels=1 (one reward per sequence) is a reward model."""
+  def to_model(hf, path):
+    n = _num_labels(hf)
+    if n != 1:
+      raise ConfigError(f"{path}: {arch} with num_labels={n} is a classifier; llmjax loads"
+                        " reward models only (num_labels=1, one score per sequence).")
+    return dict(lm_from_hf(hf, path), head='score')
+  return to_model
+
+
+def _score_to_hf(lm_to_hf: Callable, arch: str) -> Callable[[ModelConfig], dict]:
+  def to_hf(cfg):
+    out = dict(lm_to_hf(cfg), architectures=[arch])
+    # What PretrainedConfig writes for num_labels=1 (it keeps no num_labels field).
+    out.update(id2label={'0': 'LABEL_0'}, label2id={'LABEL_0': 0})
+    return out
+  return to_hf
+
+
 ARCHITECTURES: dict[str, Family] = {
     'LlamaForCausalLM': Family('LlamaForCausalLM', 'llama', _llama_from_hf, _llama_to_hf,
                                _llama_top, _llama_block, ignored=r'\.rotary_emb\.inv_freq$'),
@@ -353,6 +385,18 @@ ARCHITECTURES: dict[str, Family] = {
                               _gpt2_block, ignored=r'\.attn\.(masked_)?bias$',
                               rename=_gpt2_rename),
 }
+# Reward models: the same trunk tensors, `score.weight` [1, hidden] instead of lm_head.weight.
+for _lm, _score in (('LlamaForCausalLM', 'LlamaForSequenceClassification'),
+                    ('Qwen2ForCausalLM', 'Qwen2ForSequenceClassification'),
+                    ('MistralForCausalLM', 'MistralForSequenceClassification')):
+  ARCHITECTURES[_score] = dataclasses.replace(
+      ARCHITECTURES[_lm], architecture=_score, head='score',
+      to_model=_score_from_hf(ARCHITECTURES[_lm].to_model, _score),
+      to_hf=_score_to_hf(ARCHITECTURES[_lm].to_hf, _score))
+# The LM class of each reward-model class and back (for errors and `family_for`).
+SCORE_OF = {'LlamaForCausalLM': 'LlamaForSequenceClassification',
+            'Qwen2ForCausalLM': 'Qwen2ForSequenceClassification',
+            'MistralForCausalLM': 'MistralForSequenceClassification'}
 
 
 def family_of(hf: dict, path: str) -> Family:
@@ -366,16 +410,27 @@ def family_of(hf: dict, path: str) -> Family:
 
 
 def family_for(cfg: ModelConfig) -> Family:
-  """The family an llmjax model exports as, from the features it uses."""
+  """The family an llmjax model exports as, from the features it uses (a score model as the
+  *ForSequenceClassification of that family)."""
   if cfg.position == 'learned':
-    return ARCHITECTURES['GPT2LMHeadModel']
-  if cfg.qkv_bias and not cfg.out_bias:
-    return ARCHITECTURES['Qwen2ForCausalLM']
-  if cfg.sliding_window:
-    return ARCHITECTURES['MistralForCausalLM']
-  return ARCHITECTURES['LlamaForCausalLM']
+    name = 'GPT2LMHeadModel'
+  elif cfg.qkv_bias and not cfg.out_bias:
+    name = 'Qwen2ForCausalLM'
+  elif cfg.sliding_window:
+    name = 'MistralForCausalLM'
+  else:
+    name = 'LlamaForCausalLM'
+  if cfg.head == 'score':
+    if name not in SCORE_OF:
+      raise ConfigError(f"a score model (model.head='score') with this model's features exports"
+                        f" as {name}, which has no reward-model class; llmjax writes"
+                        f" {', '.join(SCORE_OF.values())}.")
+    name = SCORE_OF[name]
+  return ARCHITECTURES[name]
 
 
 def is_ignored(family: Family, name: str, cfg: ModelConfig) -> bool:
-  """Stored tensors that are not parameters: buffers, and a tied model's copy of the head."""
-  return bool(re.search(family.ignored, name)) or (cfg.tie_embeddings and name == 'lm_head.weight')
+  """Stored tensors that are not parameters: buffers, and a tied model's copy of the head (or
+  an LM's head when a score model starts from it)."""
+  lm_head_unused = cfg.tie_embeddings or cfg.head == 'score'
+  return bool(re.search(family.ignored, name)) or (lm_head_unused and name == 'lm_head.weight')

@@ -10,6 +10,7 @@ reads only what its devices hold and never the whole model; stacked (scanned) la
 the layers of the block.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -76,14 +77,35 @@ def check_matches(hf_dir: str, cfg: ModelConfig, key: str = 'init.hf_dir') -> Fa
   path = os.path.join(hf_dir, 'config.json')
   family = families.family_of(hf, path)
   theirs = config_from_hf(hf, path, **{f: getattr(cfg, f) for f in RUNTIME_FIELDS})
+  if family.head == 'score' and cfg.head != 'score':
+    raise ConfigError(f"{key}: {path} is a reward model ({family.architecture}, a score head)"
+                      f" but model.head='{cfg.head}'; set model.head='score', or start from the"
+                      " language model (a *ForCausalLM checkpoint).")
+  if new_score_head(family, cfg):  # a reward model on an LM's trunk: the head is new
+    theirs = dataclasses.replace(theirs, head='score')
   check_architecture(theirs, cfg, key=key, source_name=path,
                      fix="Use the preset of that checkpoint or set those keys.")
   return family
 
 
+def new_score_head(family: Family, cfg: ModelConfig) -> bool:
+  """True when `cfg` is a score model read from an LM checkpoint of `family`: every param but
+  the score head comes from the checkpoint (its lm_head is not read), and the head is
+  initialised by the caller (`llmjax.train.state.build_state`)."""
+  return cfg.head == 'score' and family.head == 'lm'
+
+
+def _top_tensors(family: Family, cfg: ModelConfig) -> dict:
+  """The family's top-level tensors for `cfg`, less a score head the checkpoint cannot hold."""
+  top = dict(family.top_tensors(cfg))
+  if new_score_head(family, cfg):
+    top.pop(('score', 'kernel'), None)
+  return top
+
+
 def _expected(family: Family, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> shape for every tensor the model needs."""
-  out = {l.hf_name: l.hf_shape for l in family.top_tensors(cfg).values()}
+  out = {l.hf_name: l.hf_shape for l in _top_tensors(family, cfg).values()}
   for layout in family.block_tensors(cfg).values():
     out.update({layout.name(i): layout.hf_shape for i in range(cfg.num_layers)})
   return out
@@ -155,9 +177,13 @@ def read_params(hf_dir: str, cfg: ModelConfig, family: Family, *, shardings=None
   """The params pytree of `cfg` read from `hf_dir`'s safetensors.
 
   shardings: None (default device) or a pytree of `jax.sharding.Sharding`s like the params.
+  A score model (cfg.head='score') from an LM checkpoint gets every param but
+  params['score'] (`new_score_head`), which the caller initialises.
   """
   abstract = _abstract_params(cfg)
-  entries = [((), path, layout, None) for path, layout in family.top_tensors(cfg).items()]
+  if new_score_head(family, cfg):
+    abstract = {k: v for k, v in abstract.items() if k != 'score'}
+  entries = [((), path, layout, None) for path, layout in _top_tensors(family, cfg).items()]
   blocks = family.block_tensors(cfg).items()
   if cfg.scan_layers:
     entries += [(('layers',), path, layout, None) for path, layout in blocks]
@@ -227,6 +253,12 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None,
   hf['torch_dtype'] = cfg.param_dtype
   for kind in ('bos', 'eos', 'pad'):
     hf[f'{kind}_token_id'] = (special or {}).get(kind)
+  if family.head == 'score' and hf['pad_token_id'] is None:
+    # *ForSequenceClassification reads the score at the last token that is not pad_token_id
+    # and refuses batches without one; TRL's RewardTrainer pads with EOS when the tokenizer
+    # has no pad token, and so does llmjax (`llmjax.train.reward.reward_positions`).
+    eos = hf['eos_token_id']
+    hf['pad_token_id'] = eos[0] if isinstance(eos, list) else eos
   return hf
 
 
@@ -236,7 +268,12 @@ def _family(cfg: ModelConfig, architecture: str | None) -> Family:
   if architecture not in ARCHITECTURES:
     raise ConfigError(f"architecture '{architecture}' is not supported.{closest(architecture, ARCHITECTURES)}"
                       f" Supported: {', '.join(ARCHITECTURES)}.")
-  return ARCHITECTURES[architecture]
+  family = ARCHITECTURES[architecture]
+  if family.head != cfg.head:
+    want = families.family_for(cfg).architecture
+    raise ConfigError(f"--architecture={architecture} has a {family.head!r} head but the model"
+                      f" has model.head='{cfg.head}'; export it as {want}.")
+  return family
 
 
 def _hf_tensors(family: Family, cfg: ModelConfig, params):

@@ -2,4 +2,4 @@
 can import them without importing `llmjax.models`); layers use them as `axes.EMBED`."""
 
 from llmjax.axes import (BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, KV_LENGTH, LAYERS, LENGTH,  # noqa: F401
-                         LORA, MLP, POSITIONS, VOCAB)
+                         LORA, MLP, POSITIONS, SCORE, VOCAB)

@@ -60,6 +60,10 @@ POSITIONS = ('rope', 'learned')
 ROPE_SCALINGS = ('', 'linear', 'dynamic', 'llama3')
 REMAT_POLICIES = _Names(_remat_policies)  # llmjax.models.transformer.REMAT_POLICIES
 DTYPES = ('float32', 'bfloat16', 'float16')
+# What the last layer computes: 'lm' the next-token logits [B, T, vocab]; 'score' one scalar
+# per position [B, T] (a reward model, transformers' *ForSequenceClassification with
+# num_labels=1), read at each sequence's last token by `llmjax.train.reward`.
+HEADS = ('lm', 'score')
 # Projections that can carry LoRA adapters, by their module names (`DenseGeneral` name=...).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'head')
 
@@ -97,6 +101,10 @@ class ModelConfig:
   remat: str = 'none'  # see `llmjax.models.transformer.REMAT_POLICIES`.
   scan_layers: bool = True  # one compiled block for all layers: compile time independent of depth.
   init_std: float = 0.02
+  # 'lm': the LM head (logits); 'score': a [embed, 1] projection without bias instead, the
+  # reward model's scalar head (HF's `score` Linear). An architecture field: an LM checkpoint
+  # can initialise a score model (the head is the one new leaf), not the other way round.
+  head: str = 'lm'
   # LoRA (Hu et al. 2021): rank > 0 adds adapters A [in, rank] (random) and B [rank, out]
   # (zeros) to each projection named in lora_targets, scaled by lora_alpha / lora_rank, and
   # training updates only them (`llmjax.models.lora`). The adapters stay float32 whatever
@@ -144,7 +152,7 @@ class ModelConfig:
           f" pick a divisor of {self.num_heads}.")
     for key, allowed in (('norm', NORMS), ('mlp', MLPS), ('position', POSITIONS),
                          ('rope_scaling', ROPE_SCALINGS), ('remat', REMAT_POLICIES),
-                         ('dtype', DTYPES), ('param_dtype', DTYPES)):
+                         ('dtype', DTYPES), ('param_dtype', DTYPES), ('head', HEADS)):
       value = getattr(self, key)
       if value not in allowed:
         raise ConfigError(f"model.{key}='{value}' is not one of {list(allowed)}."
@@ -164,6 +172,10 @@ class ModelConfig:
       raise ConfigError("model.lora_targets names 'head' but model.tie_embeddings=True: a tied"
                         " model has no separate LM head to adapt; drop 'head' from"
                         " model.lora_targets.")
+    if self.lora_rank and 'head' in self.lora_targets and self.head == 'score':
+      raise ConfigError("model.lora_targets names 'head' but model.head='score': a score model"
+                        " has no LM head (its `score` head is trained in full with LoRA); drop"
+                        " 'head' from model.lora_targets.")
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: none).")
 
@@ -177,7 +189,8 @@ class ModelConfig:
     sizes = {'q': (d, h * hd), 'k': (d, kv * hd), 'v': (d, kv * hd), 'o': (h * hd, d),
              'gate': (d, f) if self.mlp == 'swiglu' else None, 'up': (d, f), 'down': (f, d)}
     per_layer = sum(sum(sizes[t]) for t in self.lora_targets if sizes.get(t))
-    head = (d + v) if 'head' in self.lora_targets and not self.tie_embeddings else 0
+    head = (d + v) if ('head' in self.lora_targets and not self.tie_embeddings
+                       and self.head == 'lm') else 0
     return self.lora_rank * (self.num_layers * per_layer + head)
 
   @property
@@ -191,7 +204,10 @@ class ModelConfig:
     mlp = (3 if self.mlp == 'swiglu' else 2) * d * f + (f + d) * self.mlp_bias
     block = attn + mlp + 2 * norm
     total = self.num_layers * block + v * d + norm
-    total += 0 if self.tie_embeddings else d * v
+    if self.head == 'score':
+      total += d  # the [embed, 1] score head; no LM head
+    else:
+      total += 0 if self.tie_embeddings else d * v
     total += self.max_seq_len * d if self.position == 'learned' else 0
     return total
 
@@ -202,7 +218,9 @@ class ModelConfig:
     N excludes the input embedding (a gather, not a matmul); attention is counted over the
     full (non-causal) T x T score matrix, as in the PaLM MFU formula.
     """
-    n_matmul = self.num_params - self.vocab_size * self.embed_dim * (not self.tie_embeddings)
+    # The input embedding is a gather unless it is also the (tied) LM head.
+    embed_is_head = self.tie_embeddings and self.head == 'lm'
+    n_matmul = self.num_params - self.vocab_size * self.embed_dim * (not embed_is_head)
     if self.position == 'learned':
       n_matmul -= self.max_seq_len * self.embed_dim
     attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len

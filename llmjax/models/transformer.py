@@ -2,7 +2,8 @@
 
     x = embed(tokens) (+ learned positions)
     for each layer:  x = x + attn(norm(x));  x = x + mlp(norm(x))
-    logits = head(norm(x))
+    logits = head(norm(x))            (model.head='lm')
+    scores = score(norm(x))[..., 0]   (model.head='score': a reward model, one scalar per position)
 
 Layers are stacked with `nn.scan` (one compiled block whatever the depth) and rematerialised
 by a named policy. The KV cache is an explicit value passed in and returned.
@@ -63,6 +64,8 @@ class Transformer(nn.Module):
 
   __call__(tokens [B, T], positions [B, T] | None, segment_ids [B, T] | None, cache | None)
     -> (logits [B, T, vocab] float32, cache | None)
+  With cfg.head='score' the output is scores [B, T] float32 instead of logits: the scalar head
+  at every position (a reward model reads it at each sequence's last token).
 
   positions default to 0..T-1 (plus the cache lengths when decoding); segment_ids mark packed
   documents (0 = padding), and tokens only attend within their own document.
@@ -88,7 +91,10 @@ class Transformer(nn.Module):
     else:
       self.blocks = [block(cfg, name=f'layer_{i}') for i in range(cfg.num_layers)]
     self.final_norm = NORMS[cfg.norm](cfg)
-    if not cfg.tie_embeddings:
+    if cfg.head == 'score':
+      # transformers' `score` nn.Linear(hidden, num_labels=1, bias=False).
+      self.score = DenseGeneral(1, (axes.EMBED, axes.SCORE), cfg, out_dtype=jnp.float32)
+    elif not cfg.tie_embeddings:
       self.head = DenseGeneral(cfg.vocab_size, (axes.EMBED, axes.VOCAB), cfg, out_dtype=jnp.float32)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
@@ -129,7 +135,14 @@ class Transformer(nn.Module):
       cache = Cache(kv[0], kv[1], cache.lengths + t)
     if return_hidden:
       return x, cache
+    if cfg.head == 'score':
+      return self.scores(x), cache
     return self.logits(x), cache
+
+  def scores(self, x):
+    """The score head (cfg.head='score'): x [B, T, embed] -> scores [B, T] float32."""
+    scores = self.score(x)[..., 0]  # [batch, length]
+    return nn.with_logical_constraint(scores, (axes.BATCH, axes.LENGTH))
 
   def logits(self, x):
     """The LM head: final-norm output x [B, T, embed] -> logits [B, T, vocab] float32."""

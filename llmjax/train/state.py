@@ -4,8 +4,11 @@ besides the data iterator; and which of its params are trained.
 Trainable and frozen parameters are one mechanism: a pytree of bools shaped like the params
 (`trainable_mask`) splits them (`split`) into the leaves the step differentiates and updates
 (and keeps optimizer state for) and the constants it only reads; `combine` puts them back.
-LoRA trains its adapters only; later objectives add value or reward heads to the mask.
+LoRA trains its adapters only, plus a reward model's score head (a fresh head cannot be a
+frozen constant; TRL's advice for LoRA reward models is the same: modules_to_save=["score"]).
 """
+
+import dataclasses
 
 import flax.struct
 import jax
@@ -35,11 +38,12 @@ class TrainState:
 
 def trainable_mask(cfg: ModelConfig, params):
   """Which leaves of `params` (any params-shaped pytree: arrays, structs, specs) are trained:
-  with LoRA only the adapters, otherwise all; None when all are (no split needed)."""
+  with LoRA only the adapters (and a score model's `score` head), otherwise all; None when all
+  are (no split needed)."""
   if not cfg.lora_rank:
     return None
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({p: lora.is_adapter(p) for p in flat})
+  return traverse_util.unflatten_dict({p: lora.is_adapter(p) or p[0] == 'score' for p in flat})
 
 
 def split(params, mask) -> tuple[dict, dict]:
@@ -87,8 +91,9 @@ def build_state(trainer, config, model_cfg: ModelConfig) -> TrainState:
 
 def source_params(abstract_params, model_cfg: ModelConfig, *, hf_dir: str = '',
                   params_dir: str = '') -> dict:
-  """The leaves a source checkpoint supplies (everything but LoRA adapters) of an HF dir or an
-  llmjax workdir, each read straight into the sharding and dtype of `abstract_params`."""
+  """The leaves a source checkpoint supplies (everything but LoRA adapters, and a score head
+  new on an LM source) of an HF dir or an llmjax workdir, each read straight into the sharding
+  and dtype of `abstract_params`."""
   _, base_abstract = lora.split(abstract_params)
   if params_dir:
     return _params_from_workdir(params_dir, model_cfg, base_abstract)
@@ -124,6 +129,9 @@ def _params_from_workdir(workdir: str, model_cfg: ModelConfig, base_abstract):
   from llmjax.train import checkpoint
   source = checkpoint.read_model_config(workdir)
   check_params_dir(workdir, model_cfg, source)
+  if model_cfg.head == 'score' and source.head == 'lm':  # the score head is new: not read
+    base_abstract = {k: v for k, v in base_abstract.items() if k != 'score'}
+    source = dataclasses.replace(source, head='score')
   if not source.lora_rank:
     params, _ = checkpoint.restore_params(workdir, base_abstract)
     return params
@@ -150,6 +158,8 @@ def check_params_dir(workdir: str, model_cfg: ModelConfig, source: ModelConfig |
   from llmjax.models.config import check_architecture
   from llmjax.train import checkpoint
   source = source or checkpoint.read_model_config(workdir)
+  if model_cfg.head == 'score' and source.head == 'lm':  # a reward model on an LM's trunk
+    source = dataclasses.replace(source, head='score')
   # scan_layers decides how the saved arrays are stacked, so it must match too.
   check_architecture(source, model_cfg, key='init.params_dir',
                      source_name=f'{workdir}/model_config.json', also=('scan_layers',),
