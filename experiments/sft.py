@@ -184,7 +184,8 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
     c.model.lora_rank = a.lora
     c.model.lora_alpha = 2.0 * a.lora
     c.model.lora_targets = ['q', 'k', 'v', 'o', 'gate', 'up', 'down']
-    c.train.lr = TINY_LORA_LR  # adapters start at zero and move the model through a low rank
+    # 2e-3 measured best of 2e-3, 5e-3 (a plateau) and 1e-2 (diverges) at rank 8.
+    c.train.lr = TINY_LORA_LR
   else:
     c.train.lr = TINY_LR  # the quickstart's own peak: a tiny model needs large steps
   c.sample.prompts = ('Q: What is 12 + 7?\nA:', 'Q: What is the capital of Peru?\nA:',
@@ -198,7 +199,7 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
 # the sums are still at 0.07 by step 600.
 TINY_STEPS = 900
 TINY_LR = 1e-3
-TINY_LORA_LR = 5e-3
+TINY_LORA_LR = 2e-3
 
 # Variant name -> a function of the rest of the argument (after 'VARIANT,') to the config.
 VARIANTS: dict[str, Callable[[str], ml_collections.ConfigDict]] = {

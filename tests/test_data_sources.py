@@ -83,15 +83,18 @@ def test_bad_jsonl_names_file_and_line_before_writing_anything(tmp_path, content
   assert not list(tmp_path.rglob('*.array_record*'))
 
 
-def test_bad_files_and_empty_corpora(tmp_path):
+def test_bad_files_and_empty_corpora(tmp_path, caplog):
   with pytest.raises(DataError, match=r"data.path='.*nothing\*.jsonl' matches no file"):
     local_files_source(str(tmp_path / 'nothing*.jsonl'), 'text', str(tmp_path / 'tfds'))
   (tmp_path / 'empty.txt').write_text('\n  \n\n')
   with pytest.raises(DataError, match='empty corpus'):
     local_files_source(str(tmp_path / 'empty.txt'), 'text', str(tmp_path / 'tfds'))
-  (tmp_path / 'few.jsonl').write_text('{"text": "x"}\n' * 5)
-  with pytest.raises(DataError, match='5 documents; at least 20'):
-    local_files_source(str(tmp_path / 'few.jsonl'), 'text', str(tmp_path / 'tfds'))
+  (tmp_path / 'few.jsonl').write_text(''.join(f'{{"text": "x{i}"}}\n' for i in range(5)))
+  with caplog.at_level('WARNING'):
+    few = local_files_source(str(tmp_path / 'few.jsonl'), 'text', str(tmp_path / 'tfds'))
+  assert 'holds 5 documents, fewer than 20: no validation split' in caplog.text
+  assert sorted(few['train'][i] for i in range(5)) == [f'x{i}' for i in range(5)]
+  assert len(few['validation']) == 0
   (tmp_path / 'data.csv').write_text('a,b\n')
   with pytest.raises(DataError, match='data.csv: unsupported file type'):
     local_files_source(str(tmp_path / 'data.csv'), 'text', str(tmp_path / 'tfds'))

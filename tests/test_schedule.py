@@ -54,3 +54,12 @@ def test_optimizer_steps_by_the_schedule():
     params = optax.apply_updates(params, updates)
     want = float(learning_rate_schedule(_train_cfg())(k))
     np.testing.assert_allclose(np.asarray(updates['w']), -want, rtol=1e-5, atol=1e-10)
+
+
+def test_no_warmup_starts_at_the_peak():
+  c = ml_collections.ConfigDict(dict(lr=LR, warmup_steps=0, steps=STEPS, min_lr_ratio=RATIO))
+  s = learning_rate_schedule(c)
+  assert float(s(0)) == pytest.approx(LR)
+  # Half way: lr * (ratio + (1 - ratio) * (1 + cos(pi / 2)) / 2), by hand.
+  assert float(s(STEPS // 2)) == pytest.approx(LR * (RATIO + (1 - RATIO) * 0.5), rel=1e-5)
+  assert float(s(STEPS)) == pytest.approx(LR * RATIO)

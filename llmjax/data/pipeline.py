@@ -495,11 +495,14 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
   train = make_dataset(srcs['train'], tokenizer, seed=seed, **common)
   # Repeated (but not shuffled) so that every host yields exactly eval_batches batches even
   # when the validation split is small: hosts must run the same number of eval steps.
+  # No validation split when the files hold too few documents to spare any (sources.py).
   eval_ds = make_dataset(srcs['validation'], tokenizer, seed=seed, shuffle=False, repeat=True,
-                         where='validation split', **common)
+                         where='validation split', **common) if len(srcs['validation']) else None
   cache = []
 
   def eval_batches() -> list[dict]:
+    if eval_ds is None:
+      return []
     if not cache:
       it = iter(eval_ds)
       cache.extend(next(it) for _ in range(data_cfg.eval_batches))

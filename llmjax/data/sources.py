@@ -28,6 +28,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 from typing import Callable, Iterator, NamedTuple
 
@@ -640,8 +641,11 @@ def _count_documents(files: list[str], examples: Callable[[str], Iterator[dict]]
   if count == 0:
     raise DataError(f"data.path: {', '.join(files)} hold no documents (empty corpus).")
   if count < VALIDATION_EVERY:
-    raise DataError(f"data.path holds {count} documents; at least {VALIDATION_EVERY} are needed"
-                    " to hold out a validation split.")
+    # A handful of examples is a check, not a corpus (one TRL-comparison batch): trained on
+    # whole, with no validation split rather than refused.
+    logging.getLogger(__name__).warning(
+        "data.path holds %d documents, fewer than %d: no validation split is held out, so"
+        " eval_loss is not measured (eval tasks still run).", count, VALIDATION_EVERY)
   return count
 
 
@@ -664,7 +668,13 @@ def _builder_class():
       return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(
           {name: tfds.features.Text() for name in self._features}))
 
+    # Set by local_files_source before preparing: False when the files hold too few
+    # documents to spare any (TFDS refuses an empty split, so there is then none).
+    hold_out = True
+
     def _split_generators(self, dl_manager):
+      if not self.hold_out:
+        return {'train': self._generate_examples(validation=None)}
       return {'train': self._generate_examples(validation=False),
               'validation': self._generate_examples(validation=True)}
 
@@ -672,7 +682,7 @@ def _builder_class():
       n = 0
       for f in self._files:
         for example in self._examples(f):
-          if (n % VALIDATION_EVERY == VALIDATION_EVERY - 1) == validation:
+          if validation is None or (n % VALIDATION_EVERY == VALIDATION_EVERY - 1) == validation:
             yield n, example  # key n: TFDS orders examples by a hash of it
           n += 1
 
@@ -736,9 +746,10 @@ def local_files_source(pattern: str, text_key: str, data_dir: str, *,
                              data_dir=data_dir, file_format='array_record')
   # is_prepared() on a folder that does not exist yet logs a warning: check the folder first.
   if not os.path.isdir(builder.data_dir) or not builder.is_prepared():
-    _count_documents(files, examples)
+    builder.hold_out = _count_documents(files, examples) >= VALIDATION_EVERY
     builder.download_and_prepare()
-  return {split: wrap(builder.as_data_source(split)) for split in ('train', 'validation')}
+  return {split: wrap(builder.as_data_source(split) if split in builder.info.splits else [])
+          for split in ('train', 'validation')}
 
 
 # --- TFDS catalog ------------------------------------------------------------------------------

@@ -78,10 +78,17 @@ def specs_from_config(config, *, data_files: bool = True) -> list[Spec]:
   entries with one name.
   """
   ev = config.get('eval', {})
-  specs = [Spec(name=n, kind='generate', builtin=n)
-           for n in config.data.get('builtin_tasks', ())]
+  score_model = config.model.get('head', 'lm') == 'score'
+  # A reward model generates nothing and has no token log-probs: its built-in tasks are
+  # scored by its own eval (accuracy on held-out pairs), not by these.
+  specs = [] if score_model else [Spec(name=n, kind='generate', builtin=n)
+                                  for n in config.data.get('builtin_tasks', ())]
   for entry in ev.get('tasks', ()):
     spec = parse_spec(entry)
+    if score_model:
+      raise ConfigError(f"eval.tasks entry '{entry}': model.head='score' (a reward model)"
+                        " neither generates nor has token log-probs; score it with"
+                        " `python -m llmjax.eval --task=reward`, and leave eval.tasks empty.")
     if spec.builtin and spec.builtin in config.data.get('builtin_tasks', ()):
       continue  # already evaluated as a task the run trains on
     specs.append(spec)

@@ -280,8 +280,8 @@ def evaluate(eval_step, params, batches, batch_sharding, ref_params=None,
     out = jax.device_get(eval_step(params, _global_batch(b, batch_sharding), *ref))
     out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)
     total = out if total is None else jax.tree.map(np.add, total, out)
-  if total is None:  # data.eval_batches=0: nothing measured
-    return {'eval_loss': float('nan'), 'eval_perplexity': float('nan')}
+  if total is None:  # data.eval_batches=0 or no validation split: nothing measured
+    return {'eval_loss': float('nan'), **({'eval_perplexity': float('nan')} if perplexity else {})}
   reduced = finish({k: float(v) for k, v in losses.reduce_output(total).items()
                     if k != 'weight'})
   loss = reduced.pop('loss')

@@ -5,9 +5,16 @@ from flax import traverse_util
 
 
 def learning_rate_schedule(train_cfg) -> optax.Schedule:
-  """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio`."""
+  """Linear warmup from 0 to `lr` over `warmup_steps`, then cosine decay to `lr * min_lr_ratio`.
+
+  warmup_steps=0: no warmup, the first step runs at `lr` (a warmup of one step would spend
+  the first update at rate 0).
+  """
   steps = max(int(train_cfg.steps), 2)
-  warmup = min(max(int(train_cfg.warmup_steps), 1), steps - 1)
+  if int(train_cfg.warmup_steps) <= 0:
+    return optax.cosine_decay_schedule(train_cfg.lr, decay_steps=steps,
+                                       alpha=train_cfg.min_lr_ratio)
+  warmup = min(int(train_cfg.warmup_steps), steps - 1)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=train_cfg.lr, warmup_steps=warmup, decay_steps=steps,
       end_value=train_cfg.lr * train_cfg.min_lr_ratio)

@@ -1,0 +1,102 @@
+"""Preference optimisation (train.objective='dpo'): DPO and its family (dpo.loss: sigmoid,
+hinge, ipo, robust, sigmoid_norm, simpo, orpo, kto), formulas and metric names as TRL 1.16.
+
+Any supported Hugging Face checkpoint, its architecture from its config.json, against a
+reference model (dpo.ref_hf_dir / dpo.ref_params_dir; default the policy's own initial weights,
+for a LoRA policy its base with adapters off), on JSONL pairs in TRL's preference format
+({"prompt", "chosen", "rejected"}; KTO: data.format=unpaired_preference, {"prompt",
+"completion", "label"}):
+
+    python -m llmjax.main --config=experiments/dpo.py --workdir=W --config.init.hf_dir=POLICY_DIR \\
+        --config.dpo.ref_hf_dir=REF_DIR --config.data.path=pairs.jsonl \\
+        --config.dpo.loss=robust --config.dpo.label_smoothing=0.1 --config.dpo.beta=0.3
+
+The step-1 metrics of that command at train.lr=0 equal TRL's DPOTrainer on the same models
+and pairs (tests/test_dpo_run.py). train.batch_size counts pairs (data.pairs_per_row=1).
+
+    python -m llmjax.main --config=experiments/dpo.py:tiny --workdir=/tmp/dpo_tiny
+
+`:tiny` continues the tiny SFT model (`experiments/sft.py:tiny`, in /tmp/sft_tiny; params_dir=
+to use another) on the built-in preference pairs (`llmjax.data.tasks.preference_pairs`: the
+right answer against a plausible wrong or badly formatted one), scoring held-out
+eval_rewards/accuracies and the tasks' exact match at every eval.
+
+Arguments (after ':'): [tiny,]lora=RANK, loss=NAME, beta=B, seq_len=N, batch=N (pairs).
+"""
+
+import ml_collections
+
+from llmjax import config as config_lib
+
+
+def get_config(arg=None):
+  variant, rest = config_lib.split_variant(arg, VARIANTS)
+  if variant:
+    return VARIANTS[variant](rest)
+  a = config_lib.parse_arg(rest, lora=0, loss='sigmoid', beta=0.1, seq_len=1024, batch=16)
+  c = config_lib.base_config()  # unpinned: init.hf_dir's config.json gives the architecture
+  c.model.dtype = 'bfloat16'  # bf16 matmuls; params and Adam stay float32
+  c.model.remat = 'full'  # two sequences a pair: recompute activations instead of storing them
+  _lora(c, a.lora)
+  _dpo(c, a)
+  c.data.format = 'unpaired_preference' if a.loss == 'kto' else 'preference'
+  # Each pair's two sequences share a row of seq_len tokens: prompt + completion <= seq_len/2.
+  c.data.seq_len = a.seq_len
+  c.train.batch_size = a.batch
+  c.train.steps = 1_000
+  # TRL's DPO default peak rate (DPOConfig.learning_rate): DPO moves a tuned model only a
+  # little; LoRA adapters start at zero and take larger steps.
+  c.train.lr = 5e-6 if a.lora else 1e-6
+  c.train.warmup_steps = 30
+  c.train.min_lr_ratio = 0.0
+  c.train.weight_decay = 0.0
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
+  return c
+
+
+def _lora(c, rank: int) -> None:
+  if rank:
+    c.model.lora_rank = rank
+    c.model.lora_alpha = 2.0 * rank
+    c.model.lora_targets = ['q', 'k', 'v', 'o', 'gate', 'up', 'down']
+
+
+def _dpo(c, a) -> None:
+  c.train.objective = 'dpo'
+  c.dpo.loss = a.loss
+  c.dpo.beta = a.beta
+  # A token-frequency baseline says nothing about preferences.
+  c.train.unigram_baseline_batches = 0
+
+
+def _tiny(arg: str) -> ml_collections.ConfigDict:
+  """The tiny SFT model on the built-in preference pairs, on a laptop CPU."""
+  a = config_lib.parse_arg(arg, lora=0, loss='sigmoid', beta=0.1, params_dir='/tmp/sft_tiny',
+                           steps=300)
+  c = config_lib.base_config('tiny', vocab_size=1024, max_seq_len=1024)  # the quickstart's
+  c.init.params_dir = a.params_dir  # its tokenizer comes with it; it is also the reference
+  _lora(c, a.lora)
+  _dpo(c, a)
+  c.data.format = 'unpaired_preference' if a.loss == 'kto' else 'preference'
+  c.data.builtin_tasks = ('arithmetic', 'facts', 'strings')
+  c.data.seq_len = 64  # two ~20-token sequences a pair
+  c.data.pairs_per_row = 1
+  c.data.eval_batches = 4
+  c.train.batch_size = 32
+  c.train.steps = a.steps
+  c.train.lr = 1e-4 if a.lora else 2e-5
+  c.train.warmup_steps = 20
+  c.train.min_lr_ratio = 1.0
+  c.train.weight_decay = 0.0
+  c.train.log_every = 10
+  c.train.eval_every = c.train.checkpoint_every = max(a.steps // 3, 1)
+  c.eval.max_new_tokens = 8
+  c.sample.prompts = ()
+  return c
+
+
+VARIANTS = {
+    # The tiny SFT model on the built-in preference pairs (CPU).
+    'tiny': _tiny,
+}
