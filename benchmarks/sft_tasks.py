@@ -67,6 +67,9 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--root', default='/tmp/sft_tasks')
   p.add_argument('--steps', type=int, default=0, help='SFT steps (0: the variant default)')
+  p.add_argument('--reuse', action='store_true',
+                 help='keep a run already finished under ROOT (its recorded time) instead of'
+                      ' refusing; remove a run\'s folder to time it again')
   args = p.parse_args()
   root = os.path.abspath(args.root)
   os.makedirs(root, exist_ok=True)
@@ -79,11 +82,16 @@ def main():
   steps = f',steps={args.steps}' if args.steps else ''
   for label, variant in (('full', 'tiny'), ('lora', 'tiny,lora=8')):
     workdir = os.path.join(root, label)
-    if os.path.exists(workdir):
+    timing = os.path.join(root, f'{label}_s.txt')  # written when the run has finished
+    if os.path.exists(workdir) and not (args.reuse and os.path.exists(timing)):
       sys.exit(f"{workdir} exists: remove it (or pass another --root) to time a fresh run.")
-    results[f'{label}_s'] = run(
-        ['-m', 'llmjax.main', f'--config=experiments/sft.py:{variant},params_dir={qs}{steps}',
-         f'--workdir={workdir}'], os.path.join(root, f'{label}.log'))
+    if not os.path.exists(workdir):
+      seconds = run(
+          ['-m', 'llmjax.main', f'--config=experiments/sft.py:{variant},params_dir={qs}{steps}',
+           f'--workdir={workdir}'], os.path.join(root, f'{label}.log'))
+      with open(timing, 'w') as f:
+        f.write(f'{seconds}\n')
+    results[f'{label}_s'] = float(open(timing).read())
     results[label] = logged_scores(workdir)
   from llmjax import config as config_lib
   lora = config_lib.validate(config_lib.load_config(

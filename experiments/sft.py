@@ -159,7 +159,8 @@ class FromHF:
 
 def _tiny(arg: str) -> ml_collections.ConfigDict:
   """The quickstart model (init.params_dir) tuned on the built-in tasks, on a laptop CPU."""
-  a = config_lib.parse_arg(arg, lora=0, params_dir='/tmp/quickstart', steps=TINY_STEPS)
+  a = config_lib.parse_arg(arg, lora=0, params_dir='/tmp/quickstart', steps=0)
+  steps = a.steps or (TINY_LORA_STEPS if a.lora else TINY_STEPS)
   # The quickstart's architecture (experiments/quickstart.py), which init.params_dir must hold.
   c = config_lib.base_config('tiny', vocab_size=1024, max_seq_len=1024)
   c.init.params_dir = a.params_dir  # its tokenizer comes with it
@@ -170,7 +171,7 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   c.data.seq_len = 128  # ~7 examples a row: each is ~20 tokens
   c.data.eval_batches = 4
   c.train.batch_size = 16
-  c.train.steps = a.steps
+  c.train.steps = steps
   c.train.warmup_steps = 30
   # A constant rate after warmup: the run is short, and held-out sums are still improving at
   # the end, so a decay would spend the last steps at a rate too low to learn them.
@@ -178,7 +179,7 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0
   c.train.unigram_baseline_batches = 0  # a frequency baseline says nothing about a fine-tune
   c.train.log_every = 20
-  c.train.eval_every = c.train.checkpoint_every = max(a.steps // 5, 1)
+  c.train.eval_every = c.train.checkpoint_every = max(steps // 5, 1)
   c.eval.max_new_tokens = 8  # the longest answer (a reversed word) is 7 tokens, plus EOS
   if a.lora:
     c.model.lora_rank = a.lora
@@ -187,7 +188,7 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
     # 2e-3 measured best of 2e-3, 5e-3 (a plateau) and 1e-2 (diverges) at rank 8.
     c.train.lr = TINY_LORA_LR
   else:
-    c.train.lr = TINY_LR  # the quickstart's own peak: a tiny model needs large steps
+    c.train.lr = TINY_LR
   c.sample.prompts = ('Q: What is 12 + 7?\nA:', 'Q: What is the capital of Peru?\nA:',
                       'Q: Spell the word fox backwards.\nA:')
   c.sample.max_new_tokens = 8
@@ -200,6 +201,9 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
 TINY_STEPS = 900
 TINY_LR = 1e-3
 TINY_LORA_LR = 2e-3
+# LoRA learns the sums later than full fine-tuning (0.11 held out at step 600, 0.49 at 900):
+# it gets the rest of the 10-minute budget.
+TINY_LORA_STEPS = 1200
 
 # Variant name -> a function of the rest of the argument (after 'VARIANT,') to the config.
 VARIANTS: dict[str, Callable[[str], ml_collections.ConfigDict]] = {
