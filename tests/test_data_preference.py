@@ -15,26 +15,10 @@ from llmjax.data.sources import PreferencePair, UnpairedExample
 from llmjax.data.tokenizer import Tokenizer
 from llmjax.errors import ConfigError, DataError
 
+from test_data_sft import CharTokenizer, ids  # one id per character
+
 GOLDEN = os.path.join(os.path.dirname(__file__), 'golden')
 CASES = json.load(open(os.path.join(GOLDEN, 'preference_tokens.json')))['cases']
-
-
-class CharTokenizer(Tokenizer):
-  """One id per character, so expected rows can be written by hand."""
-  vocab_size, pad_id = 128, 0
-
-  def __init__(self, bos_id=1, eos_id=2):
-    self.bos_id, self.eos_id = bos_id, eos_id
-
-  def encode(self, text):
-    return [ord(c) for c in text]
-
-  def decode(self, ids):
-    return ''.join(chr(i) for i in ids)
-
-
-def ids(text):
-  return [ord(c) for c in text]
 
 
 def _rows(ds):

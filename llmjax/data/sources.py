@@ -454,18 +454,7 @@ def _messages_field(path: str, n: int, obj, key: str) -> list[dict]:
     raise DataError(f"{path}:{n}: field '{key}' is a {type(messages).__name__}, not a list of"
                     f' {{"role": ..., "content": ...}} messages; set data.messages_key to the'
                     " field that holds them.")
-  for j, m in enumerate(messages):
-    if not isinstance(m, dict):
-      raise DataError(f"{path}:{n}: message {j} is a {type(m).__name__}, not an object; {fix}.")
-    for field in ('role', 'content'):
-      if field not in m:
-        raise DataError(f"{path}:{n}: message {j} has no '{field}'; {fix}.")
-    if m['role'] not in ROLES:
-      raise DataError(f"{path}:{n}: message {j} has role {m['role']!r}; use one of"
-                      f" {list(ROLES)}.{closest(str(m['role']), ROLES)}")
-    if not isinstance(m['content'], str):
-      raise DataError(f"{path}:{n}: message {j}'s content is a {type(m['content']).__name__},"
-                      f" not a string; {fix}.")
+  _check_message_items(path, n, messages, '')
   if not any(m['role'] == 'assistant' for m in messages):
     raise DataError(f"{path}:{n}: the conversation has no assistant message, so nothing to"
                     " train on; add one or delete that line.")
@@ -484,24 +473,30 @@ def iter_conversations(path: str, messages_key: str = 'messages') -> Iterator[Co
 
 def _check_messages(path: str, n: int, key: str, messages: list, setting: str) -> tuple:
   """A list of {"role", "content"} messages, checked; else DataError naming path:n."""
-  fix = 'each message needs a "role" and a string "content"'
   if not messages:
     raise DataError(f"{path}:{n}: field '{key}' is an empty list of messages; give it at least"
                     f" one message (or a string), or set {setting}.")
+  _check_message_items(path, n, messages, f'{key} ')
+  return tuple(messages)
+
+
+def _check_message_items(path: str, n: int, messages: list, prefix: str) -> None:
+  """Each message a {"role" in ROLES, "content": str} object; else DataError naming path:n
+  and '<prefix>message j'."""
+  fix = 'each message needs a "role" and a string "content"'
   for j, m in enumerate(messages):
+    what = f"{prefix}message {j}"
     if not isinstance(m, dict):
-      raise DataError(f"{path}:{n}: {key} message {j} is a {type(m).__name__}, not an object;"
-                      f" {fix}.")
+      raise DataError(f"{path}:{n}: {what} is a {type(m).__name__}, not an object; {fix}.")
     for field in ('role', 'content'):
       if field not in m:
-        raise DataError(f"{path}:{n}: {key} message {j} has no '{field}'; {fix}.")
+        raise DataError(f"{path}:{n}: {what} has no '{field}'; {fix}.")
     if m['role'] not in ROLES:
-      raise DataError(f"{path}:{n}: {key} message {j} has role {m['role']!r}; use one of"
+      raise DataError(f"{path}:{n}: {what} has role {m['role']!r}; use one of"
                       f" {list(ROLES)}.{closest(str(m['role']), ROLES)}")
     if not isinstance(m['content'], str):
-      raise DataError(f"{path}:{n}: {key} message {j}'s content is a"
-                      f" {type(m['content']).__name__}, not a string; {fix}.")
-  return tuple(messages)
+      raise DataError(f"{path}:{n}: {what}'s content is a {type(m['content']).__name__}, not a"
+                      f" string; {fix}.")
 
 
 def _preference_field(path: str, n: int, obj: dict, key: str, setting: str, what: str,
