@@ -7,6 +7,18 @@ variant, of one pinned model sized for a TPU slice.
     python -m llmjax.main --config=experiments/sft.py:lora=16,format=messages --workdir=DIR \
         --config.init.hf_dir=/data/Meta-Llama-3-8B-Instruct --config.data.path=chat.jsonl
 
+On a laptop CPU, `:tiny` continues the quickstart model on the built-in tasks (arithmetic,
+facts, strings; data.builtin_tasks), scoring held-out exact match at every eval:
+
+    python -m llmjax.main --config=experiments/quickstart.py --workdir=/tmp/quickstart
+    python -m llmjax.main --config=experiments/sft.py:tiny --workdir=/tmp/sft_tiny
+    python -m llmjax.main --config=experiments/sft.py:tiny,lora=8 --workdir=/tmp/sft_tiny_lora
+
+(params_dir=DIR for a quickstart elsewhere, steps=N.) Measured by benchmarks/sft_tasks.py on
+2 CPU cores: held-out exact match 0.00 -> 0.81 over the three tasks in 417 s (arithmetic
+0.92, facts 0.99, strings 0.12); LoRA rank 8 (4.3% of the parameters, 1,200 steps) 0.56 in
+571 s.
+
 Arguments (after ':'): [VARIANT,]key=value,... An optional first item without '=' names a
 variant (`VARIANTS` below); then lora=RANK (0: full fine-tuning), format=prompt_completion|
 alpaca|messages, seq_len=N, batch=N (global, sequences).

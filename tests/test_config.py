@@ -76,8 +76,8 @@ def test_every_experiment_loads_and_validates():
     # Their data comes on the launch command, so they are checked as llmjax.plan checks them;
     # a fine-tuning one must refuse to run on the embedded (pretraining) corpus.
     config_lib.validate(c, data_files=False)
-    if c.data.format == 'prompt_completion':
-      with pytest.raises(ConfigError, match="data.format='prompt_completion' needs data.path"):
+    if c.data.format in ('prompt_completion', 'preference'):
+      with pytest.raises(ConfigError, match=f"data.format='{c.data.format}' needs data.path"):
         config_lib.validate(c)
     else:
       config_lib.validate(c)
