@@ -103,6 +103,13 @@ def chunked_logprobs(head: Callable, hidden: jax.Array, targets: jax.Array,
     hidden: [batch, length, embed]; targets: [batch, length]; chunk divides length.
   Returns: [batch, length] float32 log-probabilities of the targets.
   """
+  return _per_chunk(target_logprobs, head, hidden, targets, chunk)
+
+
+def _per_chunk(fn: Callable, head: Callable, hidden: jax.Array, targets: jax.Array,
+               chunk: int):
+  """fn(head(hidden), targets) -> [batch, length] arrays (or a dict of them), computed `chunk`
+  positions at a time by a scan under `jax.checkpoint` (the scheme of `chunked_logprobs`)."""
   b, t, _ = hidden.shape
   if t % chunk:
     raise ValueError(f"train.loss_chunk={chunk} must divide the sequence length {t}.")
@@ -112,10 +119,11 @@ def chunked_logprobs(head: Callable, hidden: jax.Array, targets: jax.Array,
 
   @jax.checkpoint
   def one(h, y):
-    return target_logprobs(head(h), y)  # [batch, chunk]
+    return fn(head(h), y)  # each [batch, chunk]
 
-  _, lp = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (split(hidden), split(targets)))
-  return jnp.swapaxes(lp, 0, 1).reshape(b, t)  # [n, batch, chunk] -> [batch, length]
+  _, out = jax.lax.scan(lambda c, xs: (c, one(*xs)), None, (split(hidden), split(targets)))
+  # [n, batch, chunk] -> [batch, length]
+  return jax.tree.map(lambda v: jnp.swapaxes(v, 0, 1).reshape(b, t), out)
 
 
 def logit_stats(logits: jax.Array, targets: jax.Array) -> dict:
@@ -155,19 +163,7 @@ def token_stats(params, batch, apply_fn, loss_chunk: int = 0) -> dict:
     return logit_stats(logits, batch['targets'])
   hidden, _ = apply_fn(params, batch['inputs'], return_hidden=True, **kw)
   head = lambda x: apply_fn(params, x, method=Transformer.logits)
-  b, t, _ = hidden.shape
-  if t % loss_chunk:
-    raise ValueError(f"train.loss_chunk={loss_chunk} must divide the sequence length {t}.")
-  n = t // loss_chunk
-  split = lambda x: jnp.swapaxes(x.reshape(b, n, loss_chunk, *x.shape[2:]), 0, 1)
-
-  @jax.checkpoint
-  def one(h, y):
-    return logit_stats(head(h), y)  # each [batch, chunk]
-
-  _, out = jax.lax.scan(lambda c, xs: (c, one(*xs)), None,
-                        (split(hidden), split(batch['targets'])))
-  return {k: jnp.swapaxes(v, 0, 1).reshape(b, t) for k, v in out.items()}
+  return _per_chunk(logit_stats, head, hidden, batch['targets'], loss_chunk)
 
 
 def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:
