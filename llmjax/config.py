@@ -396,6 +396,10 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # weights (init.hf_dir / init.params_dir; a LoRA policy's own base, adapters off).
   c.dpo.ref_hf_dir = ''
   c.dpo.ref_params_dir = ''
+  # True: one pass before training writes the reference's log-probs of every pair into
+  # WORKDIR/reference_logps/ (keyed by data, reference and tokenizer; a restart reuses them),
+  # and training never loads the reference (batches carry `ref_logps`).
+  c.dpo.precompute_ref = False
   # train.objective='reward' (llmjax/train/reward.py, as TRL's RewardTrainer).
   c.reward = ml_collections.ConfigDict()
   c.reward.center_coef = 0.0  # TRL's center_rewards_coefficient: + coef x mean((r_c + r_r)^2)

@@ -121,7 +121,8 @@ class Trainer:
   init_from: Callable
   train_step: Callable  # jitted (state, batch[, ref_params]) -> (state, metrics), state donated
   eval_step: Callable  # jitted (params, batch[, ref_params]) -> LossOutput of sums
-  # How the loss gets a reference model (DPO): '' none; 'arg' its params are the steps' third
+  # How the loss gets a reference model (DPO): '' none (or dpo.precompute_ref: the batches
+  # carry its log-probs, `ref_logps`); 'arg' its params are the steps' third
   # argument (`state.reference_params`, sharded like the policy's); 'lora' the step derives
   # it from the params (the base with adapters off).
   reference: str = ''
@@ -148,7 +149,7 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = 
   else:
     loss_fn = functools.partial(loss_fn, loss_chunk=config.train.get('loss_chunk', 0))
   reference = ''
-  if objectives.uses_reference(config):
+  if objectives.uses_reference(config) and not objectives.precomputes_reference(config):
     # A LoRA policy's reference is its own base (adapters off) unless another checkpoint is
     # named: no second copy of the weights.
     own = not (config.dpo.get('ref_hf_dir') or config.dpo.get('ref_params_dir'))

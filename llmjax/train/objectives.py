@@ -50,6 +50,17 @@ def check(config, model_cfg) -> None:
     if ref and not cfg.uses_reference:
       raise ConfigError(f"dpo.{ref[0]} is set but dpo.loss='{cfg.loss}' is reference-free;"
                         f" drop dpo.{ref[0]}.")
+    precompute = config.dpo.get('precompute_ref', False)
+    if not isinstance(precompute, bool):
+      raise ConfigError(f"dpo.precompute_ref={precompute!r} must be True or False.")
+    if precompute and not cfg.uses_reference:
+      raise ConfigError(f"dpo.precompute_ref=True but dpo.loss='{cfg.loss}' is reference-free"
+                        " (it loads no reference); drop dpo.precompute_ref.")
+    if precompute and cfg.loss == 'kto':
+      # A KL counterpart is the previous completion of its batch: a new pairing every epoch,
+      # so its reference log-prob cannot be computed ahead (TRL fixes the pairing instead).
+      raise ConfigError("dpo.precompute_ref=True does not apply to dpo.loss='kto': its KL"
+                        " counterparts change with every batch; drop dpo.precompute_ref.")
   if obj == 'reward':
     if fmt != 'preference':
       raise ConfigError(f"train.objective='reward' trains on {{prompt, chosen, rejected}} pairs:"
@@ -66,6 +77,13 @@ def uses_reference(config) -> bool:
     return False
   from llmjax.train import dpo
   return dpo.DPOConfig.from_config(config.dpo).uses_reference
+
+
+def precomputes_reference(config) -> bool:
+  """True when the reference's log-probs are computed once before training
+  (dpo.precompute_ref) and come in the batches as `ref_logps` [B, 2P]: no reference model is
+  loaded during training."""
+  return uses_reference(config) and bool(config.dpo.get('precompute_ref', False))
 
 
 def make_loss(config, pad_id: int = -1) -> Callable:
