@@ -353,3 +353,27 @@ def test_reference_loss_without_reference_is_an_error(golden, models):
   loss_fn = dpo.make_loss_fn(dpo.DPOConfig(), num_pairs=1)
   with pytest.raises(ValueError, match='needs a reference'):
     loss_fn(models['policy'], make_batch(golden['runs']['sigmoid'], 1), models['apply_fn'])
+
+
+def test_grad_accum_4_gives_the_grad_accum_1_update(golden, models, name='sigmoid'):
+  """8 pairs as one batch or as 4 micro-batches of 2 rows: the same metrics and the same
+  updated weights (every pair term is a sum over pairs, divided once by the pair count)."""
+  import optax
+  from llmjax.train.state import TrainState
+  from llmjax.train.step import make_train_step
+  run = golden['runs'][name]
+  loss_fn = dpo.make_loss_fn(dpo.DPOConfig(beta=0.3, **RUNS[name]), num_pairs=1)
+  batch = make_batch(run, 1, length=96)  # the longest pair has 84 tokens
+  out = {}
+  for accum in (1, 4):
+    opt = optax.sgd(0.1)
+    state = TrainState.create(models['policy'], opt, jax.random.key(0))
+    step = jax.jit(make_train_step(models['apply_fn'], loss_fn, opt, grad_accum=accum))
+    out[accum] = step(state, batch, models['ref'])
+  (s1, m1), (s4, m4) = out[1], out[4]
+  for k in m1:
+    np.testing.assert_allclose(float(m4[k]), float(m1[k]), rtol=2e-5, atol=1e-6, err_msg=k)
+  moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), s1.params, models['policy'])
+  assert max(jax.tree.leaves(moved)) > 1e-6  # the step changed the weights
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -101,6 +101,7 @@ Config keys (`config.data`, read by `build_data`):
 
 import logging
 import os
+from typing import NamedTuple
 
 import grain
 import grain.experimental as gx
@@ -256,7 +257,7 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
                  shuffle: bool = True, repeat: bool = True, process_index: int = 0,
                  process_count: int = 1, chat_template: chat.ChatTemplate | None = None,
                  loss_on: str = 'assistant', where: str = '',
-                 pairs_per_row: int = 1) -> grain.IterDataset:
+                 pairs_per_row: int = 1, ref_logps=None) -> grain.IterDataset:
   """Packed batches of `source`'s documents for this host.
 
   Args:
@@ -277,6 +278,8 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
       `sources.UnpairedExample` documents): their batches are
       `llmjax.data.preference.make_preference_dataset`'s (rows of whole pairs, with pair_mask
       and margin or label; a `skipped_pairs` attribute instead of `dropped_examples`).
+    ref_logps: for preference sources, the precomputed reference table [len(source), 2]
+      (`make_preference_dataset`).
   Returns:
     An IterDataset of dicts {inputs, targets, segment_ids, positions, loss_mask}, each
     [batch_size // process_count, seq_len]; `iter()` of it has get_state/set_state. Its
@@ -296,7 +299,8 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
     return preference.make_preference_dataset(
         source, tokenizer, seq_len=seq_len, batch_size=batch_size, seed=seed, shuffle=shuffle,
         repeat=repeat, process_index=process_index, process_count=process_count,
-        chat_template=chat_template, pairs_per_row=pairs_per_row, where=where)
+        chat_template=chat_template, pairs_per_row=pairs_per_row, where=where,
+        ref_logps=ref_logps)
   if len(source) < process_count:
     raise DataError(f"{len(source)} documents cannot be shared by {process_count} hosts; add"
                     " documents.")
@@ -463,15 +467,16 @@ def load_run_tokenizer(workdir: str) -> Tokenizer:
   return SentencePieceTokenizer.load(files.join(workdir, 'tokenizer.model'))
 
 
-def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_index: int = 0,
-               process_count: int = 1):
-  """The run's tokenizer and data, from `config.data` (keys in the module docstring).
+class Prepared(NamedTuple):
+  sources: dict  # {'train', 'validation'}: `get_sources`
+  tokenizer: Tokenizer
+  chat_template: chat.ChatTemplate | None
+  loss_on: str
 
-  Returns:
-    (tokenizer, train, eval_batches): `train` an infinite shuffled IterDataset of batches
-    (checkpoint `iter(train)`); `eval_batches()` the list of the first data.eval_batches
-    batches of the validation split, computed once and cached.
-  """
+
+def prepare(data_cfg, workdir: str, process_index: int = 0) -> Prepared:
+  """The run's sources, tokenizer and chat template (what `build_data` batches), each checked
+  on the first record."""
   srcs = get_sources(data_cfg, workdir)
   tokenizer = build_tokenizer(data_cfg, workdir, srcs['train'])
   template, loss_on = None, data_cfg.get('loss_on', 'assistant')
@@ -489,15 +494,33 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
     # Renders one conversation now: a template that refuses the data fails here, before
     # anything compiles, rather than inside the first training step's input.
     template.tokenize(srcs['train'][0], loss_on)
+  return Prepared(srcs, tokenizer, template, loss_on)
+
+
+def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_index: int = 0,
+               process_count: int = 1, ref_logps: dict | None = None):
+  """The run's tokenizer and data, from `config.data` (keys in the module docstring).
+
+  ref_logps: {'train', 'validation'} tables of a preference run's precomputed reference
+    log-probs (`llmjax.train.reference`), which its batches then carry as `ref_logps`.
+  Returns:
+    (tokenizer, train, eval_batches): `train` an infinite shuffled IterDataset of batches
+    (checkpoint `iter(train)`); `eval_batches()` the list of the first data.eval_batches
+    batches of the validation split, computed once and cached.
+  """
+  srcs, tokenizer, template, loss_on = prepare(data_cfg, workdir, process_index)
+  ref_logps = ref_logps or {}
   common = dict(seq_len=data_cfg.seq_len, batch_size=batch_size, process_index=process_index,
                 process_count=process_count, chat_template=template, loss_on=loss_on,
                 pairs_per_row=data_cfg.get('pairs_per_row', 1))
-  train = make_dataset(srcs['train'], tokenizer, seed=seed, **common)
+  train = make_dataset(srcs['train'], tokenizer, seed=seed, ref_logps=ref_logps.get('train'),
+                       **common)
   # Repeated (but not shuffled) so that every host yields exactly eval_batches batches even
   # when the validation split is small: hosts must run the same number of eval steps.
   # No validation split when the files hold too few documents to spare any (sources.py).
   eval_ds = make_dataset(srcs['validation'], tokenizer, seed=seed, shuffle=False, repeat=True,
-                         where='validation split', **common) if len(srcs['validation']) else None
+                         where='validation split', ref_logps=ref_logps.get('validation'),
+                         **common) if len(srcs['validation']) else None
   cache = []
 
   def eval_batches() -> list[dict]:

@@ -47,6 +47,9 @@ takes len(chosen seq) + len(rejected seq) <= seq_len.
              `[completion_ids[-1]] + completion_ids[:-1]` over each batch of
              per_device_train_batch_size examples; a group here is one host's batch of
              (batch_size // hosts) * P examples in stream order.
+  ref_logps  float32 [2P], with dpo.precompute_ref: the reference model's summed log-probs of
+             each segment's completion (`llmjax.train.reference`), looked up by the pair's
+             record index in a table [records, 2] computed before training.
 pairs_per_row=1 gives one pair per row in stream order (what TRL batches); > 1 packs whole pairs
 first fit into rows of seq_len (a pair never split, so never across micro-batches).
 """
@@ -153,19 +156,44 @@ class PreferenceTokenizer:
 
 
 class TokenizedExample(dict):
-  """{'prompt': ids, 'completions': [ids, ...], 'value': margin or label, 'position': int} or,
-  for a skipped example, {'skip': reason, 'position': int}."""
+  """{'prompt': ids, 'completions': [ids, ...], 'value': margin or label, 'position': int,
+  'index': int, ['ref': (chosen, rejected) reference log-probs]} or, for a skipped example,
+  {'skip': reason, 'position': int, 'index': int}. position: in the (shuffled, repeated)
+  stream; index: the record's in the source."""
+
+
+class _Indexed:
+  """source[i] -> (i, source[i]): the record index travels with the record through shuffling."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return int(i), self.source[i]
 
 
 class _TokenizePreference(grain.transforms.MapWithIndex):
-  """(position, PreferencePair | UnpairedExample) -> TokenizedExample (a class, not a lambda,
-  so Grain workers can pickle it)."""
+  """(position, (index, PreferencePair | UnpairedExample)) -> TokenizedExample (a class, not a
+  lambda, so Grain workers can pickle it). ref_logps: the precomputed reference table
+  [records, 2] or None."""
 
-  def __init__(self, enc: PreferenceTokenizer, seq_len: int):
-    self.enc, self.seq_len = enc, seq_len
+  def __init__(self, enc: PreferenceTokenizer, seq_len: int, ref_logps=None, where: str = ''):
+    self.enc, self.seq_len, self.ref_logps, self.where = enc, seq_len, ref_logps, where
 
-  def map_with_index(self, position: int, example) -> dict:
-    return dict(tokenize_example(example, self.enc, self.seq_len), position=position)
+  def map_with_index(self, position: int, indexed) -> dict:
+    index, example = indexed
+    out = dict(tokenize_example(example, self.enc, self.seq_len), position=position, index=index)
+    if self.ref_logps is not None and 'skip' not in out:
+      ref = self.ref_logps[index]
+      if not np.all(np.isfinite(ref)):
+        raise DataError(f"{example.where or f'record {index}'}{self.where}: the precomputed"
+                        " reference log-probs have no entry for this pair; delete the workdir's"
+                        " reference_logps/ directory to compute them again.")
+      out['ref'] = (float(ref[0]), float(ref[1]))
+    return out
 
 
 def tokenize_example(example, enc: PreferenceTokenizer, seq_len: int) -> dict:
@@ -276,7 +304,8 @@ class _Ungroup(gx.FlatMapTransform):
 def pair_element(example: dict, seq_len: int) -> dict:
   """A tokenized pair (or example + KL counterpart) -> the arrays of its two segments, each
   [len(seq_1) + len(seq_2)]: inputs, targets, loss_mask, half (1 first segment, 2 second),
-  pos (position in its segment), value (margin/label on every token)."""
+  pos (position in its segment), value (margin/label on every token), and with a precomputed
+  reference `ref` (each segment's reference log-prob on its tokens)."""
   L = max_length(seq_len)
   out = {k: [] for k in ('inputs', 'targets', 'loss_mask', 'half', 'pos')}
   for half, completion in enumerate(example['completions'], 1):
@@ -290,6 +319,8 @@ def pair_element(example: dict, seq_len: int) -> dict:
   n = len(out['inputs'])
   arrays = {k: np.asarray(v, np.float32 if k == 'loss_mask' else np.int32) for k, v in out.items()}
   arrays['value'] = np.full(n, example['value'], np.float32)
+  if 'ref' in example:
+    arrays['ref'] = np.where(arrays['half'] == 1, *example['ref']).astype(np.float32)
   return arrays
 
 
@@ -309,11 +340,16 @@ def finish_row(row: dict, pairs_per_row: int, value_key: str) -> dict:
   segment_ids = np.where(real, 2 * (pair - 1) + row['half'], 0).astype(np.int32)
   pair_mask = np.zeros(pairs_per_row, np.float32)
   value = np.zeros(pairs_per_row, np.float32)
+  ref = np.zeros(2 * pairs_per_row, np.float32)
   for k in range(pairs_per_row):
     idx = np.flatnonzero(pair == k + 1)
     if idx.size:
       pair_mask[k], value[k] = 1.0, row['value'][idx[0]]
-  return {'inputs': np.where(real, row['inputs'], 0).astype(np.int32),
+      if 'ref' in row:
+        for half in (1, 2):
+          ref[2 * k + half - 1] = row['ref'][idx[row['half'][idx] == half][0]]
+  extra = {'ref_logps': ref} if 'ref' in row else {}
+  return {**extra, 'inputs': np.where(real, row['inputs'], 0).astype(np.int32),
           'targets': np.where(real, row['targets'], 0).astype(np.int32),
           'segment_ids': segment_ids,
           'positions': np.where(real, row['pos'], 0).astype(np.int32),
@@ -325,7 +361,7 @@ def make_preference_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch
                             seed: int, shuffle: bool = True, repeat: bool = True,
                             process_index: int = 0, process_count: int = 1,
                             chat_template: ChatTemplate | None = None, pairs_per_row: int = 1,
-                            where: str = '') -> grain.IterDataset:
+                            where: str = '', ref_logps=None) -> grain.IterDataset:
   """Batches of `source`'s pairs (`sources.PreferencePair`) or unpaired examples
   (`sources.UnpairedExample`) for this host, as `llmjax.data.pipeline.make_dataset` (same
   arguments, sharding and shuffling) with the rows of the module docstring.
@@ -334,7 +370,9 @@ def make_preference_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch
     An IterDataset of dicts {inputs, targets, segment_ids, positions, loss_mask} [B, seq_len]
     and {pair_mask, margin} (paired) or {pair_mask, label} (unpaired) [B, pairs_per_row],
     B = batch_size // process_count; its `skipped_pairs` attribute is the `SkippedPairs`
-    counting this host's skipped examples.
+    counting this host's skipped examples. ref_logps: a table [len(source), 2] of the
+    reference's log-probs by record index (`llmjax.train.reference`) adds `ref_logps`
+    [B, 2P].
   """
   if not isinstance(pairs_per_row, int) or pairs_per_row < 1:
     raise ConfigError(f"data.pairs_per_row={pairs_per_row!r} must be an integer >= 1.")
@@ -345,14 +383,18 @@ def make_preference_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch
     raise DataError(f"{len(source)} examples cannot be shared by {process_count} hosts; add"
                     " examples.")
   unpaired = isinstance(source[0], sources.UnpairedExample)
-  ds = grain.MapDataset.source(source)[process_index::process_count]
+  if ref_logps is not None and np.shape(ref_logps) != (len(source), 2):
+    raise DataError(f"the reference log-probs table has shape {np.shape(ref_logps)}, not"
+                    f" ({len(source)}, 2) for {len(source)} records{f' ({where})' if where else ''};"
+                    " delete the workdir's reference_logps/ directory to compute them again.")
+  ds = grain.MapDataset.source(_Indexed(source))[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
   num_documents = len(ds)
   if repeat:
     ds = ds.repeat(None)
   ds = ds.map_with_index(_TokenizePreference(PreferenceTokenizer(tokenizer, chat_template),
-                                             seq_len))
+                                             seq_len, ref_logps, f' ({where})' if where else ''))
   if process_count > 1:
     where = ', '.join(filter(None, [where, f'host {process_index} of {process_count}']))
   skipped = SkippedPairs(seq_len, num_documents, where, 'examples' if unpaired else 'pairs')
@@ -365,7 +407,8 @@ def make_preference_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch
   if pairs_per_row == 1:
     it = it.map(functools.partial(_pad, seq_len=seq_len))
   else:
-    keys = ('inputs', 'targets', 'loss_mask', 'half', 'pos', 'value')
+    keys = ('inputs', 'targets', 'loss_mask', 'half', 'pos', 'value') + (
+        ('ref',) if ref_logps is not None else ())
     it = gx.FirstFitPackIterDataset(
         it, length_struct={k: seq_len for k in keys}, num_packing_bins=max(local_batch, 16),
         seed=seed, shuffle_bins=shuffle, max_sequences_per_bin=pairs_per_row)
@@ -374,6 +417,50 @@ def make_preference_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch
   it = it.batch(local_batch, drop_remainder=True)
   it.skipped_pairs = skipped
   return it
+
+
+def reference_batches(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
+                      process_index: int = 0, process_count: int = 1,
+                      chat_template: ChatTemplate | None = None):
+  """One pass over this host's pairs of `source` in record order, one pair per row, as the
+  batches of `make_preference_dataset` (pairs_per_row=1, the rows the training pipeline makes
+  of them) plus `index` int32 [B]: each row's record index, -1 on padding rows. For computing
+  the reference's log-probs once (`llmjax.train.reference`); skipped pairs are left out.
+
+  Every host yields the same number of batches, ceil(ceil(len(source) / process_count) / B),
+  B = batch_size // process_count (the last ones padded), so collective steps line up.
+  """
+  enc = PreferenceTokenizer(tokenizer, chat_template)
+  local = batch_size // process_count
+  indices = range(process_index, len(source), process_count)
+  num_batches = -(-(-(-len(source) // process_count)) // local)
+  rows = []
+
+  def padding_row():
+    empty = {k: np.zeros(0, np.float32 if k in ('loss_mask', 'value') else np.int32)
+             for k in ('inputs', 'targets', 'loss_mask', 'half', 'pos', 'value')}
+    return dict(finish_row(_pad(empty, seq_len), 1, 'margin'), index=np.int32(-1))
+
+  def flush():
+    while len(rows) < local:
+      rows.append(padding_row())
+    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    rows.clear()
+    return batch
+
+  done = 0
+  for i in indices:
+    example = tokenize_example(source[i], enc, seq_len)
+    if 'skip' in example:
+      continue
+    row = finish_row(_pad(pair_element(example, seq_len), seq_len), 1, 'margin')
+    rows.append(dict(row, index=np.int32(i)))
+    if len(rows) == local:
+      yield flush()
+      done += 1
+  while done < num_batches:
+    yield flush()
+    done += 1
 
 
 def load_template(data_cfg, tokenizer: Tokenizer, train_source) -> ChatTemplate | None:

@@ -221,21 +221,30 @@ class Input:
   eval_tasks: list = dataclasses.field(default_factory=list)  # llmjax.eval.suite.Task, checked
 
 
-def build_input(config, model_cfg: ModelConfig, workdir: str) -> Input:
-  """The run's tokenizer and batches (each host reads its own share of the global batch)."""
+def data_config(config):
+  """config.data as the run reads it: a run that starts from other weights keeps their token
+  ids, so the source's tokenizer is the run's unless data.tokenizer_path says otherwise."""
   from llmjax import data as data_lib  # imported here: tokenizer training may be slow to import
-  data_cfg, t = config.data, config.train
-  # A run that starts from other weights keeps their token ids: the source's tokenizer is the
-  # run's unless data.tokenizer_path says otherwise.
+  data_cfg = config.data
   source_tokenizer = (config.init.get('hf_dir') or
                       (config.init.get('params_dir') and
                        data_lib.run_tokenizer_path(config.init.params_dir)))
   if source_tokenizer and not data_cfg.tokenizer_path:
     data_cfg = data_cfg.copy_and_resolve_references()
     data_cfg.tokenizer_path = source_tokenizer
+  return data_cfg
+
+
+def build_input(config, model_cfg: ModelConfig, workdir: str, ref_logps=None) -> Input:
+  """The run's tokenizer and batches (each host reads its own share of the global batch).
+  ref_logps: the precomputed reference tables (`llmjax.train.reference`), carried by the
+  preference batches as `ref_logps`."""
+  from llmjax import data as data_lib
+  data_cfg, t = data_config(config), config.train
   build = lambda: data_lib.build_data(
       data_cfg, workdir, seed=t.seed, batch_size=t.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      ref_logps=ref_logps)
   if jax.process_count() > 1:
     # Host 0 prepares the shared files (TFDS copy, tokenizer) while the others wait, so no two
     # hosts write them at once; the others then only read them. (With a gs:// workdir the TFDS
@@ -414,6 +423,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
                          pad_id=getattr(data.tokenizer, 'pad_id', -1))
   manager = checkpoint.make_manager(workdir, max_to_keep=config.train.max_to_keep)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    if objectives.precomputes_reference(config):
+      from llmjax.train import reference  # imports the data pipeline
+      # Before the policy is built, so the reference's weights are gone when it is.
+      say = print if jax.process_index() == 0 else (lambda *_: None)
+      tables = reference.precomputed_logps(trainer, config, model_cfg, data_config(config),
+                                           workdir, say)
+      data = build_input(config, model_cfg, workdir, ref_logps=tables)
     state, resumed = initial_state(trainer, config, model_cfg, manager, data.train_iter)
     ref_params = (state_lib.reference_params(trainer, config, model_cfg)
                   if trainer.reference == 'arg' else None)

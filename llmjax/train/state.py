@@ -103,6 +103,16 @@ def source_params(abstract_params, model_cfg: ModelConfig, *, hf_dir: str = '',
   return hf.read_params(hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
 
 
+def reference_source(config) -> tuple[str, str]:
+  """(hf_dir, params_dir) of a DPO run's reference checkpoint, at most one set; both '' for
+  the initialisation of train.seed. `reference_params` reads it."""
+  init, dpo = config.get('init', {}), config.dpo
+  hf_dir = dpo.get('ref_hf_dir', '') or (init.get('hf_dir', '') if not dpo.get('ref_params_dir')
+                                         else '')
+  params_dir = dpo.get('ref_params_dir', '') or (init.get('params_dir', '') if not hf_dir else '')
+  return hf_dir, params_dir
+
+
 def reference_params(trainer, config, model_cfg: ModelConfig) -> dict:
   """A DPO run's frozen reference model: params only (no optimizer state, no train state),
   sharded like the policy's.
@@ -112,10 +122,7 @@ def reference_params(trainer, config, model_cfg: ModelConfig) -> dict:
   with no source: the initialisation of train.seed). A LoRA policy's reference has its
   adapters off (`lora.disable`), so it computes the base model.
   """
-  init, dpo = config.get('init', {}), config.dpo
-  hf_dir = dpo.get('ref_hf_dir', '') or (init.get('hf_dir', '') if not dpo.get('ref_params_dir')
-                                         else '')
-  params_dir = dpo.get('ref_params_dir', '') or (init.get('params_dir', '') if not hf_dir else '')
+  hf_dir, params_dir = reference_source(config)
   given = {}
   if hf_dir or params_dir:
     given = source_params(trainer.abstract_state.params, model_cfg, hf_dir=hf_dir,
