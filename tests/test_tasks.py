@@ -264,3 +264,22 @@ def test_sft_pipeline_trains_on_the_written_completions(tmp_path):
         assert tok.decode(trained[:-1]) in completions
         seen += 1
   assert seen >= 8
+
+
+@pytest.mark.parametrize('fmt', ['prompt_completion', 'preference'])
+def test_builtin_validation_split_interleaves_the_tasks(fmt):
+  """Evals read the first data.eval_batches batches in order: every prefix of the held-out
+  split holds each task in proportion to its size (within one record), all records once."""
+  from llmjax.data import tasks as tasks_lib
+  names = ('arithmetic', 'facts', 'strings')
+  src = tasks_lib.builtin_sources(names, fmt, 0)['validation']
+  prompt = (lambda r: r.prompt) if fmt == 'preference' else (lambda r: r[0])
+  sizes = {n: len(tasks_lib.make_task(n, 'heldout', 0)) for n in names}
+  which = {tasks_lib.make_task(n, 'heldout', 0)[i]['prompt']: n
+           for n in names for i in range(sizes[n])}
+  order = [which[prompt(src[i])] for i in range(len(src))]
+  assert len(order) == sum(sizes.values())
+  total = len(order)
+  for k in range(1, total + 1):
+    for n in names:
+      assert abs(order[:k].count(n) - k * sizes[n] / total) <= 1.0, (k, n)

@@ -384,10 +384,19 @@ def as_preference_messages(rec: dict) -> dict:
           'answer': rec['answer']}
 
 
+def _interleave(lists: list[list]) -> list:
+  """Items of `lists` spread evenly: item j of a list of n goes at fraction (j + 0.5) / n
+  (ties in list order), so every prefix holds each list in proportion to its length."""
+  keyed = [((j + 0.5) / len(l), k, x) for k, l in enumerate(lists) for j, x in enumerate(l)]
+  return [x for _, _, x in sorted(keyed, key=lambda t: t[:2])]
+
+
 def builtin_sources(names: Sequence[str], data_format: str, seed: int = 0,
                     conversational: bool = False) -> dict:
   """{'train', 'validation'} sources of `data.builtin_tasks`: the train splits of `names`
-  (concatenated; the pipeline shuffles) and their held-out splits (the run's eval_loss).
+  (concatenated; the pipeline shuffles) and their held-out splits (the run's eval_loss),
+  interleaved task by task, so that the first data.eval_batches batches (read in order) sample
+  every task in proportion rather than the first task only.
 
   data_format 'prompt_completion' gives `PromptCompletion`s of the records; 'messages' gives
   `Conversation`s of `as_messages` (the run's chat template renders them); 'preference' gives
@@ -400,23 +409,26 @@ def builtin_sources(names: Sequence[str], data_format: str, seed: int = 0,
   names = check_task_names(names, where='data.builtin_tasks')
   out = {}
   for split, source_split in (('train', 'train'), ('validation', 'heldout')):
+    order = _interleave if split == 'validation' else lambda lists: [x for l in lists for x in l]
     if data_format in sources.PREFERENCE_FORMATS:
       features = []
-      for name in names:
-        for i, r in enumerate(preference_pairs(name, source_split, seed)):
-          where = f'built-in task {name} {source_split} pair {i}'
-          r = as_preference_messages(r) if conversational else r
-          p, c, j = (sources._as_text(r[k]) for k in ('prompt', 'chosen', 'rejected'))
-          if data_format == 'preference':
-            examples = [sources.PreferencePair(p, c, j, 0.0, where)]
-          else:
-            examples = [sources.UnpairedExample(p, c, True, where),
-                        sources.UnpairedExample(p, j, False, where)]
-          features += [sources.preference_feature(e) for e in examples]
+      pairs = order([[(name, i, r) for i, r in enumerate(preference_pairs(name, source_split,
+                                                                         seed))]
+                     for name in names])
+      for name, i, r in pairs:
+        where = f'built-in task {name} {source_split} pair {i}'
+        r = as_preference_messages(r) if conversational else r
+        p, c, j = (sources._as_text(r[k]) for k in ('prompt', 'chosen', 'rejected'))
+        if data_format == 'preference':
+          examples = [sources.PreferencePair(p, c, j, 0.0, where)]
+        else:
+          examples = [sources.UnpairedExample(p, c, True, where),
+                      sources.UnpairedExample(p, j, False, where)]
+        features += [sources.preference_feature(e) for e in examples]
       out[split] = sources.PreferenceSource(features)
       continue
-    recs = [(name, i, r) for name in names
-            for i, r in enumerate(make_task(name, source_split, seed))]
+    recs = order([[(name, i, r) for i, r in enumerate(make_task(name, source_split, seed))]
+                  for name in names])
     if data_format == 'messages':
       out[split] = sources.ConversationSource(
           [{'messages': json.dumps(as_messages(r)['messages']),

@@ -1,0 +1,86 @@
+"""DPO and a reward model from the tiny SFT model on the built-in preference pairs: held-out
+rewards/accuracies and exact match before and after DPO, the reward model's held-out accuracy,
+and the wall time of each run (issue 12's end-to-end proof).
+
+    python benchmarks/sft_tasks.py --root=/tmp/sft_bench            # the SFT model first
+    python benchmarks/preference_tasks.py --sft=/tmp/sft_bench/full [--root=/tmp/pref_bench]
+
+1. `experiments/dpo.py:tiny,params_dir=SFT` (the SFT model is the policy's start and its
+   frozen reference): held-out eval_rewards/accuracies, and the tasks' exact match, logged by
+   the train loop at its evals; "before" is the SFT run's last logged exact match.
+2. `experiments/reward.py:tiny,params_dir=SFT`: the reward model's held-out eval_accuracy
+   (chosen scored above rejected).
+Each run is timed from the command's start to its exit (compilation, evals, checkpoints
+included), one at a time. Prints a Markdown table and writes ROOT/results.json.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from sft_tasks import TASKS, logged_scores, run
+
+
+def rows(workdir: str) -> list[dict]:
+  return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
+
+
+def last_with(workdir: str, key: str) -> dict:
+  return [r for r in rows(workdir) if key in r][-1]
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--sft', default='/tmp/sft_bench/full', help='the tiny SFT run (workdir)')
+  p.add_argument('--root', default='/tmp/pref_bench')
+  p.add_argument('--reuse', action='store_true',
+                 help="keep a run already finished under ROOT (its recorded time)")
+  args = p.parse_args()
+  root, sft = os.path.abspath(args.root), os.path.abspath(args.sft)
+  if not os.path.exists(os.path.join(sft, 'model_config.json')):
+    sys.exit(f"{sft} holds no SFT run: run benchmarks/sft_tasks.py first (or pass --sft).")
+  os.makedirs(root, exist_ok=True)
+  results = {'sft': logged_scores(sft)}
+  for label, experiment in (('dpo', 'dpo.py:tiny'), ('reward', 'reward.py:tiny')):
+    workdir = os.path.join(root, label)
+    timing = os.path.join(root, f'{label}_s.txt')  # written when the run has finished
+    if os.path.exists(workdir) and not (args.reuse and os.path.exists(timing)):
+      sys.exit(f"{workdir} exists: remove it (or pass another --root) to time a fresh run.")
+    if not os.path.exists(workdir):
+      seconds = run(['-m', 'llmjax.main', f'--config=experiments/{experiment},params_dir={sft}',
+                     f'--workdir={workdir}'], os.path.join(root, f'{label}.log'))
+      with open(timing, 'w') as f:
+        f.write(f'{seconds}\n')
+    results[f'{label}_s'] = float(open(timing).read())
+  dpo_dir = os.path.join(root, 'dpo')
+  results['dpo'] = logged_scores(dpo_dir)
+  results['dpo_evals'] = [{k: r[k] for k in r if k == 'step' or k.startswith('eval_rewards')}
+                          for r in rows(dpo_dir) if 'eval_rewards/accuracies' in r]
+  results['reward_evals'] = [{k: r[k] for k in ('step', 'eval_accuracy', 'eval_margin')}
+                             for r in rows(os.path.join(root, 'reward')) if 'eval_accuracy' in r]
+  with open(os.path.join(root, 'results.json'), 'w') as f:
+    json.dump(results, f, indent=2)
+
+  def em(scores, name):
+    c, n = scores[name] if name else (sum(v[0] for v in scores.values()),
+                                      sum(v[1] for v in scores.values()))
+    return f'{c / n:.2f} ({c}/{n})'
+
+  d, r = results['dpo_evals'][-1], results['reward_evals'][-1]
+  print(f"| held-out | SFT model | after DPO ({results['dpo_s']:.0f} s, step {d['step']}) |")
+  print('|---|---|---|')
+  print(f"| rewards/accuracies | 0.00 (policy = reference) | {d['eval_rewards/accuracies']:.3f} |")
+  print(f"| rewards/margins | 0.00 | {d['eval_rewards/margins']:.3f} |")
+  for name in TASKS + ('',):
+    print(f"| exact match {name or 'all'} | {em(results['sft'], name)} |"
+          f" {em(results['dpo'], name)} |")
+  print()
+  print(f"reward model ({results['reward_s']:.0f} s, step {r['step']}): held-out accuracy"
+        f" {r['eval_accuracy']:.3f}, mean margin {r['eval_margin']:.3f}")
+  for e in results['reward_evals']:
+    print(f"  step {e['step']}: eval_accuracy {e['eval_accuracy']:.3f}")
+
+
+if __name__ == '__main__':
+  main()
