@@ -24,6 +24,8 @@ eval_rewards/accuracies and the tasks' exact match at every eval.
 Arguments (after ':'): [tiny,]lora=RANK, loss=NAME, beta=B, seq_len=N, batch=N (pairs).
 """
 
+import dataclasses
+
 import ml_collections
 
 from llmjax import config as config_lib
@@ -96,7 +98,62 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   return c
 
 
+@dataclasses.dataclass(frozen=True)
+class FromHF:
+  """Full or LoRA DPO of one pinned preset from its Hugging Face directory (init.hf_dir, given
+  on the command line; it is also the reference unless dpo.ref_hf_dir names another). Defaults
+  fit the slices of the module docstring's table (`llmjax.plan`)."""
+  preset: str  # a key of llmjax.models.config.PRESETS
+  seq_len: int  # a row: the pair's two sequences, each prompt + completion <= seq_len / 2
+  batch: int  # global, in pairs (data.pairs_per_row=1)
+
+  def __call__(self, arg: str) -> ml_collections.ConfigDict:
+    a = config_lib.parse_arg(arg, lora=0, loss='sigmoid', beta=0.1, seq_len=self.seq_len,
+                             batch=self.batch, precompute_ref=0)
+    c = config_lib.base_config(self.preset)  # pinned: a different checkpoint is an error
+    c.model.dtype = 'bfloat16'
+    if a.lora:
+      # The frozen base in bfloat16, as released; it is also the reference (adapters off), so
+      # LoRA-DPO holds one copy of the weights.
+      c.model.param_dtype = 'bfloat16'
+      _lora(c, a.lora)
+    else:
+      # fp32 master weights and Adam: DPO's updates at 1e-6 are below bf16's resolution. The
+      # frozen reference is a third copy of the weights in the same dtype (4 bytes a weight).
+      c.model.param_dtype = 'float32'
+    _dpo(c, a)
+    # 1: the reference's log-probs of every pair are computed once before training (into
+    # WORKDIR/reference_logps/) and come in the batches: the step holds no reference at all.
+    c.dpo.precompute_ref = bool(a.precompute_ref)
+    c.data.format = 'unpaired_preference' if a.loss == 'kto' else 'preference'
+    # As sft.py's variants: only block inputs survive to the backward pass; the flash kernel
+    # (no [heads, seq, seq] scores); the 128k-vocab head and log-probs 1024 positions at a
+    # time (the policy's and the reference's: no [batch, seq, vocab] float32 logits).
+    c.model.remat = 'full'
+    c.model.attention = 'pallas'
+    c.train.loss_chunk = 1024
+    c.data.seq_len = a.seq_len
+    c.data.pairs_per_row = 1  # TRL's batching: one pair a row, train.batch_size counts pairs
+    c.data.vocab_size = c.model.vocab_size  # the checkpoint's tokenizer
+    # ZeRO-3 over every chip: weights (the reference's too), gradients and Adam sharded.
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.sharding.rules = 'fsdp'
+    c.train.batch_size = a.batch
+    c.train.steps = 1_000
+    # TRL's DPO default peak rate (DPOConfig.learning_rate) for full training; adapters start
+    # at zero and take larger steps (as the generic form).
+    c.train.lr = 5e-6 if a.lora else 1e-6
+    c.train.warmup_steps = 30
+    c.train.min_lr_ratio = 0.0
+    c.train.weight_decay = 0.0
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    return c
+
+
 VARIANTS = {
     # The tiny SFT model on the built-in preference pairs (CPU).
     'tiny': _tiny,
+    # Llama 3 8B (or -Instruct) on TPU: full DPO on a v5p-8, LoRA-DPO on a v5e-8.
+    'llama3-8b': FromHF('llama3-8b', seq_len=4096, batch=16),
 }

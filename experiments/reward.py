@@ -24,6 +24,8 @@ split.
 Arguments (after ':'): [tiny,]lora=RANK, seq_len=N, batch=N (pairs).
 """
 
+import dataclasses
+
 import ml_collections
 
 from llmjax import config as config_lib
@@ -82,7 +84,53 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   return c
 
 
+@dataclasses.dataclass(frozen=True)
+class FromHF:
+  """A reward model from one pinned preset's Hugging Face directory (init.hf_dir, given on the
+  command line: an LM, whose score head is then new, or a *ForSequenceClassification
+  checkpoint). Defaults fit the slice of the module docstring's table (`llmjax.plan`)."""
+  preset: str  # a key of llmjax.models.config.PRESETS
+  seq_len: int  # a row: the pair's two sequences, each prompt + completion <= seq_len / 2
+  batch: int  # global, in pairs
+
+  def __call__(self, arg: str) -> ml_collections.ConfigDict:
+    a = config_lib.parse_arg(arg, lora=0, seq_len=self.seq_len, batch=self.batch)
+    c = config_lib.base_config(self.preset)  # pinned: a different checkpoint is an error
+    _reward(c)
+    c.model.dtype = 'bfloat16'
+    if a.lora:
+      c.model.param_dtype = 'bfloat16'  # the frozen base as released; adapters stay float32
+      c.model.lora_rank = a.lora
+      c.model.lora_alpha = 2.0 * a.lora
+      # All linear layers; the new score head is trained whole (state.trainable_mask).
+      c.model.lora_targets = ['q', 'k', 'v', 'o', 'gate', 'up', 'down']
+    else:
+      c.model.param_dtype = 'float32'  # fp32 master weights and Adam, as full SFT
+    # As sft.py's variants: only block inputs survive to the backward pass, and the flash
+    # kernel never materialises the [heads, seq, seq] scores. No train.loss_chunk: the score
+    # head is [embed, 1], there are no vocab-sized logits to chunk.
+    c.model.remat = 'full'
+    c.model.attention = 'pallas'
+    c.data.seq_len = a.seq_len
+    c.data.pairs_per_row = 1  # TRL's batching: one pair a row, train.batch_size counts pairs
+    c.data.vocab_size = c.model.vocab_size  # the checkpoint's tokenizer
+    # ZeRO-3 over every chip: weights, gradients and Adam moments sharded over all of them.
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.sharding.rules = 'fsdp'
+    c.train.batch_size = a.batch
+    c.train.steps = 1_000
+    # TRL's RewardConfig default rate for full training; adapters take larger steps.
+    c.train.lr = 1e-4 if a.lora else 1e-5
+    c.train.warmup_steps = 30
+    c.train.min_lr_ratio = 0.0
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    return c
+
+
 VARIANTS = {
     # A reward model from the tiny SFT model on the built-in preference pairs (CPU).
     'tiny': _tiny,
+    # Llama 3 8B (or -Instruct) as a reward model, fully trained on a v5p-8.
+    'llama3-8b': FromHF('llama3-8b', seq_len=4096, batch=16),
 }
