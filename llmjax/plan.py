@@ -11,6 +11,14 @@ step's FLOPs, a compute-bound MFU ceiling (model FLOPs over the FLOPs the step e
 remat's reruns included), the mesh and the shardings of the largest tensors.
 It exits 1 with what to change when the step does not fit in HBM, 2 on a bad config.
 
+Every objective plans as it trains: the batch has the keys `build_data` would yield
+(`llmjax.data.pipeline.batch_shapes`: DPO and reward rows add pair_mask and margin/label,
+precomputed reference log-probs ref_logps), and a DPO step with a frozen reference model gets
+its params as the third argument (`Trainer.reference == 'arg'`), so the reference's shards are
+counted in the arguments (`Report.reference_bytes`) and its forward pass in the FLOPs. A LoRA
+policy's reference is its own base with adapters off (no memory of its own); with
+dpo.precompute_ref no reference is loaded at all.
+
 Topology names are '<generation>:<chips per axis>': v4 and v5p are 3-D tori ('v5p:2x2x1' is
 a v5p-8: 4 chips; the "-8" counts TensorCores, 2 per chip), v5e and v6e 2-D ('v5e:2x4' is a
 v5e-8 and has 8 chips).
@@ -219,7 +227,7 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
           f"the TPU compiler needs {found.group(1)} of temporaries per device on top of"
           f" {state / GiB:.2f} GiB of train state"
           + (f" and {reference_bytes / GiB:.2f} GiB of frozen reference" if reference_bytes
-             else "") + ", but a {topology.split(':')[0]} device has"
+             else "") + f", but a {topology.split(':')[0]} device has"
           f" {found.group(2)}; " + advice(config, sizes, b / (sizes['data'] * sizes['fsdp']),
                                            len(devices)) + ".") from None
 
@@ -292,6 +300,11 @@ def advice(config, sizes: dict, per_device_batch: float, num_devices: int) -> st
   if sizes['fsdp'] * sizes['tensor'] < num_devices:
     tips.append(f"shard weights over more chips (--config.mesh.data=1 --config.mesh.fsdp=-1;"
                 f" now fsdp={sizes['fsdp']})")
+  from llmjax.train import objectives
+  if (objectives.uses_reference(config) and not objectives.precomputes_reference(config)
+      and not m.get('lora_rank', 0)):
+    tips.append("take the frozen reference out of the step: compute its log-probs once before"
+                " training (--config.dpo.precompute_ref=True)")
   if m.remat != 'full':
     tips.append(f"recompute activations (--config.model.remat=full; now '{m.remat}')")
   if per_device_batch > 1:

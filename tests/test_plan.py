@@ -277,3 +277,12 @@ def test_reward_model_plans():
   assert report.reference == '' and report.reference_bytes == 0 and report.fits
   text = plan_lib.format_report(c, report)
   assert 'reference' not in text
+
+
+def test_advice_for_a_dpo_step_that_does_not_fit_offers_to_precompute_the_reference():
+  sizes = {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1}
+  tip = '--config.dpo.precompute_ref=True'
+  assert tip in plan_lib.advice(_dpo(tiny_config()), sizes, 2, 4)
+  assert tip not in plan_lib.advice(_dpo(tiny_config(), precompute_ref=True), sizes, 2, 4)
+  assert tip not in plan_lib.advice(_dpo(tiny_config(), loss='simpo'), sizes, 2, 4)
+  assert tip not in plan_lib.advice(tiny_config(), sizes, 2, 4)
