@@ -21,7 +21,37 @@ pairs with it.
 params_dir= for another) on the built-in preference pairs, eval accuracy on their held-out
 split.
 
-Arguments (after ':'): [tiny,]lora=RANK, seq_len=N, batch=N (pairs).
+Arguments (after ':'): [VARIANT,]lora=RANK, seq_len=N, batch=N (pairs); `:tiny` takes
+params_dir=DIR, steps=N instead.
+
+`:llama3-8b` pins Llama 3 8B (model.preset, so `llmjax.plan` needs no checkpoint and a wrong
+--config.init.hf_dir is a one-line error) with sft.py's `:llama3-8b` settings (bf16 compute,
+fp32 master weights and Adam, full remat, the Pallas flash kernel, ZeRO-3 over all chips),
+rows of 4096 tokens (each pair's chosen and rejected sequences <= 2048 tokens), 16 pairs a
+step, TRL's rate 1e-5 (LoRA 1e-4). From an LM checkpoint the [4096, 1] score head is new (and
+the LM head is dropped); from a LlamaForSequenceClassification one it is loaded.
+
+    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \\
+        --config=experiments/reward.py:llama3-8b --topology=v5p:2x2x1
+    python -m llmjax.launch create --name=rm8b --zone=us-east5-a --accelerator=v5p-8
+    python -m llmjax.launch setup --name=rm8b --zone=us-east5-a
+    python -m llmjax.launch run --name=rm8b --zone=us-east5-a \\
+        --config=experiments/reward.py:llama3-8b --workdir=gs://BUCKET/rm8b \\
+        -- --config.init.hf_dir=/data/Meta-Llama-3-8B-Instruct --config.data.path=/data/pairs.jsonl
+
+`:llama3-8b,lora=16` (adapters on every projection of a frozen bf16 base, the score head
+trained whole) runs the same way on a v5e-8 (--topology=v5e:2x4, --accelerator=v5litepod-8).
+
+`llmjax.plan` per chip (full output and compile times: benchmarks/sft_plan.md, "DPO and
+reward models"):
+
+  --config=experiments/reward.py:  --topology=  batch x seq    GiB of HBM: total (arguments
+                                                (per chip)     + temporaries)
+  llama3-8b                        v5p:2x2x1    16 x 4096 (4)  45.72 of 95.73 (20.97 + 24.72)  fits
+  llama3-8b,lora=16                v5e:2x4      16 x 4096 (2)   9.09 of 15.75 (2.07 + 6.97)    fits
+
+Against full SFT of the 8B (49.15 GiB, sft.py), the train state lacks the [4096, 128256] LM
+head (1.47 GiB a chip with its Adam moments) and the temporaries its chunked logits.
 """
 
 import dataclasses
