@@ -21,8 +21,64 @@ to use another) on the built-in preference pairs (`llmjax.data.tasks.preference_
 right answer against a plausible wrong or badly formatted one), scoring held-out
 eval_rewards/accuracies and the tasks' exact match at every eval.
 
-Arguments (after ':'): [tiny,]lora=RANK, loss=NAME, beta=B, seq_len=N, batch=N (pairs).
+Arguments (after ':'): [VARIANT,]lora=RANK, loss=NAME, beta=B, seq_len=N, batch=N (pairs);
+`:tiny` also params_dir=DIR, steps=N; `:llama3-8b` also precompute_ref=1.
+
+`:llama3-8b` pins Llama 3 8B (model.preset, so `llmjax.plan` needs no checkpoint and a wrong
+--config.init.hf_dir is a one-line error) with sft.py's `:llama3-8b` settings (bf16 compute,
+full remat, the Pallas flash kernel, the head and log-probs 1024 positions at a time, ZeRO-3
+over all chips), rows of 4096 tokens (each pair's two sequences <= 2048 tokens), 16 pairs a
+step, TRL's rate 1e-6 (LoRA 5e-6). Three ways to hold the reference:
+
+  full DPO            policy in fp32 with Adam + a frozen fp32 copy of the initial weights
+                      (the step's third argument): v5p-8
+  lora=16             rank-16 adapters on a frozen bf16 base; the reference is that base with
+                      adapters off (no second copy): v5e-8
+  precompute_ref=1    the reference's log-probs of every pair computed in one pass before
+                      training (dpo.precompute_ref) and read from the batches: the step is
+                      SFT's, with no reference at all (v5p-8; the pass itself, the
+                      reference's forward only, is a separate program that plan does not
+                      compile)
+
+    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \\
+        --config=experiments/dpo.py:llama3-8b --topology=v5p:2x2x1
+    python -m llmjax.launch create --name=dpo8b --zone=us-east5-a --accelerator=v5p-8
+    python -m llmjax.launch setup --name=dpo8b --zone=us-east5-a
+    python -m llmjax.launch run --name=dpo8b --zone=us-east5-a \\
+        --config=experiments/dpo.py:llama3-8b --workdir=gs://BUCKET/dpo8b \\
+        -- --config.init.hf_dir=/data/Meta-Llama-3-8B-Instruct --config.data.path=/data/pairs.jsonl
+
+    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \\
+        --config=experiments/dpo.py:llama3-8b,lora=16 --topology=v5e:2x4
+    python -m llmjax.launch create --name=dpolora8b --zone=us-west4-a --accelerator=v5litepod-8
+    python -m llmjax.launch setup --name=dpolora8b --zone=us-west4-a
+    python -m llmjax.launch run --name=dpolora8b --zone=us-west4-a \\
+        --config=experiments/dpo.py:llama3-8b,lora=16 --workdir=gs://BUCKET/dpolora8b \\
+        -- --config.init.hf_dir=/data/Meta-Llama-3-8B-Instruct --config.data.path=/data/pairs.jsonl
+
+`:llama3-8b,precompute_ref=1` launches as the first (v5p-8, --workdir=gs://BUCKET/dpopre8b).
+The policy's init.hf_dir is also the reference unless --config.dpo.ref_hf_dir names another
+(an SFT checkpoint, say); use the -Instruct (or your SFT) weights, DPO starts from a tuned model.
+
+`llmjax.plan` per chip (full output and compile times: benchmarks/sft_plan.md, "DPO and
+reward models"):
+
+  --config=experiments/dpo.py:     --topology=  batch x seq    GiB of HBM: total (arguments
+                                                (per chip)     [reference] + temporaries)
+  llama3-8b                        v5p:2x2x1    16 x 4096 (4)  56.61 of 95.73 (29.92 [7.48] + 26.65)  fits
+  llama3-8b,lora=16                v5e:2x4      16 x 4096 (2)   9.66 of 15.75 (2.20 [0] + 7.39)       fits
+  llama3-8b,precompute_ref=1       v5p:2x2x1    16 x 4096 (4)  49.15 of 95.73 (22.44 [0] + 26.68)     fits
+
+The frozen reference of full DPO is 7.48 GiB a chip (8.0B fp32 weights over 4 chips, no
+optimizer state) on top of SFT's 22.44 GiB of train state; its forward pass (no gradients, so
+never rerun by remat) adds ~1/3 to the step's FLOPs. LoRA-DPO's reference costs only its
+forward's temporaries (7.39 GiB of temporaries against LoRA SFT's 7.02). Full DPO does not fit
+on a v5e-8 (the compiler asks for 23.70 GiB of temporaries a chip on top of 11.22 GiB of
+train state and 3.74 of reference), as full SFT does not; precompute_ref=1 there leaves full
+SFT's step, which does not fit either.
 """
+
+import dataclasses
 
 import ml_collections
 
@@ -96,7 +152,62 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   return c
 
 
+@dataclasses.dataclass(frozen=True)
+class FromHF:
+  """Full or LoRA DPO of one pinned preset from its Hugging Face directory (init.hf_dir, given
+  on the command line; it is also the reference unless dpo.ref_hf_dir names another). Defaults
+  fit the slices of the module docstring's table (`llmjax.plan`)."""
+  preset: str  # a key of llmjax.models.config.PRESETS
+  seq_len: int  # a row: the pair's two sequences, each prompt + completion <= seq_len / 2
+  batch: int  # global, in pairs (data.pairs_per_row=1)
+
+  def __call__(self, arg: str) -> ml_collections.ConfigDict:
+    a = config_lib.parse_arg(arg, lora=0, loss='sigmoid', beta=0.1, seq_len=self.seq_len,
+                             batch=self.batch, precompute_ref=0)
+    c = config_lib.base_config(self.preset)  # pinned: a different checkpoint is an error
+    c.model.dtype = 'bfloat16'
+    if a.lora:
+      # The frozen base in bfloat16, as released; it is also the reference (adapters off), so
+      # LoRA-DPO holds one copy of the weights.
+      c.model.param_dtype = 'bfloat16'
+      _lora(c, a.lora)
+    else:
+      # fp32 master weights and Adam: DPO's updates at 1e-6 are below bf16's resolution. The
+      # frozen reference is a third copy of the weights in the same dtype (4 bytes a weight).
+      c.model.param_dtype = 'float32'
+    _dpo(c, a)
+    # 1: the reference's log-probs of every pair are computed once before training (into
+    # WORKDIR/reference_logps/) and come in the batches: the step holds no reference at all.
+    c.dpo.precompute_ref = bool(a.precompute_ref)
+    c.data.format = 'unpaired_preference' if a.loss == 'kto' else 'preference'
+    # As sft.py's variants: only block inputs survive to the backward pass; the flash kernel
+    # (no [heads, seq, seq] scores); the 128k-vocab head and log-probs 1024 positions at a
+    # time (the policy's and the reference's: no [batch, seq, vocab] float32 logits).
+    c.model.remat = 'full'
+    c.model.attention = 'pallas'
+    c.train.loss_chunk = 1024
+    c.data.seq_len = a.seq_len
+    c.data.pairs_per_row = 1  # TRL's batching: one pair a row, train.batch_size counts pairs
+    c.data.vocab_size = c.model.vocab_size  # the checkpoint's tokenizer
+    # ZeRO-3 over every chip: weights (the reference's too), gradients and Adam sharded.
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.sharding.rules = 'fsdp'
+    c.train.batch_size = a.batch
+    c.train.steps = 1_000
+    # TRL's DPO default peak rate (DPOConfig.learning_rate) for full training; adapters start
+    # at zero and take larger steps (as the generic form).
+    c.train.lr = 5e-6 if a.lora else 1e-6
+    c.train.warmup_steps = 30
+    c.train.min_lr_ratio = 0.0
+    c.train.weight_decay = 0.0
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    return c
+
+
 VARIANTS = {
     # The tiny SFT model on the built-in preference pairs (CPU).
     'tiny': _tiny,
+    # Llama 3 8B (or -Instruct) on TPU: full DPO on a v5p-8, LoRA-DPO on a v5e-8.
+    'llama3-8b': FromHF('llama3-8b', seq_len=4096, batch=16),
 }

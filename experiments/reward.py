@@ -21,8 +21,40 @@ pairs with it.
 params_dir= for another) on the built-in preference pairs, eval accuracy on their held-out
 split.
 
-Arguments (after ':'): [tiny,]lora=RANK, seq_len=N, batch=N (pairs).
+Arguments (after ':'): [VARIANT,]lora=RANK, seq_len=N, batch=N (pairs); `:tiny` takes
+params_dir=DIR, steps=N instead.
+
+`:llama3-8b` pins Llama 3 8B (model.preset, so `llmjax.plan` needs no checkpoint and a wrong
+--config.init.hf_dir is a one-line error) with sft.py's `:llama3-8b` settings (bf16 compute,
+fp32 master weights and Adam, full remat, the Pallas flash kernel, ZeRO-3 over all chips),
+rows of 4096 tokens (each pair's chosen and rejected sequences <= 2048 tokens), 16 pairs a
+step, TRL's rate 1e-5 (LoRA 1e-4). From an LM checkpoint the [4096, 1] score head is new (and
+the LM head is dropped); from a LlamaForSequenceClassification one it is loaded.
+
+    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \\
+        --config=experiments/reward.py:llama3-8b --topology=v5p:2x2x1
+    python -m llmjax.launch create --name=rm8b --zone=us-east5-a --accelerator=v5p-8
+    python -m llmjax.launch setup --name=rm8b --zone=us-east5-a
+    python -m llmjax.launch run --name=rm8b --zone=us-east5-a \\
+        --config=experiments/reward.py:llama3-8b --workdir=gs://BUCKET/rm8b \\
+        -- --config.init.hf_dir=/data/Meta-Llama-3-8B-Instruct --config.data.path=/data/pairs.jsonl
+
+`:llama3-8b,lora=16` (adapters on every projection of a frozen bf16 base, the score head
+trained whole) runs the same way on a v5e-8 (--topology=v5e:2x4, --accelerator=v5litepod-8).
+
+`llmjax.plan` per chip (full output and compile times: benchmarks/sft_plan.md, "DPO and
+reward models"):
+
+  --config=experiments/reward.py:  --topology=  batch x seq    GiB of HBM: total (arguments
+                                                (per chip)     + temporaries)
+  llama3-8b                        v5p:2x2x1    16 x 4096 (4)  45.72 of 95.73 (20.97 + 24.72)  fits
+  llama3-8b,lora=16                v5e:2x4      16 x 4096 (2)   9.09 of 15.75 (2.07 + 6.97)    fits
+
+Against full SFT of the 8B (49.15 GiB, sft.py), the train state lacks the [4096, 128256] LM
+head (1.47 GiB a chip with its Adam moments) and the temporaries its chunked logits.
 """
+
+import dataclasses
 
 import ml_collections
 
@@ -82,7 +114,53 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   return c
 
 
+@dataclasses.dataclass(frozen=True)
+class FromHF:
+  """A reward model from one pinned preset's Hugging Face directory (init.hf_dir, given on the
+  command line: an LM, whose score head is then new, or a *ForSequenceClassification
+  checkpoint). Defaults fit the slice of the module docstring's table (`llmjax.plan`)."""
+  preset: str  # a key of llmjax.models.config.PRESETS
+  seq_len: int  # a row: the pair's two sequences, each prompt + completion <= seq_len / 2
+  batch: int  # global, in pairs
+
+  def __call__(self, arg: str) -> ml_collections.ConfigDict:
+    a = config_lib.parse_arg(arg, lora=0, seq_len=self.seq_len, batch=self.batch)
+    c = config_lib.base_config(self.preset)  # pinned: a different checkpoint is an error
+    _reward(c)
+    c.model.dtype = 'bfloat16'
+    if a.lora:
+      c.model.param_dtype = 'bfloat16'  # the frozen base as released; adapters stay float32
+      c.model.lora_rank = a.lora
+      c.model.lora_alpha = 2.0 * a.lora
+      # All linear layers; the new score head is trained whole (state.trainable_mask).
+      c.model.lora_targets = ['q', 'k', 'v', 'o', 'gate', 'up', 'down']
+    else:
+      c.model.param_dtype = 'float32'  # fp32 master weights and Adam, as full SFT
+    # As sft.py's variants: only block inputs survive to the backward pass, and the flash
+    # kernel never materialises the [heads, seq, seq] scores. No train.loss_chunk: the score
+    # head is [embed, 1], there are no vocab-sized logits to chunk.
+    c.model.remat = 'full'
+    c.model.attention = 'pallas'
+    c.data.seq_len = a.seq_len
+    c.data.pairs_per_row = 1  # TRL's batching: one pair a row, train.batch_size counts pairs
+    c.data.vocab_size = c.model.vocab_size  # the checkpoint's tokenizer
+    # ZeRO-3 over every chip: weights, gradients and Adam moments sharded over all of them.
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.sharding.rules = 'fsdp'
+    c.train.batch_size = a.batch
+    c.train.steps = 1_000
+    # TRL's RewardConfig default rate for full training; adapters take larger steps.
+    c.train.lr = 1e-4 if a.lora else 1e-5
+    c.train.warmup_steps = 30
+    c.train.min_lr_ratio = 0.0
+    c.train.eval_every = 200
+    c.train.checkpoint_every = 200
+    return c
+
+
 VARIANTS = {
     # A reward model from the tiny SFT model on the built-in preference pairs (CPU).
     'tiny': _tiny,
+    # Llama 3 8B (or -Instruct) as a reward model, fully trained on a v5p-8.
+    'llama3-8b': FromHF('llama3-8b', seq_len=4096, batch=16),
 }

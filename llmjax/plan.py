@@ -11,6 +11,14 @@ step's FLOPs, a compute-bound MFU ceiling (model FLOPs over the FLOPs the step e
 remat's reruns included), the mesh and the shardings of the largest tensors.
 It exits 1 with what to change when the step does not fit in HBM, 2 on a bad config.
 
+Every objective plans as it trains: the batch has the keys `build_data` would yield
+(`llmjax.data.pipeline.batch_shapes`: DPO and reward rows add pair_mask and margin/label,
+precomputed reference log-probs ref_logps), and a DPO step with a frozen reference model gets
+its params as the third argument (`Trainer.reference == 'arg'`), so the reference's shards are
+counted in the arguments (`Report.reference_bytes`) and its forward pass in the FLOPs. A LoRA
+policy's reference is its own base with adapters off (no memory of its own); with
+dpo.precompute_ref no reference is loaded at all.
+
 Topology names are '<generation>:<chips per axis>': v4 and v5p are 3-D tori ('v5p:2x2x1' is
 a v5p-8: 4 chips; the "-8" counts TensorCores, 2 per chip), v5e and v6e 2-D ('v5e:2x4' is a
 v5e-8 and has 8 chips).
@@ -64,6 +72,11 @@ class Report:
   # XLA's cost analysis counts a while loop's body once (scanned layers, grad_accum's scan,
   # the chunked loss), so flops_executed_per_device is then the formula's estimate.
   flops_estimated: bool = False
+  # How the step gets its reference model (`Trainer.reference`): '' none (or precomputed
+  # log-probs in the batch, dpo.precompute_ref), 'arg' a frozen copy of the params passed
+  # to the step, 'lora' the LoRA base with adapters off (no second copy).
+  reference: str = ''
+  reference_bytes: int = 0  # of one device's shards of the frozen reference, in the arguments
 
   @property
   def total_bytes(self) -> int:
@@ -176,6 +189,7 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
 
   from llmjax import config as config_lib
   from llmjax import sharding
+  from llmjax.data import pipeline
   from llmjax.train.loop import make_trainer
 
   # plan reads no data: check everything but the data files, which live where the job runs.
@@ -188,11 +202,16 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
   trainer = make_trainer(config, model_cfg, mesh, rules)
 
   b, t = config.train.batch_size, config.data.seq_len
-  batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == 'loss_mask' else jnp.int32,
-                                   sharding=trainer.batch_sharding)
-           for k in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
+  # The keys the objective's batches carry (a DPO row: + pair_mask, margin [B, P]; with
+  # dpo.precompute_ref, + ref_logps [B, 2P]), as build_data yields them.
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
+           for k, (shape, dtype) in pipeline.batch_shapes(config, b).items()}
+  # A frozen reference model (DPO) is the step's third argument, sharded like the policy's
+  # params and without optimizer state: the abstract params carry those shardings.
+  ref_args = (trainer.abstract_state.params,) if trainer.reference == 'arg' else ()
+  reference_bytes = _bytes_per_device(ref_args)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    lowered = trainer.train_step.lower(trainer.abstract_state, batch)
+    lowered = trainer.train_step.lower(trainer.abstract_state, batch, *ref_args)
     try:
       compiled = lowered.compile()
     except jax.errors.JaxRuntimeError as e:
@@ -203,11 +222,12 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
                         str(e))
       if not found:
         raise
-      state = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
-                  for x in jax.tree.leaves(trainer.abstract_state))
+      state = _bytes_per_device(trainer.abstract_state)
       raise DoesNotFit(
           f"the TPU compiler needs {found.group(1)} of temporaries per device on top of"
-          f" {state / GiB:.2f} GiB of train state, but a {topology.split(':')[0]} device has"
+          f" {state / GiB:.2f} GiB of train state"
+          + (f" and {reference_bytes / GiB:.2f} GiB of frozen reference" if reference_bytes
+             else "") + f", but a {topology.split(':')[0]} device has"
           f" {found.group(2)}; " + advice(config, sizes, b / (sizes['data'] * sizes['fsdp']),
                                            len(devices)) + ".") from None
 
@@ -220,7 +240,12 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
   n = len(devices)
   # The MFU numerator counts what the model needs (LoRA's frozen base: 4N, no weight
   # gradients); the denominator what the program runs, remat's reruns included.
-  model_flops = model_cfg.flops_per_token(t) * b * t / n
+  # A reference model run inside the step ('arg', or 'lora': the base with adapters off)
+  # adds its forward pass, 2N + attention's forward per token, never rerun by remat (no
+  # gradient flows through it); precomputed log-probs (or none) add nothing.
+  ref_flops = (_forward_flops_per_token(model_cfg, t) * b * t / n
+               if trainer.reference in ('arg', 'lora') else 0.0)
+  model_flops = model_cfg.flops_per_token(t) * b * t / n + ref_flops
   flops = float(cost.get('flops', 0.0))
   loss_chunk = bool(config.train.get('loss_chunk', 0))
   # XLA's count is exact for a loop-free program; a loop's body it counts once, so the scanned
@@ -228,7 +253,7 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
   estimated = not flops or _has_loops(compiled, default=model_cfg.scan_layers or loss_chunk
                                       or config.train.grad_accum > 1)
   if estimated:
-    flops_executed = executed_flops_per_token(model_cfg, t, loss_chunk) * b * t / n
+    flops_executed = executed_flops_per_token(model_cfg, t, loss_chunk) * b * t / n + ref_flops
   else:
     flops_executed = flops
   floor = flops_executed / (chip['peak_flops'] / per_chip)
@@ -251,8 +276,21 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
       code_bytes=mem.generated_code_size_in_bytes, flops_per_device=flops,
       flops_executed_per_device=flops_executed, scanned=model_cfg.scan_layers,
       model_flops_per_device=model_flops, step_time_floor_s=floor, largest=largest[:8],
-      flops_estimated=estimated)
+      flops_estimated=estimated, reference=trainer.reference,
+      reference_bytes=reference_bytes)
   return report, compiled
+
+
+def _bytes_per_device(tree) -> int:
+  """Bytes of one device's shards of a pytree of sharded ShapeDtypeStructs."""
+  import jax
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _forward_flops_per_token(cfg, seq_len: int) -> float:
+  """One forward pass of the model without adapters: a third of 6N + attention (PaLM)."""
+  return dataclasses.replace(cfg, lora_rank=0).flops_per_token(seq_len) / 3
 
 
 def advice(config, sizes: dict, per_device_batch: float, num_devices: int) -> str:
@@ -262,6 +300,11 @@ def advice(config, sizes: dict, per_device_batch: float, num_devices: int) -> st
   if sizes['fsdp'] * sizes['tensor'] < num_devices:
     tips.append(f"shard weights over more chips (--config.mesh.data=1 --config.mesh.fsdp=-1;"
                 f" now fsdp={sizes['fsdp']})")
+  from llmjax.train import objectives
+  if (objectives.uses_reference(config) and not objectives.precomputes_reference(config)
+      and not m.get('lora_rank', 0)):
+    tips.append("take the frozen reference out of the step: compute its log-probs once before"
+                " training (--config.dpo.precompute_ref=True)")
   if m.remat != 'full':
     tips.append(f"recompute activations (--config.model.remat=full; now '{m.remat}')")
   if per_device_batch > 1:
@@ -292,13 +335,15 @@ def format_report(config, report: Report) -> str:
       f" remat '{config.model.remat}', dtype {config.model.dtype}, params {config.model.param_dtype}",
       f"memory per {unit} (XLA memory_analysis):",
       f"  arguments {gib(r.argument_bytes)}  (train state + batch)",
+      *_reference_lines(config, r, gib),
       f"  outputs   {gib(r.output_bytes)}  (of which {gib(r.alias_bytes)} reuse the donated state)",
       f"  temp      {gib(r.temp_bytes)}  (activations, gradients, collectives' buffers)",
       f"  code      {gib(r.code_bytes)}",
       f"  total     {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM"
       f" ({100 * r.total_bytes / r.hbm_bytes:.0f}%) -> {'fits' if r.fits else 'DOES NOT FIT'}",
       f"FLOPs per step per device: {r.model_flops_per_device:.4g} model"
-      f" ({'4N + 6 x adapters' if config.model.get('lora_rank') else '6N'} + attention),"
+      f" ({'4N + 6 x adapters' if config.model.get('lora_rank') else '6N'} + attention"
+      + (", + the reference's forward 2N + attention" if r.reference else "") + "),"
       + (f" ~{r.flops_executed_per_device:.4g} executed (estimated for remat"
          f" '{config.model.remat}': XLA's cost analysis, {r.flops_per_device:.4g}, counts a"
          " loop's body once)" if r.flops_estimated else
@@ -310,6 +355,20 @@ def format_report(config, report: Report) -> str:
   for path, shape, dtype, spec, nbytes in r.largest:
     lines.append(f"  {gib(nbytes):>10}  {path} {dtype}{list(shape)} -> {spec}")
   return '\n'.join(lines)
+
+
+def _reference_lines(config, r: Report, gib) -> list[str]:
+  """What the DPO reference model costs, for a report under the arguments line."""
+  from llmjax.train import objectives
+  if r.reference == 'arg':
+    return [f"            of which {gib(r.reference_bytes)} the frozen reference's params"
+            " (a third argument of the step, sharded like the policy's; no optimizer state)"]
+  if r.reference == 'lora':
+    return ["            the reference is the LoRA base with adapters off: no memory of its own"]
+  if objectives.precomputes_reference(config):
+    return ["            no reference model loaded: its log-probs come in the batch"
+            " (dpo.precompute_ref, ref_logps)"]
+  return []
 
 
 FLAGS = (

@@ -102,3 +102,28 @@ def test_validate_data_format(over, message):
   assert '\n' not in str(e.value)
   if over['data.format'] in ('prompt_completion', 'messages'):
     config_lib.validate(c, data_files=False)  # what llmjax.plan checks: no data needed there
+
+
+@pytest.mark.parametrize('arg, lora, precompute, head', [
+    ('dpo.py:llama3-8b', 0, False, 'lm'),
+    ('dpo.py:llama3-8b,lora=16', 16, False, 'lm'),
+    ('dpo.py:llama3-8b,precompute_ref=1', 0, True, 'lm'),
+    ('reward.py:llama3-8b', 0, False, 'score'),
+])
+def test_preference_8b_variants_pin_their_preset_and_validate(arg, lora, precompute, head):
+  """The :llama3-8b variants whose `llmjax.plan` numbers experiments/dpo.py and reward.py
+  quote: Llama 3 8B pinned (so plan runs without the checkpoint), validated as plan checks
+  them, and refusing to train without data.path."""
+  from llmjax.models.config import get_preset
+  from llmjax.train import objectives
+  c = config_lib.load_config(os.path.join(EXPERIMENTS, arg))
+  model = config_lib.validate(c, data_files=False, platform='tpu')
+  assert c.model.preset == 'llama3-8b' and c.init.hf_dir == ''  # the checkpoint: the user's
+  assert model.num_params == get_preset('llama3-8b').num_params + (head == 'score') * (
+      4096 - 4096 * 128256)  # a [4096, 1] score head instead of the LM head
+  assert (model.lora_rank, model.head) == (lora, head)
+  assert model.param_dtype == ('bfloat16' if lora else 'float32')
+  assert objectives.precomputes_reference(c) is precompute
+  assert c.mesh.fsdp == -1 and model.attention == 'pallas' and model.remat == 'full'
+  with pytest.raises(ConfigError, match="data.format='preference' needs data.path"):
+    config_lib.validate(c)

@@ -308,3 +308,45 @@ def test_build_data_from_preference_jsonl_trains_a_tokenizer_on_its_texts(tmp_pa
     (c_in, _, c_mask), (r_in, _, r_mask) = _segments(row).values()
     assert c_in[-1] == tok.eos_id == r_in[-1] and c_mask[-2] == 1.0 == r_mask[-2]
   assert eval_batches()[0]['inputs'].shape == (2, 64)
+
+
+@pytest.mark.parametrize('fmt, tasks_, pairs', [
+    ('text', (), 1),
+    ('prompt_completion', ('strings',), 1),
+    ('preference', ('strings',), 1),
+    ('preference', ('strings',), 2),
+    ('unpaired_preference', ('strings',), 2),
+])
+def test_batch_shapes_are_those_of_build_datas_batches(tmp_path, fmt, tasks_, pairs):
+  """`pipeline.batch_shapes` (what llmjax.plan compiles for) against real batches."""
+  from llmjax.config import base_config
+  from llmjax.data.pipeline import batch_shapes
+  c = base_config()
+  c.data.format, c.data.builtin_tasks, c.data.seq_len = fmt, tasks_, 64
+  c.data.eval_batches, c.data.pairs_per_row = 1, pairs
+  c.data.tokenizer_path = os.path.join(GOLDEN, 'qwen2_bias_tied')
+  c.train.batch_size = 4
+  if fmt in sources.PREFERENCE_FORMATS:
+    c.train.objective = 'dpo'
+    c.dpo.loss = 'kto' if fmt == 'unpaired_preference' else 'sigmoid'
+  _, train, eval_batches = build_data(c.data, str(tmp_path), seed=0, batch_size=4)
+  want = batch_shapes(c)
+  for b in (next(iter(train)), eval_batches()[0]):
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == want
+  assert batch_shapes(c, batch_size=8)['inputs'] == ((8, 64), np.dtype(np.int32))
+
+
+def test_batch_shapes_with_precomputed_reference_log_probs():
+  from llmjax.config import base_config
+  from llmjax.data.pipeline import batch_shapes
+  c = base_config()
+  c.data.format, c.data.seq_len, c.data.pairs_per_row, c.train.batch_size = 'preference', 64, 3, 4
+  c.train.objective = 'dpo'
+  assert 'ref_logps' not in batch_shapes(c)
+  c.dpo.precompute_ref = True
+  shapes = batch_shapes(c)
+  # Two sequences (chosen, rejected) per pair slot: [B, 2P].
+  assert shapes['ref_logps'] == ((4, 6), np.dtype(np.float32))
+  assert shapes['margin'] == shapes['pair_mask'] == ((4, 3), np.dtype(np.float32))
+  c.dpo.loss = 'simpo'  # reference-free: no reference, nothing precomputed
+  assert 'ref_logps' not in batch_shapes(c)

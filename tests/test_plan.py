@@ -217,3 +217,72 @@ def test_cli_prints_the_report_and_exits_0_when_it_fits():
 def test_cli_without_topology():
   p = _cli('--config=experiments/quickstart.py')
   assert p.returncode == 2 and 'missing --topology' in p.stderr
+
+
+# --- DPO and reward models -----------------------------------------------------------------------
+
+def _dpo(c, **dpo):
+  c.train.objective, c.data.format = 'dpo', 'preference'
+  c.dpo.update(dpo)
+  return c
+
+
+@pytest.mark.slow  # two compiles
+def test_dpo_plan_counts_the_frozen_reference_in_the_arguments():
+  """The reference is the step's third argument: a DPO step's arguments exceed those of the
+  same step with precomputed reference log-probs by the reference's params (its shards, like
+  the policy's), less the [B, 2P] ref_logps input that the latter takes instead."""
+  c = _dpo(_aligned_config())
+  report, _ = plan_lib.plan(c, 'v5e:2x2')
+  pre, _ = plan_lib.plan(_dpo(_aligned_config(), precompute_ref=True), 'v5e:2x2')
+  assert (report.reference, pre.reference) == ('arg', '') and pre.reference_bytes == 0
+  # Independent of XLA: this device's quarter of the float32 params, from the shapes by hand
+  # (a third of params + two Adam moments), within 1% (the norm scales are replicated).
+  params = _state_bytes_by_hand(c.model) / 3 / 4
+  assert params <= report.reference_bytes <= 1.01 * params
+  # ref_logps: [8, 2] float32, [2, 2] a device, padded to at most one 4 KiB tile.
+  added = report.argument_bytes - pre.argument_bytes
+  assert report.reference_bytes - 4096 <= added < report.reference_bytes
+  text = plan_lib.format_report(c, report)
+  assert "the frozen reference's params" in text and 'arguments' in text and '-> fits' in text
+  assert "+ the reference's forward 2N" in text
+  pre_text = plan_lib.format_report(_dpo(_aligned_config(), precompute_ref=True), pre)
+  assert 'no reference model loaded' in pre_text and "reference's params" not in pre_text
+
+
+def test_lora_dpo_reference_is_the_base_and_costs_no_memory():
+  c = _dpo(tiny_config())
+  c.model.update(dict(lora_rank=4, lora_targets=['q', 'v']))
+  report, _ = plan_lib.plan(c, 'v5e:2x2')
+  assert report.reference == 'lora' and report.reference_bytes == 0 and report.fits
+  assert 'LoRA base with adapters off' in plan_lib.format_report(c, report)
+
+
+@pytest.mark.slow
+def test_dpo_executed_flops_add_the_references_forward():
+  """Unscanned, XLA counts the whole step: the policy's forward and backward (6N + attention)
+  and the reference's forward (2N + attention's forward), within 3% (elementwise ops)."""
+  c = _dpo(_flops_config('none'))
+  report, _ = plan_lib.plan(c, 'v5e:2x2')
+  want = (6 * N + 3 * ATTN_FWD + 2 * N + ATTN_FWD) * TOKENS_PER_DEVICE
+  assert not report.flops_estimated
+  assert report.model_flops_per_device == pytest.approx(want)
+  assert report.flops_per_device == pytest.approx(want, rel=0.03)
+
+
+def test_reward_model_plans():
+  c = tiny_config()
+  c.train.objective, c.data.format, c.model.head = 'reward', 'preference', 'score'
+  report, _ = plan_lib.plan(c, 'v5e:2x2')
+  assert report.reference == '' and report.reference_bytes == 0 and report.fits
+  text = plan_lib.format_report(c, report)
+  assert 'reference' not in text
+
+
+def test_advice_for_a_dpo_step_that_does_not_fit_offers_to_precompute_the_reference():
+  sizes = {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1}
+  tip = '--config.dpo.precompute_ref=True'
+  assert tip in plan_lib.advice(_dpo(tiny_config()), sizes, 2, 4)
+  assert tip not in plan_lib.advice(_dpo(tiny_config(), precompute_ref=True), sizes, 2, 4)
+  assert tip not in plan_lib.advice(_dpo(tiny_config(), loss='simpo'), sizes, 2, 4)
+  assert tip not in plan_lib.advice(tiny_config(), sizes, 2, 4)

@@ -532,3 +532,36 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
     return cache
 
   return tokenizer, train, eval_batches
+
+
+LM_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
+
+
+def batch_shapes(config, batch_size: int | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{key: (shape, dtype)} of the global batch that `build_data` yields for `config` (its
+  data.format, data.seq_len, data.pairs_per_row and train.objective), without reading data:
+  what `llmjax.plan` compiles the train step for.
+
+  B = batch_size (default train.batch_size), T = data.seq_len, P = data.pairs_per_row:
+    inputs, targets, segment_ids, positions  int32 [B, T]   every format
+    loss_mask                                float32 [B, T] every format
+    pair_mask                                float32 [B, P] 'preference', 'unpaired_preference'
+    margin                                   float32 [B, P] 'preference'
+    label                                    float32 [B, P] 'unpaired_preference' (KTO)
+    ref_logps                                float32 [B, 2P] when the reference's log-probs
+                                             are precomputed (dpo.precompute_ref,
+                                             `objectives.precomputes_reference`)
+  """
+  from llmjax.train import objectives  # here: the data layer imports no jax at module level
+  b = config.train.batch_size if batch_size is None else batch_size
+  t = config.data.seq_len
+  shapes = {k: ((b, t), np.dtype(np.float32 if k == 'loss_mask' else np.int32)) for k in LM_KEYS}
+  fmt = sources.check_data_format(config.data, data_files=False)
+  if fmt in sources.PREFERENCE_FORMATS:
+    p = config.data.get('pairs_per_row', 1)
+    value_key = 'label' if fmt == 'unpaired_preference' else 'margin'  # preference.finish_row
+    shapes['pair_mask'] = shapes[value_key] = ((b, p), np.dtype(np.float32))
+    if objectives.precomputes_reference(config):
+      # Each pair's two sequences (chosen, rejected; KTO: completion, KL counterpart).
+      shapes['ref_logps'] = ((b, 2 * p), np.dtype(np.float32))
+  return shapes
