@@ -316,12 +316,14 @@ def test_build_data_from_preference_jsonl_trains_a_tokenizer_on_its_texts(tmp_pa
     ('preference', ('strings',), 1),
     ('preference', ('strings',), 2),
     ('unpaired_preference', ('strings',), 2),
+    ('preference+precompute_ref', ('strings',), 2),
 ])
 def test_batch_shapes_are_those_of_build_datas_batches(tmp_path, fmt, tasks_, pairs):
   """`pipeline.batch_shapes` (what llmjax.plan compiles for) against real batches."""
   from llmjax.config import base_config
   from llmjax.data.pipeline import batch_shapes
   c = base_config()
+  fmt, precompute = fmt.split('+')[0], '+' in fmt
   c.data.format, c.data.builtin_tasks, c.data.seq_len = fmt, tasks_, 64
   c.data.eval_batches, c.data.pairs_per_row = 1, pairs
   c.data.tokenizer_path = os.path.join(GOLDEN, 'qwen2_bias_tied')
@@ -329,8 +331,16 @@ def test_batch_shapes_are_those_of_build_datas_batches(tmp_path, fmt, tasks_, pa
   if fmt in sources.PREFERENCE_FORMATS:
     c.train.objective = 'dpo'
     c.dpo.loss = 'kto' if fmt == 'unpaired_preference' else 'sigmoid'
-  _, train, eval_batches = build_data(c.data, str(tmp_path), seed=0, batch_size=4)
+  tables = None
+  if precompute:  # tables of the right length (values: llmjax.train.reference)
+    from llmjax.data.pipeline import prepare
+    c.dpo.precompute_ref = True
+    srcs = prepare(c.data, str(tmp_path)).sources
+    tables = {k: np.zeros((len(v), 2), np.float32) for k, v in srcs.items()}
+  _, train, eval_batches = build_data(c.data, str(tmp_path), seed=0, batch_size=4,
+                                      ref_logps=tables)
   want = batch_shapes(c)
+  assert ('ref_logps' in want) == precompute
   for b in (next(iter(train)), eval_batches()[0]):
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == want
   assert batch_shapes(c, batch_size=8)['inputs'] == ((8, 64), np.dtype(np.int32))
