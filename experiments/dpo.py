@@ -129,7 +129,7 @@ def _dpo(c, a) -> None:
 def _tiny(arg: str) -> ml_collections.ConfigDict:
   """The tiny SFT model on the built-in preference pairs, on a laptop CPU."""
   a = config_lib.parse_arg(arg, lora=0, loss='sigmoid', beta=0.1, params_dir='/tmp/sft_tiny',
-                           steps=300)
+                           steps=300, sft_weight=1.0)
   c = config_lib.base_config('tiny', vocab_size=1024, max_seq_len=1024)  # the quickstart's
   c.init.params_dir = a.params_dir  # its tokenizer comes with it; it is also the reference
   _lora(c, a.lora)
@@ -141,7 +141,11 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   c.data.eval_batches = 10  # 320 of the 328 held-out pairs (interleaved by task)
   c.train.batch_size = 32
   c.train.steps = a.steps
-  c.train.lr = 1e-4 if a.lora else 2e-5
+  # RPO (Pang et al. 2024): the chosen answers' NLL keeps the likelihood of right answers from
+  # falling with the rejected ones', so exact match holds (at 4e-5 plain DPO lowered the
+  # arithmetic EM from 0.92 to 0.80 over 150 steps; with it, 0.98).
+  c.dpo.sft_weight = a.sft_weight
+  c.train.lr = 1e-4 if a.lora else 4e-5
   c.train.warmup_steps = 20
   c.train.min_lr_ratio = 1.0
   c.train.weight_decay = 0.0

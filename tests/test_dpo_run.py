@@ -39,9 +39,9 @@ def _dpo(workdir, pairs_path, *extra):
   assert main_lib.main(argv) == 0
 
 
-def _close(got: dict, want: dict, keys):
+def _close(got: dict, want: dict, keys, rel=1e-4):
   for k in keys:
-    assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), (k, got[k], want[k])
+    assert got[k] == pytest.approx(want[k], rel=rel, abs=1e-6), (k, got[k], want[k])
 
 
 @pytest.mark.slow

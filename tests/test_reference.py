@@ -10,41 +10,12 @@ import numpy as np
 import pytest
 
 from llmjax import config as config_lib
-from llmjax import main as main_lib
 from llmjax.data import pipeline, preference, sources
 from llmjax.errors import ConfigError, DataError
 from llmjax.train import reference, state as state_lib
 
 from test_data_sft import CharTokenizer  # one id per character
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DPO = os.path.join(ROOT, 'tests', 'golden', 'dpo')
-
-
-def _rows(workdir):
-  return [json.loads(l) for l in open(os.path.join(workdir, 'metrics.jsonl'))]
-
-
-@pytest.fixture(scope='module')
-def pairs(tmp_path_factory):
-  golden = json.load(open(os.path.join(DPO, 'golden.json')))
-  path = tmp_path_factory.mktemp('pairs') / 'pairs.jsonl'
-  path.write_text(''.join(json.dumps({'prompt': p, 'chosen': c, 'rejected': r}) + '\n'
-                          for p, c, r in golden['pairs']))
-  return str(path), golden
-
-
-def _dpo(workdir, pairs_path, *extra):
-  argv = [f'--config={ROOT}/experiments/dpo.py', f'--workdir={workdir}',
-          f'--config.init.hf_dir={DPO}/policy', f'--config.data.path={pairs_path}',
-          '--config.data.format=preference', '--config.train.batch_size=8',
-          '--config.model.dtype=float32', *extra]
-  assert main_lib.main(argv) == 0
-
-
-def _close(got, want, keys, rel=1e-4):
-  for k in keys:
-    assert got[k] == pytest.approx(want[k], rel=rel, abs=1e-6), (k, got[k], want[k])
+from test_dpo_run import DPO, ROOT, _close, _dpo, _rows, pairs  # noqa: F401 (pairs: a fixture)
 
 
 @pytest.mark.slow
