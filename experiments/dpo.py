@@ -19,7 +19,11 @@ and pairs (tests/test_dpo_run.py). train.batch_size counts pairs (data.pairs_per
 `:tiny` continues the tiny SFT model (`experiments/sft.py:tiny`, in /tmp/sft_tiny; params_dir=
 to use another) on the built-in preference pairs (`llmjax.data.tasks.preference_pairs`: the
 right answer against a plausible wrong or badly formatted one), scoring held-out
-eval_rewards/accuracies and the tasks' exact match at every eval.
+eval_rewards/accuracies and the tasks' exact match at every eval. From the SFT model of
+`benchmarks/sft_tasks.py` (`python benchmarks/preference_tasks.py --sft=/tmp/sft_bench/full`,
+300 steps, 723 s on 2 shared CPU cores): held-out rewards/accuracies 0.928 (320 pairs; 0.863
+at step 100, 0.897 at 200), exact match arithmetic 0.92 -> 1.00, facts 0.99 -> 1.00, strings
+0.12 -> 0.14.
 
 Arguments (after ':'): [VARIANT,]lora=RANK, loss=NAME, beta=B, seq_len=N, batch=N (pairs);
 `:tiny` also params_dir=DIR, steps=N; `:llama3-8b` also precompute_ref=1.
