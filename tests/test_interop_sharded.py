@@ -62,8 +62,8 @@ print('OK', len(sharded_reads), 'reads, max logit diff', diff)
 
 def test_sharded_placement_on_8_cpu_devices():
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             PYTHONPATH=root)
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=root,
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
   result = subprocess.run([sys.executable, '-c', SCRIPT], cwd=root, env=env, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]

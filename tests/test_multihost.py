@@ -39,7 +39,9 @@ def _free_port() -> int:
 def _start(workdir, steps):
   port = _free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  env.pop('XLA_FLAGS', None)  # one CPU device per process
+  # One CPU device per process: drop a device count, keep any other flag (conftest's -O1).
+  env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                              if 'xla_force_host_platform_device_count' not in f)
   return [subprocess.Popen([sys.executable, '-c', WORKER, str(port), str(i), str(workdir),
                             str(steps), TESTS], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True) for i in range(2)]

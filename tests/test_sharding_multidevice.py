@@ -21,7 +21,8 @@ STEPS = 20
 
 def run_scenario(name: str, *args: str, timeout: int = 300) -> dict:
   env = dict(os.environ, JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8', PYTHONPATH=ROOT)
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8',
+             PYTHONPATH=ROOT)
   proc = subprocess.run([sys.executable, HERE, name, *args], env=env, capture_output=True,
                         text=True, timeout=timeout, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-4000:]

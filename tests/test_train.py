@@ -88,12 +88,16 @@ def test_greedy_sampling_equals_argmax_of_full_forward():
   prompts = [[1, 5, 7, 2, 9], [4, 4]]
   outs = sampler.generate(cfg, params, prompts, sampler.SamplingParams(max_new_tokens=6, temperature=0),
                           eos_id=-1)
+  # One full forward (no cache) over prompt + generated tokens: in a causal model, position i's
+  # logits are those of a forward over the first i + 1 tokens alone, so the argmax at each
+  # prompt-end and generated position must be the next generated token. (Decoding leaks no
+  # future tokens, so a forward that did would disagree here too.)
+  forward = jax.jit(lambda p, x: Transformer(cfg).apply({'params': p}, x)[0])
   for prompt, out in zip(prompts, outs):
-    seq = list(prompt)
-    for _ in range(6):
-      logits, _ = Transformer(cfg).apply({'params': params}, jnp.array([seq]))
-      seq.append(int(jnp.argmax(logits[0, -1])))
-    assert out == seq[len(prompt):]
+    assert len(out) == 6
+    logits = forward(params, jnp.array([prompt + out]))  # [1, len(prompt) + 6, vocab]
+    want = jnp.argmax(logits[0, len(prompt) - 1:-1], axis=-1)
+    assert out == [int(t) for t in want]
 
 
 def test_top_k_1_is_greedy_and_eos_stops():
