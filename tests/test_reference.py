@@ -15,7 +15,8 @@ from llmjax.errors import ConfigError, DataError
 from llmjax.train import reference, state as state_lib
 
 from test_data_sft import CharTokenizer  # one id per character
-from test_dpo_run import DPO, ROOT, _close, _dpo, _rows, pairs  # noqa: F401 (pairs: a fixture)
+from test_dpo_run import (DPO, ROOT, SHORT, _close, _dpo, _rows,  # noqa: F401
+                          pairs)  # a fixture
 
 
 @pytest.mark.slow
@@ -36,8 +37,9 @@ def test_precomputed_reference_gives_trls_step_1_metrics(tmp_path, pairs):
 def test_packed_precomputed_run_equals_on_the_fly_and_a_restart_never_loads_the_reference(
     tmp_path, pairs, monkeypatch):
   path, _ = pairs
-  common = ('--config.train.steps=2', '--config.train.lr=0.01', '--config.train.warmup_steps=0',
-            '--config.train.log_every=1', '--config.data.pairs_per_row=2',
+  common = (SHORT, '--config.train.steps=2', '--config.train.lr=0.01',
+            '--config.train.warmup_steps=0', '--config.train.log_every=1',
+            '--config.data.pairs_per_row=2',
             '--config.train.batch_size=4')
   _dpo(tmp_path / 'fly', path, *common)
   _dpo(tmp_path / 'pre', path, *common, '--config.dpo.precompute_ref=True',
