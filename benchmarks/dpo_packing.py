@@ -30,6 +30,7 @@ def measure(workdir: str, seq_len: int, pairs_per_row: int, rows: int, steps: in
   from llmjax.train.loop import build_input, make_trainer
   c = config_lib.load_config(os.path.join(ROOT, 'experiments', 'dpo.py') + ':tiny')
   c.init.params_dir = ''  # random weights; the policy's initialisation is the reference
+  c.data.vocab_size = c.model.vocab_size  # the tokenizer trained here, as the quickstart's
   c.data.seq_len, c.data.pairs_per_row = seq_len, pairs_per_row
   c.train.batch_size = rows
   model_cfg = config_lib.validate(c)
