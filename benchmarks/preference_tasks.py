@@ -9,7 +9,8 @@ and the wall time of each run (issue 12's end-to-end proof).
    frozen reference): held-out eval_rewards/accuracies, and the tasks' exact match, logged by
    the train loop at its evals; "before" is the SFT run's last logged exact match.
 2. `experiments/reward.py:tiny,params_dir=SFT`: the reward model's held-out eval_accuracy
-   (chosen scored above rejected).
+   (chosen scored above rejected), and per task (`python -m llmjax.eval --task=reward` on each
+   task's held-out pairs).
 Each run is timed from the command's start to its exit (compilation, evals, checkpoints
 included), one at a time. Prints a Markdown table and writes ROOT/results.json.
 """
@@ -59,6 +60,15 @@ def main():
                           for r in rows(dpo_dir) if 'eval_rewards/accuracies' in r]
   results['reward_evals'] = [{k: r[k] for k in ('step', 'eval_accuracy', 'eval_margin')}
                              for r in rows(os.path.join(root, 'reward')) if 'eval_accuracy' in r]
+  from llmjax.data import tasks
+  pair_files = tasks.write_tasks(os.path.join(root, 'pairs'), TASKS, file_format='preference')
+  results['reward_tasks'] = {}
+  for name in TASKS:
+    log = os.path.join(root, f'reward_{name}.json')
+    run(['-m', 'llmjax.eval', f"--workdir={os.path.join(root, 'reward')}", '--task=reward',
+         f"--data={pair_files[name]['heldout']}", '--json'], log)
+    results['reward_tasks'][name] = json.loads(open(log).read().strip().splitlines()[-1])[
+        'accuracy']
   with open(os.path.join(root, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
 
@@ -80,6 +90,8 @@ def main():
         f" {r['eval_accuracy']:.3f}, mean margin {r['eval_margin']:.3f}")
   for e in results['reward_evals']:
     print(f"  step {e['step']}: eval_accuracy {e['eval_accuracy']:.3f}")
+  print('  held-out accuracy by task: ' + ', '.join(
+      f'{k} {v:.3f}' for k, v in results['reward_tasks'].items()))
 
 
 if __name__ == '__main__':

@@ -19,7 +19,9 @@ pairs with it.
 
 `:tiny` starts from the tiny SFT model (`experiments/sft.py:tiny`, in /tmp/sft_tiny;
 params_dir= for another) on the built-in preference pairs, eval accuracy on their held-out
-split.
+split. From the SFT model of `benchmarks/sft_tasks.py` (`python benchmarks/preference_tasks.py
+--sft=/tmp/sft_bench/full`, 300 steps, 133 s on 2 CPU cores): held-out accuracy 0.869
+(arithmetic 0.995, strings 0.824, facts 0.558: the facts' held-out phrasing is not learned).
 
 Arguments (after ':'): [VARIANT,]lora=RANK, seq_len=N, batch=N (pairs); `:tiny` takes
 params_dir=DIR, steps=N instead.
@@ -105,7 +107,9 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   c.data.eval_batches = 10  # 320 of the 328 held-out pairs (interleaved by task)
   c.train.batch_size = 32
   c.train.steps = a.steps
-  c.train.lr = 1e-4
+  # The new head and the trunk at one rate: 1e-4 learns arithmetic by step 300 and no more
+  # (0.86 at 900 steps); 3e-4 reaches the same by step 300 (0.87), then drifts.
+  c.train.lr = 3e-4
   c.train.warmup_steps = 20
   c.train.min_lr_ratio = 1.0
   c.train.log_every = 10
