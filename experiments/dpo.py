@@ -103,15 +103,7 @@ def get_config(arg=None):
   # Each pair's two sequences share a row of seq_len tokens: prompt + completion <= seq_len/2.
   c.data.seq_len = a.seq_len
   c.train.batch_size = a.batch
-  c.train.steps = 1_000
-  # TRL's DPO default peak rate (DPOConfig.learning_rate): DPO moves a tuned model only a
-  # little; LoRA adapters start at zero and take larger steps.
-  c.train.lr = 5e-6 if a.lora else 1e-6
-  c.train.warmup_steps = 30
-  c.train.min_lr_ratio = 0.0
-  c.train.weight_decay = 0.0
-  c.train.eval_every = 200
-  c.train.checkpoint_every = 200
+  _schedule(c, a.lora)
   return c
 
 
@@ -128,6 +120,18 @@ def _dpo(c, a) -> None:
   c.dpo.beta = a.beta
   # A token-frequency baseline says nothing about preferences.
   c.train.unigram_baseline_batches = 0
+
+
+def _schedule(c, lora: int) -> None:
+  """1,000 steps at TRL's DPO default peak rate (DPOConfig.learning_rate): DPO moves a tuned
+  model only a little; LoRA adapters start at zero and take larger steps."""
+  c.train.steps = 1_000
+  c.train.lr = 5e-6 if lora else 1e-6
+  c.train.warmup_steps = 30
+  c.train.min_lr_ratio = 0.0
+  c.train.weight_decay = 0.0
+  c.train.eval_every = 200
+  c.train.checkpoint_every = 200
 
 
 def _tiny(arg: str) -> ml_collections.ConfigDict:
@@ -201,15 +205,7 @@ class FromHF:
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.sharding.rules = 'fsdp'
     c.train.batch_size = a.batch
-    c.train.steps = 1_000
-    # TRL's DPO default peak rate (DPOConfig.learning_rate) for full training; adapters start
-    # at zero and take larger steps (as the generic form).
-    c.train.lr = 5e-6 if a.lora else 1e-6
-    c.train.warmup_steps = 30
-    c.train.min_lr_ratio = 0.0
-    c.train.weight_decay = 0.0
-    c.train.eval_every = 200
-    c.train.checkpoint_every = 200
+    _schedule(c, a.lora)
     return c
 
 

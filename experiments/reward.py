@@ -86,14 +86,19 @@ def get_config(arg=None):
     c.model.lora_targets = ['q', 'k', 'v', 'o', 'gate', 'up', 'down']
   c.data.seq_len = a.seq_len  # a pair's two sequences share a row
   c.train.batch_size = a.batch
+  _schedule(c, a.lora)
+  return c
+
+
+def _schedule(c, lora: int) -> None:
+  """1,000 steps at TRL's RewardConfig default rate for full training; adapters take larger
+  steps."""
   c.train.steps = 1_000
-  # TRL's RewardConfig default rate is 1e-5 for full training; adapters take larger steps.
-  c.train.lr = 1e-4 if a.lora else 1e-5
+  c.train.lr = 1e-4 if lora else 1e-5
   c.train.warmup_steps = 30
   c.train.min_lr_ratio = 0.0
   c.train.eval_every = 200
   c.train.checkpoint_every = 200
-  return c
 
 
 def _tiny(arg: str) -> ml_collections.ConfigDict:
@@ -152,13 +157,7 @@ class FromHF:
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
     c.sharding.rules = 'fsdp'
     c.train.batch_size = a.batch
-    c.train.steps = 1_000
-    # TRL's RewardConfig default rate for full training; adapters take larger steps.
-    c.train.lr = 1e-4 if a.lora else 1e-5
-    c.train.warmup_steps = 30
-    c.train.min_lr_ratio = 0.0
-    c.train.eval_every = 200
-    c.train.checkpoint_every = 200
+    _schedule(c, a.lora)
     return c
 
 
