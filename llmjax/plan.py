@@ -207,8 +207,8 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
   batch = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.batch_sharding)
            for k, (shape, dtype) in pipeline.batch_shapes(config, b).items()}
   # A frozen reference model (DPO) is the step's third argument, sharded like the policy's
-  # params and without optimizer state: the abstract params carry those shardings.
-  ref_args = (trainer.abstract_state.params,) if trainer.reference == 'arg' else ()
+  # params and without optimizer state (its kernels in model.dtype: `Trainer.abstract_reference`).
+  ref_args = (trainer.abstract_reference,) if trainer.reference == 'arg' else ()
   reference_bytes = _bytes_per_device(ref_args)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     lowered = trainer.train_step.lower(trainer.abstract_state, batch, *ref_args)

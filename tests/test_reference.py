@@ -152,3 +152,31 @@ def test_packed_rows_carry_each_pairs_table_entry_and_the_pass_sees_the_training
   for (a, am), (p, pm) in zip(train_rows, pass_rows):
     np.testing.assert_array_equal(a, p)
     np.testing.assert_array_equal(am, pm)
+
+
+def test_a_bf16_runs_reference_holds_its_kernels_in_bf16_and_computes_the_same():
+  """model.dtype=bfloat16 with float32 master weights: the frozen reference stores kernels and
+  embeddings in bf16 (half the memory) and gives bit-identical log-probs, since every use casts
+  them to bf16 first; norm scales keep float32."""
+  import jax
+  import jax.numpy as jnp
+  from llmjax import sharding
+  from llmjax.train import losses
+  from llmjax.train.loop import make_trainer
+  c = config_lib.base_config('tiny', dtype='bfloat16', param_dtype='float32')
+  c.train.objective, c.data.format, c.train.batch_size = 'dpo', 'preference', 2
+  model_cfg = config_lib.validate(c, data_files=False)
+  trainer = make_trainer(c, model_cfg, sharding.make_mesh(c.mesh), sharding.rules_from_config(c))
+  rng = jax.random.key(0)
+  policy = trainer.init(rng).params
+  ref = trainer.init_reference({}, rng)
+  dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_leaves_with_path(ref)}
+  assert {d for k, d in dtypes.items() if k.endswith("['kernel']")} == {jnp.dtype('bfloat16')}
+  assert {d for k, d in dtypes.items() if k.endswith("['scale']")} == {jnp.dtype('float32')}
+  x = np.random.default_rng(0).integers(1, model_cfg.vocab_size, (2, 33)).astype(np.int32)
+  batch = {'inputs': x[:, :-1], 'targets': x[:, 1:], 'positions': np.tile(np.arange(32), (2, 1)),
+           'segment_ids': np.ones((2, 32), np.int32), 'loss_mask': np.ones((2, 32), np.float32)}
+  apply_fn = lambda p, t, **kw: trainer.model.apply({'params': p}, t, **kw)
+  a, _ = losses.sequence_logprobs(policy, batch, apply_fn)
+  b, _ = losses.sequence_logprobs(ref, batch, apply_fn)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -127,8 +127,10 @@ class Trainer:
   # it from the params (the base with adapters off).
   reference: str = ''
   # (given params, rng) -> the reference's params (`state.reference_params`): `given` completed
-  # like init_from's, adapters off for a LoRA model; params only, no optimizer state.
+  # like init_from's, adapters off for a LoRA model; params only, no optimizer state, shaped,
+  # typed and sharded as `abstract_reference`.
   init_reference: Callable | None = None
+  abstract_reference: object = None  # `state.reference_abstract` of the params
 
 
 def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = -1) -> Trainer:
@@ -178,9 +180,12 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = 
     params = state_lib.combine(given, nn.meta.unbox(init_params(rng)))
     return TrainState.create(params, optimizer, rng, trainable)
 
+  abstract_reference = state_lib.reference_abstract(abstract.params, model_cfg)
+
   def reference_from(given, rng):
     params = state_lib.combine(given, nn.meta.unbox(init_params(rng)))
-    return lora.disable(params) if model_cfg.lora_rank else params
+    params = lora.disable(params) if model_cfg.lora_rank else params
+    return jax.tree.map(lambda x, a: x.astype(a.dtype), params, abstract_reference)
 
   init = jax.jit(lambda rng: nn.meta.unbox(init_state(rng)), out_shardings=state_shardings)
   init_from = jax.jit(complete, out_shardings=state_shardings, donate_argnums=0)
@@ -196,7 +201,7 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = 
   eval_step = jax.jit(make_eval_step(apply_fn, loss_fn, reference_fn),
                       in_shardings=(state_shardings.params, batch_sharding) + ref_in)
   return Trainer(model, optimizer, abstract, state_shardings, batch_sharding, trainable, init,
-                 init_from, train_step, eval_step, reference, init_reference)
+                 init_from, train_step, eval_step, reference, init_reference, abstract_reference)
 
 
 # ------------------------------------------------------------------------------------- stages

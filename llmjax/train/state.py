@@ -103,6 +103,27 @@ def source_params(abstract_params, model_cfg: ModelConfig, *, hf_dir: str = '',
   return hf.read_params(hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
 
 
+# The leaves that every use casts to model.dtype first (DenseGeneral's kernels, the token
+# embedding and the tied head): a frozen reference holds them in that dtype and computes the
+# same values, at half the memory of float32 master weights in a bf16 run. Norm scales and
+# biases (a few KB; LayerNorm reads its in float32) keep param_dtype.
+REFERENCE_CAST_LEAVES = ('kernel', 'embedding')
+
+
+def reference_abstract(abstract_params, model_cfg: ModelConfig):
+  """The reference model's params as ShapeDtypeStructs: `abstract_params` (sharded like the
+  policy's) with REFERENCE_CAST_LEAVES in model.dtype when that is narrower."""
+  compute = jnp.dtype(model_cfg.dtype)
+  flat = traverse_util.flatten_dict(abstract_params)
+
+  def cast(path, a):
+    narrower = (path[-1] in REFERENCE_CAST_LEAVES and jnp.issubdtype(a.dtype, jnp.floating)
+                and compute.itemsize < jnp.dtype(a.dtype).itemsize)
+    return jax.ShapeDtypeStruct(a.shape, compute if narrower else a.dtype, sharding=a.sharding)
+
+  return traverse_util.unflatten_dict({p: cast(p, a) for p, a in flat.items()})
+
+
 def reference_source(config) -> tuple[str, str]:
   """(hf_dir, params_dir) of a DPO run's reference checkpoint, at most one set; both '' for
   the initialisation of train.seed. `reference_params` reads it."""
