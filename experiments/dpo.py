@@ -34,7 +34,7 @@ full remat, the Pallas flash kernel, the head and log-probs 1024 positions at a 
 over all chips), rows of 4096 tokens (each pair's two sequences <= 2048 tokens), 16 pairs a
 step, TRL's rate 1e-6 (LoRA 5e-6). Three ways to hold the reference:
 
-  full DPO            policy in fp32 with Adam + a frozen fp32 copy of the initial weights
+  full DPO            policy in fp32 with Adam + a frozen bf16 copy of the initial weights
                       (the step's third argument): v5p-8
   lora=16             rank-16 adapters on a frozen bf16 base; the reference is that base with
                       adapters off (no second copy): v5e-8
@@ -69,17 +69,18 @@ reward models"):
 
   --config=experiments/dpo.py:     --topology=  batch x seq    GiB of HBM: total (arguments
                                                 (per chip)     [reference] + temporaries)
-  llama3-8b                        v5p:2x2x1    16 x 4096 (4)  56.61 of 95.73 (29.92 [7.48] + 26.65)  fits
+  llama3-8b                        v5p:2x2x1    16 x 4096 (4)  52.91 of 95.73 (26.18 [3.74] + 26.69)  fits
   llama3-8b,lora=16                v5e:2x4      16 x 4096 (2)   9.66 of 15.75 (2.20 [0] + 7.39)       fits
   llama3-8b,precompute_ref=1       v5p:2x2x1    16 x 4096 (4)  49.15 of 95.73 (22.44 [0] + 26.68)     fits
 
-The frozen reference of full DPO is 7.48 GiB a chip (8.0B fp32 weights over 4 chips, no
-optimizer state) on top of SFT's 22.44 GiB of train state; its forward pass (no gradients, so
-never rerun by remat) adds ~1/3 to the step's FLOPs. LoRA-DPO's reference costs only its
-forward's temporaries (7.39 GiB of temporaries against LoRA SFT's 7.02). Full DPO does not fit
-on a v5e-8 (the compiler asks for 23.70 GiB of temporaries a chip on top of 11.22 GiB of
-train state and 3.74 of reference), as full SFT does not; precompute_ref=1 there leaves full
-SFT's step, which does not fit either.
+The frozen reference of full DPO is 3.74 GiB a chip (8.0B weights over 4 chips in bf16, the
+dtype every matmul reads them in, so its log-probs are those of the fp32 weights; no optimizer
+state) on top of SFT's 22.44 GiB of train state; its forward pass (no gradients, so never rerun
+by remat) adds ~1/3 to the step's FLOPs. LoRA-DPO's reference costs only its forward's
+temporaries (7.39 GiB of temporaries against LoRA SFT's 7.02). Full DPO does not fit on a
+v5e-8 (the compiler asks for 21.83 GiB of temporaries a chip on top of 11.22 GiB of train
+state and 1.87 of reference), as full SFT does not; precompute_ref=1 there leaves full SFT's
+step, which does not fit either.
 """
 
 import dataclasses
