@@ -48,7 +48,8 @@ PLAIN_LORA = {
 Path = tuple[str, ...]
 
 
-def _family(cfg: ModelConfig) -> Family:
+def peft_family(cfg: ModelConfig) -> Family:
+  """The family a LoRA model's adapters export as; ConfigError unless PEFT-supported."""
   family = families.family_for(cfg)
   if family.architecture not in SUPPORTED:
     raise ConfigError(f"PEFT adapters are supported for {', '.join(SUPPORTED)}; this model"
@@ -145,7 +146,7 @@ def check_adapter(peft_dir: str, cfg: ModelConfig, key: str = 'init.peft_dir') -
     if fields.get(field, allowed[0]) not in allowed:
       raise ConfigError(f"{path}: {field}={fields[field]!r} is not supported; llmjax reads plain"
                         f" LoRA ({field}={allowed[0]!r}).")
-  family = _family(cfg)
+  family = peft_family(cfg)
   modules = hf_modules(family, cfg)
   targets = fields.get('target_modules')
   if isinstance(targets, str) or not targets:
@@ -279,7 +280,7 @@ def save_peft(peft_dir: str, cfg: ModelConfig, params, *, base_model: str | None
   if not cfg.lora_rank:
     raise ConfigError("this model has no LoRA adapters (model.lora_rank=0); export it with"
                       " --to=hf instead.")
-  family = _family(cfg)
+  family = peft_family(cfg)
   check_rank(family, cfg, 'model.lora_rank')
   tensors = {n: np.ascontiguousarray(t) for n, t in peft_tensors(cfg, params, family).items()}
   os.makedirs(peft_dir, exist_ok=True)
