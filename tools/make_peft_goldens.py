@@ -1,6 +1,7 @@
 """Builds the PEFT LoRA adapter goldens under tests/golden/peft/ (tests/test_peft.py reads them).
 
-    /tmp/hf/bin/python tools/make_peft_goldens.py
+    /tmp/hf/bin/python tools/make_peft_goldens.py            # build goldens, then check exports
+    /tmp/hf/bin/python tools/make_peft_goldens.py --check    # only check exports of existing goldens
 
 Runs in a Python with torch + transformers + peft (never the test suite's venv). For each base
 golden (tests/golden/<name>/, built by tools/make_hf_goldens.py) it wraps the model with
@@ -9,17 +10,26 @@ lora_A / lora_B to seeded random non-zero values (PEFT starts B at zero, which w
 nothing), saves the adapter with `save_pretrained` to tests/golden/peft/<name>/ and records
     logits.npz    tokens [2, 16] int32 (the base golden's), logits [2, 16, vocab] float32
 from one forward pass of the adapted model (eager attention, float32).
+
+The export check runs llmjax (in LLMJAX_PYTHON, default /work/main/.venv/bin/python, no torch):
+it imports each golden adapter over its base into an llmjax workdir and exports it with
+`python -m llmjax.convert --to=peft`; then `peft.PeftModel.from_pretrained(base, export)` must
+give the golden's logits (max |diff| <= 1e-4).
 """
 
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 
 import numpy as np
 import peft
 import torch
 import transformers
 
+LLMJAX_PYTHON = os.environ.get('LLMJAX_PYTHON', '/work/main/.venv/bin/python')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, 'tests', 'golden')
 NAMES = ('llama_gqa_llama3', 'qwen2_bias_tied')
@@ -62,6 +72,43 @@ def build(name: str, seed: int) -> None:
   print(f'wrote {out}: {sorted(os.listdir(out))}, logits {logits.shape}')
 
 
+# Runs in LLMJAX_PYTHON: golden adapter + base -> an llmjax LoRA workdir (argv: name, workdir).
+_IMPORT = """
+import dataclasses, sys
+from llmjax.interop import load_hf, peft
+from llmjax.models import lora
+from llmjax.train import checkpoint
+name, work = sys.argv[1:]
+cfg, params, _ = load_hf('tests/golden/' + name)
+cfg = dataclasses.replace(cfg, lora_rank=4, lora_alpha=8.0)
+family = peft.check_adapter('tests/golden/peft/' + name, cfg)
+adapters = peft.read_adapters('tests/golden/peft/' + name, cfg, family)
+checkpoint.write_params_workdir(work, cfg, lora.combine(adapters, params))
+"""
+
+
+def check(name: str) -> None:
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  with tempfile.TemporaryDirectory() as tmp:
+    work, out = os.path.join(tmp, 'run'), os.path.join(tmp, 'adapter')
+    subprocess.run([LLMJAX_PYTHON, '-c', _IMPORT, name, work], cwd=ROOT, env=env, check=True)
+    subprocess.run([LLMJAX_PYTHON, '-m', 'llmjax.convert', '--to=peft', f'--src={work}',
+                    f'--dst={out}'], cwd=ROOT, env=env, check=True)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.join(GOLDEN, name), dtype=torch.float32, attn_implementation='eager')
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    golden = np.load(os.path.join(GOLDEN, 'peft', name, 'logits.npz'))
+    with torch.no_grad():
+      logits = model(torch.tensor(golden['tokens'], dtype=torch.long)).logits.numpy()
+    diff = float(np.abs(logits - golden['logits']).max())
+    print(f'{name}: PeftModel.from_pretrained(llmjax export) max |logits diff| = {diff:.2e}')
+    if diff > 1e-4:
+      sys.exit(f'{name}: the export does not reproduce the golden logits')
+
+
 if __name__ == '__main__':
-  for seed, name in enumerate(NAMES):
-    build(name, seed)
+  if '--check' not in sys.argv:
+    for seed, name in enumerate(NAMES):
+      build(name, seed)
+  for name in NAMES:
+    check(name)
