@@ -136,7 +136,9 @@ def to_peft(src: str, dst: str, *, step: int = -1, base_model: str = '') -> None
     raise UserError(f"{src} is not a LoRA run (model.lora_rank=0 in its model_config.json): it"
                     " has no adapters; export the whole model with --to=hf.")
   peft.check_rank(peft.peft_family(cfg), cfg, f'{src}/model_config.json')
-  files.check_local('--dst', dst)  # safetensors writes local files
+  if files.is_remote(dst):  # safetensors writes local files only
+    raise UserError(f"--dst={dst} is not on local disk; write the adapter to a local dir, then"
+                    " copy it (gcloud storage cp -r).")
   cfg, state, step = _restore(src, step)
   n = peft.save_peft(dst, cfg, state['params'], base_model=base_model or None)
   print(f"wrote {dst}: {n:,} adapter params (r={cfg.lora_rank}, alpha={cfg.lora_alpha}) from"

@@ -97,6 +97,13 @@ def test_rank_larger_than_a_projection_is_refused():
     peft.save_peft('/nonexistent', big, params)
 
 
+def test_gpt2_adapters_are_refused():
+  cfg, params, _ = load_hf(base_dir('gpt2'))
+  cfg = dataclasses.replace(cfg, lora_rank=2)
+  with pytest.raises(ConfigError, match='exports as GPT2LMHeadModel'):
+    peft.save_peft('/nonexistent', cfg, params)
+
+
 # ------------------------------------------------------------------- init.peft_dir
 
 
