@@ -230,6 +230,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
       # ... and its head: a reward experiment (model.head='score') may start from an LM.
       hf.check_matches(init.hf_dir, dataclasses.replace(theirs, head=model.head))
       model = dataclasses.replace(theirs, head=model.head)
+  if init.get('peft_dir'):
+    if not init.get('hf_dir'):
+      raise ConfigError(f"init.peft_dir='{init.peft_dir}' needs init.hf_dir: set it to the"
+                        " adapter's base model (a Hugging Face checkpoint dir).")
+    files.check_local('init.peft_dir', init.peft_dir)
+    from llmjax.interop import peft  # adapter_config.json and the safetensors header only
+    peft.check_adapter(init.peft_dir, model)
   from llmjax.train import objectives  # the loss fits the data and the model
   objectives.check(config, model)
   dpo = config.get('dpo', {})
@@ -369,6 +376,12 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # Or from a Hugging Face checkpoint dir (config.json + safetensors), read straight into the
   # state's shardings; its tokenizer becomes the run's unless data.tokenizer_path is set.
   c.init.hf_dir = ''
+  # With init.hf_dir (the base): a PEFT LoRA adapter dir (adapter_config.json +
+  # adapter_model.safetensors) whose adapters become the run's initial lora_a / lora_b, to
+  # continue training them. model.lora_rank / lora_alpha / lora_targets must equal the
+  # adapter's r / lora_alpha / target_modules (checked, not taken: the run's keys stay what
+  # they say). Export back with `llmjax.convert --to=peft`.
+  c.init.peft_dir = ''
 
   # Tasks scored at every eval besides eval_loss (llmjax.eval.suite): built-in task names,
   # 'KIND:FILE' or 'NAME=KIND:FILE' with KIND generate, multiple_choice or perplexity; logged as

@@ -3,6 +3,7 @@
     python -m llmjax.convert --from=hf --src=HF_DIR --dst=DIR [--dtype=bfloat16]
     python -m llmjax.convert --to=hf --src=DIR --dst=HF_DIR [--max_shard_bytes=5000000000]
                              [--architecture=LlamaForCausalLM] [--step=N]
+    python -m llmjax.convert --to=peft --src=DIR --dst=ADAPTER_DIR [--base_model=NAME] [--step=N]
 
 `--from=hf` writes an llmjax workdir laid out as the training loop writes its own
 (`llmjax.train.checkpoint`), so `--config.workdir=DIR`-style restores, `checkpoint.restore_params(DIR)`
@@ -19,6 +20,9 @@ under params['layers']). Restore them with
 places them onto any shardings. `--to=hf` reads the latest step (or --step) of such a workdir,
 including ones written by training (their 'state' holds 'params' among other things), and
 picks the Hugging Face architecture from the model's features unless --architecture is given.
+`--to=peft` writes only a LoRA run's adapters, unmerged, as a PEFT adapter dir
+(adapter_config.json + adapter_model.safetensors, `llmjax.interop.peft`) that
+`peft.PeftModel.from_pretrained(base, ADAPTER_DIR)` loads over the run's Hugging Face base.
 """
 
 import sys
@@ -30,7 +34,8 @@ FLAGS = (
     cli.Flag('from', '', "'hf': convert a Hugging Face checkpoint dir (--src) into an llmjax"
              ' workdir (--dst)', metavar='hf'),
     cli.Flag('to', '', "'hf': convert an llmjax workdir (--src) into a Hugging Face checkpoint"
-             ' dir (--dst)', metavar='hf'),
+             " dir (--dst); 'peft': a LoRA workdir's adapters into a PEFT adapter dir",
+             metavar='hf|peft'),
     cli.Flag('src', '', 'the directory to read (local or gs://)', metavar='DIR'),
     cli.Flag('dst', '', 'the directory to write (local or gs://; --from=hf: must not hold'
              ' checkpoints yet)', metavar='DIR'),
@@ -39,15 +44,18 @@ FLAGS = (
     cli.Flag('max_shard_bytes', 5 * 10**9, '--to=hf: the largest safetensors file'),
     cli.Flag('architecture', '', "--to=hf: the transformers class (e.g. LlamaForCausalLM); '':"
              " picked from the model's features", metavar='NAME'),
-    cli.Flag('step', -1, '--to=hf: the checkpoint step to export; -1: the latest'),
+    cli.Flag('step', -1, '--to=hf/peft: the checkpoint step to export; -1: the latest'),
+    cli.Flag('base_model', '', "--to=peft: adapter_config.json's base_model_name_or_path (the"
+             " base's hub id or dir); '': none recorded", metavar='NAME'),
 )
 
 
 def parse_flags(argv: list[str]) -> dict:
   """argv -> {flag: value}; a missing direction or directory is a one-line UserError."""
   flags = cli.parse(argv, FLAGS, prog='llmjax.convert', doc=__doc__)
-  if (flags['from'], flags['to']) not in (('hf', ''), ('', 'hf')):
-    raise UserError("pass --from=hf (Hugging Face -> llmjax) or --to=hf (llmjax -> Hugging Face).")
+  if (flags['from'], flags['to']) not in (('hf', ''), ('', 'hf'), ('', 'peft')):
+    raise UserError("pass --from=hf (Hugging Face -> llmjax), --to=hf (llmjax -> Hugging Face)"
+                    " or --to=peft (a LoRA run's adapters -> PEFT).")
   if not flags['src'] or not flags['dst']:
     raise UserError("pass --src=DIR and --dst=DIR.")
   return flags
@@ -69,14 +77,11 @@ def from_hf(src: str, dst: str, dtype: str = '') -> None:
   print(f"wrote {dst}: {cfg.num_params:,} params ({cfg.param_dtype}), step 0")
 
 
-def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
-          step: int = -1) -> None:
-  """llmjax workdir -> Hugging Face dir."""
+def _restore(src: str, step: int):
+  """(ModelConfig, restored state dict, step) of checkpoint `step` (-1: latest) in `src`."""
   import orbax.checkpoint as ocp
 
   from llmjax.errors import CheckpointError
-  from llmjax.interop import save_hf
-  from llmjax.interop.tokenizer import TOKENIZER_READ_FILES
   from llmjax.train import checkpoint
   cfg = checkpoint.read_model_config(src)
   manager = checkpoint.make_manager(src, max_to_keep=1, async_save=False)
@@ -93,8 +98,16 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
     raise CheckpointError(f"checkpoint step {step} in {checkpoint.checkpoint_dir(src)} could not be"
                           f" restored ({str(e).splitlines()[0][:200]}); it may be incomplete:"
                           " pass an earlier --step.") from None
-  state = state['state']
   manager.close()
+  return cfg, state['state'], step
+
+
+def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
+          step: int = -1) -> None:
+  """llmjax workdir -> Hugging Face dir."""
+  from llmjax.interop import save_hf
+  from llmjax.interop.tokenizer import TOKENIZER_READ_FILES
+  cfg, state, step = _restore(src, step)
   from llmjax.models import lora
   params, cfg = lora.merge(state['params'], cfg)  # transformers has no adapters: fold them in
   # The run's tokenizer: a checkpoint's copied to WORKDIR/hf_tokenizer by init.hf_dir, else
@@ -114,6 +127,24 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
   print(f"wrote {dst}: {len(written)} safetensors file(s) from step {step}")
 
 
+def to_peft(src: str, dst: str, *, step: int = -1, base_model: str = '') -> None:
+  """A LoRA workdir's adapters (unmerged) -> PEFT adapter dir."""
+  from llmjax.interop import peft
+  from llmjax.train import checkpoint
+  cfg = checkpoint.read_model_config(src)
+  if not cfg.lora_rank:  # said before anything is restored
+    raise UserError(f"{src} is not a LoRA run (model.lora_rank=0 in its model_config.json): it"
+                    " has no adapters; export the whole model with --to=hf.")
+  peft.check_rank(peft.peft_family(cfg), cfg, f'{src}/model_config.json')
+  if files.is_remote(dst):  # safetensors writes local files only
+    raise UserError(f"--dst={dst} is not on local disk; write the adapter to a local dir, then"
+                    " copy it (gcloud storage cp -r).")
+  cfg, state, step = _restore(src, step)
+  n = peft.save_peft(dst, cfg, state['params'], base_model=base_model or None)
+  print(f"wrote {dst}: {n:,} adapter params (r={cfg.lora_rank}, alpha={cfg.lora_alpha}) from"
+        f" step {step}")
+
+
 def main(argv: list[str]) -> int:
   return cli.run(_main, argv, error_code=1)
 
@@ -122,6 +153,8 @@ def _main(argv: list[str]) -> int:
   flags = parse_flags(argv)
   if flags['from']:
     from_hf(flags['src'], flags['dst'], flags['dtype'])
+  elif flags['to'] == 'peft':
+    to_peft(flags['src'], flags['dst'], step=flags['step'], base_model=flags['base_model'])
   else:
     to_hf(flags['src'], flags['dst'], max_shard_bytes=flags['max_shard_bytes'],
           architecture=flags['architecture'], step=flags['step'])

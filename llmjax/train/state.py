@@ -85,22 +85,34 @@ def build_state(trainer, config, model_cfg: ModelConfig) -> TrainState:
   if not init.get('params_dir') and not init.get('hf_dir'):
     return trainer.init(rng)
   given = source_params(trainer.abstract_state.params, model_cfg,
-                        hf_dir=init.get('hf_dir', ''), params_dir=init.get('params_dir', ''))
+                        hf_dir=init.get('hf_dir', ''), params_dir=init.get('params_dir', ''),
+                        peft_dir=init.get('peft_dir', ''))
   return trainer.init_from(given, rng)
 
 
 def source_params(abstract_params, model_cfg: ModelConfig, *, hf_dir: str = '',
-                  params_dir: str = '') -> dict:
+                  params_dir: str = '', peft_dir: str = '') -> dict:
   """The leaves a source checkpoint supplies (everything but LoRA adapters, and a score head
   new on an LM source) of an HF dir or an llmjax workdir, each read straight into the sharding
-  and dtype of `abstract_params`."""
-  _, base_abstract = lora.split(abstract_params)
+  and dtype of `abstract_params`; with `peft_dir` (over hf_dir) the adapters too, from that
+  PEFT LoRA adapter dir (checked by `config.validate`)."""
+  adapters_abstract, base_abstract = lora.split(abstract_params)
   if params_dir:
     return _params_from_workdir(params_dir, model_cfg, base_abstract)
   from llmjax.interop import hf
   family = hf.check_matches(hf_dir, model_cfg)
   shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
-  return hf.read_params(hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
+  base = hf.read_params(hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
+  if not peft_dir:
+    return base
+  from llmjax.interop import peft
+  # Adapters are a few MB: read whole on every host, each device's block cut from them.
+  adapters = peft.read_adapters(peft_dir, model_cfg, peft.check_adapter(peft_dir, model_cfg))
+  adapters = jax.tree.map(
+      lambda x, a: jax.make_array_from_callback(a.shape, a.sharding,
+                                                lambda index: x.astype(a.dtype)[index]),
+      adapters, adapters_abstract)
+  return lora.combine(adapters, base)
 
 
 # The leaves that every use casts to model.dtype first (DenseGeneral's kernels, the token

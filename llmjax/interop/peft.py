@@ -1,0 +1,290 @@
+"""PEFT-format LoRA adapters: llmjax's `lora_a` / `lora_b` leaves <-> a `peft` adapter dir.
+
+    save_peft('/out/adapter', cfg, params, base_model='meta-llama/Llama-3.2-1B')
+    adapters = read_adapters('/out/adapter', cfg, family)   # numpy, shaped like the params'
+
+A PEFT LoRA dir holds `adapter_config.json` and `adapter_model.safetensors`; for every adapted
+`torch.nn.Linear` at HF path P (weight [out, in]) it stores
+
+    base_model.model.P.lora_A.weight  [r, in]     llmjax lora_a [in..., r]
+    base_model.model.P.lora_B.weight  [out, r]    llmjax lora_b [r, out...]
+
+and computes W x + (lora_alpha / r) * B A x: the same scaling as llmjax's alpha / rank
+(`llmjax.models.lora`), so the tensors carry over unchanged up to layout. The names and
+layouts are derived from the family's kernel `Layout`s (`families.py`), never listed twice.
+Plain LoRA only: DoRA, rsLoRA, per-module rank/alpha patterns, LoRA biases and
+modules_to_save change the math and are refused by `check_adapter`, naming the field.
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+from llmjax import files
+from llmjax.errors import CheckpointError, ConfigError
+from llmjax.interop import families
+from llmjax.interop.families import Family
+from llmjax.interop.layout import Layout, linear
+from llmjax.models.config import ModelConfig
+
+CONFIG_FILE = 'adapter_config.json'
+WEIGHTS_FILE = 'adapter_model.safetensors'
+PREFIX = 'base_model.model.'  # PeftModel -> LoraModel -> the transformers model
+# The families whose projections are all plain nn.Linear (GPT-2's Conv1D and fused c_attn
+# would need fan_in_fan_out and a split adapter).
+SUPPORTED = ('LlamaForCausalLM', 'Qwen2ForCausalLM', 'MistralForCausalLM')
+# adapter_config.json fields that change the math away from plain LoRA, with the one value
+# (or values) llmjax implements; absent fields are PEFT's defaults, which are these.
+PLAIN_LORA = {
+    'use_dora': (False, None), 'use_rslora': (False, None), 'bias': ('none', None),
+    'fan_in_fan_out': (False, None), 'lora_bias': (False, None), 'modules_to_save': (None, []),
+    'rank_pattern': ({}, None), 'alpha_pattern': ({}, None), 'layers_to_transform': (None,),
+    'target_parameters': (None, []), 'trainable_token_indices': (None,),
+    'layer_replication': (None,), 'use_qalora': (False, None), 'use_bdlora': (None, False),
+}
+
+Path = tuple[str, ...]
+
+
+def peft_family(cfg: ModelConfig) -> Family:
+  """The family a LoRA model's adapters export as; ConfigError unless PEFT-supported."""
+  family = families.family_for(cfg)
+  if family.architecture not in SUPPORTED:
+    raise ConfigError(f"PEFT adapters are supported for {', '.join(SUPPORTED)}; this model"
+                      f" exports as {family.architecture}.")
+  return family
+
+
+def _module(layout: Layout) -> str:
+  """'model.layers.{i}.self_attn.q_proj.weight' -> 'q_proj' (PEFT's target_modules name)."""
+  return layout.hf_name[:-len('.weight')].rsplit('.', 1)[-1]
+
+
+def _kernels(family: Family, cfg: ModelConfig) -> dict[str, tuple[Path, bool, Layout]]:
+  """{llmjax target: (its module's params path, per layer?, the kernel's HF Layout)} for every
+  target llmjax can adapt in this family, whatever cfg.lora_targets says."""
+  out = {p[-2]: (p[:-1], True, l) for p, l in family.block_tensors(cfg).items()
+         if p[-1] == 'kernel'}
+  out.update({p[-2]: (p[:-1], False, l) for p, l in family.top_tensors(cfg).items()
+              if p == ('head', 'kernel')})
+  return out
+
+
+def hf_modules(family: Family, cfg: ModelConfig) -> dict[str, str]:
+  """{PEFT target_modules name ('q_proj', 'lm_head'): llmjax target ('q', 'head')}."""
+  return {_module(l): t for t, (_, _, l) in _kernels(family, cfg).items()}
+
+
+def _adapter_layouts(kernel: Layout, rank: int) -> dict[str, Layout]:
+  """The kernel's two adapters: lora_a [in..., r] <-> lora_A.weight [r, in]; lora_b [r, out...]
+  <-> lora_B.weight [out, r] (`linear` kernels hold (out_dims, in_dims) in `split`)."""
+  out_dims, in_dims = kernel.split
+  base = PREFIX + kernel.hf_name[:-len('weight')]
+  return {'lora_a': linear(base + 'lora_A.weight', in_dims, (rank,)),
+          'lora_b': linear(base + 'lora_B.weight', (rank,), out_dims)}
+
+
+def adapter_tensors(family: Family, cfg: ModelConfig) -> tuple[dict[Path, Layout], dict[Path, Layout]]:
+  """(per-layer, top-level) {llmjax params path: PEFT Layout} of cfg's adapters; per-layer
+  paths are inside a block ('attn', 'q', 'lora_a'), names carry '{i}'."""
+  out = ({}, {})
+  for target, (path, per_layer, kernel) in _kernels(family, cfg).items():
+    if target in cfg.lora_targets:
+      for leaf, layout in _adapter_layouts(kernel, cfg.lora_rank).items():
+        out[0 if per_layer else 1][path + (leaf,)] = layout
+  return out
+
+
+def _expected(family: Family, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  block, top = adapter_tensors(family, cfg)
+  out = {l.hf_name: l.hf_shape for l in top.values()}
+  for layout in block.values():
+    out.update({layout.name(i): layout.hf_shape for i in range(cfg.num_layers)})
+  return out
+
+
+def check_rank(family: Family, cfg: ModelConfig, where: str) -> None:
+  """A rank above a projection's smaller side adds parameters and no expressiveness; PEFT
+  itself would build it, but it is a mistake (usually a rank meant for a bigger model)."""
+  for target, (_, _, kernel) in _kernels(family, cfg).items():
+    if target in cfg.lora_targets and cfg.lora_rank > min(kernel.hf_shape):
+      raise ConfigError(f"{where}: rank {cfg.lora_rank} is larger than the {_module(kernel)}"
+                        f" projection {list(kernel.hf_shape)}; use a rank <= {min(kernel.hf_shape)}.")
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def read_config(peft_dir: str, key: str = 'init.peft_dir') -> dict:
+  if not files.isdir(peft_dir):
+    raise ConfigError(f"{key}='{peft_dir}' is not a directory; pass a PEFT adapter dir (the"
+                      " one PeftModel.save_pretrained writes).")
+  path = files.join(peft_dir, CONFIG_FILE)
+  if not files.exists(path):
+    raise ConfigError(f"{key}='{peft_dir}' has no {CONFIG_FILE}; it is not a PEFT adapter dir.")
+  try:
+    fields = json.loads(files.read_text(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path} is not valid JSON ({e}).") from None
+  if not isinstance(fields, dict):
+    raise ConfigError(f"{path} holds a JSON {type(fields).__name__}, not PEFT config fields.")
+  return fields
+
+
+def check_adapter(peft_dir: str, cfg: ModelConfig, key: str = 'init.peft_dir') -> Family:
+  """One-line ConfigError / CheckpointError unless `peft_dir` is a plain LoRA adapter for
+  `cfg` (the base's architecture with model.lora_rank / lora_alpha / lora_targets equal to the
+  adapter's). Reads adapter_config.json and the safetensors header only: no tensor data."""
+  fields = read_config(peft_dir, key)
+  path = files.join(peft_dir, CONFIG_FILE)
+  if fields.get('peft_type') != 'LORA':
+    raise ConfigError(f"{path}: peft_type={fields.get('peft_type')!r}; llmjax reads LoRA"
+                      " adapters only (peft_type 'LORA').")
+  for field, allowed in PLAIN_LORA.items():
+    if fields.get(field, allowed[0]) not in allowed:
+      raise ConfigError(f"{path}: {field}={fields[field]!r} is not supported; llmjax reads plain"
+                        f" LoRA ({field}={allowed[0]!r}).")
+  family = peft_family(cfg)
+  modules = hf_modules(family, cfg)
+  targets = fields.get('target_modules')
+  if isinstance(targets, str) or not targets:
+    raise ConfigError(f"{path}: target_modules={targets!r}; llmjax reads a list of module names"
+                      f" among {sorted(modules)}.")
+  unknown = sorted(set(targets) - set(modules))
+  if unknown:
+    raise ConfigError(f"{path}: target_modules {unknown} are not {family.architecture}"
+                      f" projections llmjax adapts; it adapts {sorted(modules)}.")
+  want = dict(lora_rank=fields.get('r'), lora_alpha=fields.get('lora_alpha'),
+              lora_targets=sorted(modules[m] for m in targets))
+  have = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+              lora_targets=sorted(cfg.lora_targets))
+  wrong = {k: v for k, v in want.items() if have[k] != v}
+  if wrong:
+    fix = ', '.join(f'model.{k}={v}' for k, v in want.items())
+    raise ConfigError(f"{key}: the adapter has {fix} but the model has"
+                      f" {', '.join(f'model.{k}={have[k]}' for k in wrong)}; set {fix}.")
+  check_rank(family, cfg, path)
+  shapes = _stored_shapes(peft_dir, key)
+  expected = _expected(family, cfg)
+  missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+  if missing or extra:
+    raise CheckpointError(f"{peft_dir}/{WEIGHTS_FILE}: missing {missing[:4] or 'none'},"
+                          f" unexpected {extra[:4] or 'none'} ({len(missing)}/{len(extra)}"
+                          f" tensors) for a {cfg.num_layers}-layer {family.architecture}; is"
+                          " this adapter for this base model?")
+  for name in sorted(expected):
+    if tuple(shapes[name]) != tuple(expected[name]):
+      raise CheckpointError(f"{peft_dir}/{WEIGHTS_FILE}: {name} has shape {list(shapes[name])}"
+                            f" but the base model implies {list(expected[name])}; the adapter"
+                            " was trained on another base model.")
+  return family
+
+
+def _stored_shapes(peft_dir: str, key: str) -> dict[str, tuple[int, ...]]:
+  from safetensors import safe_open
+  path = os.path.join(peft_dir, WEIGHTS_FILE)
+  if not os.path.exists(path):
+    other = ' (adapter_model.bin, a pickle: re-save it with safe_serialization=True)' if (
+        os.path.exists(os.path.join(peft_dir, 'adapter_model.bin'))) else ''
+    raise CheckpointError(f"{key}='{peft_dir}' has no {WEIGHTS_FILE}{other}.")
+  try:
+    with safe_open(path, framework='numpy') as f:
+      return {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+  except Exception as e:  # a truncated or foreign file: safetensors' own exception types vary
+    raise CheckpointError(f"{path} could not be read ({str(e).splitlines()[0][:200]}).") from None
+
+
+def read_adapters(peft_dir: str, cfg: ModelConfig, family: Family) -> dict:
+  """The adapter leaves of `cfg`'s params (nested dicts of float32 numpy arrays, scanned
+  layers stacked under 'layers') read from `peft_dir`; call `check_adapter` first."""
+  from safetensors.numpy import load_file
+  tensors = load_file(os.path.join(peft_dir, WEIGHTS_FILE))  # a few MB at most: read whole
+
+  def leaf(layout: Layout, layer):
+    full = tuple(slice(None) for _ in layout.shape)
+    return layout.read_block(lambda name, index: tensors[name][index], layer, full).astype(
+        np.float32)
+
+  block, top = adapter_tensors(family, cfg)
+  out = {}
+  for path, layout in top.items():
+    _set(out, path, leaf(layout, None))
+  for path, layout in block.items():
+    if cfg.scan_layers:
+      _set(out, ('layers',) + path, np.stack([leaf(layout, i) for i in range(cfg.num_layers)]))
+    else:
+      for i in range(cfg.num_layers):
+        _set(out, (f'layer_{i}',) + path, leaf(layout, i))
+  return out
+
+
+def _set(tree: dict, path, value) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def adapter_config(cfg: ModelConfig, family: Family, base_model: str | None) -> dict:
+  """adapter_config.json as PEFT 0.21 writes it for a plain LoRA (the field set of
+  tests/golden/peft/*/adapter_config.json, saved by PeftModel.save_pretrained)."""
+  modules = {t: m for m, t in hf_modules(family, cfg).items()}
+  alpha = cfg.lora_alpha
+  return {
+      'alora_invocation_tokens': None, 'alpha_pattern': {}, 'arrow_config': None,
+      'auto_mapping': None, 'base_model_name_or_path': base_model or None, 'bias': 'none',
+      'corda_config': None, 'ensure_weight_tying': False, 'eva_config': None,
+      'exclude_modules': None, 'fan_in_fan_out': False, 'inference_mode': True,
+      'init_lora_weights': True, 'kasa_config': None, 'layer_replication': None,
+      'layers_pattern': None, 'layers_to_transform': None, 'loftq_config': {},
+      'lora_alpha': int(alpha) if float(alpha).is_integer() else alpha, 'lora_bias': False,
+      'lora_dropout': 0.0, 'lora_ga_config': None, 'megatron_config': None,
+      'megatron_core': 'megatron.core', 'modules_to_save': None, 'monteclora_config': None,
+      'peft_type': 'LORA',
+      'peft_version': '0.21.2',  # the PEFT release whose format this is
+      'qalora_group_size': 16, 'r': cfg.lora_rank, 'rank_pattern': {}, 'revision': None,
+      'target_modules': sorted(modules[t] for t in cfg.lora_targets),
+      'target_parameters': None, 'task_type': 'CAUSAL_LM', 'trainable_token_indices': None,
+      'use_bdlora': None, 'use_dora': False, 'use_qalora': False, 'use_rslora': False,
+      'velora_config': None}
+
+
+def peft_tensors(cfg: ModelConfig, params, family: Family) -> dict[str, np.ndarray]:
+  """{PEFT name: float32 array} of every adapter in `params` (a LoRA model's)."""
+  import jax
+  to_numpy = lambda x: np.asarray(jax.device_get(x), np.float32)
+  block, top = adapter_tensors(family, cfg)
+  out = {l.hf_name: l.to_hf(to_numpy(_get(params, p)), None) for p, l in top.items()}
+  for path, layout in block.items():
+    for i in range(cfg.num_layers):
+      leaf = (_get(params, ('layers',) + path)[i] if cfg.scan_layers
+              else _get(params, (f'layer_{i}',) + path))
+      out[layout.name(i)] = layout.to_hf(to_numpy(leaf), None)
+  return out
+
+
+def save_peft(peft_dir: str, cfg: ModelConfig, params, *, base_model: str | None = None) -> int:
+  """Writes `peft_dir`/adapter_config.json + adapter_model.safetensors for a LoRA model's
+  params (`cfg.lora_rank > 0`); returns the number of adapter parameters written."""
+  from safetensors.numpy import save_file
+  if not cfg.lora_rank:
+    raise ConfigError("this model has no LoRA adapters (model.lora_rank=0); export it with"
+                      " --to=hf instead.")
+  family = peft_family(cfg)
+  check_rank(family, cfg, 'model.lora_rank')
+  tensors = {n: np.ascontiguousarray(t) for n, t in peft_tensors(cfg, params, family).items()}
+  os.makedirs(peft_dir, exist_ok=True)
+  save_file(tensors, os.path.join(peft_dir, WEIGHTS_FILE), metadata={'format': 'pt'})
+  with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
+    json.dump(adapter_config(cfg, family, base_model), f, indent=2, sort_keys=True)
+  return sum(math.prod(t.shape) for t in tensors.values())

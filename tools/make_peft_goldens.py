@@ -1,0 +1,114 @@
+"""Builds the PEFT LoRA adapter goldens under tests/golden/peft/ (tests/test_peft.py reads them).
+
+    /tmp/hf/bin/python tools/make_peft_goldens.py            # build goldens, then check exports
+    /tmp/hf/bin/python tools/make_peft_goldens.py --check    # only check exports of existing goldens
+
+Runs in a Python with torch + transformers + peft (never the test suite's venv). For each base
+golden (tests/golden/<name>/, built by tools/make_hf_goldens.py) it wraps the model with
+`peft.get_peft_model(LoraConfig(r=4, lora_alpha=8, all seven projections))`, sets every
+lora_A / lora_B to seeded random non-zero values (PEFT starts B at zero, which would test
+nothing), saves the adapter with `save_pretrained` to tests/golden/peft/<name>/ and records
+    logits.npz    tokens [2, 16] int32 (the base golden's), logits [2, 16, vocab] float32
+from one forward pass of the adapted model (eager attention, float32).
+
+The export check runs llmjax (in LLMJAX_PYTHON, default /work/main/.venv/bin/python, no torch):
+it imports each golden adapter over its base into an llmjax workdir and exports it with
+`python -m llmjax.convert --to=peft`; then `peft.PeftModel.from_pretrained(base, export)` must
+give the golden's logits (max |diff| <= 1e-4).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import peft
+import torch
+import transformers
+
+LLMJAX_PYTHON = os.environ.get('LLMJAX_PYTHON', '/work/main/.venv/bin/python')
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GOLDEN = os.path.join(ROOT, 'tests', 'golden')
+NAMES = ('llama_gqa_llama3', 'qwen2_bias_tied')
+TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+
+
+def build(name: str, seed: int) -> None:
+  base_dir = os.path.join(GOLDEN, name)
+  out = os.path.join(GOLDEN, 'peft', name)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      base_dir, dtype=torch.float32, attn_implementation='eager')
+  config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
+                           task_type='CAUSAL_LM')
+  model = peft.get_peft_model(model, config)
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for pname, p in model.named_parameters():
+      if 'lora_A' in pname or 'lora_B' in pname:
+        # 0.3 keeps the adapted logits clearly different from the base's, yet finite.
+        p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+  model.eval()
+  tokens = np.load(os.path.join(base_dir, 'golden.npz'))['tokens']
+  with torch.no_grad():
+    logits = model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
+  if os.path.isdir(out):
+    shutil.rmtree(out)
+  model.save_pretrained(out)
+  np.savez(os.path.join(out, 'logits.npz'), tokens=tokens.astype(np.int32),
+           logits=logits.astype(np.float32))
+  # The base path as saved is this machine's absolute one; the repo-relative one is portable
+  # (tests pass the base explicitly). README.md is PEFT's model-card stub: nothing to test.
+  path = os.path.join(out, 'adapter_config.json')
+  with open(path) as f:
+    fields = json.load(f)
+  fields['base_model_name_or_path'] = os.path.relpath(base_dir, ROOT)
+  with open(path, 'w') as f:
+    json.dump(fields, f, indent=2, sort_keys=True)
+  os.remove(os.path.join(out, 'README.md'))
+  print(f'wrote {out}: {sorted(os.listdir(out))}, logits {logits.shape}')
+
+
+# Runs in LLMJAX_PYTHON: golden adapter + base -> an llmjax LoRA workdir (argv: name, workdir).
+_IMPORT = """
+import dataclasses, sys
+from llmjax.interop import load_hf, peft
+from llmjax.models import lora
+from llmjax.train import checkpoint
+name, work = sys.argv[1:]
+cfg, params, _ = load_hf('tests/golden/' + name)
+cfg = dataclasses.replace(cfg, lora_rank=4, lora_alpha=8.0)
+family = peft.check_adapter('tests/golden/peft/' + name, cfg)
+adapters = peft.read_adapters('tests/golden/peft/' + name, cfg, family)
+checkpoint.write_params_workdir(work, cfg, lora.combine(adapters, params))
+"""
+
+
+def check(name: str) -> None:
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  with tempfile.TemporaryDirectory() as tmp:
+    work, out = os.path.join(tmp, 'run'), os.path.join(tmp, 'adapter')
+    subprocess.run([LLMJAX_PYTHON, '-c', _IMPORT, name, work], cwd=ROOT, env=env, check=True)
+    subprocess.run([LLMJAX_PYTHON, '-m', 'llmjax.convert', '--to=peft', f'--src={work}',
+                    f'--dst={out}'], cwd=ROOT, env=env, check=True)
+    base = transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.join(GOLDEN, name), dtype=torch.float32, attn_implementation='eager')
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    golden = np.load(os.path.join(GOLDEN, 'peft', name, 'logits.npz'))
+    with torch.no_grad():
+      logits = model(torch.tensor(golden['tokens'], dtype=torch.long)).logits.numpy()
+    diff = float(np.abs(logits - golden['logits']).max())
+    print(f'{name}: PeftModel.from_pretrained(llmjax export) max |logits diff| = {diff:.2e}')
+    if diff > 1e-4:
+      sys.exit(f'{name}: the export does not reproduce the golden logits')
+
+
+if __name__ == '__main__':
+  if '--check' not in sys.argv:
+    for seed, name in enumerate(NAMES):
+      build(name, seed)
+  for name in NAMES:
+    check(name)
