@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from sft_tasks import TASKS, logged_scores, run
+from sft_tasks import TASKS, cell as em, logged_scores, run
 
 
 def rows(workdir: str) -> list[dict]:
@@ -71,11 +71,6 @@ def main():
         'accuracy']
   with open(os.path.join(root, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
-
-  def em(scores, name):
-    c, n = scores[name] if name else (sum(v[0] for v in scores.values()),
-                                      sum(v[1] for v in scores.values()))
-    return f'{c / n:.2f} ({c}/{n})'
 
   d, r = results['dpo_evals'][-1], results['reward_evals'][-1]
   print(f"| held-out | SFT model | after DPO ({results['dpo_s']:.0f} s, step {d['step']}) |")

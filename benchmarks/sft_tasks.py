@@ -63,6 +63,13 @@ def logged_scores(workdir: str) -> dict[str, tuple[int, int]]:
   return out
 
 
+def cell(scores: dict, name: str) -> str:
+  """'0.92 (184/200)': the exact match of task `name` ('' = all tasks) in `scores`."""
+  c, n = scores[name] if name else (sum(v[0] for v in scores.values()),
+                                    sum(v[1] for v in scores.values()))
+  return f'{c / n:.2f} ({c}/{n})'
+
+
 def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--root', default='/tmp/sft_tasks')
@@ -99,11 +106,6 @@ def main():
   results['lora_trainable_fraction'] = lora.num_lora_params / lora.num_params
   with open(os.path.join(root, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
-
-  def cell(scores, name):
-    c, n = scores[name] if name else (sum(v[0] for v in scores.values()),
-                                      sum(v[1] for v in scores.values()))
-    return f'{c / n:.2f} ({c}/{n})'
 
   print(f"| held-out exact match | quickstart model | SFT full ({results['full_s']:.0f} s) |"
         f" SFT LoRA rank 8, {100 * results['lora_trainable_fraction']:.1f}% of the parameters"
