@@ -180,3 +180,11 @@ def test_a_bf16_runs_reference_holds_its_kernels_in_bf16_and_computes_the_same()
   a, _ = losses.sequence_logprobs(policy, batch, apply_fn)
   b, _ = losses.sequence_logprobs(ref, batch, apply_fn)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_preference_data_with_context_parallelism_is_a_one_line_error(pairs):
+  c = _config(None, pairs[0], **{'mesh.sequence': 2})
+  with pytest.raises(ConfigError, match=r"does not run with context parallelism yet "
+                                        r"\(mesh.sequence=2\); set mesh.sequence=1") as e:
+    config_lib.validate(c, num_devices=2)
+  assert '\n' not in str(e.value)

@@ -32,6 +32,14 @@ def check(config, model_cfg) -> None:
     raise ConfigError(f"train.objective='{obj}' is not one of {list(OBJECTIVES)}."
                       f"{closest(obj, OBJECTIVES)}")
   head = getattr(model_cfg, 'head', 'lm')
+  mesh = config.get('mesh', {})
+  split = [k for k in ('sequence', 'dcn_sequence') if mesh.get(k, 1) != 1]
+  if fmt in PREFERENCE_FORMATS and split:
+    # A preference row's per-pair arrays (pair_mask, margin, ref_logps: [B, P]) have no
+    # positions to split, and a pair's two sequences must stay in one row.
+    raise ConfigError(f"data.format='{fmt}' does not run with context parallelism yet"
+                      f" (mesh.{split[0]}={mesh.get(split[0])}); set mesh.{split[0]}=1 and"
+                      " shard the batch instead (mesh.data / mesh.fsdp).")
   if obj == 'lm' and fmt in PREFERENCE_FORMATS:
     raise ConfigError(f"data.format='{fmt}' holds preference pairs, which train.objective='lm'"
                       " cannot learn from; set train.objective='dpo' (experiments/dpo.py) or"
