@@ -20,7 +20,7 @@ import json
 import os
 import sys
 
-from sft_tasks import TASKS, cell as em, logged_scores, run
+from sft_tasks import TASKS, cell as em, logged_scores, run, timed_train
 
 
 def rows(workdir: str) -> list[dict]:
@@ -44,16 +44,7 @@ def main():
   os.makedirs(root, exist_ok=True)
   results = {'sft': logged_scores(sft)}
   for label, experiment in (('dpo', 'dpo.py:tiny'), ('reward', 'reward.py:tiny')):
-    workdir = os.path.join(root, label)
-    timing = os.path.join(root, f'{label}_s.txt')  # written when the run has finished
-    if os.path.exists(workdir) and not (args.reuse and os.path.exists(timing)):
-      sys.exit(f"{workdir} exists: remove it (or pass another --root) to time a fresh run.")
-    if not os.path.exists(workdir):
-      seconds = run(['-m', 'llmjax.main', f'--config=experiments/{experiment},params_dir={sft}',
-                     f'--workdir={workdir}'], os.path.join(root, f'{label}.log'))
-      with open(timing, 'w') as f:
-        f.write(f'{seconds}\n')
-    results[f'{label}_s'] = float(open(timing).read())
+    results[f'{label}_s'] = timed_train(root, label, f'{experiment},params_dir={sft}', args.reuse)
   dpo_dir = os.path.join(root, 'dpo')
   results['dpo'] = logged_scores(dpo_dir)
   results['dpo_evals'] = [{k: r[k] for k in r if k == 'step' or k.startswith('eval_rewards')}

@@ -63,6 +63,21 @@ def logged_scores(workdir: str) -> dict[str, tuple[int, int]]:
   return out
 
 
+def timed_train(root: str, label: str, experiment: str, reuse: bool) -> float:
+  """Runs `llmjax.main --config=experiments/EXPERIMENT --workdir=ROOT/LABEL` and returns its
+  wall seconds; with `reuse`, a run already finished there keeps its recorded time."""
+  workdir = os.path.join(root, label)
+  timing = os.path.join(root, f'{label}_s.txt')  # written when the run has finished
+  if os.path.exists(workdir) and not (reuse and os.path.exists(timing)):
+    sys.exit(f"{workdir} exists: remove it (or pass another --root) to time a fresh run.")
+  if not os.path.exists(workdir):
+    seconds = run(['-m', 'llmjax.main', f'--config=experiments/{experiment}',
+                   f'--workdir={workdir}'], os.path.join(root, f'{label}.log'))
+    with open(timing, 'w') as f:
+      f.write(f'{seconds}\n')
+  return float(open(timing).read())
+
+
 def cell(scores: dict, name: str) -> str:
   """'0.92 (184/200)': the exact match of task `name` ('' = all tasks) in `scores`."""
   c, n = scores[name] if name else (sum(v[0] for v in scores.values()),
@@ -88,18 +103,9 @@ def main():
   results['before'] = heldout_scores(qs, root)
   steps = f',steps={args.steps}' if args.steps else ''
   for label, variant in (('full', 'tiny'), ('lora', 'tiny,lora=8')):
-    workdir = os.path.join(root, label)
-    timing = os.path.join(root, f'{label}_s.txt')  # written when the run has finished
-    if os.path.exists(workdir) and not (args.reuse and os.path.exists(timing)):
-      sys.exit(f"{workdir} exists: remove it (or pass another --root) to time a fresh run.")
-    if not os.path.exists(workdir):
-      seconds = run(
-          ['-m', 'llmjax.main', f'--config=experiments/sft.py:{variant},params_dir={qs}{steps}',
-           f'--workdir={workdir}'], os.path.join(root, f'{label}.log'))
-      with open(timing, 'w') as f:
-        f.write(f'{seconds}\n')
-    results[f'{label}_s'] = float(open(timing).read())
-    results[label] = logged_scores(workdir)
+    results[f'{label}_s'] = timed_train(root, label, f'sft.py:{variant},params_dir={qs}{steps}',
+                                        args.reuse)
+    results[label] = logged_scores(os.path.join(root, label))
   from llmjax import config as config_lib
   lora = config_lib.validate(config_lib.load_config(
       os.path.join(ROOT_DIR, f'experiments/sft.py:tiny,lora=8,params_dir={qs}')))
