@@ -2,6 +2,7 @@
 
 import ast
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +65,15 @@ FAMILIES = {
 }
 
 
+@functools.cache
+def _apply(cfg):
+  # Jitted: op-by-op, a decode loop of the tiny model spends seconds dispatching each op.
+  return jax.jit(lambda params, tokens, **kw: Transformer(cfg).apply({'params': params}, tokens,
+                                                                     **kw))
+
+
 def _logits(cfg, params, tokens, **kw):
-  return Transformer(cfg).apply({'params': params}, tokens, **kw)[0]
+  return _apply(cfg)(params, tokens, **kw)[0]
 
 
 @pytest.mark.parametrize('name', sorted(FAMILIES))
@@ -123,21 +131,20 @@ def test_llama3_rope_scaling_keeps_high_and_slows_low_frequencies():
 def test_kv_cache_decoding_equals_full_forward(name):
   cfg = FAMILIES[name]
   params = init_params(cfg, jax.random.key(0))
-  model = Transformer(cfg)
   tokens = jax.random.randint(jax.random.key(2), (2, 20), 0, cfg.vocab_size)
   full = _logits(cfg, params, tokens)
   # Prefill prompts of lengths 7 and 4 (right-padded to 8), then one token at a time.
   lengths = jnp.array([7, 4])
   prompt = jnp.where(jnp.arange(8)[None] < lengths[:, None], tokens[:, :8], 0)
   cache = Cache.zeros(cfg, 2, 32)
-  logits, cache = model.apply({'params': params}, prompt, cache=cache)
+  logits, cache = _apply(cfg)(params, prompt, cache=cache)
   cache = cache.replace(lengths=lengths)
   for b, n in enumerate([7, 4]):
     np.testing.assert_allclose(logits[b, :n], full[b, :n], atol=1e-5)
   for _ in range(10):
     idx = cache.lengths
     nxt = jnp.take_along_axis(tokens, idx[:, None], axis=1)
-    step_logits, cache = model.apply({'params': params}, nxt, cache=cache)
+    step_logits, cache = _apply(cfg)(params, nxt, cache=cache)
     want = jnp.take_along_axis(full, idx[:, None, None], axis=1)
     np.testing.assert_allclose(step_logits, want, atol=1e-5)
 

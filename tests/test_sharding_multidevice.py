@@ -16,7 +16,7 @@ import pytest
 
 HERE = os.path.abspath(__file__)
 ROOT = os.path.dirname(os.path.dirname(HERE))
-STEPS = 20
+STEPS = 8
 
 
 def run_scenario(name: str, *args: str, timeout: int = 300) -> dict:
@@ -224,7 +224,7 @@ def scenario_sequence():
     c.data.seq_len = 32
     devices = jax.devices()[:1] if name == 'single' else None
     mesh, tr = _trainer(c, devices)
-    n = 5 if attention == 'pallas' else STEPS  # the interpreted kernel is slow on a CPU
+    n = 3 if attention == 'pallas' else STEPS  # the interpreted kernel is slow on a CPU
     out[name] = _train(mesh, tr, batches[:n], rules=sharding.rules_from_config(c))[1]
   return out
 
