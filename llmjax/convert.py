@@ -1,6 +1,7 @@
 """Convert checkpoints between Hugging Face (transformers) and llmjax.
 
     python -m llmjax.convert --from=hf --src=HF_DIR --dst=DIR [--dtype=bfloat16]
+                             [--peft=ADAPTER_DIR]
     python -m llmjax.convert --to=hf --src=DIR --dst=HF_DIR [--max_shard_bytes=5000000000]
                              [--architecture=LlamaForCausalLM] [--step=N]
     python -m llmjax.convert --to=peft --src=DIR --dst=ADAPTER_DIR [--base_model=NAME] [--step=N]
@@ -20,6 +21,9 @@ under params['layers']). Restore them with
 places them onto any shardings. `--to=hf` reads the latest step (or --step) of such a workdir,
 including ones written by training (their 'state' holds 'params' among other things), and
 picks the Hugging Face architecture from the model's features unless --architecture is given.
+With `--peft`, the workdir is the LoRA model of that PEFT adapter over the base (rank, alpha
+and targets from its adapter_config.json; the adapters unmerged, float32), which `generate`
+and `--to=hf` merge, `--to=peft` writes back and `init.params_dir` fine-tunes from (merged).
 `--to=peft` writes only a LoRA run's adapters, unmerged, as a PEFT adapter dir
 (adapter_config.json + adapter_model.safetensors, `llmjax.interop.peft`) that
 `peft.PeftModel.from_pretrained(base, ADAPTER_DIR)` loads over the run's Hugging Face base.
@@ -44,6 +48,8 @@ FLAGS = (
     cli.Flag('max_shard_bytes', 5 * 10**9, '--to=hf: the largest safetensors file'),
     cli.Flag('architecture', '', "--to=hf: the transformers class (e.g. LlamaForCausalLM); '':"
              " picked from the model's features", metavar='NAME'),
+    cli.Flag('peft', '', '--from=hf: a PEFT LoRA adapter dir over --src, imported with it',
+             metavar='ADAPTER_DIR'),
     cli.Flag('step', -1, '--to=hf/peft: the checkpoint step to export; -1: the latest'),
     cli.Flag('base_model', '', "--to=peft: adapter_config.json's base_model_name_or_path (the"
              " base's hub id or dir); '': none recorded", metavar='NAME'),
@@ -58,23 +64,33 @@ def parse_flags(argv: list[str]) -> dict:
                     " or --to=peft (a LoRA run's adapters -> PEFT).")
   if not flags['src'] or not flags['dst']:
     raise UserError("pass --src=DIR and --dst=DIR.")
+  if flags['peft'] and not flags['from']:
+    raise UserError("--peft=DIR imports an adapter with --from=hf; to export a LoRA run's"
+                    " adapters use --to=peft.")
   return flags
 
 
-def from_hf(src: str, dst: str, dtype: str = '') -> None:
-  """Hugging Face dir -> llmjax workdir (layout in the module docstring)."""
+def from_hf(src: str, dst: str, dtype: str = '', peft_dir: str = '') -> None:
+  """Hugging Face dir (and a PEFT adapter over it) -> llmjax workdir (layout in the module
+  docstring)."""
   from llmjax.interop import load_hf
   from llmjax.interop.tokenizer import TOKENIZER_FILES
   from llmjax.train import checkpoint
-  overrides = {'dtype': dtype, 'param_dtype': dtype} if dtype else {}
-  cfg, params, _ = load_hf(src, **overrides)
-  if files.isdir(checkpoint.checkpoint_dir(dst)):
+  if files.isdir(checkpoint.checkpoint_dir(dst)):  # before any weight is read
     raise UserError(f"{dst}/checkpoints already exists; pass a new --dst.")
+  if peft_dir:
+    from llmjax.interop import peft
+    cfg, params, _ = peft.load_hf_with_adapter(src, peft_dir, '--peft', dtype=dtype or None)
+  else:
+    overrides = {'dtype': dtype, 'param_dtype': dtype} if dtype else {}
+    cfg, params, _ = load_hf(src, **overrides)
   checkpoint.write_params_workdir(dst, cfg, params)
   for name in TOKENIZER_FILES:
     if files.exists(files.join(src, name)):
       files.copy_file(files.join(src, name), files.join(dst, name))
-  print(f"wrote {dst}: {cfg.num_params:,} params ({cfg.param_dtype}), step 0")
+  adapters = (f" + {cfg.num_lora_params:,} adapter params (r={cfg.lora_rank}) from {peft_dir}"
+              if peft_dir else '')
+  print(f"wrote {dst}: {cfg.num_params:,} params ({cfg.param_dtype}){adapters}, step 0")
 
 
 def _restore(src: str, step: int):
@@ -152,7 +168,7 @@ def main(argv: list[str]) -> int:
 def _main(argv: list[str]) -> int:
   flags = parse_flags(argv)
   if flags['from']:
-    from_hf(flags['src'], flags['dst'], flags['dtype'])
+    from_hf(flags['src'], flags['dst'], flags['dtype'], flags['peft'])
   elif flags['to'] == 'peft':
     to_peft(flags['src'], flags['dst'], step=flags['step'], base_model=flags['base_model'])
   else:

@@ -3,6 +3,7 @@
     python -m llmjax.generate --workdir=/tmp/quickstart --prompt="Once upon a time"
     python -m llmjax.generate --workdir=gs://BUCKET/run --prompt="Once upon a time"
     python -m llmjax.generate --hf=HF_DIR --prompt_ids=1,2,3 --json --temperature=0
+    python -m llmjax.generate --hf=BASE_DIR --peft=ADAPTER_DIR --prompt="Once upon a time"
 
 Flags: --prompt (repeatable), --prompt_ids=1,2,3 (token ids, no BOS added), --max_new_tokens=64,
 --temperature=0.8 (0: greedy), --top_k=0, --top_p=1.0, --seed=0, --stop=STRING (repeatable),
@@ -39,6 +40,8 @@ FLAGS = (
              ' checkpoint, LoRA adapters merged, and its tokenizer', metavar='DIR'),
     cli.Flag('hf', '', 'or a Hugging Face checkpoint dir (config.json + safetensors)',
              metavar='HF_DIR'),
+    cli.Flag('peft', '', 'with --hf: a PEFT LoRA adapter dir over that base (merged into it)',
+             metavar='ADAPTER_DIR'),
     cli.Flag('prompt', [], 'a prompt text (BOS added when the tokenizer has one)',
              metavar='TEXT'),
     cli.Flag('prompt_ids', '', 'or one prompt as comma-separated token ids (no BOS added)',
@@ -57,6 +60,9 @@ def parse_flags(argv: list[str]) -> dict:
   flags = cli.parse(argv, FLAGS, prog='llmjax.generate', doc=__doc__)
   if bool(flags['workdir']) == bool(flags['hf']):
     raise UserError("pass exactly one of --workdir=DIR (an llmjax run) or --hf=HF_DIR.")
+  if flags['peft'] and not flags['hf']:
+    raise UserError("--peft=ADAPTER_DIR needs its base as --hf=BASE_DIR (a LoRA run's --workdir"
+                    " holds its adapters already).")
   if not flags['prompt'] and not flags['prompt_ids']:
     raise UserError("pass --prompt=TEXT (repeatable) or --prompt_ids=1,2,3.")
   if flags['chat'] and flags['prompt_ids']:
@@ -109,13 +115,18 @@ def load_tokenizer(flags):
 def load(flags, tokenizer=None):
   """(ModelConfig, params, tokenizer) from --workdir or --hf; `tokenizer`: one already loaded
   by `load_tokenizer`, not read again for a workdir."""
+  from llmjax.models import lora
+  if flags['hf'] and flags.get('peft'):
+    from llmjax.interop import peft
+    cfg, params, tokenizer = peft.load_hf_with_adapter(flags['hf'], flags['peft'])
+    params, cfg = lora.merge(params, cfg)  # one matmul per projection when decoding
+    return cfg, params, tokenizer
   if flags['hf']:
     from llmjax.interop import load_hf
     return load_hf(flags['hf'])
   from llmjax.train import checkpoint
   workdir = flags['workdir']
   cfg = checkpoint.read_model_config(workdir)
-  from llmjax.models import lora
   params, _ = checkpoint.restore_params(workdir)
   params, cfg = lora.merge(params, cfg)  # one matmul per projection when decoding
   return cfg, params, tokenizer or load_tokenizer(flags)

@@ -288,3 +288,48 @@ def save_peft(peft_dir: str, cfg: ModelConfig, params, *, base_model: str | None
   with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
     json.dump(adapter_config(cfg, family, base_model), f, indent=2, sort_keys=True)
   return sum(math.prod(t.shape) for t in tensors.values())
+
+
+# ------------------------------------------------------------------------------ base + adapter
+
+
+def with_adapter_settings(peft_dir: str, cfg: ModelConfig, key: str = '--peft') -> ModelConfig:
+  """`cfg` (the base's) with the LoRA settings of `peft_dir`'s adapter_config.json (rank,
+  alpha, targets), checked against the base like `check_adapter`: what `generate --peft` and
+  `convert --from=hf --peft` adapt the base with, where `init.peft_dir` asks the experiment to
+  set them."""
+  import dataclasses
+  fields = read_config(peft_dir, key)
+  family = peft_family(cfg)
+  modules = hf_modules(family, cfg)
+  targets = fields.get('target_modules')
+  path = files.join(peft_dir, CONFIG_FILE)
+  if isinstance(targets, str) or not targets:
+    raise ConfigError(f"{path}: target_modules={targets!r}; llmjax reads a list of module names"
+                      f" among {sorted(modules)}.")
+  rank, alpha = fields.get('r'), fields.get('lora_alpha')
+  if not isinstance(rank, int) or rank <= 0 or not isinstance(alpha, (int, float)):
+    raise ConfigError(f"{path}: r={rank!r}, lora_alpha={alpha!r}; a LoRA adapter has a positive"
+                      " integer r and a numeric lora_alpha.")
+  adapted = dataclasses.replace(
+      cfg, lora_rank=rank, lora_alpha=float(alpha),
+      lora_targets=tuple(sorted(modules.get(m, m) for m in targets)))
+  check_adapter(peft_dir, adapted, key)
+  return adapted
+
+
+def load_hf_with_adapter(hf_dir: str, peft_dir: str, key: str = '--peft', *,
+                         dtype: str | None = None):
+  """(cfg with the adapter's LoRA settings, base params + adapters, tokenizer) of an HF base
+  dir and a PEFT LoRA adapter dir over it, on the default device; `dtype` stores and computes
+  the base in that dtype (default: the checkpoint's), the adapters staying float32. The adapter
+  is checked against the base's config.json before any weight is read."""
+  from llmjax.interop import hf
+  from llmjax.models import lora
+  kw = {'dtype': dtype, 'param_dtype': dtype} if dtype else {}
+  base_cfg = hf.config_from_hf(hf.read_hf_config(hf_dir), os.path.join(hf_dir, 'config.json'),
+                               **kw)
+  cfg = with_adapter_settings(peft_dir, base_cfg, key)
+  _, params, tokenizer = hf.load_hf(hf_dir, **kw)
+  adapters = read_adapters(peft_dir, cfg, peft_family(cfg))
+  return cfg, lora.combine(adapters, params), tokenizer
