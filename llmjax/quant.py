@@ -69,49 +69,68 @@ ABSMAX_BLOCK_SIZE = 256  # bitsandbytes quantizes the absmax values in blocks of
 # bitsandbytes refuses other 4-bit block sizes; we accept any positive size (tiny blocks make
 # hand-checkable tests) but only these give tensors bitsandbytes can load.
 BNB_BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-_TINY = 1e-38  # bitsandbytes clamps absmax to this before taking 1/absmax (all-zero blocks)
-
-
-def _torch_linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
-  """torch.linspace(start, end, steps, dtype=float32), bit for bit.
-
-  torch fills the first half forwards (start + i * step) and the second half backwards
-  (end - (steps - 1 - i) * step) in float32; numpy's float64 linspace can differ by an ulp.
-  """
-  start32, end32 = np.float32(start), np.float32(end)
-  step = (end32 - start32) / np.float32(steps - 1)
-  i = np.arange(steps, dtype=np.float32)
-  forward = start32 + i * step
-  backward = end32 - (np.float32(steps - 1) - i) * step
-  return np.where(np.arange(steps) < steps // 2, forward, backward).astype(np.float32)
 
 
 def dynamic_map(max_exponent_bits: int = 7, total_bits: int = 8) -> np.ndarray:
-  """bitsandbytes' signed 8-bit "dynamic" code map, float32 [256], sorted ascending.
+  """bitsandbytes' signed 8-bit "dynamic" code map from its formula, float32 [256], sorted.
 
   Port of `bitsandbytes.functional.create_dynamic_map(signed=True)` (Dettmers 2015,
-  https://arxiv.org/abs/1511.04561): for exponent e = 0..6 the values 10^(e-6) * m for the
-  2^e midpoints m of linspace(0.1, 1, 2^e + 1), both signs, plus 0 and 1.0. Min is -0.993
-  (not -1), max 1.0. tests/test_quant.py checks it equals bitsandbytes' table.
+  https://arxiv.org/abs/1511.04561): for e = 0..6 the values +-10^(e-6) * m for the 2^e
+  midpoints m of linspace(0.1, 1, 2^e + 1), plus 0 and 1.0; min -0.993 (not -1), max 1.0.
+  Computed in float64 and rounded once; bitsandbytes computes it in float32 with torch's
+  vectorised linspace, whose last bit depends on the CPU's vector width, so its table can
+  differ from this by an ulp. DYNAMIC_CODE (what we quantize with) is bitsandbytes' table.
   """
   non_sign_bits = total_bits - 1
-  data = []
-  for i in range(max_exponent_bits):
-    fraction_items = 2**(i + non_sign_bits - max_exponent_bits) + 1
-    boundaries = _torch_linspace_f32(0.1, 1.0, fraction_items)
-    means = (boundaries[:-1] + boundaries[1:]) / np.float32(2.0)
-    scale = np.float32(10**(-(max_exponent_bits - 1) + i))
-    data += (scale * means).tolist()
-    data += (-scale * means).tolist()
-  # additional_items in bitsandbytes is 2^(7-7) - 1 = 0 for the default arguments.
   if 2**(non_sign_bits - max_exponent_bits) - 1 > 0:
     raise NotImplementedError('only the default dynamic map (max_exponent_bits=7) is ported')
-  data += [0.0, 1.0]
+  data = [0.0, 1.0]
+  for i in range(max_exponent_bits):
+    boundaries = np.linspace(0.1, 1.0, 2**(i + non_sign_bits - max_exponent_bits) + 1)
+    means = (boundaries[:-1] + boundaries[1:]) / 2.0
+    data += list(10.0**(-(max_exponent_bits - 1) + i) * means)
+    data += list(-(10.0**(-(max_exponent_bits - 1) + i)) * means)
   data += [0.0] * (2**total_bits - len(data))
   return np.array(sorted(data), dtype=np.float32)
 
 
-DYNAMIC_CODE = dynamic_map()
+# bitsandbytes' `create_dynamic_map()` (0.50.2, torch 2.13, x86-64 CPU), the code of the 8-bit
+# quantization of the absmax under double quantization; tests/test_quant.py checks it against
+# the table stored by tools/make_quant_goldens.py and against dynamic_map() (within an ulp).
+DYNAMIC_CODE = np.array([
+    -0.99296874, -0.9789063, -0.96484375, -0.9507812, -0.93671876, -0.92265624, -0.9085938, -0.89453125,
+    -0.8804687, -0.86640626, -0.85234374, -0.8382813, -0.82421875, -0.8101562, -0.79609376, -0.78203124,
+    -0.7679688, -0.75390625, -0.7398437, -0.72578126, -0.7117188, -0.6976563, -0.68359375, -0.6695312,
+    -0.65546876, -0.6414063, -0.6273438, -0.61328125, -0.5992187, -0.58515626, -0.5710938, -0.5570313,
+    -0.54296875, -0.5289062, -0.5148437, -0.50078124, -0.4867187, -0.47265625, -0.45859373, -0.44453126,
+    -0.43046874, -0.41640624, -0.40234375, -0.38828123, -0.37421876, -0.36015624, -0.34609374, -0.33203125,
+    -0.31796873, -0.30390626, -0.28984374, -0.27578127, -0.26171875, -0.24765624, -0.23359375, -0.21953125,
+    -0.20546874, -0.19140625, -0.17734376, -0.16328125, -0.14921875, -0.13515624, -0.12109375, -0.107031256,
+    -0.09859375, -0.09578126, -0.092968754, -0.09015625, -0.08734375, -0.08453125, -0.08171876, -0.07890625,
+    -0.07609375, -0.07328125, -0.070468746, -0.067656256, -0.06484375, -0.06203125, -0.059218753, -0.05640625,
+    -0.05359375, -0.05078125, -0.04796875, -0.04515625, -0.042343747, -0.03953125, -0.036718752, -0.03390625,
+    -0.03109375, -0.028281251, -0.02546875, -0.02265625, -0.019843752, -0.01703125, -0.01421875, -0.01140625,
+    -0.00971875, -0.009156249, -0.00859375, -0.00803125, -0.00746875, -0.00690625, -0.00634375, -0.00578125,
+    -0.0052187503, -0.0046562497, -0.00409375, -0.0035312497, -0.00296875, -0.00240625, -0.00184375, -0.0012812499,
+    -0.0009437501, -0.00083125, -0.00071875006, -0.0006062501, -0.00049375003, -0.00038125002, -0.00026875004, -0.00015625001,
+    -8.875e-05, -6.625e-05, -4.375e-05, -2.1249998e-05, -7.75e-06, -3.2500002e-06, -5.5000004e-07, 0.0,
+    5.5000004e-07, 3.2500002e-06, 7.75e-06, 2.1249998e-05, 4.375e-05, 6.625e-05, 8.875e-05, 0.00015625001,
+    0.00026875004, 0.00038125002, 0.00049375003, 0.0006062501, 0.00071875006, 0.00083125, 0.0009437501, 0.0012812499,
+    0.00184375, 0.00240625, 0.00296875, 0.0035312497, 0.00409375, 0.0046562497, 0.0052187503, 0.00578125,
+    0.00634375, 0.00690625, 0.00746875, 0.00803125, 0.00859375, 0.009156249, 0.00971875, 0.01140625,
+    0.01421875, 0.01703125, 0.019843752, 0.02265625, 0.02546875, 0.028281251, 0.03109375, 0.03390625,
+    0.036718752, 0.03953125, 0.042343747, 0.04515625, 0.04796875, 0.05078125, 0.05359375, 0.05640625,
+    0.059218753, 0.06203125, 0.06484375, 0.067656256, 0.070468746, 0.07328125, 0.07609375, 0.07890625,
+    0.08171876, 0.08453125, 0.08734375, 0.09015625, 0.092968754, 0.09578126, 0.09859375, 0.107031256,
+    0.12109375, 0.13515624, 0.14921875, 0.16328125, 0.17734376, 0.19140625, 0.20546874, 0.21953125,
+    0.23359375, 0.24765624, 0.26171875, 0.27578127, 0.28984374, 0.30390626, 0.31796873, 0.33203125,
+    0.34609374, 0.36015624, 0.37421876, 0.38828123, 0.40234375, 0.41640624, 0.43046874, 0.44453126,
+    0.45859373, 0.47265625, 0.4867187, 0.50078124, 0.5148437, 0.5289062, 0.54296875, 0.5570313,
+    0.5710938, 0.58515626, 0.5992187, 0.61328125, 0.6273438, 0.6414063, 0.65546876, 0.6695312,
+    0.68359375, 0.6976563, 0.7117188, 0.72578126, 0.7398437, 0.75390625, 0.7679688, 0.78203124,
+    0.79609376, 0.8101562, 0.82421875, 0.8382813, 0.85234374, 0.86640626, 0.8804687, 0.89453125,
+    0.9085938, 0.92265624, 0.93671876, 0.9507812, 0.96484375, 0.9789063, 0.99296874, 1,
+], dtype=np.float32)
 
 
 @flax.struct.dataclass
@@ -203,11 +222,16 @@ def _blockwise_quantize(flat: jax.Array, code: np.ndarray, block_size: int):
   blocks = padded.reshape(nb, block_size)  # [nb, block_size]
   # The zero padding cannot raise an absmax, so the partial block's absmax is exact.
   absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [nb]
-  safe = jnp.maximum(absmax, _TINY)[:, None]  # [nb, 1]
+  # bitsandbytes divides by max(absmax, 1e-38), so an all-zero block scales to 0 (code of 0.0).
+  # 1e-38 is a float32 subnormal, which XLA flushes to zero (0 / 0 = NaN), so an all-zero
+  # block is set to 0 explicitly instead.
+  nonzero = absmax[:, None] > 0  # [nb, 1]
+  safe = jnp.where(nonzero, absmax[:, None], 1.0)
   by_reciprocal = blocks * (1.0 / safe)
   by_division = blocks / safe
   in_full_block = (jnp.arange(nb) * block_size < full)[:, None]  # [nb, 1]
-  scaled = jnp.clip(jnp.where(in_full_block, by_reciprocal, by_division), -1.0, 1.0)
+  scaled = jnp.where(in_full_block, by_reciprocal, by_division)
+  scaled = jnp.clip(jnp.where(nonzero, scaled, 0.0), -1.0, 1.0)
   midpoints = jnp.asarray((code[:-1] + code[1:]) / np.float32(2.0))  # float32 [len(code) - 1]
   # searchsorted 'left' == torch.bucketize(right=False): midpoints[i-1] < x <= midpoints[i].
   # compare_all (one compare per midpoint, no gathers) is fastest for NF4's 15 midpoints;
@@ -224,6 +248,19 @@ def _blockwise_dequantize(idx: jax.Array, absmax: jax.Array, code: np.ndarray,
   nb = absmax.shape[0]
   values = jnp.pad(jnp.asarray(code)[idx], (0, nb * block_size - n))
   return (values.reshape(nb, block_size) * absmax[:, None]).reshape(-1)[:n]
+
+
+def quantize_blockwise_8bit(x: jax.Array, block_size: int = ABSMAX_BLOCK_SIZE):
+  """bitsandbytes' quantize_blockwise with its dynamic map: x float32 [n] -> (uint8 [n],
+  float32 absmax [ceil(n / block_size)]). Used for the absmax under double quantization."""
+  idx, absmax = _blockwise_quantize(x.astype(jnp.float32), DYNAMIC_CODE, block_size)
+  return idx.astype(jnp.uint8), absmax
+
+
+def dequantize_blockwise_8bit(q: jax.Array, absmax: jax.Array,
+                              block_size: int = ABSMAX_BLOCK_SIZE) -> jax.Array:
+  """Inverse of quantize_blockwise_8bit: DYNAMIC_CODE[q] * absmax(block), float32 [n]."""
+  return _blockwise_dequantize(q.astype(jnp.int32), absmax, DYNAMIC_CODE, block_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,14 +289,12 @@ def quantize_nf4(w: jax.Array,
   fields = dict(data=data, absmax=absmax, absmax_q=None, absmax_scale=None, absmax_offset=None)
   if double_quant:
     # bitsandbytes: offset = absmax.mean(); quantize_blockwise(absmax - offset, blocksize=256)
-    # with the dynamic map. The mean is taken in float64 and rounded once, so it does not
-    # depend on the summation order (torch's float32 mean may differ in the last ulp).
-    offset = jnp.mean(absmax.astype(jnp.float64) if jax.config.jax_enable_x64 else absmax)
-    offset = offset.astype(jnp.float32)
-    absmax_idx, absmax_scale = _blockwise_quantize(absmax - offset, DYNAMIC_CODE,
-                                                   ABSMAX_BLOCK_SIZE)
-    fields.update(absmax=None, absmax_q=absmax_idx.astype(jnp.uint8),
-                  absmax_scale=absmax_scale, absmax_offset=offset)
+    # with the dynamic map. (The float32 mean may differ from torch's in the last ulp, as the
+    # summation order differs; that moves the dequantized absmax by about an ulp.)
+    offset = jnp.mean(absmax)
+    absmax_q, absmax_scale = quantize_blockwise_8bit(absmax - offset)
+    fields.update(absmax=None, absmax_q=absmax_q, absmax_scale=absmax_scale,
+                  absmax_offset=offset)
   return NF4Tensor(**fields, shape=tuple(w.shape), dtype=jnp.dtype(w.dtype),
                    block_size=block_size)
 
@@ -271,9 +306,7 @@ def nf4_absmax(q: NF4Tensor) -> jax.Array:
   """
   if not q.double_quant:
     return q.absmax
-  absmax = _blockwise_dequantize(q.absmax_q.astype(jnp.int32), q.absmax_scale, DYNAMIC_CODE,
-                                 ABSMAX_BLOCK_SIZE)
-  return absmax + q.absmax_offset
+  return dequantize_blockwise_8bit(q.absmax_q, q.absmax_scale) + q.absmax_offset
 
 
 def nf4_indices(q: NF4Tensor) -> jax.Array:
