@@ -226,11 +226,14 @@ def _blockwise_quantize(flat: jax.Array, code: np.ndarray, block_size: int):
   # 1e-38 is a float32 subnormal, which XLA flushes to zero (0 / 0 = NaN), so an all-zero
   # block is set to 0 explicitly instead.
   nonzero = absmax[:, None] > 0  # [nb, 1]
-  safe = jnp.where(nonzero, absmax[:, None], 1.0)
-  by_reciprocal = blocks * (1.0 / safe)
-  by_division = blocks / safe
-  in_full_block = (jnp.arange(nb) * block_size < full)[:, None]  # [nb, 1]
-  scaled = jnp.where(in_full_block, by_reciprocal, by_division)
+  safe = jnp.where(nonzero, absmax[:, None], 1.0)  # [nb, 1]
+  scaled = blocks * (1.0 / safe)  # [nb, block_size]
+  if full < n:
+    # The partial block is divided (x / absmax can sit on a midpoint where x * (1 / absmax)
+    # is one float above it). XLA rewrites A / broadcast(B) into A * broadcast(1 / B), so the
+    # divisor is broadcast behind an optimization barrier to keep a true division.
+    divisor = jax.lax.optimization_barrier(jnp.broadcast_to(safe[-1], (block_size,)))
+    scaled = scaled.at[-1].set(blocks[-1] / divisor)
   scaled = jnp.clip(jnp.where(nonzero, scaled, 0.0), -1.0, 1.0)
   midpoints = jnp.asarray((code[:-1] + code[1:]) / np.float32(2.0))  # float32 [len(code) - 1]
   # searchsorted 'left' == torch.bucketize(right=False): midpoints[i-1] < x <= midpoints[i].

@@ -79,6 +79,21 @@ def test_absmax_per_block_and_partial_last_block():
   assert out.shape == (10,) and np.all(out[4:8] == 0) and out[8] == -7.0
 
 
+def test_partial_block_divides_full_blocks_multiply_by_the_reciprocal():
+  # bitsandbytes' reference backend scales full blocks by x * (1 / absmax) but the partial last
+  # block by x / absmax. For this pair x / a is 0.64278692, the 13/14 midpoint (-> 13), while
+  # x * (1 / a) is one float above it (-> 14); bitsandbytes 0.50.2 packs [a, x] * 16 + [a, x]
+  # with blocksize 32 as bytes 0xfe ... 0xfd.
+  a, x = np.float32(2.729365825653076), np.float32(1.7544007301330566)
+  assert x / a == MIDPOINTS[13] and x * (np.float32(1) / a) > MIDPOINTS[13]
+  w = np.array([a, x] * 17, np.float32)
+  q = quant.quantize_nf4(w, block_size=32)
+  assert int(q.data[0]) == 0xFE and int(q.data[-1]) == 0xFD
+  # Also when XLA sees the whole computation (it rewrites A / broadcast(B) as a multiply).
+  q = jax.jit(quant.quantize_nf4, static_argnames='block_size')(w, block_size=32)
+  assert int(q.data[0]) == 0xFE and int(q.data[-1]) == 0xFD
+
+
 def test_nibble_order_high_nibble_first():
   # Indices [15, 0, 7, 15]: element 0 is the high nibble of byte 0.
   w = np.array([[1.0, -1.0], [0.0, 1.0]], np.float32)
