@@ -211,7 +211,7 @@ def _blockwise_quantize(flat: jax.Array, code: np.ndarray, block_size: int):
   """Nearest-code indices of flat / absmax(block), and the absmax of each block.
 
   flat float32 [n] -> (indices int32 [n], absmax float32 [nb]). As bitsandbytes'
-  reference backend: full blocks are scaled by the reciprocal 1 / max(absmax, 1e-38), the
+  reference backend: full blocks are scaled by the reciprocal 1 / absmax, the
   partial last block is divided by it; the scaled value is clipped to [-1, 1] and bucketized
   on the midpoints of the sorted code (ties go to the lower code).
   """
@@ -222,8 +222,8 @@ def _blockwise_quantize(flat: jax.Array, code: np.ndarray, block_size: int):
   blocks = padded.reshape(nb, block_size)  # [nb, block_size]
   # The zero padding cannot raise an absmax, so the partial block's absmax is exact.
   absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [nb]
-  # bitsandbytes divides by max(absmax, 1e-38), so an all-zero block scales to 0 (code of 0.0).
-  # 1e-38 is a float32 subnormal, which XLA flushes to zero (0 / 0 = NaN), so an all-zero
+  # bitsandbytes scales by 1 / max(absmax, 1e-38), so an all-zero block scales to 0 (code 0.0).
+  # 1e-38 is a float32 subnormal, which XLA flushes to 0 (and 0 * (1 / 0) is NaN), so an all-zero
   # block is set to 0 explicitly instead.
   nonzero = absmax[:, None] > 0  # [nb, 1]
   safe = jnp.where(nonzero, absmax[:, None], 1.0)  # [nb, 1]
