@@ -178,6 +178,8 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = 
     # Fresh values only where `given` has none: XLA drops the initialisers of every leaf that
     # `given` replaces, so a source checkpoint's params never sit beside a random copy.
     params = state_lib.combine(given, nn.meta.unbox(init_params(rng)))
+    # DoRA magnitudes start at the norms of the given kernels, not of the random ones.
+    params = lora.init_magnitudes(params, None, keep=given)
     return TrainState.create(params, optimizer, rng, trainable)
 
   abstract_reference = state_lib.reference_abstract(abstract.params, model_cfg)
