@@ -262,3 +262,27 @@ def test_lora_ranks_round_trip_through_json_and_config_dicts():
   assert ModelConfig.from_dict(c).lora_ranks == {'v': 2}
   with pytest.raises(ConfigError, match='must be a mapping'):
     ModelConfig.from_dict({**dataclasses.asdict(_cfg()), 'lora_ranks': [8]})
+
+
+def test_train_step_applies_lora_dropout_and_eval_does_not():
+  from test_train import batch_of, small_config, trainer_for
+
+  def losses_of(dropout):
+    c = small_config(steps=10, lr=0.0)
+    c.model.lora_rank, c.model.lora_dropout = 4, dropout
+    _, tr = trainer_for(c)
+    state = tr.init(jax.random.key(0))
+    state = state.replace(params=_randomise(state.params))  # B != 0: the adapters matter
+    batch = batch_of(np.asarray(jax.random.randint(jax.random.key(5), (4, 17), 0, 32)))
+    out = []
+    for _ in range(2):
+      state, m = tr.train_step(state, batch)
+      out.append(float(m['loss']))
+    ev = tr.eval_step(state.params, batch)
+    return out, float(ev.total / ev.weight)
+
+  (a, b), eval_loss = losses_of(0.0)
+  assert a == pytest.approx(b, abs=1e-6) and a == pytest.approx(eval_loss, abs=1e-5)
+  (c, d), eval_dropped = losses_of(0.5)
+  assert eval_dropped == pytest.approx(eval_loss, abs=1e-5)  # no dropout in evaluation
+  assert abs(c - eval_loss) > 1e-4 and abs(c - d) > 1e-5  # a new mask each step
