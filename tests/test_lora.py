@@ -14,7 +14,7 @@ from flax import traverse_util
 
 from llmjax import config as config_lib
 from llmjax.errors import CheckpointError, ConfigError
-from llmjax.models import Transformer, lora
+from llmjax.models import Transformer, adapters, lora
 from llmjax.models.config import ModelConfig, get_preset
 from llmjax.models.layers import DenseGeneral
 from llmjax.models.transformer import init_params
@@ -41,7 +41,7 @@ def test_adapted_projection_equals_the_formula():
   # The attention output projection contracts two dims (heads, head_dim): the adapter must too.
   cfg = get_preset('tiny', **CFG, lora_rank=3, lora_alpha=6.0, lora_targets=('o',))
   layer = DenseGeneral(features=64, axis=(-2, -1), kernel_axes=('heads', 'head_dim', 'embed'),
-                       cfg=cfg, name='o')
+                       cfg=cfg, adapter=adapters.for_target(cfg, 'o'), name='o')
   x = jax.random.normal(jax.random.key(0), (2, 5, 4, 16))
   params = jax.tree.map(lambda p: p, layer.init(jax.random.key(1), x)['params'])
   params = {k: getattr(v, 'value', v) for k, v in params.items()}

@@ -3,7 +3,9 @@
 
 tests/golden/peft/<name>/ (tools/make_peft_goldens.py) is `PeftModel.save_pretrained` of a
 LoraConfig(r=4, lora_alpha=8, all seven projections) over tests/golden/<name>/ with random
-non-zero A and B, and logits.npz the adapted model's logits from transformers + peft.
+non-zero A and B, and logits.npz the adapted model's logits from transformers + peft. The
+variants <name>_dora (use_dora, magnitudes moved off their init) and llama_gqa_llama3_rslora
+(use_rslora, rank_pattern {'q_proj': 8, 'down_proj': 2}) are built the same way.
 """
 
 import dataclasses
@@ -27,6 +29,9 @@ from llmjax.train.loop import train_and_evaluate
 
 GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden')
 NAMES = ('llama_gqa_llama3', 'qwen2_bias_tied')
+# {golden adapter: its base golden} for the DoRA and rsLoRA adapters.
+VARIANTS = {'llama_gqa_llama3_dora': NAMES[0], 'qwen2_bias_tied_dora': NAMES[1],
+            'llama_gqa_llama3_rslora': NAMES[0]}
 
 
 def base_dir(name):
@@ -88,6 +93,72 @@ def test_convert_to_peft_refuses_a_run_without_lora(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith('error: ') and 'not a LoRA run' in err and err.count('\n') == 1
   assert not os.path.exists(tmp_path / 'a')
+
+
+def imported_variant(adapter, **overrides):
+  """(ModelConfig with the adapter's LoRA keys, params with the golden adapter)."""
+  cfg, params, _ = load_hf(base_dir(VARIANTS[adapter]), **overrides)
+  cfg = dataclasses.replace(cfg, **peft.lora_fields(adapter_dir(adapter), cfg))
+  cfg.validate()
+  family = peft.check_adapter(adapter_dir(adapter), cfg)
+  return cfg, lora.combine(peft.read_adapters(adapter_dir(adapter), cfg, family), params)
+
+
+def test_lora_fields_read_dora_rslora_and_rank_pattern():
+  cfg, _, _ = load_hf(base_dir(NAMES[0]))
+  assert peft.lora_fields(adapter_dir('llama_gqa_llama3_dora'), cfg)['use_dora'] is True
+  fields = peft.lora_fields(adapter_dir('llama_gqa_llama3_rslora'), cfg)
+  assert fields['use_rslora'] is True and fields['use_dora'] is False
+  assert fields['lora_ranks'] == {'q': 8, 'down': 2} and fields['lora_rank'] == 4
+
+
+@pytest.mark.parametrize('adapter,scan_layers', [('llama_gqa_llama3_dora', True),
+                                                 ('qwen2_bias_tied_dora', False),
+                                                 ('llama_gqa_llama3_rslora', True)])
+def test_dora_and_rslora_adapters_give_peft_logits_and_merge(adapter, scan_layers):
+  cfg, params = imported_variant(adapter, scan_layers=scan_layers)
+  g = np.load(os.path.join(adapter_dir(adapter), 'logits.npz'))
+  tokens = jnp.asarray(g['tokens'])
+  logits, _ = Transformer(cfg).apply({'params': params}, tokens)
+  np.testing.assert_allclose(np.asarray(logits), g['logits'], atol=1e-4, rtol=0)
+  base, _ = Transformer(cfg).apply({'params': lora.disable(params)}, tokens)
+  assert np.abs(np.asarray(base) - g['logits']).max() > 1e-2
+  # The merged weights are the adapted model: PEFT's logits without any adapter.
+  merged, merged_cfg = lora.merge(params, cfg)
+  got, _ = Transformer(merged_cfg).apply({'params': merged}, tokens)
+  np.testing.assert_allclose(np.asarray(got), g['logits'], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize('adapter', sorted(VARIANTS))
+def test_save_peft_round_trips_dora_and_rslora(adapter, tmp_path):
+  cfg, params = imported_variant(adapter)
+  out = str(tmp_path / 'adapter')
+  peft.save_peft(out, cfg, params, base_model=f'tests/golden/{VARIANTS[adapter]}')
+  ours = load_file(os.path.join(out, peft.WEIGHTS_FILE))
+  theirs = load_file(os.path.join(adapter_dir(adapter), peft.WEIGHTS_FILE))
+  assert sorted(ours) == sorted(theirs)
+  for n in theirs:
+    assert ours[n].shape == theirs[n].shape and ours[n].dtype == theirs[n].dtype, n
+    np.testing.assert_allclose(ours[n], theirs[n], atol=1e-6, rtol=0, err_msg=n)
+  with open(os.path.join(out, peft.CONFIG_FILE)) as f, \
+       open(os.path.join(adapter_dir(adapter), peft.CONFIG_FILE)) as g:
+    ours_cfg, theirs_cfg = json.load(f), json.load(g)
+  for c in (ours_cfg, theirs_cfg):
+    c['target_modules'] = sorted(c['target_modules'])
+  assert ours_cfg == theirs_cfg
+  # ... and reads back as the same model keys and leaves.
+  assert peft.lora_fields(out, cfg) == peft.lora_fields(adapter_dir(adapter), cfg)
+  back = peft.read_adapters(out, cfg, peft.check_adapter(out, cfg))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), back,
+               lora.split(params)[0])
+
+
+def test_dora_adapter_on_a_plain_lora_model_is_refused(tmp_path):
+  c = run_config(NAMES[0])
+  c.init.peft_dir = adapter_dir('llama_gqa_llama3_dora')
+  assert 'set model.lora_rank=4' in _validate(c) and 'model.use_dora=True' in _validate(c)
+  c.model.use_dora = True
+  config_lib.validate(c)  # with the key set it is accepted
 
 
 def test_rank_larger_than_a_projection_is_refused():
@@ -192,11 +263,14 @@ def test_missing_adapter_config_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize('fields,model,match', [
-    (dict(use_dora=True), {}, 'use_dora=True is not supported'),
+    (dict(alpha_pattern={'q_proj': 4}), {}, "alpha_pattern={'q_proj': 4} is not supported"),
+    (dict(rank_pattern={'layers.0.self_attn.q_proj': 8}), {},
+     "rank_pattern keys ['layers.0.self_attn.q_proj'] are not names in target_modules"),
+    (dict(use_rslora=True), {}, 'model.use_rslora=True'),
     (dict(peft_type='IA3'), {}, "peft_type='IA3'"),
     ({}, dict(lora_rank=8), 'set model.lora_rank=4'),
     ({}, dict(lora_targets=['q', 'v']), 'lora_targets'),
-    (dict(r=40), dict(lora_rank=40), 'rank 40 is larger than the k_proj'),
+    (dict(r=40), dict(lora_rank=40), "model.lora_rank=40 is larger than the 'k' projection"),
 ])
 def test_adapter_config_mismatches_are_refused(tmp_path, fields, model, match):
   c = run_config(NAMES[0])

@@ -2,12 +2,15 @@
 
     /tmp/hf/bin/python tools/make_peft_goldens.py            # build goldens, then check exports
     /tmp/hf/bin/python tools/make_peft_goldens.py --check    # only check exports of existing goldens
+    /tmp/hf/bin/python tools/make_peft_goldens.py llama_gqa_llama3_dora --no-check  # one, unchecked
 
 Runs in a Python with torch + transformers + peft (never the test suite's venv). For each base
-golden (tests/golden/<name>/, built by tools/make_hf_goldens.py) it wraps the model with
-`peft.get_peft_model(LoraConfig(r=4, lora_alpha=8, all seven projections))`, sets every
+golden (tests/golden/<name>/, built by tools/make_hf_goldens.py) and variant (`VARIANTS`:
+plain LoRA, DoRA, rsLoRA with a rank_pattern) it wraps the model with
+`peft.get_peft_model(LoraConfig(r=4, lora_alpha=8, all seven projections, ...))`, sets every
 lora_A / lora_B to seeded random non-zero values (PEFT starts B at zero, which would test
-nothing), saves the adapter with `save_pretrained` to tests/golden/peft/<name>/ and records
+nothing) and moves DoRA's magnitudes off their init, saves the adapter with `save_pretrained`
+to tests/golden/peft/<adapter>/ and records
     logits.npz    tokens [2, 16] int32 (the base golden's), logits [2, 16, vocab] float32
 from one forward pass of the adapted model (eager attention, float32).
 
@@ -32,18 +35,29 @@ import transformers
 LLMJAX_PYTHON = os.environ.get('LLMJAX_PYTHON', '/work/main/.venv/bin/python')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOLDEN = os.path.join(ROOT, 'tests', 'golden')
-NAMES = ('llama_gqa_llama3', 'qwen2_bias_tied')
 TARGETS = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+# The LoRA variants: {golden adapter name: (base golden, extra LoraConfig fields)}. Plain LoRA
+# on both bases; DoRA on both (qwen2's qkv biases must not be rescaled); rsLoRA with
+# per-module ranks (PEFT's rank_pattern) on llama.
+VARIANTS = {
+    'llama_gqa_llama3': ('llama_gqa_llama3', {}),
+    'qwen2_bias_tied': ('qwen2_bias_tied', {}),
+    'llama_gqa_llama3_dora': ('llama_gqa_llama3', dict(use_dora=True)),
+    'qwen2_bias_tied_dora': ('qwen2_bias_tied', dict(use_dora=True)),
+    'llama_gqa_llama3_rslora': ('llama_gqa_llama3', dict(
+        use_rslora=True, rank_pattern={'q_proj': 8, 'down_proj': 2})),
+}
 
 
-def build(name: str, seed: int) -> None:
+def build(adapter: str, seed: int) -> None:
+  name, extra = VARIANTS[adapter]
   base_dir = os.path.join(GOLDEN, name)
-  out = os.path.join(GOLDEN, 'peft', name)
+  out = os.path.join(GOLDEN, 'peft', adapter)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       base_dir, dtype=torch.float32, attn_implementation='eager')
   config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0,
-                           task_type='CAUSAL_LM')
+                           task_type='CAUSAL_LM', **extra)
   model = peft.get_peft_model(model, config)
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -51,6 +65,9 @@ def build(name: str, seed: int) -> None:
       if 'lora_A' in pname or 'lora_B' in pname:
         # 0.3 keeps the adapted logits clearly different from the base's, yet finite.
         p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+      elif 'lora_magnitude_vector' in pname:
+        # DoRA's magnitude starts at ||W||_c; moved by +-20% so it changes the output too.
+        p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen))
   model.eval()
   tokens = np.load(os.path.join(base_dir, 'golden.npz'))['tokens']
   with torch.no_grad():
@@ -72,43 +89,50 @@ def build(name: str, seed: int) -> None:
   print(f'wrote {out}: {sorted(os.listdir(out))}, logits {logits.shape}')
 
 
-# Runs in LLMJAX_PYTHON: golden adapter + base -> an llmjax LoRA workdir (argv: name, workdir).
+# Runs in LLMJAX_PYTHON: golden adapter + base -> an llmjax LoRA workdir (argv: adapter, base,
+# workdir). The model's LoRA keys are the ones `peft.lora_fields` derives from the adapter.
 _IMPORT = """
 import dataclasses, sys
 from llmjax.interop import load_hf, peft
 from llmjax.models import lora
 from llmjax.train import checkpoint
-name, work = sys.argv[1:]
+adapter, name, work = sys.argv[1:]
 cfg, params, _ = load_hf('tests/golden/' + name)
-cfg = dataclasses.replace(cfg, lora_rank=4, lora_alpha=8.0)
-family = peft.check_adapter('tests/golden/peft/' + name, cfg)
-adapters = peft.read_adapters('tests/golden/peft/' + name, cfg, family)
+cfg = dataclasses.replace(cfg, **peft.lora_fields('tests/golden/peft/' + adapter, cfg))
+family = peft.check_adapter('tests/golden/peft/' + adapter, cfg)
+adapters = peft.read_adapters('tests/golden/peft/' + adapter, cfg, family)
 checkpoint.write_params_workdir(work, cfg, lora.combine(adapters, params))
 """
 
 
-def check(name: str) -> None:
+def check(adapter: str) -> None:
+  name = VARIANTS[adapter][0]
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   with tempfile.TemporaryDirectory() as tmp:
     work, out = os.path.join(tmp, 'run'), os.path.join(tmp, 'adapter')
-    subprocess.run([LLMJAX_PYTHON, '-c', _IMPORT, name, work], cwd=ROOT, env=env, check=True)
+    subprocess.run([LLMJAX_PYTHON, '-c', _IMPORT, adapter, name, work], cwd=ROOT, env=env,
+                   check=True)
     subprocess.run([LLMJAX_PYTHON, '-m', 'llmjax.convert', '--to=peft', f'--src={work}',
                     f'--dst={out}'], cwd=ROOT, env=env, check=True)
     base = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.join(GOLDEN, name), dtype=torch.float32, attn_implementation='eager')
     model = peft.PeftModel.from_pretrained(base, out).eval()
-    golden = np.load(os.path.join(GOLDEN, 'peft', name, 'logits.npz'))
+    golden = np.load(os.path.join(GOLDEN, 'peft', adapter, 'logits.npz'))
     with torch.no_grad():
       logits = model(torch.tensor(golden['tokens'], dtype=torch.long)).logits.numpy()
     diff = float(np.abs(logits - golden['logits']).max())
-    print(f'{name}: PeftModel.from_pretrained(llmjax export) max |logits diff| = {diff:.2e}')
+    print(f'{adapter}: PeftModel.from_pretrained(llmjax export) max |logits diff| = {diff:.2e}')
     if diff > 1e-4:
-      sys.exit(f'{name}: the export does not reproduce the golden logits')
+      sys.exit(f'{adapter}: the export does not reproduce the golden logits')
 
 
 if __name__ == '__main__':
+  # Positional arguments pick adapters (default: all). Each keeps its seed (its index in
+  # VARIANTS), so the plain LoRA goldens keep theirs (0, 1).
+  chosen = [a for a in sys.argv[1:] if not a.startswith('--')] or list(VARIANTS)
   if '--check' not in sys.argv:
-    for seed, name in enumerate(NAMES):
-      build(name, seed)
-  for name in NAMES:
-    check(name)
+    for adapter in chosen:
+      build(adapter, list(VARIANTS).index(adapter))
+  if '--no-check' not in sys.argv:
+    for adapter in chosen:
+      check(adapter)

@@ -9,11 +9,16 @@ A PEFT LoRA dir holds `adapter_config.json` and `adapter_model.safetensors`; for
     base_model.model.P.lora_A.weight  [r, in]     llmjax lora_a [in..., r]
     base_model.model.P.lora_B.weight  [out, r]    llmjax lora_b [r, out...]
 
-and computes W x + (lora_alpha / r) * B A x: the same scaling as llmjax's alpha / rank
-(`llmjax.models.lora`), so the tensors carry over unchanged up to layout. The names and
-layouts are derived from the family's kernel `Layout`s (`families.py`), never listed twice.
-Plain LoRA only: DoRA, rsLoRA, per-module rank/alpha patterns, LoRA biases and
-modules_to_save change the math and are refused by `check_adapter`, naming the field.
+and computes W x + s * B A x with s = lora_alpha / r (use_rslora: lora_alpha / sqrt(r)): the
+same scaling as llmjax's (`llmjax.models.adapters`), so the tensors carry over unchanged up to
+layout. With use_dora it also stores
+
+    base_model.model.P.lora_magnitude_vector  [out]     llmjax lora_magnitude [out...]
+
+The names and layouts are derived from the family's kernel `Layout`s (`families.py`), never
+listed twice. A rank_pattern keyed by module names ({'q_proj': 8}) is model.lora_ranks.
+Refused by `check_adapter`, naming the field: alpha patterns, rank patterns keyed otherwise,
+LoRA biases, modules_to_save and the other fields that change the math.
 """
 
 import json
@@ -26,7 +31,8 @@ from llmjax import files
 from llmjax.errors import CheckpointError, ConfigError
 from llmjax.interop import families
 from llmjax.interop.families import Family
-from llmjax.interop.layout import Layout, linear
+from llmjax.interop.layout import Layout, linear, vector
+from llmjax.models import adapters
 from llmjax.models.config import ModelConfig
 
 CONFIG_FILE = 'adapter_config.json'
@@ -37,10 +43,11 @@ PREFIX = 'base_model.model.'  # PeftModel -> LoraModel -> the transformers model
 SUPPORTED = ('LlamaForCausalLM', 'Qwen2ForCausalLM', 'MistralForCausalLM')
 # adapter_config.json fields that change the math away from plain LoRA, with the one value
 # (or values) llmjax implements; absent fields are PEFT's defaults, which are these.
+# (use_dora, use_rslora and rank_pattern are read: `lora_fields`.)
 PLAIN_LORA = {
-    'use_dora': (False, None), 'use_rslora': (False, None), 'bias': ('none', None),
+    'bias': ('none', None),
     'fan_in_fan_out': (False, None), 'lora_bias': (False, None), 'modules_to_save': (None, []),
-    'rank_pattern': ({}, None), 'alpha_pattern': ({}, None), 'layers_to_transform': (None,),
+    'alpha_pattern': ({}, None), 'layers_to_transform': (None,),
     'target_parameters': (None, []), 'trainable_token_indices': (None,),
     'layer_replication': (None,), 'use_qalora': (False, None), 'use_bdlora': (None, False),
 }
@@ -77,13 +84,17 @@ def hf_modules(family: Family, cfg: ModelConfig) -> dict[str, str]:
   return {_module(l): t for t, (_, _, l) in _kernels(family, cfg).items()}
 
 
-def _adapter_layouts(kernel: Layout, rank: int) -> dict[str, Layout]:
-  """The kernel's two adapters: lora_a [in..., r] <-> lora_A.weight [r, in]; lora_b [r, out...]
-  <-> lora_B.weight [out, r] (`linear` kernels hold (out_dims, in_dims) in `split`)."""
+def _adapter_layouts(kernel: Layout, rank: int, dora: bool) -> dict[str, Layout]:
+  """The kernel's adapters: lora_a [in..., r] <-> lora_A.weight [r, in]; lora_b [r, out...]
+  <-> lora_B.weight [out, r] (`linear` kernels hold (out_dims, in_dims) in `split`); DoRA's
+  lora_magnitude [out...] <-> lora_magnitude_vector [out] (PEFT saves it without '.weight')."""
   out_dims, in_dims = kernel.split
   base = PREFIX + kernel.hf_name[:-len('weight')]
-  return {'lora_a': linear(base + 'lora_A.weight', in_dims, (rank,)),
-          'lora_b': linear(base + 'lora_B.weight', (rank,), out_dims)}
+  out = {'lora_a': linear(base + 'lora_A.weight', in_dims, (rank,)),
+         'lora_b': linear(base + 'lora_B.weight', (rank,), out_dims)}
+  if dora:
+    out['lora_magnitude'] = vector(base + 'lora_magnitude_vector', out_dims)
+  return out
 
 
 def adapter_tensors(family: Family, cfg: ModelConfig) -> tuple[dict[Path, Layout], dict[Path, Layout]]:
@@ -92,7 +103,8 @@ def adapter_tensors(family: Family, cfg: ModelConfig) -> tuple[dict[Path, Layout
   out = ({}, {})
   for target, (path, per_layer, kernel) in _kernels(family, cfg).items():
     if target in cfg.lora_targets:
-      for leaf, layout in _adapter_layouts(kernel, cfg.lora_rank).items():
+      rank = adapters.rank_of(cfg, target)
+      for leaf, layout in _adapter_layouts(kernel, rank, cfg.use_dora).items():
         out[0 if per_layer else 1][path + (leaf,)] = layout
   return out
 
@@ -109,8 +121,9 @@ def check_rank(family: Family, cfg: ModelConfig, where: str) -> None:
   """A rank above a projection's smaller side adds parameters and no expressiveness; PEFT
   itself would build it, but it is a mistake (usually a rank meant for a bigger model)."""
   for target, (_, _, kernel) in _kernels(family, cfg).items():
-    if target in cfg.lora_targets and cfg.lora_rank > min(kernel.hf_shape):
-      raise ConfigError(f"{where}: rank {cfg.lora_rank} is larger than the {_module(kernel)}"
+    rank = adapters.rank_of(cfg, target)
+    if target in cfg.lora_targets and rank > min(kernel.hf_shape):
+      raise ConfigError(f"{where}: rank {rank} is larger than the {_module(kernel)}"
                         f" projection {list(kernel.hf_shape)}; use a rank <= {min(kernel.hf_shape)}.")
 
 
@@ -133,10 +146,11 @@ def read_config(peft_dir: str, key: str = 'init.peft_dir') -> dict:
   return fields
 
 
-def check_adapter(peft_dir: str, cfg: ModelConfig, key: str = 'init.peft_dir') -> Family:
-  """One-line ConfigError / CheckpointError unless `peft_dir` is a plain LoRA adapter for
-  `cfg` (the base's architecture with model.lora_rank / lora_alpha / lora_targets equal to the
-  adapter's). Reads adapter_config.json and the safetensors header only: no tensor data."""
+def lora_fields(peft_dir: str, cfg: ModelConfig, key: str = 'init.peft_dir') -> dict:
+  """The model.lora_* / use_* keys that reproduce the adapter in `peft_dir` on `cfg`'s base:
+  {lora_rank, lora_alpha, lora_targets, lora_ranks, use_dora, use_rslora}, from its
+  adapter_config.json (r, lora_alpha, target_modules, rank_pattern, use_dora, use_rslora);
+  one-line ConfigError for fields llmjax cannot reproduce."""
   fields = read_config(peft_dir, key)
   path = files.join(peft_dir, CONFIG_FILE)
   if fields.get('peft_type') != 'LORA':
@@ -144,8 +158,11 @@ def check_adapter(peft_dir: str, cfg: ModelConfig, key: str = 'init.peft_dir') -
                       " adapters only (peft_type 'LORA').")
   for field, allowed in PLAIN_LORA.items():
     if fields.get(field, allowed[0]) not in allowed:
-      raise ConfigError(f"{path}: {field}={fields[field]!r} is not supported; llmjax reads plain"
-                        f" LoRA ({field}={allowed[0]!r}).")
+      raise ConfigError(f"{path}: {field}={fields[field]!r} is not supported; llmjax reads"
+                        f" {field}={allowed[0]!r}.")
+  for field in ('use_dora', 'use_rslora'):
+    if fields.get(field) not in (True, False, None):
+      raise ConfigError(f"{path}: {field}={fields[field]!r} is not a boolean.")
   family = peft_family(cfg)
   modules = hf_modules(family, cfg)
   targets = fields.get('target_modules')
@@ -156,13 +173,39 @@ def check_adapter(peft_dir: str, cfg: ModelConfig, key: str = 'init.peft_dir') -
   if unknown:
     raise ConfigError(f"{path}: target_modules {unknown} are not {family.architecture}"
                       f" projections llmjax adapts; it adapts {sorted(modules)}.")
-  want = dict(lora_rank=fields.get('r'), lora_alpha=fields.get('lora_alpha'),
-              lora_targets=sorted(modules[m] for m in targets))
+  pattern = fields.get('rank_pattern') or {}
+  # PEFT matches a rank_pattern key as a regex suffix of each module's full name; a bare
+  # target name ('q_proj') is that module in every layer, which model.lora_ranks expresses.
+  odd = sorted(k for k in pattern if k not in targets)
+  if odd:
+    raise ConfigError(f"{path}: rank_pattern keys {odd} are not names in target_modules;"
+                      " llmjax reads per-module ranks keyed by module name ({'q_proj': 8}).")
+  return dict(lora_rank=fields.get('r'), lora_alpha=fields.get('lora_alpha'),
+              lora_targets=tuple(sorted(modules[m] for m in targets)),
+              lora_ranks={modules[m]: r for m, r in pattern.items()},
+              use_dora=bool(fields.get('use_dora')), use_rslora=bool(fields.get('use_rslora')))
+
+
+def check_adapter(peft_dir: str, cfg: ModelConfig, key: str = 'init.peft_dir') -> Family:
+  """One-line ConfigError / CheckpointError unless `peft_dir` is a LoRA adapter for `cfg`
+  (the base's architecture with the model's LoRA keys equal to the adapter's, `lora_fields`).
+  Reads adapter_config.json and the safetensors header only: no tensor data."""
+  want = lora_fields(peft_dir, cfg, key)
+  path = files.join(peft_dir, CONFIG_FILE)
+  family = peft_family(cfg)
+  # Compared as the model holds them (a rank equal to lora_rank in lora_ranks is the same).
+  norm_ranks = lambda ranks, rank: {t: r for t, r in ranks.items() if r != rank}
   have = dict(lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-              lora_targets=sorted(cfg.lora_targets))
+              lora_targets=tuple(sorted(cfg.lora_targets)),
+              lora_ranks=norm_ranks(cfg.lora_ranks, cfg.lora_rank),
+              use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+  want['lora_ranks'] = norm_ranks(want['lora_ranks'], want['lora_rank'])
   wrong = {k: v for k, v in want.items() if have[k] != v}
+  # Defaults need not be named in the fix.
+  want = {k: v for k, v in want.items()
+          if k in ('lora_rank', 'lora_alpha', 'lora_targets') or v or k in wrong}
   if wrong:
-    fix = ', '.join(f'model.{k}={v}' for k, v in want.items())
+    fix = ', '.join(f'model.{k}={list(v) if k == "lora_targets" else v}' for k, v in want.items())
     raise ConfigError(f"{key}: the adapter has {fix} but the model has"
                       f" {', '.join(f'model.{k}={have[k]}' for k in wrong)}; set {fix}.")
   check_rank(family, cfg, path)
@@ -236,7 +279,7 @@ def _get(tree, path):
 
 
 def adapter_config(cfg: ModelConfig, family: Family, base_model: str | None) -> dict:
-  """adapter_config.json as PEFT 0.21 writes it for a plain LoRA (the field set of
+  """adapter_config.json as PEFT 0.21 writes it (the field set of
   tests/golden/peft/*/adapter_config.json, saved by PeftModel.save_pretrained)."""
   modules = {t: m for m, t in hf_modules(family, cfg).items()}
   alpha = cfg.lora_alpha
@@ -248,14 +291,17 @@ def adapter_config(cfg: ModelConfig, family: Family, base_model: str | None) -> 
       'init_lora_weights': True, 'kasa_config': None, 'layer_replication': None,
       'layers_pattern': None, 'layers_to_transform': None, 'loftq_config': {},
       'lora_alpha': int(alpha) if float(alpha).is_integer() else alpha, 'lora_bias': False,
-      'lora_dropout': 0.0, 'lora_ga_config': None, 'megatron_config': None,
+      'lora_dropout': float(cfg.lora_dropout), 'lora_ga_config': None, 'megatron_config': None,
       'megatron_core': 'megatron.core', 'modules_to_save': None, 'monteclora_config': None,
       'peft_type': 'LORA',
       'peft_version': '0.21.2',  # the PEFT release whose format this is
-      'qalora_group_size': 16, 'r': cfg.lora_rank, 'rank_pattern': {}, 'revision': None,
+      'qalora_group_size': 16, 'r': cfg.lora_rank,
+      'rank_pattern': {modules[t]: r for t, r in sorted(cfg.lora_ranks.items())},
+      'revision': None,
       'target_modules': sorted(modules[t] for t in cfg.lora_targets),
       'target_parameters': None, 'task_type': 'CAUSAL_LM', 'trainable_token_indices': None,
-      'use_bdlora': None, 'use_dora': False, 'use_qalora': False, 'use_rslora': False,
+      'use_bdlora': None, 'use_dora': bool(cfg.use_dora), 'use_qalora': False,
+      'use_rslora': bool(cfg.use_rslora),
       'velora_config': None}
 
 

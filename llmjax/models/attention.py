@@ -18,7 +18,7 @@ from llmjax.errors import ConfigError, closest
 from llmjax.kernels.dispatch import IMPLEMENTATIONS, AttentionFn  # noqa: F401 (re-exported)
 from llmjax.kernels.mask import Mask
 from llmjax.kernels.reference import reference_attention, xla_attention  # noqa: F401
-from llmjax.models import axes
+from llmjax.models import adapters, axes
 from llmjax.models.config import ModelConfig
 from llmjax.models.layers import DenseGeneral
 from llmjax.models.rope import apply_rope, inv_frequencies
@@ -50,17 +50,20 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask: Mask, kv_cache=None, write_index=None):
+  def __call__(self, x, positions, mask: Mask, kv_cache=None, write_index=None,
+               deterministic: bool = True):
     cfg = self.cfg
+    # Each projection's adapter is chosen here by its target name (model.lora_targets).
     dense = lambda features, axes_, name, bias: DenseGeneral(
-        features=features, kernel_axes=axes_, use_bias=bias, cfg=cfg, name=name)
+        features=features, kernel_axes=axes_, use_bias=bias, cfg=cfg,
+        adapter=adapters.for_target(cfg, name), name=name)
     # [batch, length, heads, head_dim]
     q = dense((cfg.num_heads, cfg.head_dim), (axes.EMBED, axes.HEADS, axes.HEAD_DIM), 'q',
-              cfg.qkv_bias)(x)
+              cfg.qkv_bias)(x, deterministic)
     k = dense((cfg.num_kv_heads, cfg.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), 'k',
-              cfg.qkv_bias)(x)
+              cfg.qkv_bias)(x, deterministic)
     v = dense((cfg.num_kv_heads, cfg.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), 'v',
-              cfg.qkv_bias)(x)
+              cfg.qkv_bias)(x, deterministic)
     if cfg.position == 'rope':
       # Dynamic scaling sizes the base by the sequence so far, as transformers does per call.
       inv_freq = inv_frequencies(cfg, seq_len=jnp.max(positions, axis=-1) + 1)  # [batch] lengths
@@ -82,6 +85,7 @@ class Attention(nn.Module):
 
     out = attention(q, k, v, mask, implementation=cfg.attention)  # [batch, length, heads, head_dim]
     out = DenseGeneral(features=cfg.embed_dim, axis=(-2, -1), use_bias=cfg.out_bias, cfg=cfg,
-                       kernel_axes=(axes.HEADS, axes.HEAD_DIM, axes.EMBED), name='o',
-                       out_proj=True)(out)
+                       kernel_axes=(axes.HEADS, axes.HEAD_DIM, axes.EMBED),
+                       adapter=adapters.for_target(cfg, 'o'), name='o',
+                       out_proj=True)(out, deterministic)
     return out, kv_cache

@@ -64,8 +64,17 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 # per position [B, T] (a reward model, transformers' *ForSequenceClassification with
 # num_labels=1), read at each sequence's last token by `llmjax.train.reward`.
 HEADS = ('lm', 'score')
-# Projections that can carry LoRA adapters, by their module names (`DenseGeneral` name=...).
+# Projections that can carry LoRA adapters, by target name: the call site of each projection
+# passes `adapters.for_target(cfg, <target>)` (attention.py, layers.py, transformer.py).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'head')
+
+
+class LoraRanks(dict):
+  """model.lora_ranks: {target: rank}. A dict (so ConfigDicts and JSON hold it as one) that
+  hashes by its items, because a ModelConfig is a Flax module attribute; treat it as frozen."""
+
+  def __hash__(self):
+    return hash(tuple(sorted(self.items())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +121,17 @@ class ModelConfig:
   lora_rank: int = 0
   lora_alpha: float = 16.0
   lora_targets: tuple[str, ...] = ('q', 'k', 'v', 'o', 'gate', 'up', 'down')
+  # Per-target ranks overriding lora_rank, e.g. {'q': 16, 'down': 4} (PEFT's rank_pattern);
+  # the scaling of each is alpha / its own rank.
+  lora_ranks: LoraRanks = dataclasses.field(default_factory=LoraRanks)
+  # Dropout on each adapter's input while training (PEFT's lora_dropout); 0.0 in evaluation.
+  lora_dropout: float = 0.0
+  # rsLoRA (Kalajdzievski 2023): scale alpha / sqrt(rank) instead of alpha / rank, so the
+  # update's size does not shrink as the rank grows (PEFT's use_rslora).
+  use_rslora: bool = False
+  # DoRA (Liu et al. 2024, PEFT's use_dora): plus a learned magnitude per output feature
+  # (`lora_magnitude`, initialised to the base weight's column norms), see `adapters.DoRA`.
+  use_dora: bool = False
 
   @classmethod
   def from_dict(cls, d: Any) -> 'ModelConfig':
@@ -120,6 +140,12 @@ class ModelConfig:
     d.pop('preset', None)
     if 'lora_targets' in d:  # a list in ConfigDicts and JSON; a hashable tuple here
       d['lora_targets'] = tuple(d['lora_targets'])
+    if 'lora_ranks' in d:  # a ConfigDict or dict (or None: none)
+      ranks = d['lora_ranks'] or {}
+      if not hasattr(ranks, 'items'):
+        raise ConfigError(f"model.lora_ranks={ranks!r} must be a mapping target -> rank, e.g."
+                          " {'q': 16}.")
+      d['lora_ranks'] = LoraRanks(ranks.items())
     names = {f.name for f in dataclasses.fields(cls)}
     for key in d:
       if key not in names:
@@ -133,6 +159,8 @@ class ModelConfig:
     return cfg
 
   def __post_init__(self):
+    if not isinstance(self.lora_ranks, LoraRanks):  # dataclasses.replace(cfg, lora_ranks={...})
+      object.__setattr__(self, 'lora_ranks', LoraRanks(self.lora_ranks or {}))
     if self.head_dim == 0 and self.num_heads > 0 and self.embed_dim % self.num_heads == 0:
       object.__setattr__(self, 'head_dim', self.embed_dim // self.num_heads)
 
@@ -176,22 +204,55 @@ class ModelConfig:
       raise ConfigError("model.lora_targets names 'head' but model.head='score': a score model"
                         " has no LM head (its `score` head is trained in full with LoRA); drop"
                         " 'head' from model.lora_targets.")
+    self._validate_lora_options()
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: none).")
 
-  @property
-  def num_lora_params(self) -> int:
-    """Adapter parameters: rank x (in + out) for each targeted projection."""
+  def _validate_lora_options(self) -> None:
+    uses = [k for k in ('lora_ranks', 'lora_dropout', 'use_rslora', 'use_dora') if getattr(self, k)]
+    if not self.lora_rank and uses:
+      raise ConfigError(f"model.{uses[0]} is set but model.lora_rank=0 (no LoRA); set"
+                        " model.lora_rank > 0 or drop it.")
+    if not 0.0 <= self.lora_dropout < 1.0:
+      raise ConfigError(f"model.lora_dropout={self.lora_dropout} must be in [0, 1).")
+    for target, rank in self.lora_ranks.items():
+      if target not in self.lora_targets:
+        raise ConfigError(f"model.lora_ranks: '{target}' is not in model.lora_targets"
+                          f" {list(self.lora_targets)}; add it there or drop it here."
+                          f"{closest(target, self.lora_targets)}")
+      if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ConfigError(f"model.lora_ranks['{target}']={rank!r} must be a positive integer.")
     if not self.lora_rank:
-      return 0
+      return
+    # A rank above a projection's smaller side adds parameters and no expressiveness (and
+    # breaks PEFT's export): usually a rank meant for a bigger model.
+    for target, (n_in, n_out) in self.lora_projections().items():
+      rank = self.lora_ranks.get(target, self.lora_rank)
+      if rank > min(n_in, n_out):
+        key = f"model.lora_ranks['{target}']" if target in self.lora_ranks else 'model.lora_rank'
+        raise ConfigError(f"{key}={rank} is larger than the '{target}' projection [{n_in} ->"
+                          f" {n_out}]; use a rank <= {min(n_in, n_out)}.")
+
+  def lora_projections(self) -> dict[str, tuple[int, int]]:
+    """{target: (in, out) features} of every projection in model.lora_targets that exists."""
     d, h, kv, hd, f, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
                           self.mlp_dim, self.vocab_size)
     sizes = {'q': (d, h * hd), 'k': (d, kv * hd), 'v': (d, kv * hd), 'o': (h * hd, d),
-             'gate': (d, f) if self.mlp == 'swiglu' else None, 'up': (d, f), 'down': (f, d)}
-    per_layer = sum(sum(sizes[t]) for t in self.lora_targets if sizes.get(t))
-    head = (d + v) if ('head' in self.lora_targets and not self.tie_embeddings
-                       and self.head == 'lm') else 0
-    return self.lora_rank * (self.num_layers * per_layer + head)
+             'gate': (d, f) if self.mlp == 'swiglu' else None, 'up': (d, f), 'down': (f, d),
+             'head': (d, v) if not self.tie_embeddings and self.head == 'lm' else None}
+    return {t: sizes[t] for t in self.lora_targets if sizes.get(t)}
+
+  @property
+  def num_lora_params(self) -> int:
+    """Adapter parameters: rank x (in + out) for each targeted projection, plus out for its
+    DoRA magnitude; per layer, and once for the LM head."""
+    if not self.lora_rank:
+      return 0
+    total = 0
+    for target, (n_in, n_out) in self.lora_projections().items():
+      n = self.lora_ranks.get(target, self.lora_rank) * (n_in + n_out) + n_out * self.use_dora
+      total += n if target == 'head' else self.num_layers * n
+    return total
 
   @property
   def num_params(self) -> int:
@@ -227,7 +288,8 @@ class ModelConfig:
     if self.lora_rank:
       # A frozen base needs no weight gradients: forward 2N + activation gradients 2N; the
       # adapters cost 6 per parameter like any trained weight. Attention's backward is unchanged
-      # (dq, dk, dv are needed to reach earlier layers).
+      # (dq, dk, dv are needed to reach earlier layers). DoRA's weight norms (A B per
+      # projection, 2 r in out) are per step, not per token, and not counted.
       return 4 * n_matmul + 6 * self.num_lora_params + attention
     return 6 * n_matmul + attention
 
@@ -298,7 +360,8 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 # checkpoint (an HF dir, another run's workdir) and the run that starts from it. LoRA settings
 # are here because adapters are added on top of a source's weights.
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', 'init_std',
-                  'lora_rank', 'lora_alpha', 'lora_targets')
+                  'lora_rank', 'lora_alpha', 'lora_targets', 'lora_ranks', 'lora_dropout',
+                  'use_rslora', 'use_dora')
 
 
 def architecture_diffs(source: ModelConfig, target: ModelConfig,

@@ -5,13 +5,13 @@ is the storage dtype and `cfg.dtype` the compute dtype. Norm statistics are floa
 """
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from llmjax.models import axes
+from llmjax.models import adapters, axes
 from llmjax.models.config import ModelConfig
 
 
@@ -22,8 +22,22 @@ def _init(cfg: ModelConfig, out_proj: bool = False):
   return nn.initializers.normal(stddev=std)
 
 
+def stored_kernel(module: nn.Module, shape: tuple[int, ...], init, kernel_axes: tuple[str, ...]):
+  """The base kernel [in..., out...] of a projection as stored: one 'kernel' param in
+  model.param_dtype. `DenseGeneral.kernel_store`'s default; a quantized store has this
+  signature, declares its own leaves on `module` and returns the dequantized kernel."""
+  return module.param('kernel', nn.with_logical_partitioning(init, kernel_axes), shape,
+                      jnp.dtype(module.cfg.param_dtype))
+
+
 class DenseGeneral(nn.Module):
-  """x @ kernel over the trailing `axis` dims of x, to `features` (int or tuple) dims."""
+  """x @ kernel over the trailing `axis` dims of x, to `features` (int or tuple) dims.
+
+  adapter: a LoRA/DoRA on this projection (`adapters.for_target(cfg, target)`, chosen by the
+    call site), or None. It adds its leaves beside `kernel` and its term to the output.
+  kernel_store: where the base kernel comes from (`stored_kernel`; a quantized base replaces
+    it). The matmul and the adapter both take the kernel from it, nowhere else.
+  """
   features: int | Sequence[int]
   kernel_axes: tuple[str, ...]
   cfg: ModelConfig
@@ -31,27 +45,28 @@ class DenseGeneral(nn.Module):
   use_bias: bool = False
   out_proj: bool = False
   out_dtype: jnp.dtype | None = None  # default: the compute dtype; float32 for logits
+  adapter: adapters.LoRA | None = None
+  kernel_store: Callable = stored_kernel
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool = True):
+    """deterministic=False (training) turns on the adapter's dropout ('dropout' rng)."""
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     contract = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
     contract = tuple(a % x.ndim for a in contract)
     in_shape = tuple(x.shape[a] for a in contract)
-    kernel = self.param(
-        'kernel', nn.with_logical_partitioning(_init(self.cfg, self.out_proj), self.kernel_axes),
-        in_shape + features, jnp.dtype(self.cfg.param_dtype))
+    kernel = self.kernel_store(self, in_shape + features, _init(self.cfg, self.out_proj),
+                               self.kernel_axes)
     dtype = jnp.dtype(self.cfg.dtype)
     # Contracted dims are trailing here; as one 2-D matmul [tokens, in] @ [in, out] the weight
     # gradient is a plain matmul too (XLA:CPU runs a (batch, length)-contracting dot_general
     # several times slower; on TPU/GPU the two forms compile the same).
     lead = x.shape[:x.ndim - len(contract)]
-    out = jnp.dot(x.astype(dtype).reshape(-1, math.prod(in_shape)),
-                  kernel.astype(dtype).reshape(math.prod(in_shape), -1),
-                  preferred_element_type=jnp.float32)
-    if self.cfg.lora_rank and self.name in self.cfg.lora_targets:
-      out = out + self._lora_delta(x.astype(dtype).reshape(-1, math.prod(in_shape)), in_shape,
-                                   features)
+    x2d = x.astype(dtype).reshape(-1, math.prod(in_shape))  # [tokens, in]
+    out = jnp.dot(x2d, kernel.astype(dtype).reshape(math.prod(in_shape), -1),
+                  preferred_element_type=jnp.float32)  # [tokens, out]
+    if self.adapter is not None:
+      out = self.adapter(self, x2d, out, kernel, in_shape, features, deterministic)
     out = out.reshape(*lead, *features).astype(self.out_dtype or dtype)
     if self.use_bias:
       bias = self.param(
@@ -59,33 +74,6 @@ class DenseGeneral(nn.Module):
           features, jnp.dtype(self.cfg.param_dtype))
       out = out + bias.astype(out.dtype)
     return out
-
-
-  def _lora_delta(self, x2d, in_shape, features):
-    """(alpha / rank) * x @ A @ B for x2d [tokens, in] -> [tokens, out] float32.
-
-    A [in..., rank] starts as PEFT's default (uniform +-1/sqrt(in)), B [rank, out...] at zero,
-    so a fresh adapter leaves the model unchanged. Both are float32 (adapters are tiny; Adam
-    updates to bfloat16 ones would round away). x @ A first: [tokens, rank] is small, and the
-    [in, out] product A @ B is never formed.
-    """
-    cfg, dtype = self.cfg, jnp.dtype(self.cfg.dtype)
-    n_in = len(in_shape)
-    a = self.param(
-        'lora_a', nn.with_logical_partitioning(
-            nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform',
-                                             in_axis=tuple(range(n_in)), out_axis=-1),
-            self.kernel_axes[:n_in] + (axes.LORA,)),
-        in_shape + (cfg.lora_rank,), jnp.float32)
-    b = self.param(
-        'lora_b', nn.with_logical_partitioning(nn.initializers.zeros,
-                                               (axes.LORA,) + self.kernel_axes[n_in:]),
-        (cfg.lora_rank,) + features, jnp.float32)
-    h = jnp.dot(x2d, a.astype(dtype).reshape(-1, cfg.lora_rank),
-                preferred_element_type=jnp.float32)  # [tokens, rank]
-    h = (h * (cfg.lora_alpha / cfg.lora_rank)).astype(dtype)
-    return jnp.dot(h, b.astype(dtype).reshape(cfg.lora_rank, -1),
-                   preferred_element_type=jnp.float32)  # [tokens, out]
 
 
 class RMSNorm(nn.Module):
@@ -151,14 +139,17 @@ class SwiGLU(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool = True):
     cfg = self.cfg
-    gate = DenseGeneral(cfg.mlp_dim, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias, name='gate')(x)
-    up = DenseGeneral(cfg.mlp_dim, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias, name='up')(x)
+    gate = DenseGeneral(cfg.mlp_dim, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias,
+                        adapter=adapters.for_target(cfg, 'gate'), name='gate')(x, deterministic)
+    up = DenseGeneral(cfg.mlp_dim, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias,
+                      adapter=adapters.for_target(cfg, 'up'), name='up')(x, deterministic)
     h = nn.silu(gate) * up  # [batch, length, mlp]
     h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.MLP))
     return DenseGeneral(cfg.embed_dim, (axes.MLP, axes.EMBED), cfg, use_bias=cfg.mlp_bias,
-                        out_proj=True, name='down')(h)
+                        out_proj=True, adapter=adapters.for_target(cfg, 'down'),
+                        name='down')(h, deterministic)
 
 
 class GeluMLP(nn.Module):
@@ -166,13 +157,15 @@ class GeluMLP(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic: bool = True):
     cfg = self.cfg
-    h = DenseGeneral(cfg.mlp_dim, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias, name='up')(x)
+    h = DenseGeneral(cfg.mlp_dim, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias,
+                     adapter=adapters.for_target(cfg, 'up'), name='up')(x, deterministic)
     h = nn.gelu(h, approximate=True)  # [batch, length, mlp]
     h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.MLP))
     return DenseGeneral(cfg.embed_dim, (axes.MLP, axes.EMBED), cfg, use_bias=cfg.mlp_bias,
-                        out_proj=True, name='down')(h)
+                        out_proj=True, adapter=adapters.for_target(cfg, 'down'),
+                        name='down')(h, deterministic)
 
 
 MLPS: dict[str, type[nn.Module]] = {'swiglu': SwiGLU, 'gelu': GeluMLP}

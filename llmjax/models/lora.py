@@ -2,7 +2,8 @@
 
 With `model.lora_rank > 0` every projection named in `model.lora_targets` holds, beside its
 frozen `kernel`, two adapter leaves `lora_a` [in..., rank] and `lora_b` [rank, out...] and
-computes x @ kernel + (lora_alpha / lora_rank) * x @ lora_a @ lora_b (`layers.DenseGeneral`).
+computes x @ kernel + s * x @ lora_a @ lora_b, s = lora_alpha / rank (alpha / sqrt(rank) with
+model.use_rslora); with model.use_dora also `lora_magnitude` [out...] (`models.adapters`).
 Training differentiates and updates only the adapters (`split` / `combine` in the train step,
 Adam moments only for them); `merge` folds them into the kernels for export and serving.
 
@@ -11,14 +12,16 @@ included. The helpers work on any pytree shaped like the params (shardings, spec
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from llmjax.models import adapters as adapters_lib
 from llmjax.models.config import ModelConfig
 
-ADAPTER_LEAVES = ('lora_a', 'lora_b')
+ADAPTER_LEAVES = adapters_lib.DORA_LEAVES  # lora_a, lora_b and DoRA's lora_magnitude
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:
@@ -43,42 +46,87 @@ def combine(adapters: dict, base: dict) -> dict:
 
 def without_lora(cfg: ModelConfig) -> ModelConfig:
   """The base model's config: the architecture a merged or pretrained checkpoint has."""
-  return dataclasses.replace(cfg, lora_rank=0)
+  return dataclasses.replace(cfg, lora_rank=0, lora_ranks={}, lora_dropout=0.0,
+                             use_rslora=False, use_dora=False)
+
+
+def _adapted(flat: dict):
+  """(module path, kernel, a, b, magnitude or None, stacked dims) of every adapted projection
+  in flattened params; stacked is 1 under nn.scan (a leading [layers] dim), else 0."""
+  for path, a in flat.items():
+    if path[-1] != 'lora_a':
+      continue
+    module = path[:-1]
+    b, kernel = flat[module + ('lora_b',)], flat[module + ('kernel',)]
+    stacked = a.ndim + b.ndim - 2 - kernel.ndim
+    yield module, kernel, a, b, flat.get(module + ('lora_magnitude',)), stacked
+
+
+def _kernel2d(kernel, a, b, stacked):
+  """The kernel as [s..., in, out] float32 (its in/out split read off lora_a/lora_b)."""
+  n_in = a.ndim - 1 - stacked
+  return jnp.reshape(kernel, a.shape[:stacked] + (-1, math.prod(kernel.shape[stacked + n_in:]))
+                     ).astype(jnp.float32)
+
+
+def _delta(cfg: ModelConfig, a, b, stacked):
+  """s * A B [s..., in, out] float32 for one projection's lora_a, lora_b."""
+  lead, r = a.shape[:stacked], a.shape[-1]
+  a2 = jnp.reshape(a, lead + (-1, r)).astype(jnp.float32)  # [s..., in, r]
+  b2 = jnp.reshape(b, lead + (r, -1)).astype(jnp.float32)  # [s..., r, out]
+  # The rank (so the scaling) is the leaf's own: model.lora_ranks may differ per target.
+  return adapters_lib.scale(cfg.lora_alpha, r, cfg.use_rslora) * jnp.matmul(a2, b2)
 
 
 def merge(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   """Folds every adapter into its kernel: (params without adapters, `without_lora(cfg)`).
 
-  kernel [s..., in..., out...] += (alpha / rank) * (lora_a [s..., in..., r] @ lora_b
-  [s..., r, out...]), in float32, cast back to the kernel's dtype; s is the optional stacked
-  [layers] dim of scanned params. The merged model computes what the adapted one did.
+  LoRA: kernel [s..., in..., out...] += s * (lora_a [s..., in..., r] @ lora_b [s..., r,
+  out...]); DoRA: kernel = m / ||W + s A B||_c * (W + s A B) (PEFT's merge). In float32, cast
+  back to the kernel's dtype; s... is the optional stacked [layers] dim of scanned params. The
+  merged model computes what the adapted one did.
   """
   if not cfg.lora_rank:
     return params, cfg
-  scale = cfg.lora_alpha / cfg.lora_rank
   flat = traverse_util.flatten_dict(params)
   out = {p: v for p, v in flat.items() if not is_adapter(p)}
-  for path, a in flat.items():
-    if path[-1] != 'lora_a':
-      continue
-    b = flat[path[:-1] + ('lora_b',)]
-    kernel = flat[path[:-1] + ('kernel',)]
-    stacked = a.ndim + b.ndim - 2 - kernel.ndim  # 1 under nn.scan, else 0
-    lead, r = a.shape[:stacked], a.shape[-1]
-    a2 = jnp.reshape(a, lead + (-1, r)).astype(jnp.float32)  # [s..., in, r]
-    b2 = jnp.reshape(b, lead + (r, -1)).astype(jnp.float32)  # [s..., r, out]
-    delta = jnp.matmul(a2, b2).reshape(kernel.shape)  # [s..., in..., out...]
-    out[path[:-1] + ('kernel',)] = (kernel.astype(jnp.float32) + scale * delta).astype(kernel.dtype)
+  for module, kernel, a, b, magnitude, stacked in _adapted(flat):
+    merged = _kernel2d(kernel, a, b, stacked) + _delta(cfg, a, b, stacked)  # [s..., in, out]
+    if magnitude is not None:
+      m = jnp.reshape(magnitude, merged.shape[:-2] + merged.shape[-1:]).astype(jnp.float32)
+      merged = merged * (m / adapters_lib.column_norms(merged))[..., None, :]
+    out[module + ('kernel',)] = merged.reshape(kernel.shape).astype(kernel.dtype)
   return traverse_util.unflatten_dict(out), without_lora(cfg)
 
 
-def disable(params: dict) -> dict:
-  """`params` with every adapter's output off (lora_b zeroed): the base model, computed by the
-  same program on the same base buffers, so a LoRA policy's reference model (DPO) costs no
-  second copy of the weights. Exact: the adapter adds (x @ a) @ 0 = 0 to each projection."""
+def init_magnitudes(params: dict, cfg: ModelConfig | None, keep: dict | None = None) -> dict:
+  """`params` with every DoRA `lora_magnitude` (but those `keep` holds) set to its kernel's
+  column norms ||W + s A B||_c under the current adapters (cfg None: ||W||_c, their value when
+  B = 0): DoRA's initialisation, for params whose kernels were replaced after init (a
+  pretrained base over fresh adapters, where B = 0), so the adapted model starts as the base."""
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict(
+  kept = traverse_util.flatten_dict(keep or {})
+  out = dict(flat)
+  for module, kernel, a, b, magnitude, stacked in _adapted(flat):
+    if magnitude is None or module + ('lora_magnitude',) in kept:
+      continue
+    w = _kernel2d(kernel, a, b, stacked)
+    if cfg is not None:
+      w = w + _delta(cfg, a, b, stacked)
+    norms = adapters_lib.column_norms(w)  # [s..., out]
+    out[module + ('lora_magnitude',)] = norms.reshape(magnitude.shape).astype(magnitude.dtype)
+  return traverse_util.unflatten_dict(out)
+
+
+def disable(params: dict) -> dict:
+  """`params` with every adapter's output off (lora_b zeroed, DoRA magnitudes = ||W||_c): the
+  base model, computed by the same program on the same base buffers, so a LoRA policy's
+  reference model (DPO) costs no second copy of the weights. Exact for LoRA: the adapter adds
+  (x @ a) @ 0 = 0 to each projection; DoRA's factor m / ||W||_c is 1 up to rounding."""
+  flat = traverse_util.flatten_dict(params)
+  off = traverse_util.unflatten_dict(
       {p: jnp.zeros_like(v) if p[-1] == 'lora_b' else v for p, v in flat.items()})
+  return init_magnitudes(off, None)
 
 
 def with_base(params: dict, base: dict) -> dict:
@@ -88,7 +136,7 @@ def with_base(params: dict, base: dict) -> dict:
   of params, with the same shapes (checked by the caller's config comparison).
   """
   adapters, _ = split(params)
-  return combine(adapters, base)
+  return init_magnitudes(combine(adapters, base), None)  # DoRA: ||W||_c of the new base
 
 
 def count(tree) -> tuple[int, int]:

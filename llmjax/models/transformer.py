@@ -14,7 +14,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from llmjax.models import axes
+from llmjax.models import adapters, axes
 from llmjax.models.attention import Attention, Mask
 from llmjax.models.config import ModelConfig
 from llmjax.models.layers import MLPS, NORMS, DenseGeneral, Embed
@@ -48,13 +48,13 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, write_index, kv_cache):
+  def __call__(self, x, positions, mask, write_index, kv_cache, deterministic: bool = True):
     cfg = self.cfg
     norm = NORMS[cfg.norm]
     h, kv_cache = Attention(cfg, name='attn')(norm(cfg, name='attn_norm')(x), positions, mask,
-                                              kv_cache, write_index)
+                                              kv_cache, write_index, deterministic)
     x = x + h
-    x = x + MLPS[cfg.mlp](cfg, name='mlp')(norm(cfg, name='mlp_norm')(x))
+    x = x + MLPS[cfg.mlp](cfg, name='mlp')(norm(cfg, name='mlp_norm')(x), deterministic)
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
     return x, kv_cache
 
@@ -82,11 +82,15 @@ class Transformer(nn.Module):
           (cfg.max_seq_len, cfg.embed_dim), jnp.dtype(cfg.param_dtype))
     block = Block
     if cfg.remat != 'none':
-      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+      # deterministic (argument 6, counting self) is a Python bool: static, not traced.
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
+                       static_argnums=(6,))
     if cfg.scan_layers:
       self.layers = nn.scan(
-          block, variable_axes={'params': 0}, split_rngs={'params': True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.num_layers,
+          # Each layer its own init and dropout keys.
+          block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name='layers')
     else:
       self.blocks = [block(cfg, name=f'layer_{i}') for i in range(cfg.num_layers)]
@@ -95,12 +99,14 @@ class Transformer(nn.Module):
       # transformers' `score` nn.Linear(hidden, num_labels=1, bias=False).
       self.score = DenseGeneral(1, (axes.EMBED, axes.SCORE), cfg, out_dtype=jnp.float32)
     elif not cfg.tie_embeddings:
-      self.head = DenseGeneral(cfg.vocab_size, (axes.EMBED, axes.VOCAB), cfg, out_dtype=jnp.float32)
+      self.head = DenseGeneral(cfg.vocab_size, (axes.EMBED, axes.VOCAB), cfg, out_dtype=jnp.float32,
+                               adapter=adapters.for_target(cfg, 'head'))
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
-               return_hidden: bool = False):
+               return_hidden: bool = False, deterministic: bool = True):
     """return_hidden: return the final-norm output [B, T, embed] instead of the logits, for
-    losses that apply the head themselves in chunks (`logits`)."""
+    losses that apply the head themselves in chunks (`logits`). deterministic=False: training,
+    with model.lora_dropout on the adapters' inputs (needs a 'dropout' rng)."""
     cfg = self.cfg
     b, t = tokens.shape
     offset = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
@@ -121,11 +127,12 @@ class Transformer(nn.Module):
 
     kv = (cache.k, cache.v) if cache is not None else None
     if cfg.scan_layers:
-      x, kv = self.layers(x, positions, mask, offset, kv)
+      x, kv = self.layers(x, positions, mask, offset, kv, deterministic)
     else:
       new_kv = []
       for i, blk in enumerate(self.blocks):
-        x, layer_kv = blk(x, positions, mask, offset, None if kv is None else (kv[0][i], kv[1][i]))
+        x, layer_kv = blk(x, positions, mask, offset,
+                          None if kv is None else (kv[0][i], kv[1][i]), deterministic)
         new_kv.append(layer_kv)
       if kv is not None:
         kv = (jnp.stack([a for a, _ in new_kv]), jnp.stack([b_ for _, b_ in new_kv]))
@@ -137,16 +144,16 @@ class Transformer(nn.Module):
       return x, cache
     if cfg.head == 'score':
       return self.scores(x), cache
-    return self.logits(x), cache
+    return self.logits(x, deterministic), cache
 
   def scores(self, x):
     """The score head (cfg.head='score'): x [B, T, embed] -> scores [B, T] float32."""
     scores = self.score(x)[..., 0]  # [batch, length]
     return nn.with_logical_constraint(scores, (axes.BATCH, axes.LENGTH))
 
-  def logits(self, x):
+  def logits(self, x, deterministic: bool = True):
     """The LM head: final-norm output x [B, T, embed] -> logits [B, T, vocab] float32."""
-    logits = self.embed.decode(x) if self.cfg.tie_embeddings else self.head(x)
+    logits = self.embed.decode(x) if self.cfg.tie_embeddings else self.head(x, deterministic)
     return nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
 
 

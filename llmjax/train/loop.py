@@ -171,13 +171,18 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = 
                           nn.meta.unbox(abstract), state_shardings)
   batch_sharding = sharding.batch_sharding(mesh)
 
-  def apply_fn(params, tokens, **kw):
-    return model.apply({'params': params}, tokens, **kw)
+  def apply_fn(params, tokens, dropout_rng=None, **kw):
+    if dropout_rng is None:  # evaluation, and training without dropout
+      return model.apply({'params': params}, tokens, **kw)
+    return model.apply({'params': params}, tokens, deterministic=False,
+                       rngs={'dropout': dropout_rng}, **kw)
 
   def complete(given, rng):
     # Fresh values only where `given` has none: XLA drops the initialisers of every leaf that
     # `given` replaces, so a source checkpoint's params never sit beside a random copy.
     params = state_lib.combine(given, nn.meta.unbox(init_params(rng)))
+    # DoRA magnitudes start at the norms of the given kernels, not of the random ones.
+    params = lora.init_magnitudes(params, None, keep=given)
     return TrainState.create(params, optimizer, rng, trainable)
 
   abstract_reference = state_lib.reference_abstract(abstract.params, model_cfg)
@@ -195,7 +200,7 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = 
   ref_in = (state_shardings.params,) if reference == 'arg' else ()
   train_step = jax.jit(
       make_train_step(apply_fn, loss_fn, optimizer, config.train.grad_accum, trainable,
-                      reference_fn),
+                      reference_fn, dropout=model_cfg.lora_dropout > 0),
       in_shardings=(state_shardings, batch_sharding) + ref_in,
       out_shardings=(state_shardings, None), donate_argnums=0)
   eval_step = jax.jit(make_eval_step(apply_fn, loss_fn, reference_fn),

@@ -2,6 +2,7 @@
 shardings and a donated state. Every objective (pretraining, SFT, and later DPO, reward models,
 RL) runs through this one step; they differ in the loss function and the batch."""
 
+import functools
 from typing import Callable
 
 import jax
@@ -20,7 +21,8 @@ def _loss(loss_fn: Callable, params, batch, apply_fn, ref_params):
 
 
 def make_train_step(apply_fn: Callable, loss_fn: Callable, optimizer: optax.GradientTransformation,
-                    grad_accum: int = 1, trainable=None, reference_fn: Callable | None = None):
+                    grad_accum: int = 1, trainable=None, reference_fn: Callable | None = None,
+                    dropout: bool = False):
   """Returns train_step(state, batch, ref_params=None) -> (state, metrics).
 
   loss_fn(params, batch, apply_fn) -> `losses.LossOutput` (sums; see `llmjax.train.losses`);
@@ -33,6 +35,8 @@ def make_train_step(apply_fn: Callable, loss_fn: Callable, optimizer: optax.Grad
   reference_fn: or params -> the reference's params, computed inside the step from the current
     params (`lora.disable`: the base with adapters off, which shares the base's buffers, so no
     second copy of the model exists); its output is not differentiated.
+  dropout: the model has dropout (model.lora_dropout > 0): the loss's apply_fn calls get
+    `dropout_rng=`, a key from state.rng folded with the step (and the micro-batch index).
 
   batch arrays have a leading global-batch dim; with `grad_accum` > 1 it is split into that many
   micro-batches by a `lax.scan` (one micro-batch of activations alive at a time) whose gradients
@@ -42,9 +46,11 @@ def make_train_step(apply_fn: Callable, loss_fn: Callable, optimizer: optax.Grad
   metrics) and 'grad_norm'.
   """
 
-  def grads_of(train, frozen, micro, ref):
+  def grads_of(train, frozen, micro, ref, key):
+    apply = apply_fn if key is None else functools.partial(apply_fn, dropout_rng=key)
+
     def total(t):
-      out = _loss(loss_fn, combine(t, frozen), micro, apply_fn, ref)
+      out = _loss(loss_fn, combine(t, frozen), micro, apply, ref)
       return out.total, out
     grads, out = jax.grad(total, has_aux=True)(train)
     return jax.tree.map(lambda g: g.astype(jnp.float32), grads), out
@@ -53,8 +59,10 @@ def make_train_step(apply_fn: Callable, loss_fn: Callable, optimizer: optax.Grad
     if reference_fn is not None:
       ref_params = jax.lax.stop_gradient(reference_fn(state.params))
     train, frozen = split(state.params, trainable)
+    key = (jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+           if dropout else None)
     if grad_accum == 1:
-      grads, out = grads_of(train, frozen, batch, ref_params)
+      grads, out = grads_of(train, frozen, batch, ref_params, key)
     else:
       micro = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
       first = jax.tree.map(lambda x: x[0], micro)
@@ -64,10 +72,12 @@ def make_train_step(apply_fn: Callable, loss_fn: Callable, optimizer: optax.Grad
       zeros = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), train),
                losses.zeros_like_output(out_shape))
 
-      def body(acc, mb):
-        return jax.tree.map(jnp.add, acc, grads_of(train, frozen, mb, ref_params)), None
+      def body(acc, xs):
+        mb, i = xs
+        mb_key = None if key is None else jax.random.fold_in(key, i)
+        return jax.tree.map(jnp.add, acc, grads_of(train, frozen, mb, ref_params, mb_key)), None
 
-      (grads, out), _ = jax.lax.scan(body, zeros, micro)
+      (grads, out), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(grad_accum)))
     out = jax.tree.map(lambda x: x.astype(jnp.float32), out)
     denom = jnp.maximum(out.weight, 1e-9)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, train)
