@@ -22,15 +22,18 @@ def _golden(name):
   return np.load(os.path.join(GOLDEN, 'peft', name, 'logits.npz'))
 
 
-def test_convert_from_hf_with_peft_imports_the_adapter_with_pefts_logits(tmp_path, capsys):
-  base, adapter = os.path.join(GOLDEN, QWEN), os.path.join(GOLDEN, 'peft', QWEN)
+@pytest.mark.parametrize('name,adapter_name', [(QWEN, QWEN), (QWEN, QWEN + '_dora')])
+def test_convert_from_hf_with_peft_imports_the_adapter_with_pefts_logits(
+    name, adapter_name, tmp_path, capsys):
+  base, adapter = os.path.join(GOLDEN, name), os.path.join(GOLDEN, 'peft', adapter_name)
   w = str(tmp_path / 'w')
   assert convert.main(['--from=hf', f'--src={base}', f'--peft={adapter}', f'--dst={w}']) == 0
   assert 'adapter params (r=4)' in capsys.readouterr().out
   cfg = checkpoint.read_model_config(w)
-  assert (cfg.lora_rank, cfg.lora_alpha) == (4, 8.0)  # from adapter_config.json
+  # From adapter_config.json:
+  assert (cfg.lora_rank, cfg.lora_alpha, cfg.use_dora) == (4, 8.0, adapter_name.endswith('dora'))
   params, _ = checkpoint.restore_params(w)
-  g = _golden(QWEN)
+  g = _golden(adapter_name)
   logits, _ = Transformer(cfg).apply({'params': params}, jnp.asarray(g['tokens']))
   np.testing.assert_allclose(np.asarray(logits), g['logits'], atol=1e-4, rtol=0)
   # ...and the workdir's adapters are PEFT's, unmerged: --to=peft writes them back unchanged.

@@ -340,26 +340,18 @@ def save_peft(peft_dir: str, cfg: ModelConfig, params, *, base_model: str | None
 
 
 def with_adapter_settings(peft_dir: str, cfg: ModelConfig, key: str = '--peft') -> ModelConfig:
-  """`cfg` (the base's) with the LoRA settings of `peft_dir`'s adapter_config.json (rank,
-  alpha, targets), checked against the base like `check_adapter`: what `generate --peft` and
-  `convert --from=hf --peft` adapt the base with, where `init.peft_dir` asks the experiment to
-  set them."""
+  """`cfg` (the base's) with the LoRA settings of `peft_dir`'s adapter_config.json
+  (`lora_fields`: rank, alpha, targets, per-module ranks, DoRA, rsLoRA), checked against the base
+  like `check_adapter`: what `generate --peft` and `convert --from=hf --peft` adapt the base
+  with, where `init.peft_dir` asks the experiment to set them."""
   import dataclasses
-  fields = read_config(peft_dir, key)
-  family = peft_family(cfg)
-  modules = hf_modules(family, cfg)
-  targets = fields.get('target_modules')
-  path = files.join(peft_dir, CONFIG_FILE)
-  if isinstance(targets, str) or not targets:
-    raise ConfigError(f"{path}: target_modules={targets!r}; llmjax reads a list of module names"
-                      f" among {sorted(modules)}.")
-  rank, alpha = fields.get('r'), fields.get('lora_alpha')
+  fields = lora_fields(peft_dir, cfg, key)
+  rank, alpha = fields['lora_rank'], fields['lora_alpha']
   if not isinstance(rank, int) or rank <= 0 or not isinstance(alpha, (int, float)):
-    raise ConfigError(f"{path}: r={rank!r}, lora_alpha={alpha!r}; a LoRA adapter has a positive"
-                      " integer r and a numeric lora_alpha.")
-  adapted = dataclasses.replace(
-      cfg, lora_rank=rank, lora_alpha=float(alpha),
-      lora_targets=tuple(sorted(modules.get(m, m) for m in targets)))
+    raise ConfigError(f"{files.join(peft_dir, CONFIG_FILE)}: r={rank!r}, lora_alpha={alpha!r};"
+                      " a LoRA adapter has a positive integer r and a numeric lora_alpha.")
+  adapted = ModelConfig.from_dict({**dataclasses.asdict(cfg), **fields,
+                                   'lora_alpha': float(alpha)})
   check_adapter(peft_dir, adapted, key)
   return adapted
 
