@@ -138,16 +138,18 @@ def executed_flops_per_token(cfg, seq_len: int, loss_chunk: bool = False) -> flo
   if cfg.remat == 'dots' and cfg.attention not in ('xla', 'reference'):
     rerun.add('attention')
   per_layer = 0.0
+  adapted = cfg.lora_projections() if cfg.lora_rank else {}
   for name, (n_in, n_out) in _projections(cfg).items():
     if name in rerun:
-      adapter = cfg.lora_rank * (n_in + n_out) if name in cfg.lora_targets else 0
+      rank = cfg.lora_ranks.get(name, cfg.lora_rank)
+      adapter = rank * (n_in + n_out) if name in adapted else 0
       per_layer += 2 * (n_in * n_out + adapter)
   if 'attention' in rerun:
     per_layer += 4 * cfg.num_heads * cfg.head_dim * seq_len  # QK^T and PV, 2 FLOPs per MAC
   head = 0.0
   if loss_chunk:
-    head_adapter = (cfg.lora_rank * (cfg.embed_dim + cfg.vocab_size)
-                    if 'head' in cfg.lora_targets and not cfg.tie_embeddings else 0)
+    head_adapter = (cfg.lora_ranks.get('head', cfg.lora_rank) * (cfg.embed_dim + cfg.vocab_size)
+                    if 'head' in adapted else 0)
     head = 2 * (cfg.embed_dim * cfg.vocab_size + head_adapter)
   return cfg.flops_per_token(seq_len) + cfg.num_layers * per_layer + head
 
