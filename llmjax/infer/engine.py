@@ -118,23 +118,28 @@ class DecodeState:
   prompt_len: jax.Array  # [batch] int32
   done: jax.Array  # [batch] bool: EOS sampled, max_new_tokens reached, stopped, or a free slot
   sampling: Sampling
-  eos: jax.Array  # [E] int32, -1 for none
+  eos: jax.Array  # [E] int32, padded with -1 (`_eos_array`)
   logprob: jax.Array  # [batch, S] float32: the model log-prob of tokens[b, j] (outputs only)
   top_ids: jax.Array  # [batch, S, K] int32: the K most likely tokens at output position j
   top_logprobs: jax.Array  # [batch, S, K] float32
 
   @classmethod
   def empty(cls, batch: int, max_len: int, eos_ids: Sequence[int], logprobs: int = 0):
+    """`batch` free rows (done) of `max_len` slots; `logprobs`: K top log-probs kept."""
     z = lambda dtype: np.zeros((batch,), dtype)
-    sampling = Sampling(*(z(np.float32) for _ in range(7)), z(np.int32), z(np.int32),
-                        z(np.uint32), z(np.int32))
-    sampling = sampling.replace(top_k=z(np.int32), top_p=np.ones((batch,), np.float32),
-                                repetition_penalty=np.ones((batch,), np.float32))
+    sampling = Sampling.of([SamplingParams(max_new_tokens=0)] * batch, [0] * batch, [0] * batch)
     return cls(np.zeros((batch, max_len), np.int32), z(np.int32), z(np.int32),
-               np.ones((batch,), bool), sampling, np.array(list(eos_ids) or [-1], np.int32),
+               np.ones((batch,), bool), sampling, _eos_array(eos_ids),
                np.zeros((batch, max_len), np.float32),
                np.zeros((batch, max_len, logprobs), np.int32),
                np.zeros((batch, max_len, logprobs), np.float32))
+
+
+def _eos_array(eos_ids: Sequence[int]) -> np.ndarray:
+  """EOS ids padded with -1 to a multiple of 8, so that one, two or three EOS ids (Llama 3
+  chat models have two) share one compiled program."""
+  ids = list(eos_ids)
+  return np.array(ids + [-1] * (-(-max(len(ids), 1) // 8) * 8 - len(ids)), np.int32)
 
 
 def _rows(tree, idx):
