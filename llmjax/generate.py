@@ -49,13 +49,11 @@ def sampling_flags(*, max_new_tokens: int, temperature: float, seed: str,
 def sampling_params(flags):
   """The SamplingParams of the sampling flags; a one-line UserError naming the flag for a
   value out of range (checked before anything loads or compiles)."""
+  import dataclasses
   from llmjax.infer.engine import SamplingParams
-  return SamplingParams(
-      max_new_tokens=flags['max_new_tokens'], temperature=flags['temperature'],
-      top_k=flags['top_k'], top_p=flags['top_p'], min_p=flags['min_p'],
-      repetition_penalty=flags['repetition_penalty'],
-      presence_penalty=flags['presence_penalty'], frequency_penalty=flags['frequency_penalty'],
-      no_repeat_ngram_size=flags['no_repeat_ngram_size']).validate()
+  # A flag a caller's dict lacks (a program building the flags by hand) keeps its default.
+  return SamplingParams(**{f.name: flags[f.name] for f in dataclasses.fields(SamplingParams)
+                           if f.name in flags}).validate()
 
 
 FLAGS = (
