@@ -248,3 +248,32 @@ def test_generate_cli_rejects_bad_sampling_flags_in_one_line(capsys, monkeypatch
   assert generate_cli.main(['--hf=/nonexistent', '--prompt_ids=1,2', flag]) != 0
   err = capsys.readouterr().err
   assert err.startswith('error: ') and err.count('\n') == 1 and match in err, err
+
+
+def test_config_sample_takes_the_same_options_and_names_the_key():
+  from llmjax import config as config_lib
+  from llmjax.errors import ConfigError
+  from llmjax.infer import sampler
+  c = config_lib.base_config('tiny')
+  c.sample.repetition_penalty, c.sample.no_repeat_ngram_size, c.sample.min_p = 1.3, 3, 0.1
+  p = sampler.sample_params(c.sample)
+  assert (p.repetition_penalty, p.no_repeat_ngram_size, p.min_p, p.temperature) == (1.3, 3, 0.1, 0.0)
+  c.sample.top_p = 0.0
+  with pytest.raises(ConfigError, match=r'^sample\.top_p=0\.0'):
+    sampler.sample_params(c.sample)
+
+
+def test_generate_cli_json_prints_logprobs_and_top_k(capsys):
+  hf = os.path.join(GOLDEN, 'qwen2_bias_tied')
+  argv = [f'--hf={hf}', '--prompt_ids=5,9,17,3', '--max_new_tokens=4', '--temperature=0',
+          '--json', '--repetition_penalty=1.3', '--no_repeat_ngram_size=3']
+  assert generate_cli.main(argv + ['--logprobs=3']) == 0
+  line = json.loads(capsys.readouterr().out)
+  assert len(line['ids']) == len(line['logprobs']) == len(line['top_logprobs']) == 4
+  for tok, lp, top in zip(line['ids'], line['logprobs'], line['top_logprobs']):
+    assert len(top) == 3 and 0 >= top[0][1] >= top[1][1] >= top[2][1]
+    assert lp <= top[0][1] + 1e-6  # the model's most likely token bounds the sampled one's
+    assert tok not in [t for t, _ in top] or dict(top)[tok] == pytest.approx(lp, abs=1e-6)
+  assert generate_cli.main(argv) == 0  # without --logprobs: the same ids, no log-probs
+  plain = json.loads(capsys.readouterr().out)
+  assert plain['ids'] == line['ids'] and 'logprobs' not in plain

@@ -37,6 +37,18 @@ def sample_logits(logits: jax.Array, rng: jax.Array, p: SamplingParams) -> jax.A
   return jax.random.categorical(rng, warped, axis=-1).astype(jnp.int32)
 
 
+def sample_params(sample) -> SamplingParams:
+  """config.sample (max_new_tokens, temperature, ... as SamplingParams names them; missing
+  keys keep their defaults) -> validated SamplingParams; a ConfigError names the key."""
+  import dataclasses
+  from llmjax.errors import ConfigError, UserError
+  try:
+    return SamplingParams(**{f.name: sample[f.name] for f in dataclasses.fields(SamplingParams)
+                             if f.name in sample}).validate(prefix='sample.')
+  except UserError as e:
+    raise ConfigError(str(e)) from None
+
+
 def generate(cfg: ModelConfig, params, prompts: list[list[int]], params_: SamplingParams, *,
              eos_id: int | tuple[int, ...], seed: int = 0) -> list[list[int]]:
   """Samples a continuation for each prompt (token ids); each result stops before EOS.
