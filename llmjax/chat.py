@@ -50,6 +50,7 @@ def parse_flags(argv: list[str]) -> dict:
     raise UserError("pass exactly one of --workdir=DIR (an llmjax run) or --hf=HF_DIR.")
   if flags['max_new_tokens'] < 1:
     raise UserError(f"--max_new_tokens={flags['max_new_tokens']}: must be at least 1.")
+  generate.sampling_params(flags)  # out-of-range values fail here, before the model loads
   return flags
 
 
@@ -109,12 +110,9 @@ class Chat:
   """A conversation with one model: `send(text)` streams the reply to `out`, returns it."""
 
   def __init__(self, cfg, params, tokenizer, template, flags, out=None, err=None):
-    from llmjax.infer import sampler
     self.cfg, self.params, self.tokenizer, self.template = cfg, params, tokenizer, template
     self.flags, self.out, self.err = flags, out or sys.stdout, err or sys.stderr
-    self.sampling = sampler.SamplingParams(
-        max_new_tokens=flags['max_new_tokens'], temperature=flags['temperature'],
-        top_k=flags['top_k'], top_p=flags['top_p'])
+    self.sampling = generate.sampling_params(flags)
     self.eos = generate.stop_ids(tokenizer)
     end = template.end_of_turn()
     self.stops = list(flags['stop']) + ([end] if end else [])

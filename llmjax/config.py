@@ -255,6 +255,9 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
                         " point init.params_dir at a run's --workdir.")
     state.check_params_dir(init.params_dir, model)
     checkpoint.latest_step(init.params_dir)
+  if 'sample' in config:
+    from llmjax.infer import sampler
+    sampler.sample_params(config.sample)  # an out-of-range sample.* value, before training
   import jax
   from llmjax.kernels import dispatch  # the attention kernel's own limits, known before tracing
   dispatch.check_config(model, platform or jax.default_backend())
@@ -423,4 +426,10 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.sample.temperature = 0.0  # 0: greedy, so samples are reproducible
   c.sample.top_k = 0
   c.sample.top_p = 1.0
+  # transformers' definitions (llmjax/infer/processors.py); the defaults are off.
+  c.sample.min_p = 0.0
+  c.sample.repetition_penalty = 1.0
+  c.sample.presence_penalty = 0.0  # OpenAI's, in [-2, 2]
+  c.sample.frequency_penalty = 0.0  # OpenAI's, in [-2, 2]
+  c.sample.no_repeat_ngram_size = 0
   return c

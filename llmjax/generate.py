@@ -6,8 +6,12 @@
     python -m llmjax.generate --hf=BASE_DIR --peft=ADAPTER_DIR --prompt="Once upon a time"
 
 Flags: --prompt (repeatable), --prompt_ids=1,2,3 (token ids, no BOS added), --max_new_tokens=64,
---temperature=0.8 (0: greedy), --top_k=0, --top_p=1.0, --seed=0, --stop=STRING (repeatable),
---json (print {"prompt_ids", "ids", "text"} per prompt instead of text),
+--temperature=0.8 (0: greedy), --top_k=0, --top_p=1.0, --min_p=0, --repetition_penalty=1,
+--presence_penalty=0, --frequency_penalty=0, --no_repeat_ngram_size=0 (transformers'
+definitions and order: llmjax/infer/processors.py), --seed=0, --stop=STRING (repeatable;
+decoding stops at it), --json (print {"prompt_ids", "ids", "text"} per prompt instead of text),
+--logprobs=K (with --json: also "logprobs", each token's log-prob under the model, and
+"top_logprobs", the K most likely [id, log-prob] at each step; 0: only the token's),
 --chat (each prompt is a user message rendered with the chat template, the reply is printed;
 the template of a run's data.chat_template, else the tokenizer's), --system=TEXT (with --chat).
 
@@ -30,9 +34,27 @@ def sampling_flags(*, max_new_tokens: int, temperature: float, seed: str,
       cli.Flag('top_k', 0, 'sample from the k most likely tokens; 0: all'),
       cli.Flag('top_p', 1.0, 'nucleus sampling: the smallest set of tokens with this much'
                ' probability; 1: all'),
+      cli.Flag('min_p', 0.0, 'drop tokens less likely than min_p times the most likely; 0: off'),
+      cli.Flag('repetition_penalty', 1.0, 'divide the (positive) logits of tokens already in'
+               ' the prompt or output by this; 1: off'),
+      cli.Flag('presence_penalty', 0.0, "OpenAI's: subtract this from the logits of tokens in"
+               ' the output; in [-2, 2]'),
+      cli.Flag('frequency_penalty', 0.0, "OpenAI's: subtract this times each token's count in"
+               ' the output; in [-2, 2]'),
+      cli.Flag('no_repeat_ngram_size', 0, 'never repeat an n-gram of this size; 0: off'),
       cli.Flag('seed', 0, seed),
       cli.Flag('stop', [], stop, metavar='STRING'),
   )
+
+
+def sampling_params(flags):
+  """The SamplingParams of the sampling flags; a one-line UserError naming the flag for a
+  value out of range (checked before anything loads or compiles)."""
+  import dataclasses
+  from llmjax.infer.engine import SamplingParams
+  # A flag a caller's dict lacks (a program building the flags by hand) keeps its default.
+  return SamplingParams(**{f.name: flags[f.name] for f in dataclasses.fields(SamplingParams)
+                           if f.name in flags}).validate()
 
 
 FLAGS = (
@@ -49,6 +71,9 @@ FLAGS = (
     *sampling_flags(max_new_tokens=64, temperature=0.8, seed='random seed of the sampling',
                     stop='cut the printed text where this string first appears'),
     cli.Flag('json', False, 'print {"prompt_ids", "ids", "text"} per prompt instead of text'),
+    cli.Flag('logprobs', -1, 'with --json, each token\'s log-prob under the model and the K most'
+             ' likely tokens\' ("logprobs", "top_logprobs"); 0: the token\'s only; -1: none',
+             metavar='K'),
     cli.Flag('chat', False, "each prompt is a user message rendered with the chat template (the"
              " run's data.chat_template, else the tokenizer's); the reply is printed"),
     cli.Flag('system', '', 'a system message before each prompt (with --chat)', metavar='TEXT'),
@@ -69,6 +94,14 @@ def parse_flags(argv: list[str]) -> dict:
     raise UserError("--chat renders --prompt texts; it cannot take --prompt_ids.")
   if flags['system'] and not flags['chat']:
     raise UserError("--system needs --chat.")
+  sampling_params(flags)
+  from llmjax.infer.engine import check_stop
+  check_stop(flags['stop'])
+  if flags['logprobs'] < -1:
+    raise UserError(f"--logprobs={flags['logprobs']}: must be -1 (none), 0 (each token's) or"
+                    " K > 0 (also the K most likely).")
+  if flags['logprobs'] >= 0 and not flags['json']:
+    raise UserError("--logprobs needs --json (the log-probs are printed in the JSON lines).")
   return flags
 
 
@@ -143,7 +176,7 @@ def main(argv: list[str]) -> int:
 
 def _main(argv: list[str]) -> int:
   flags = parse_flags(argv)
-  from llmjax.infer import sampler
+  from llmjax.infer import engine, sampler
   template = tokenizer = None
   if flags['chat']:  # a missing or unusable template fails here, before the params load
     tokenizer = load_tokenizer(flags)
@@ -165,18 +198,31 @@ def _main(argv: list[str]) -> int:
   else:
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None and tokenizer.bos_id >= 0 else []
     prompts = [bos + tokenizer.encode(p) for p in flags['prompt']]
-  sp = sampler.SamplingParams(max_new_tokens=flags['max_new_tokens'],
-                              temperature=flags['temperature'], top_k=flags['top_k'],
-                              top_p=flags['top_p'])
-  outs = sampler.generate(cfg, params, prompts, sp, eos_id=stop_ids(tokenizer),
-                          seed=flags['seed'])
-  for prompt, ids in zip(prompts, outs):
+  if flags['logprobs'] > cfg.vocab_size:
+    raise UserError(f"--logprobs={flags['logprobs']}: larger than the vocabulary"
+                    f" ({cfg.vocab_size}).")
+  sp = sampling_params(flags)
+  decode = tokenizer.decode if tokenizer is not None else None
+  stop = flags['stop'] if decode else []  # ids only: no text to find a stop string in
+  if sp.max_new_tokens == 0:
+    engine.check_prompts(cfg, prompts, 0)
+    outs = [engine.Completion([], 'length', [], []) for _ in prompts]
+  else:
+    outs = engine.generate(cfg, params, prompts, sp, eos_id=stop_ids(tokenizer),
+                           seeds=flags['seed'], stop=stop, decode=decode,
+                           logprobs=flags['logprobs'] if flags['logprobs'] >= 0 else None)
+  for prompt, c in zip(prompts, outs):
+    ids = c.ids
     if tokenizer is None:  # ids only: nothing to decode with
       text = None
     else:
       text = sampler.cut_at_stop(tokenizer.decode(ids), flags['stop'])
     if flags['json']:
-      print(json.dumps({'prompt_ids': prompt, 'ids': ids, 'text': text}))
+      line = {'prompt_ids': prompt, 'ids': ids, 'text': text}
+      if flags['logprobs'] >= 0:
+        line['logprobs'] = c.logprobs
+        line['top_logprobs'] = [[[i, lp] for i, lp in top] for top in c.top_logprobs]
+      print(json.dumps(line))
     elif text is None:
       print(' '.join(map(str, ids)))
     elif flags['chat']:  # the reply; the rendered prompt is template markup

@@ -88,10 +88,12 @@ def test_one_turn_prints_what_generate_chat_prints(workdir, monkeypatch, capsys,
   assert rc == 0, err
   assert out == want + '\n'  # the reply's line, then the newline of the EOF
   assert spy == [record['prompt_ids']]
-  # Sampled with the same seed: stream and generate draw the same tokens.
-  assert generate.main(flags + ['--chat', '--prompt=Hi there', '--seed=3']) == 0
+  # Sampled with the same seed and temperature (the CLIs' default temperatures differ): stream
+  # and generate draw the same tokens.
+  sampled = ['--seed=3', '--temperature=0.7']
+  assert generate.main(flags + ['--chat', '--prompt=Hi there', *sampled]) == 0
   want = capsys.readouterr().out
-  assert _chat(monkeypatch, capsys, flags + ['--seed=3'], ['Hi there'])[1] == want + '\n'
+  assert _chat(monkeypatch, capsys, flags + sampled, ['Hi there'])[1] == want + '\n'
 
 
 def test_history_reset_and_system(workdir, monkeypatch, capsys, spy):

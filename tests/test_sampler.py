@@ -7,7 +7,7 @@ import jax
 import pytest
 
 import llmjax.models
-from llmjax.infer import sampler
+from llmjax.infer import engine, sampler
 from llmjax.kernels import decode_attention as da
 
 
@@ -125,10 +125,10 @@ def test_stream_compiles_its_step_once_and_yields_before_finishing():
   cfg, params = _model('xla')
   p = sampler.SamplingParams(12, temperature=0)
   list(sampler.stream(cfg, params, [1, 2, 3], p, eos_id=-1))  # compiled for this cache length
-  before = sampler._stream_step._cache_size()
+  before = engine.jit_decode_step._cache_size()
   tokens = sampler.stream(cfg, params, [3, 2, 1, 5], p, eos_id=-1)
   first = next(tokens)  # a token is out before the others are computed
   assert isinstance(first, int) and len([first, *tokens]) == 12
-  assert sampler._stream_step._cache_size() == before  # 11 steps, no new compile
+  assert engine.jit_decode_step._cache_size() == before  # 11 steps, no new compile
   with pytest.raises(Exception, match='exceeds the model context 2048'):
     next(sampler.stream(cfg, params, [1] * 2040, p, eos_id=-1))

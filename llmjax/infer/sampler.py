@@ -1,167 +1,52 @@
-"""KV-cache sampling: one prefill over the (right-padded) prompts, then a jitted decode loop
-(`generate`), or one jitted decode step per token called from Python (`stream`, for chat).
+"""KV-cache sampling, the interface the CLIs, the trainer's samples and the eval harness use:
+`generate` (a batch of prompts -> ids) and `stream` (one prompt, token by token, for chat), both
+thin wrappers over the engine (`llmjax.infer.engine`: `prefill` and `decode_step`, sampling
+parameters as per-row arrays, one compile per shape bucket).
 
 Prompts of different lengths share a batch: sequence b's prompt fills cache slots
 [0, len_b), and each decode step writes at slot `lengths[b]` (= its next position), so no
-sequence ever attends to another's padding. Greedy, temperature, top-k and top-p sampling;
-EOS per sequence (decoding stops when every sequence is done); stop strings are cut on the host.
+sequence ever attends to another's padding. EOS per sequence (decoding stops when every
+sequence is done); stop strings are cut on the host (`cut_at_stop`), or checked while decoding
+by `engine.generate(stop=...)`.
 """
 
-import dataclasses
-import functools
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from llmjax.errors import UserError
-from llmjax.kernels import dispatch
+from llmjax.infer import engine, processors
+from llmjax.infer.engine import SamplingParams
 from llmjax.models.config import ModelConfig
-from llmjax.models.transformer import Cache, Transformer
+from llmjax.models.transformer import Cache
 
+__all__ = ['SamplingParams', 'generate', 'stream', 'cut_at_stop', 'sample_logits', 'Cache']
 
-@dataclasses.dataclass(frozen=True)
-class SamplingParams:
-  max_new_tokens: int = 64
-  temperature: float = 1.0  # 0: greedy
-  top_k: int = 0  # 0: off
-  top_p: float = 1.0  # 1: off
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple
+_shapes = engine.shapes
 
 
 def sample_logits(logits: jax.Array, rng: jax.Array, p: SamplingParams) -> jax.Array:
-  """logits [batch, vocab] float32 -> token ids [batch] int32."""
+  """logits [batch, vocab] float32 -> token ids [batch] int32: `p`'s temperature, top-k, top-p
+  and min-p (no history: no penalties), every row drawn with `rng`."""
+  b = logits.shape[0]
+  full = lambda v, dtype=jnp.float32: jnp.full((b,), v, dtype)
+  warped = processors.warp(logits.astype(jnp.float32), full(p.temperature), full(p.top_k, jnp.int32),
+                           full(p.top_p), full(p.min_p))
   if p.temperature == 0:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = logits / p.temperature
-  neg = jnp.finfo(jnp.float32).min
-  if p.top_k:
-    kth = jax.lax.top_k(logits, p.top_k)[0][:, -1:]  # [batch, 1]
-    logits = jnp.where(logits < kth, neg, logits)
-  if p.top_p < 1.0:
-    # Nucleus sampling (Holtzman et al. 2020): keep the smallest set of most likely tokens whose
-    # probability mass reaches top_p; the most likely token is always kept.
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    cutoff_idx = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < p.top_p, axis=-1) - 1
-    cutoff = jnp.take_along_axis(sorted_logits, cutoff_idx[:, None], axis=-1)
-    logits = jnp.where(logits < cutoff, neg, logits)
-  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(rng, warped, axis=-1).astype(jnp.int32)
 
 
-def _prefill(model: Transformer, params, tokens, lengths, max_len: int):
-  """tokens [B, T] right-padded, lengths [B] -> (cache holding the prompts, the logits after
-  each prompt's last token [B, vocab])."""
-  cache = Cache.zeros(model.cfg, tokens.shape[0], max_len)
-  # Padding slots repeat their row's last position, so a row's largest position is its own
-  # length - 1 (dynamic RoPE sizes its base by it, as transformers does on the unpadded row).
-  positions = jnp.minimum(jnp.arange(tokens.shape[1])[None, :], (lengths - 1)[:, None])
-  logits, cache = model.apply({'params': params}, tokens, positions=positions, cache=cache)
-  cache = cache.replace(lengths=lengths)
-  last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
-  return cache, last
-
-
-def _sample(last, rng, params_: SamplingParams):
-  """logits [B, vocab] -> (token ids [B], the next rng): one rng split per sampled token, in
-  the same order in `_generate` and `stream`, so both draw the same tokens from one seed."""
-  rng, key = jax.random.split(rng)
-  return sample_logits(last, key, params_), rng
-
-
-def _decode(model: Transformer, params, cache, tok):
-  """tok [B] written at each row's next slot -> (cache, logits after it [B, vocab])."""
-  logits, cache = model.apply({'params': params}, tok[:, None], cache=cache)
-  return cache, logits[:, 0]
-
-
-@functools.partial(jax.jit, static_argnames=('cfg', 'params_', 'max_len', 'eos_ids'))
-def _generate(params, tokens, lengths, rng, *, cfg: ModelConfig, params_: SamplingParams,
-              max_len: int, eos_ids: tuple[int, ...]):
-  """tokens [B, T] right-padded, lengths [B] -> generated ids [B, max_new_tokens] (padded with
-  eos_ids[0] after a sequence's first EOS)."""
-  eos_id = eos_ids[0] if eos_ids else -1
-  eos = jnp.asarray(eos_ids, jnp.int32)
-  model = Transformer(cfg)
-  batch = tokens.shape[0]
-  n_new = params_.max_new_tokens
-  out = jnp.full((batch, n_new), eos_id, jnp.int32)
-  if n_new == 0:
-    return out
-  cache, last = _prefill(model, params, tokens, lengths, max_len)
-  tok, rng = _sample(last, rng, params_)
-  out = out.at[:, 0].set(tok)
-  done = jnp.isin(tok, eos)
-
-  def cond(carry):
-    i, _, _, done, _, _ = carry
-    return (i < n_new) & ~jnp.all(done)
-
-  def body(carry):
-    # The last sampled token goes through the model, then the next one is sampled from its
-    # logits: no forward pass is spent after the final token.
-    i, cache, tok, done, out, rng = carry
-    cache, last = _decode(model, params, cache, tok)
-    tok, rng = _sample(last, rng, params_)
-    tok = jnp.where(done, eos_id, tok)
-    return i + 1, cache, tok, done | jnp.isin(tok, eos), out.at[:, i].set(tok), rng
-
-  carry = (jnp.int32(1), cache, tok, done, out, rng)
-  return jax.lax.while_loop(cond, body, carry)[4]
-
-
-@functools.partial(jax.jit, static_argnames=('cfg', 'params_', 'max_len'))
-def _stream_start(params, tokens, lengths, rng, *, cfg: ModelConfig, params_: SamplingParams,
-                  max_len: int):
-  """`stream`'s prefill: tokens [1, T] -> (first token [1], cache, rng)."""
-  model = Transformer(cfg)
-  cache, last = _prefill(model, params, tokens, lengths, max_len)
-  tok, rng = _sample(last, rng, params_)
-  return tok, cache, rng
-
-
-@functools.partial(jax.jit, static_argnames=('cfg', 'params_'), donate_argnames=('cache',))
-def _stream_step(params, cache, tok, rng, *, cfg: ModelConfig, params_: SamplingParams):
-  """`stream`'s decode step: the last token [1] in, the next one out (cache donated: the step
-  updates it in place instead of holding two copies)."""
-  cache, last = _decode(Transformer(cfg), params, cache, tok)
-  tok, rng = _sample(last, rng, params_)
-  return tok, cache, rng
-
-
-def _shapes(cfg: ModelConfig, longest: int, max_new_tokens: int,
-            platform: str | None = None) -> tuple[int, int]:
-  """(padded prompt length, cache length) for prompts of up to `longest` tokens.
-
-  Both are rounded up so that prompts of similar lengths reuse one compiled program. The cache
-  is then sized in whole blocks of the decode kernel where it runs (`dispatch.cache_length`),
-  which may exceed max_seq_len: the slots past the last position are never written or read, and
-  a cache of partial blocks would be copied (padded) on every decode step.
-  """
-  t = min(_round_up(longest, 16), cfg.max_seq_len)
-  max_len = min(_round_up(t + max_new_tokens, 64), cfg.max_seq_len)
-  return t, dispatch.cache_length(max_len, cfg, platform)
-
-
-def _check_prompts(cfg: ModelConfig, prompts: list[list[int]], max_new_tokens: int) -> int:
-  """The longest prompt's length; a UserError for an empty prompt or one past the context."""
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise UserError("generate: every prompt needs at least one token (add a BOS token).")
-  longest = max(len(p) for p in prompts)
-  need = longest + max_new_tokens
-  if need > cfg.max_seq_len:
-    raise UserError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} ="
-                    f" {need} exceeds the model context {cfg.max_seq_len}; shorten the prompt or"
-                    " lower max_new_tokens.")
-  return longest
-
-
-def _eos_ids(eos_id: int | tuple[int, ...]) -> tuple[int, ...]:
-  return tuple(sorted({int(i) for i in np.atleast_1d(eos_id) if i >= 0}))
+def sample_params(sample) -> SamplingParams:
+  """config.sample (max_new_tokens, temperature, ... as SamplingParams names them; missing
+  keys keep their defaults) -> validated SamplingParams; a ConfigError names the key."""
+  import dataclasses
+  from llmjax.errors import ConfigError, UserError
+  try:
+    return SamplingParams(**{f.name: sample[f.name] for f in dataclasses.fields(SamplingParams)
+                             if f.name in sample}).validate(prefix='sample.')
+  except UserError as e:
+    raise ConfigError(str(e)) from None
 
 
 def generate(cfg: ModelConfig, params, prompts: list[list[int]], params_: SamplingParams, *,
@@ -170,57 +55,35 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], params_: Sampli
 
   Args:
     prompts: token id lists of any lengths (>= 1).
+    params_: one SamplingParams for every prompt, or a list of one per prompt.
     eos_id: the id that ends a sequence, or several (Llama 3 chat models stop at <|eot_id|>
       and <|end_of_text|>); negative ids are ignored, so -1 means no EOS.
+    seed: row b samples with `fold_in(fold_in(key(seed), b), step)`.
   Returns: per prompt, the generated ids (without the prompt, without EOS).
   """
-  longest = _check_prompts(cfg, prompts, params_.max_new_tokens)
-  t, max_len = _shapes(cfg, longest, params_.max_new_tokens)
-  tokens = np.zeros((len(prompts), t), np.int32)
-  for i, p in enumerate(prompts):
-    tokens[i, :len(p)] = p
-  lengths = np.array([len(p) for p in prompts], np.int32)
-  eos_ids = _eos_ids(eos_id)
-  out = np.asarray(_generate(params, jnp.asarray(tokens), jnp.asarray(lengths),
-                             jax.random.key(seed), cfg=cfg, params_=params_, max_len=max_len,
-                             eos_ids=eos_ids))
-  results = []
-  for row in out.tolist():
-    ends = [i for i, tok in enumerate(row) if tok in eos_ids]
-    results.append(row[:ends[0]] if ends else row)
-  return results
+  n_new = (params_.max_new_tokens if isinstance(params_, SamplingParams)
+           else max(p.max_new_tokens for p in params_))
+  if n_new == 0:
+    engine.check_prompts(cfg, prompts, 0)
+    return [[] for _ in prompts]
+  return [c.ids for c in engine.generate(cfg, params, prompts, params_, eos_id=eos_id,
+                                         seeds=seed)]
 
 
 def stream(cfg: ModelConfig, params, prompt_ids: list[int], params_: SamplingParams, *,
            eos_id: int | tuple[int, ...], seed: int = 0) -> Iterator[int]:
   """Yields the continuation of one prompt token by token, each id as soon as it is sampled.
 
-  The same engine as `generate` (prefill, cache slots, positions, cache size, rng splits), run
+  The same engine as `generate` (prefill, cache slots, positions, cache size, rng keys), run
   one jitted step per token from Python instead of inside a while_loop, so that the caller sees
   each token before the next is computed: `list(stream(...)) == generate(...)[0]` for the same
   arguments and seed, greedy or sampled (bit for bit on CPU, where the tests check it; another
   backend may fuse the step and the loop body differently, which can only flip a near-tie
-  token). The prefill compiles once per padded prompt length and
-  the step once per cache length, never per token. Stops before the first EOS id (not yielded)
-  or after max_new_tokens; closing the generator early (a stop string) stops decoding.
+  token). The prefill compiles once per padded prompt length and the step once per cache
+  length, never per token or per sampling parameter. Stops before the first EOS id (not
+  yielded) or after max_new_tokens; closing the generator early (a stop string) stops decoding.
   """
-  _check_prompts(cfg, [prompt_ids], params_.max_new_tokens)
-  if params_.max_new_tokens == 0:
-    return
-  eos_ids = set(_eos_ids(eos_id))
-  t, max_len = _shapes(cfg, len(prompt_ids), params_.max_new_tokens)
-  tokens = np.zeros((1, t), np.int32)
-  tokens[0, :len(prompt_ids)] = prompt_ids
-  tok, cache, rng = _stream_start(params, jnp.asarray(tokens),
-                                  jnp.asarray([len(prompt_ids)], jnp.int32), jax.random.key(seed),
-                                  cfg=cfg, params_=params_, max_len=max_len)
-  for i in range(params_.max_new_tokens):
-    if i:
-      tok, cache, rng = _stream_step(params, cache, tok, rng, cfg=cfg, params_=params_)
-    token = int(tok[0])  # waits for this token only
-    if token in eos_ids:
-      return
-    yield token
+  return engine.stream(cfg, params, prompt_ids, params_, eos_id=eos_id, seed=seed)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

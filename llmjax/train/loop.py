@@ -319,8 +319,7 @@ def print_samples(config, model_cfg, params, tokenizer, log) -> None:
   bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
   ids = [bos + tokenizer.encode(p) for p in prompts]
   s = config.sample
-  params_ = sampler.SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                   top_k=s.top_k, top_p=s.top_p)
+  params_ = sampler.sample_params(s)
   outs = sampler.generate(model_cfg, params, ids, params_, eos_id=tokenizer.eos_id,
                           seed=config.train.seed)
   for p, o in zip(prompts, outs):
