@@ -126,8 +126,10 @@ def test_dora_weight_norm_gets_no_gradient():
   np.testing.assert_allclose(grad_b, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize('scan_layers', [True, False])
-@pytest.mark.parametrize('method', ['lora', 'rslora', 'dora'])
+# Each method once, LoRA and DoRA both scanned and not (the merge's stacked-kernel path).
+@pytest.mark.parametrize('method,scan_layers', [('lora', True), ('lora', False),
+                                                ('rslora', False), ('dora', True),
+                                                ('dora', False)])
 def test_init_is_the_base_and_merge_is_the_adapted_model(method, scan_layers):
   cfg = _cfg(lora_targets=ALL, scan_layers=scan_layers, **METHODS[method])
   params = init_params(cfg, jax.random.key(0))
