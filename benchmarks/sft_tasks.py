@@ -7,7 +7,8 @@ full fine-tuning and LoRA, and the wall time of each run (issue 11's end-to-end 
    `python -m llmjax.main --config=experiments/quickstart.py --workdir=ROOT/quickstart`.
 2. Scores it on each task's held-out split (`python -m llmjax.eval --task=generate`, greedy,
    stopped at the answer line's end, as the train loop scores built-in tasks).
-3. Runs `experiments/sft.py:tiny` (full) and `:tiny,lora=8` from it, each timed from the
+3. Runs `experiments/sft.py:tiny` (full), `:tiny,lora=8` and the other adapter methods
+   (`VARIANTS`) from it, each timed from the
    command's start to its exit (tokenizer, compilation, evals and checkpoints included); their
    held-out scores are those the train loop logged at the last step (metrics.jsonl).
 
@@ -24,6 +25,8 @@ import time
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ('arithmetic', 'facts', 'strings')  # experiments/sft.py:tiny's data.builtin_tasks
+# (label, experiments/sft.py argument): full fine-tuning, then the adapter methods at rank 8.
+VARIANTS = (('full', 'tiny'), ('lora', 'tiny,lora=8'), ('dora', 'tiny,lora=8,dora=1'))
 
 
 def run(cmd: list[str], log: str) -> float:
@@ -102,7 +105,7 @@ def main():
                                    f'--workdir={qs}'], os.path.join(root, 'quickstart.log'))
   results['before'] = heldout_scores(qs, root)
   steps = f',steps={args.steps}' if args.steps else ''
-  for label, variant in (('full', 'tiny'), ('lora', 'tiny,lora=8')):
+  for label, variant in VARIANTS:
     results[f'{label}_s'] = timed_train(root, label, f'sft.py:{variant},params_dir={qs}{steps}',
                                         args.reuse)
     results[label] = logged_scores(os.path.join(root, label))
@@ -113,13 +116,15 @@ def main():
   with open(os.path.join(root, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
 
-  print(f"| held-out exact match | quickstart model | SFT full ({results['full_s']:.0f} s) |"
-        f" SFT LoRA rank 8, {100 * results['lora_trainable_fraction']:.1f}% of the parameters"
-        f" ({results['lora_s']:.0f} s) |")
-  print('|---|---|---|---|')
+  heads = {'full': 'SFT full', 'lora': 'LoRA rank 8', 'dora': 'DoRA rank 8',
+           'qlora': 'QLoRA rank 8 (NF4 base)'}
+  print('| held-out exact match | quickstart model | '
+        + ' | '.join(f"{heads[l]} ({results[f'{l}_s']:.0f} s)" for l, _ in VARIANTS) + ' |')
+  print('|---' * (2 + len(VARIANTS)) + '|')
   for name in TASKS + ('',):
-    print(f"| {name or 'all'} | {cell(results['before'], name)} | {cell(results['full'], name)} |"
-          f" {cell(results['lora'], name)} |")
+    print(f"| {name or 'all'} | {cell(results['before'], name)} | "
+          + ' | '.join(cell(results[l], name) for l, _ in VARIANTS) + ' |')
+  print(f"\nLoRA rank 8 trains {100 * results['lora_trainable_fraction']:.1f}% of the parameters.")
 
 
 if __name__ == '__main__':
