@@ -1,0 +1,191 @@
+"""Prompt tuning and prefix tuning (model.virtual_tokens): properties against the base model.
+
+Neither method equals the base model at initialisation (a prompt adds tokens; a prefix of
+keys takes softmax mass even with zero values), so instead each is checked against the base
+model run on real tokens that play the virtual ones: a prompt made of token embeddings is
+the base on [those tokens; input], a prefix made of the base's cached keys/values of some
+tokens is the base continuing after them. Plus: decode with the cache = full forward, packed
+documents each see the prompt, only the virtual tokens train, FLOPs count the base as frozen.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from llmjax.errors import ConfigError
+from llmjax.models import Cache, Transformer, get_preset, init_params, lora
+from llmjax.models.transformer import init_prompt_from_tokens
+from llmjax.train import state as state_lib
+
+V = 3
+
+
+def tiny(**kw):
+  base = dict(vocab_size=97, num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2,
+              head_dim=16, mlp_dim=96, max_seq_len=128, scan_layers=True)
+  base.update(kw)
+  return get_preset('tiny', **base)
+
+
+def prompted(cfg, kind='prompt', n=V):
+  return dataclasses.replace(cfg, virtual_tokens=kind, num_virtual_tokens=n)
+
+
+def apply(cfg, params, tokens, **kw):
+  return Transformer(cfg).apply({'params': params}, tokens, **kw)
+
+
+def tokens_of(seed, b, t, vocab=97):
+  return jax.random.randint(jax.random.key(seed), (b, t), 1, vocab)
+
+
+VARIANTS = {'scan': {}, 'unrolled': dict(scan_layers=False), 'learned_pos': dict(
+    position='learned', norm='layernorm', mlp='gelu', qkv_bias=True, tie_embeddings=True),
+    'window': dict(sliding_window=4, num_kv_heads=1)}
+
+
+@pytest.mark.parametrize('variant', sorted(VARIANTS))
+def test_prompt_of_token_embeddings_is_the_base_on_those_tokens(variant):
+  base_cfg = tiny(**VARIANTS[variant])
+  cfg = prompted(base_cfg)
+  base = init_params(base_cfg, jax.random.key(0))
+  virtual, toks = tokens_of(1, 1, V), tokens_of(2, 2, 7)
+  params = init_prompt_from_tokens({**base, 'prompt_embedding': jnp.zeros((V, 64))}, virtual[0])
+  got, _ = apply(cfg, params, toks)
+  want, _ = apply(base_cfg, base, jnp.concatenate([jnp.repeat(virtual, 2, 0), toks], 1))
+  assert got.shape == (2, 7, 97)
+  np.testing.assert_allclose(got, want[:, V:], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('variant', ['scan', 'unrolled'])
+def test_prefix_of_cached_keys_is_the_base_continuing_after_them(variant):
+  base_cfg = tiny(**VARIANTS[variant])
+  cfg = prompted(base_cfg, 'prefix')
+  base = init_params(base_cfg, jax.random.key(0))
+  virtual, toks = tokens_of(1, 1, V), tokens_of(2, 2, 7)
+  _, cache = apply(base_cfg, base, virtual, cache=Cache.zeros(base_cfg, 1, V))
+  params = init_params(cfg, jax.random.key(5))
+  flat = traverse_util.flatten_dict(params)
+  for path in flat:
+    if path[-1] in ('prefix_k', 'prefix_v'):
+      kv = cache.k if path[-1] == 'prefix_k' else cache.v  # [layers, 1, V, kv_heads, head_dim]
+      layer = int(path[0].split('_')[1]) if path[0].startswith('layer_') else slice(None)
+      flat[path] = kv[layer, 0]
+  params = lora.combine(lora.split(traverse_util.unflatten_dict(flat))[0], base)
+  got, _ = apply(cfg, params, toks)
+  want, _ = apply(base_cfg, base, jnp.concatenate([jnp.repeat(virtual, 2, 0), toks], 1))
+  np.testing.assert_allclose(got, want[:, V:], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('kind', ['prompt', 'prefix'])
+def test_decode_with_cache_is_the_full_forward(kind):
+  cfg = prompted(tiny(), kind)
+  params = init_params(cfg, jax.random.key(0))
+  toks = tokens_of(3, 2, 9)
+  full, _ = apply(cfg, params, toks)
+  cache = Cache.zeros(cfg, 2, 16)
+  first, cache = apply(cfg, params, toks[:, :5], cache=cache)
+  steps = [first]
+  for i in range(5, 9):
+    out, cache = apply(cfg, params, toks[:, i:i + 1], cache=cache)
+    steps.append(out)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5, rtol=1e-5)
+  assert cache.lengths.tolist() == [9, 9]  # the cache counts real tokens only
+
+
+@pytest.mark.parametrize('kind', ['prompt', 'prefix'])
+def test_each_packed_document_sees_the_virtual_tokens(kind):
+  cfg = prompted(tiny(), kind)
+  params = init_params(cfg, jax.random.key(0))
+  a, b = tokens_of(4, 1, 5), tokens_of(5, 1, 4)
+  row = jnp.concatenate([a, b], 1)
+  seg = jnp.array([[1] * 5 + [2] * 4])
+  pos = jnp.array([list(range(5)) + list(range(4))])
+  packed, _ = apply(cfg, params, row, positions=pos, segment_ids=seg)
+  alone_a, _ = apply(cfg, params, a)
+  alone_b, _ = apply(cfg, params, b)
+  np.testing.assert_allclose(packed, jnp.concatenate([alone_a, alone_b], 1), atol=2e-5,
+                             rtol=1e-5)
+
+
+def test_virtual_tokens_change_the_logits():
+  # The tests above could pass with the virtual tokens ignored if the base were also given
+  # nothing: here a random prompt must move the output.
+  base_cfg = tiny()
+  base = init_params(base_cfg, jax.random.key(0))
+  toks = tokens_of(2, 2, 7)
+  want, _ = apply(base_cfg, base, toks)
+  for kind in ('prompt', 'prefix'):
+    cfg = prompted(base_cfg, kind)
+    params = lora.with_base(init_params(cfg, jax.random.key(1)), base)
+    got, _ = apply(cfg, params, toks)
+    assert float(jnp.max(jnp.abs(got - want))) > 1e-3
+
+
+def test_text_init_repeats_and_cuts_ids_like_peft():
+  cfg = prompted(tiny(), n=5)
+  params = init_params(cfg, jax.random.key(0))
+  table = params['embed']['embedding']
+  got = init_prompt_from_tokens(params, [7, 8])['prompt_embedding']
+  np.testing.assert_array_equal(got, table[jnp.array([7, 8, 7, 8, 7])])
+  got = init_prompt_from_tokens(params, list(range(10, 20)))['prompt_embedding']
+  np.testing.assert_array_equal(got, table[10:15])
+
+
+@pytest.mark.parametrize('kind', ['prompt', 'prefix'])
+def test_only_the_virtual_tokens_train_and_the_loss_falls(kind):
+  cfg = prompted(tiny(), kind, n=4)
+  params = init_params(cfg, jax.random.key(0))
+  mask = state_lib.trainable_mask(cfg, params)
+  flat = traverse_util.flatten_dict(mask)
+  assert {p[-1] for p, m in flat.items() if m} == (
+      {'prompt_embedding'} if kind == 'prompt' else {'prefix_k', 'prefix_v'})
+  train, frozen = state_lib.split(params, mask)
+  assert sum(x.size for x in jax.tree.leaves(train)) == cfg.num_virtual_params
+  toks = jnp.tile(jnp.arange(1, 17)[None], (2, 1))
+
+  def loss_fn(train):
+    logits, _ = apply(cfg, state_lib.combine(train, frozen), toks[:, :-1])
+    logp = jax.nn.log_softmax(logits, -1)
+    return -jnp.mean(jnp.take_along_axis(logp, toks[:, 1:, None], -1))
+
+  opt = optax.adam(0.1)
+
+  @jax.jit
+  def step(train, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(train)
+    updates, opt_state = opt.update(grads, opt_state)
+    return optax.apply_updates(train, updates), opt_state, loss
+
+  opt_state = opt.init(train)
+  losses = []
+  for _ in range(10):
+    train, opt_state, loss = step(train, opt_state)
+    losses.append(float(loss))
+  # A random tiny base (init_std 0.02) passes little of the prompt through: a small but
+  # steady fall is what virtual tokens alone can do here.
+  assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.02, losses
+
+
+def test_flops_count_a_frozen_base_and_the_virtual_parameters():
+  base = tiny()
+  attention = 12 * base.num_layers * base.num_heads * base.head_dim * 32
+  n = (base.flops_per_token(32) - attention) / 6
+  prompt, prefix = prompted(base, 'prompt', 4), prompted(base, 'prefix', 4)
+  assert prompt.num_virtual_params == 4 * 64
+  assert prefix.num_virtual_params == 2 * 2 * 4 * 2 * 16
+  assert prompt.flops_per_token(32) == 4 * n + 6 * 4 * 64 + attention
+  assert prefix.flops_per_token(32) == 4 * n + 6 * 512 + attention
+  assert lora.without_lora(prefix) == base
+
+
+def test_bad_virtual_token_settings_are_one_line_errors():
+  with pytest.raises(ConfigError, match='num_virtual_tokens=0 must be > 0'):
+    prompted(tiny(), n=0).validate()
+  with pytest.raises(ConfigError, match='lora_rank are both set'):
+    dataclasses.replace(prompted(tiny()), lora_rank=4).validate()
