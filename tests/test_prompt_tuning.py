@@ -9,6 +9,9 @@ documents each see the prompt, only the virtual tokens train, FLOPs count the ba
 """
 
 import dataclasses
+import json
+import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -16,10 +19,15 @@ import numpy as np
 import optax
 import pytest
 from flax import traverse_util
+from safetensors.numpy import load_file
 
-from llmjax.errors import ConfigError
+from llmjax import config as config_lib
+from llmjax import convert
+from llmjax.errors import CheckpointError, ConfigError
+from llmjax.interop import load_hf, peft
 from llmjax.models import Cache, Transformer, get_preset, init_params, lora
 from llmjax.models.transformer import init_prompt_from_tokens
+from llmjax.train import checkpoint
 from llmjax.train import state as state_lib
 
 V = 3
@@ -189,3 +197,92 @@ def test_bad_virtual_token_settings_are_one_line_errors():
     prompted(tiny(), n=0).validate()
   with pytest.raises(ConfigError, match='lora_rank are both set'):
     dataclasses.replace(prompted(tiny()), lora_rank=4).validate()
+
+
+# ----------------------------------------------------------------------- PEFT prompt tuning
+GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'golden')
+PROMPT_ADAPTER = os.path.join(GOLDEN, 'peft', 'llama_gqa_llama3_prompt')  # make_peft_goldens.py
+PROMPT_BASE = os.path.join(GOLDEN, 'llama_gqa_llama3')
+
+
+def prompt_imported(**overrides):
+  cfg, params, _ = load_hf(PROMPT_BASE, **overrides)
+  cfg = dataclasses.replace(cfg, **peft.prompt_tuning_fields(PROMPT_ADAPTER, cfg))
+  return cfg, lora.combine(peft.read_prompt_tuning(PROMPT_ADAPTER, cfg), params)
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_peft_prompt_tuning_adapter_gives_peft_logits(scan_layers):
+  cfg, params = prompt_imported(scan_layers=scan_layers)
+  assert (cfg.virtual_tokens, cfg.num_virtual_tokens) == ('prompt', 4)
+  g = np.load(os.path.join(PROMPT_ADAPTER, 'logits.npz'))
+  logits, _ = Transformer(cfg).apply({'params': params}, jnp.asarray(g['tokens']))
+  np.testing.assert_allclose(np.asarray(logits), g['logits'], atol=1e-4, rtol=0)
+  # The prompt matters: the base alone is far from PEFT's logits.
+  base_cfg, base, _ = load_hf(PROMPT_BASE)
+  plain, _ = Transformer(base_cfg).apply({'params': base}, jnp.asarray(g['tokens']))
+  assert np.abs(np.asarray(plain) - g['logits']).max() > 1e-2
+
+
+def test_convert_to_peft_writes_the_golden_prompt_tuning_adapter(tmp_path, capsys):
+  cfg, params = prompt_imported()
+  work, out = str(tmp_path / 'run'), str(tmp_path / 'adapter')
+  checkpoint.write_params_workdir(work, cfg, params)
+  assert convert.main(['--to=peft', f'--src={work}', f'--dst={out}',
+                       '--base_model=tests/golden/llama_gqa_llama3']) == 0
+  assert 'prompt-tuning params' in capsys.readouterr().out
+  ours = load_file(os.path.join(out, peft.WEIGHTS_FILE))
+  theirs = load_file(os.path.join(PROMPT_ADAPTER, peft.WEIGHTS_FILE))
+  assert sorted(ours) == sorted(theirs) == ['prompt_embeddings']
+  np.testing.assert_array_equal(ours['prompt_embeddings'], theirs['prompt_embeddings'])
+  with open(os.path.join(out, peft.CONFIG_FILE)) as f, \
+       open(os.path.join(PROMPT_ADAPTER, peft.CONFIG_FILE)) as g:
+    assert json.load(f) == json.load(g)  # every field PEFT writes, with PEFT's values
+
+
+def test_convert_to_peft_refuses_prefix_tuning(tmp_path, capsys):
+  cfg = prompted(tiny(), 'prefix')
+  work = str(tmp_path / 'run')
+  checkpoint.write_params_workdir(work, cfg, init_params(cfg, jax.random.key(0)))
+  assert convert.main(['--to=peft', f'--src={work}', f'--dst={tmp_path / "a"}']) == 1
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and 'prefix-tuning run' in err and err.count('\n') == 1
+
+
+def test_prompt_tuning_adapter_for_another_width_is_refused(tmp_path):
+  bad = tmp_path / 'adapter'
+  shutil.copytree(PROMPT_ADAPTER, bad)
+  fields = json.loads((bad / peft.CONFIG_FILE).read_text())
+  (bad / peft.CONFIG_FILE).write_text(json.dumps({**fields, 'token_dim': 32}))
+  cfg, _, _ = load_hf(PROMPT_BASE)
+  with pytest.raises(ConfigError, match='token_dim=32 but this base needs 64'):
+    peft.prompt_tuning_fields(str(bad), cfg)
+  (bad / peft.CONFIG_FILE).write_text(json.dumps({**fields, 'num_virtual_tokens': 5}))
+  with pytest.raises(CheckpointError, match=r"has shape \(4, 64\) but \[5, 64\]"):
+    peft.prompt_tuning_fields(str(bad), cfg)
+
+
+# ------------------------------------------------------------------------------ config.peft
+
+
+def test_config_peft_keys_reach_the_model_config():
+  c = config_lib.base_config('tiny')
+  c.peft.method, c.peft.num_virtual_tokens = 'prefix_tuning', 6
+  cfg = config_lib.validate(c, data_files=False)
+  assert (cfg.virtual_tokens, cfg.num_virtual_tokens, cfg.frozen_base) == ('prefix', 6, True)
+  assert config_lib.validate(config_lib.base_config('tiny'), data_files=False).virtual_tokens == ''
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(method='prompt_tunning'), "Did you mean 'prompt_tuning'"),
+    (dict(method='prompt_tuning'), 'num_virtual_tokens=0 must be > 0'),
+    (dict(num_virtual_tokens=4), "but peft.method=''"),
+    (dict(method='prefix_tuning', num_virtual_tokens=4, prompt_init_text='hi'),
+     'initialises prompt tuning only'),
+])
+def test_bad_peft_keys_are_one_line_errors(change, message):
+  c = config_lib.base_config('tiny')
+  c.peft.update(change)
+  with pytest.raises(ConfigError, match=message) as e:
+    config_lib.validate(c, data_files=False)
+  assert '\n' not in str(e.value)

@@ -371,3 +371,85 @@ def load_hf_with_adapter(hf_dir: str, peft_dir: str, key: str = '--peft', *,
   _, params, tokenizer = hf.load_hf(hf_dir, **kw)
   adapters = read_adapters(peft_dir, cfg, peft_family(cfg))
   return cfg, lora.combine(adapters, params), tokenizer
+
+
+# ------------------------------------------------------------------------------ prompt tuning
+# PEFT's PROMPT_TUNING adapter: adapter_config.json (peft_type 'PROMPT_TUNING',
+# num_virtual_tokens, token_dim, ...) and one tensor `prompt_embeddings` [V, embed], which is
+# llmjax's `prompt_embedding` leaf (model.virtual_tokens='prompt') unchanged. PEFT places it
+# before the input embeddings, so the tokens sit at positions V.. (as llmjax's do).
+
+PROMPT_TENSOR = 'prompt_embeddings'
+
+
+def prompt_tuning_config(cfg: ModelConfig, base_model: str | None) -> dict:
+  """adapter_config.json as PEFT 0.21 writes it for PromptTuningConfig (the field set of
+  tests/golden/peft/llama_gqa_llama3_prompt/adapter_config.json)."""
+  return {
+      'auto_mapping': None, 'base_model_name_or_path': base_model or None,
+      'inference_mode': True, 'modules_to_save': None, 'num_attention_heads': cfg.num_heads,
+      'num_layers': cfg.num_layers, 'num_transformer_submodules': 1,
+      'num_virtual_tokens': cfg.num_virtual_tokens, 'peft_type': 'PROMPT_TUNING',
+      'peft_version': '0.21.2',  # the PEFT release whose format this is
+      # The trained values are what the file holds; how they began is not needed to load them.
+      'prompt_tuning_init': 'RANDOM', 'prompt_tuning_init_text': None, 'revision': None,
+      'task_type': 'CAUSAL_LM', 'token_dim': cfg.embed_dim, 'tokenizer_kwargs': None,
+      'tokenizer_name_or_path': None}
+
+
+def save_prompt_tuning(peft_dir: str, cfg: ModelConfig, params, *,
+                       base_model: str | None = None) -> int:
+  """Writes `peft_dir`/adapter_config.json + adapter_model.safetensors for a prompt-tuning
+  model's params (`cfg.virtual_tokens == 'prompt'`); returns the number of parameters written."""
+  import jax
+  from safetensors.numpy import save_file
+  if cfg.virtual_tokens != 'prompt':
+    raise ConfigError(f"this model is not prompt-tuned (model.virtual_tokens="
+                      f"'{cfg.virtual_tokens}'); PEFT export covers LoRA and prompt tuning.")
+  prompt = np.ascontiguousarray(np.asarray(jax.device_get(params['prompt_embedding']),
+                                           np.float32))
+  os.makedirs(peft_dir, exist_ok=True)
+  save_file({PROMPT_TENSOR: prompt}, os.path.join(peft_dir, WEIGHTS_FILE),
+            metadata={'format': 'pt'})
+  with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
+    json.dump(prompt_tuning_config(cfg, base_model), f, indent=2, sort_keys=True)
+  return int(prompt.size)
+
+
+def is_prompt_tuning(peft_dir: str, key: str = '--peft') -> bool:
+  """True when `peft_dir`'s adapter_config.json says peft_type 'PROMPT_TUNING'."""
+  return read_config(peft_dir, key).get('peft_type') == 'PROMPT_TUNING'
+
+
+def prompt_tuning_fields(peft_dir: str, cfg: ModelConfig, key: str = '--peft') -> dict:
+  """{virtual_tokens: 'prompt', num_virtual_tokens} of a PEFT prompt-tuning dir, checked
+  against the base `cfg` (token_dim, the tensor's shape) before any weight is read; one-line
+  errors naming the field otherwise."""
+  fields = read_config(peft_dir, key)
+  path = files.join(peft_dir, CONFIG_FILE)
+  want = {'peft_type': 'PROMPT_TUNING', 'task_type': 'CAUSAL_LM',
+          'num_transformer_submodules': 1, 'token_dim': cfg.embed_dim}
+  for name, value in want.items():
+    if fields.get(name, value) != value:
+      raise ConfigError(f"{path}: {name}={fields.get(name)!r} but this base needs {value!r}"
+                        " (a causal-LM prompt-tuning adapter for a model of this width).")
+  n = fields.get('num_virtual_tokens')
+  if not isinstance(n, int) or n <= 0:
+    raise ConfigError(f"{path}: num_virtual_tokens={n!r} must be a positive integer.")
+  shapes = _stored_shapes(peft_dir, key)
+  if shapes.get(PROMPT_TENSOR) != (n, cfg.embed_dim):
+    raise CheckpointError(f"{files.join(peft_dir, WEIGHTS_FILE)}: '{PROMPT_TENSOR}' has shape"
+                          f" {shapes.get(PROMPT_TENSOR)} but [{n}, {cfg.embed_dim}]"
+                          " (num_virtual_tokens, token_dim) is expected.")
+  return dict(virtual_tokens='prompt', num_virtual_tokens=n)
+
+
+def read_prompt_tuning(peft_dir: str, cfg: ModelConfig) -> dict:
+  """{'prompt_embedding': float32 [V, embed]} of a PEFT prompt-tuning dir, for a `cfg` with
+  `prompt_tuning_fields(peft_dir, ...)` set (params: `lora.combine(this, base params)`)."""
+  from safetensors.numpy import load_file
+  tensor = load_file(os.path.join(peft_dir, WEIGHTS_FILE))[PROMPT_TENSOR]
+  if tensor.shape != (cfg.num_virtual_tokens, cfg.embed_dim):
+    raise CheckpointError(f"{peft_dir}: '{PROMPT_TENSOR}' has shape {tensor.shape}, not"
+                          f" [{cfg.num_virtual_tokens}, {cfg.embed_dim}].")
+  return {'prompt_embedding': tensor.astype(np.float32)}
