@@ -286,3 +286,49 @@ def test_bad_peft_keys_are_one_line_errors(change, message):
   with pytest.raises(ConfigError, match=message) as e:
     config_lib.validate(c, data_files=False)
   assert '\n' not in str(e.value)
+
+
+# ------------------------------------------------------------------------------ training runs
+
+
+def run_config(method, text='', **train):
+  cfg, _, _ = load_hf(PROMPT_BASE)
+  c = config_lib.base_config('tiny')
+  c.model.update(dataclasses.asdict(cfg))
+  c.init.hf_dir = PROMPT_BASE
+  c.peft.update(method=method, num_virtual_tokens=4, prompt_init_text=text)
+  c.data.seq_len = 32
+  c.data.eval_batches = 1
+  c.train.update(dict(steps=1, batch_size=4, log_every=1, eval_every=1, checkpoint_every=100,
+                      unigram_baseline_batches=0, warmup_steps=1, lr=0.0))
+  c.train.update(train)
+  return c
+
+
+def test_prompt_tuning_run_starts_from_the_text_and_keeps_the_base(tmp_path, capsys):
+  from llmjax.data.pipeline import load_run_tokenizer
+  from llmjax.train.loop import train_and_evaluate
+  work = str(tmp_path / 'run')
+  train_and_evaluate(run_config('prompt_tuning', 'the cat'), work)  # lr 0: step 1 = step 0
+  assert 'prompt_tuning: 4 virtual tokens, training 256 parameters, base frozen' in (
+      capsys.readouterr().out)
+  got, _ = checkpoint.restore_params(work)
+  _, base, _ = load_hf(PROMPT_BASE)
+  tok = load_run_tokenizer(work)  # the run's own
+  ids = ([tok.bos_id] if tok.bos_id >= 0 else []) + list(tok.encode('the cat'))
+  ids = (ids * 4)[:4]
+  np.testing.assert_array_equal(got['prompt_embedding'], np.asarray(base['embed']['embedding'])[ids])
+  assert checkpoint.read_model_config(work).num_virtual_tokens == 4
+
+
+def test_prefix_tuning_run_trains_the_prefix_only(tmp_path):
+  from llmjax.train.loop import train_and_evaluate
+  work = str(tmp_path / 'run')
+  train_and_evaluate(run_config('prefix_tuning', steps=2, lr=1e-2), work)
+  got, _ = checkpoint.restore_params(work)
+  fresh = init_params(checkpoint.read_model_config(work), jax.random.key(0))
+  trained, kept = lora.split(got)
+  _, base, _ = load_hf(PROMPT_BASE)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), kept, base)
+  assert float(jnp.max(jnp.abs(trained['layers']['attn']['prefix_k']
+                               - lora.split(fresh)[0]['layers']['attn']['prefix_k']))) > 1e-3
