@@ -286,6 +286,11 @@ def peft_model_config(config: ml_collections.ConfigDict, model: ModelConfig) -> 
   if n <= 0:
     raise ConfigError(f"peft.num_virtual_tokens={n} must be > 0 with peft.method='{method}';"
                       " PEFT's examples use 8 to 20.")
+  if config.train.get('objective', 'lm') == 'dpo':
+    # Its reference model would need the virtual tokens switched off (as `lora.disable` does
+    # for LoRA); not built yet.
+    raise ConfigError(f"peft.method='{method}' with train.objective='dpo' is not supported;"
+                      " use LoRA (model.lora_rank) for DPO, or train.objective='lm'.")
   out = dataclasses.replace(model, virtual_tokens=PEFT_METHODS[method], num_virtual_tokens=n)
   out.validate()
   return out

@@ -279,9 +279,12 @@ def test_config_peft_keys_reach_the_model_config():
     (dict(num_virtual_tokens=4), "but peft.method=''"),
     (dict(method='prefix_tuning', num_virtual_tokens=4, prompt_init_text='hi'),
      'initialises prompt tuning only'),
+    (dict(method='prefix_tuning', num_virtual_tokens=4, objective='dpo'),
+     "with train.objective='dpo' is not supported"),
 ])
 def test_bad_peft_keys_are_one_line_errors(change, message):
   c = config_lib.base_config('tiny')
+  c.train.objective = change.pop('objective', 'lm')
   c.peft.update(change)
   with pytest.raises(ConfigError, match=message) as e:
     config_lib.validate(c, data_files=False)
@@ -332,3 +335,21 @@ def test_prefix_tuning_run_trains_the_prefix_only(tmp_path):
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), kept, base)
   assert float(jnp.max(jnp.abs(trained['layers']['attn']['prefix_k']
                                - lora.split(fresh)[0]['layers']['attn']['prefix_k']))) > 1e-3
+
+
+@pytest.mark.parametrize('kind', ['prompt', 'prefix'])
+def test_greedy_sampling_continues_as_the_full_forward_argmax(kind):
+  # The sampler's prefill (padded prompts, explicit positions) and cached decode steps must
+  # see the virtual tokens as the training forward does.
+  from llmjax.infer import sampler
+  cfg = prompted(tiny(), kind)
+  params = init_params(cfg, jax.random.key(0))
+  prompts = [[5, 9, 11], [7, 3, 2, 8, 4]]
+  outs = sampler.generate(cfg, params, prompts, sampler.SamplingParams(max_new_tokens=4, temperature=0.0),
+                          eos_id=-1)
+  for p, o in zip(prompts, outs):
+    seq = list(p)
+    for _ in range(4):
+      logits, _ = apply(cfg, params, jnp.asarray([seq]))
+      seq.append(int(jnp.argmax(logits[0, -1])))
+    assert o == seq[len(p):]
