@@ -190,6 +190,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if config.data.seq_len > model.max_seq_len and model.position == 'learned':
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
                       f"{model.max_seq_len} (learned positions); lower data.seq_len.")
+  if (config.data.seq_len + model.num_virtual_tokens > model.max_seq_len
+      and model.position == 'learned'):  # the tokens sit at positions V..V + seq_len - 1
+    raise ConfigError(f"data.seq_len={config.data.seq_len} + peft.num_virtual_tokens="
+                      f"{model.num_virtual_tokens} exceeds model.max_seq_len="
+                      f"{model.max_seq_len} (learned positions); lower one of them.")
   from llmjax.data import sources  # imported here: `llmjax.data` pulls in Grain
   sources.check_data_format(config.data, data_files=data_files)
   path = config.data.get('path', '') if data_files else ''

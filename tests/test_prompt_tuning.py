@@ -273,6 +273,14 @@ def test_config_peft_keys_reach_the_model_config():
   assert config_lib.validate(config_lib.base_config('tiny'), data_files=False).virtual_tokens == ''
 
 
+def test_learned_positions_must_hold_the_virtual_tokens_too():
+  c = config_lib.base_config('gpt2')
+  c.data.seq_len = 1020
+  c.peft.update(method='prompt_tuning', num_virtual_tokens=8)
+  with pytest.raises(ConfigError, match='peft.num_virtual_tokens=8 exceeds model.max_seq_len'):
+    config_lib.validate(c, data_files=False)
+
+
 @pytest.mark.parametrize('change,message', [
     (dict(method='prompt_tunning'), "Did you mean 'prompt_tuning'"),
     (dict(method='prompt_tuning'), 'num_virtual_tokens=0 must be > 0'),
