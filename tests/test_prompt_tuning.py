@@ -361,3 +361,22 @@ def test_greedy_sampling_continues_as_the_full_forward_argmax(kind):
       logits, _ = apply(cfg, params, jnp.asarray([seq]))
       seq.append(int(jnp.argmax(logits[0, -1])))
     assert o == seq[len(p):]
+
+
+PREFIX_ADAPTER = os.path.join(GOLDEN, 'peft', 'llama_gqa_llama3_prefix')  # make_peft_goldens.py
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_peft_prefix_tuning_adapter_gives_peft_logits(scan_layers):
+  cfg, params, _ = load_hf(PROMPT_BASE, scan_layers=scan_layers)
+  cfg = dataclasses.replace(cfg, **peft.prefix_tuning_fields(PREFIX_ADAPTER, cfg))
+  assert (cfg.virtual_tokens, cfg.num_virtual_tokens) == ('prefix', 4)
+  params = lora.combine(peft.read_prefix_tuning(PREFIX_ADAPTER, cfg), params)
+  # The leaves read are exactly the ones the model declares.
+  assert jax.tree.structure(params) == jax.tree.structure(init_params(cfg, jax.random.key(0)))
+  g = np.load(os.path.join(PREFIX_ADAPTER, 'logits.npz'))
+  logits, _ = Transformer(cfg).apply({'params': params}, jnp.asarray(g['tokens']))
+  np.testing.assert_allclose(np.asarray(logits), g['logits'], atol=1e-4, rtol=0)
+  base_cfg, base, _ = load_hf(PROMPT_BASE)
+  plain, _ = Transformer(base_cfg).apply({'params': base}, jnp.asarray(g['tokens']))
+  assert np.abs(np.asarray(plain) - g['logits']).max() > 1e-2

@@ -57,6 +57,12 @@ VARIANTS = {
 PROMPT_VARIANTS = {
     'llama_gqa_llama3_prompt': ('llama_gqa_llama3', dict(num_virtual_tokens=4)),
 }
+# Prefix tuning without the projection MLP: PrefixTuningConfig(num_virtual_tokens=4); its one
+# tensor holds every layer's keys and values (N(0, 1) values, seeded). Built and read by
+# tests/test_prompt_tuning.py; `convert --to=peft` does not write this format (no check).
+PREFIX_VARIANTS = {
+    'llama_gqa_llama3_prefix': ('llama_gqa_llama3', dict(num_virtual_tokens=4)),
+}
 
 
 def _finish(out: str, base_dir: str) -> None:
@@ -71,13 +77,16 @@ def _finish(out: str, base_dir: str) -> None:
 
 
 def build_prompt(adapter: str, seed: int) -> None:
-  name, extra = PROMPT_VARIANTS[adapter]
+  prefix = adapter in PREFIX_VARIANTS
+  name, extra = (PREFIX_VARIANTS if prefix else PROMPT_VARIANTS)[adapter]
   base_dir = os.path.join(GOLDEN, name)
   out = os.path.join(GOLDEN, 'peft', adapter)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_pretrained(
       base_dir, dtype=torch.float32, attn_implementation='eager')
-  config = peft.PromptTuningConfig(task_type='CAUSAL_LM', prompt_tuning_init='RANDOM', **extra)
+  config = (peft.PrefixTuningConfig(task_type='CAUSAL_LM', prefix_projection=False, **extra)
+            if prefix else
+            peft.PromptTuningConfig(task_type='CAUSAL_LM', prompt_tuning_init='RANDOM', **extra))
   model = peft.get_peft_model(model, config)
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
@@ -87,7 +96,7 @@ def build_prompt(adapter: str, seed: int) -> None:
   tokens = np.load(os.path.join(base_dir, 'golden.npz'))['tokens']
   with torch.no_grad():
     logits = model(torch.tensor(tokens, dtype=torch.long)).logits.float().numpy()
-  n = extra['num_virtual_tokens']
+  n = 0 if prefix else extra['num_virtual_tokens']  # prefix: no virtual output positions
   assert logits.shape[1] == tokens.shape[1] + n, logits.shape
   logits = logits[:, n:]  # the real tokens' positions
   if os.path.isdir(out):
@@ -102,6 +111,8 @@ def build_prompt(adapter: str, seed: int) -> None:
 def build(adapter: str, seed: int) -> None:
   if adapter in PROMPT_VARIANTS:
     return build_prompt(adapter, 100 + list(PROMPT_VARIANTS).index(adapter))
+  if adapter in PREFIX_VARIANTS:
+    return build_prompt(adapter, 200 + list(PREFIX_VARIANTS).index(adapter))
   name, extra = VARIANTS[adapter]
   base_dir = os.path.join(GOLDEN, name)
   out = os.path.join(GOLDEN, 'peft', adapter)
@@ -193,10 +204,11 @@ if __name__ == '__main__':
   # Positional arguments pick adapters (default: all). Each keeps its seed (its index in
   # VARIANTS), so the plain LoRA goldens keep theirs (0, 1).
   chosen = ([a for a in sys.argv[1:] if not a.startswith('--')]
-            or list(VARIANTS) + list(PROMPT_VARIANTS))
+            or list(VARIANTS) + list(PROMPT_VARIANTS) + list(PREFIX_VARIANTS))
   if '--check' not in sys.argv:
     for adapter in chosen:
       build(adapter, list(VARIANTS).index(adapter) if adapter in VARIANTS else 0)
   if '--no-check' not in sys.argv:
     for adapter in chosen:
-      check(adapter)
+      if adapter not in PREFIX_VARIANTS:
+        check(adapter)

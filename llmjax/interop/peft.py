@@ -453,3 +453,51 @@ def read_prompt_tuning(peft_dir: str, cfg: ModelConfig) -> dict:
     raise CheckpointError(f"{peft_dir}: '{PROMPT_TENSOR}' has shape {tensor.shape}, not"
                           f" [{cfg.num_virtual_tokens}, {cfg.embed_dim}].")
   return {'prompt_embedding': tensor.astype(np.float32)}
+
+
+# ------------------------------------------------------------------------------ prefix tuning
+# PEFT's PREFIX_TUNING adapter without the projection MLP (prefix_projection false): one
+# tensor `prompt_embeddings` [V, layers x 2 x kv_heads x head_dim] which PEFT's get_prompt
+# views as [V, 2 x layers, kv_heads, head_dim] and splits into layer i's keys (entry 2i) and
+# values (2i + 1), handed to the model as past_key_values (already rotated: stored keys). That
+# is llmjax's `prefix_k` / `prefix_v` [V, kv_heads, head_dim] per layer (model.virtual_tokens
+# 'prefix'); GQA models store kv_heads heads (PEFT sets num_attention_heads to them).
+
+
+def prefix_tuning_fields(peft_dir: str, cfg: ModelConfig, key: str = '--peft') -> dict:
+  """{virtual_tokens: 'prefix', num_virtual_tokens} of a PEFT prefix-tuning dir, checked
+  against the base `cfg` before any weight is read."""
+  fields = read_config(peft_dir, key)
+  path = files.join(peft_dir, CONFIG_FILE)
+  want = {'peft_type': 'PREFIX_TUNING', 'task_type': 'CAUSAL_LM', 'prefix_projection': False,
+          'num_transformer_submodules': 1, 'num_layers': cfg.num_layers,
+          'num_attention_heads': cfg.num_kv_heads,
+          'token_dim': cfg.num_kv_heads * cfg.head_dim}
+  for name, value in want.items():
+    if fields.get(name, value) != value:
+      raise ConfigError(f"{path}: {name}={fields.get(name)!r} but this base needs {value!r}"
+                        " (a causal-LM prefix-tuning adapter without projection, for a model"
+                        " of this shape).")
+  n = fields.get('num_virtual_tokens')
+  if not isinstance(n, int) or n <= 0:
+    raise ConfigError(f"{path}: num_virtual_tokens={n!r} must be a positive integer.")
+  width = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+  shapes = _stored_shapes(peft_dir, key)
+  if shapes.get(PROMPT_TENSOR) != (n, width):
+    raise CheckpointError(f"{files.join(peft_dir, WEIGHTS_FILE)}: '{PROMPT_TENSOR}' has shape"
+                          f" {shapes.get(PROMPT_TENSOR)} but [{n}, {width}] is expected.")
+  return dict(virtual_tokens='prefix', num_virtual_tokens=n)
+
+
+def read_prefix_tuning(peft_dir: str, cfg: ModelConfig) -> dict:
+  """The `prefix_k` / `prefix_v` leaves (float32, nested like the params: stacked [layers, V,
+  kv_heads, head_dim] under `layers` with scan_layers, else per `layer_i`) of a PEFT
+  prefix-tuning dir, for a `cfg` with `prefix_tuning_fields` set."""
+  from safetensors.numpy import load_file
+  tensor = load_file(os.path.join(peft_dir, WEIGHTS_FILE))[PROMPT_TENSOR].astype(np.float32)
+  n, layers = cfg.num_virtual_tokens, cfg.num_layers
+  kv = tensor.reshape(n, 2 * layers, cfg.num_kv_heads, cfg.head_dim).transpose(1, 0, 2, 3)
+  k, v = kv[0::2], kv[1::2]  # [layers, V, kv_heads, head_dim]
+  if cfg.scan_layers:
+    return {'layers': {'attn': {'prefix_k': k, 'prefix_v': v}}}
+  return {f'layer_{i}': {'attn': {'prefix_k': k[i], 'prefix_v': v[i]}} for i in range(layers)}
