@@ -428,8 +428,8 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # 'prefix_tuning' (Li and Liang 2021, without the reparametrising MLP; P-tuning v2) learns
   # num_virtual_tokens keys and values per layer that every position attends to. The base is
   # frozen and only they train (with model.lora_rank=0). Each packed document sees them. Mirrored
-  # into model.virtual_tokens / model.num_virtual_tokens by `validate`; export prompt tuning
-  # with `llmjax.convert --to=peft`.
+  # into model.virtual_tokens / model.num_virtual_tokens by `validate`; both export to PEFT's
+  # format with `llmjax.convert --to=peft` (interop/peft.py reads it too). Not with DPO yet.
   c.peft = ml_collections.ConfigDict()
   c.peft.method = ''  # '', 'prompt_tuning', 'prefix_tuning'
   c.peft.num_virtual_tokens = 0

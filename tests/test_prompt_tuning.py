@@ -6,6 +6,9 @@ model run on real tokens that play the virtual ones: a prompt made of token embe
 the base on [those tokens; input], a prefix made of the base's cached keys/values of some
 tokens is the base continuing after them. Plus: decode with the cache = full forward, packed
 documents each see the prompt, only the virtual tokens train, FLOPs count the base as frozen.
+PEFT parity: tests/golden/peft/llama_gqa_llama3_prompt and _prefix (tools/make_peft_goldens.py:
+PromptTuningConfig / PrefixTuningConfig(prefix_projection=False), 4 virtual tokens, random
+non-zero values) give PEFT's logits within 1e-4, and `convert --to=peft` writes them back.
 """
 
 import dataclasses
@@ -240,15 +243,6 @@ def test_convert_to_peft_writes_the_golden_prompt_tuning_adapter(tmp_path, capsy
     assert json.load(f) == json.load(g)  # every field PEFT writes, with PEFT's values
 
 
-def test_convert_to_peft_refuses_prefix_tuning(tmp_path, capsys):
-  cfg = prompted(tiny(), 'prefix')
-  work = str(tmp_path / 'run')
-  checkpoint.write_params_workdir(work, cfg, init_params(cfg, jax.random.key(0)))
-  assert convert.main(['--to=peft', f'--src={work}', f'--dst={tmp_path / "a"}']) == 1
-  err = capsys.readouterr().err
-  assert err.startswith('error: ') and 'prefix-tuning run' in err and err.count('\n') == 1
-
-
 def test_prompt_tuning_adapter_for_another_width_is_refused(tmp_path):
   bad = tmp_path / 'adapter'
   shutil.copytree(PROMPT_ADAPTER, bad)
@@ -380,3 +374,22 @@ def test_peft_prefix_tuning_adapter_gives_peft_logits(scan_layers):
   base_cfg, base, _ = load_hf(PROMPT_BASE)
   plain, _ = Transformer(base_cfg).apply({'params': base}, jnp.asarray(g['tokens']))
   assert np.abs(np.asarray(plain) - g['logits']).max() > 1e-2
+
+
+@pytest.mark.parametrize('scan_layers', [True, False])
+def test_convert_to_peft_writes_the_golden_prefix_tuning_adapter(scan_layers, tmp_path, capsys):
+  cfg, params, _ = load_hf(PROMPT_BASE, scan_layers=scan_layers)
+  cfg = dataclasses.replace(cfg, **peft.prefix_tuning_fields(PREFIX_ADAPTER, cfg))
+  params = lora.combine(peft.read_prefix_tuning(PREFIX_ADAPTER, cfg), params)
+  work, out = str(tmp_path / 'run'), str(tmp_path / 'adapter')
+  checkpoint.write_params_workdir(work, cfg, params)
+  assert convert.main(['--to=peft', f'--src={work}', f'--dst={out}',
+                       '--base_model=tests/golden/llama_gqa_llama3']) == 0
+  assert 'prefix-tuning params' in capsys.readouterr().out
+  ours = load_file(os.path.join(out, peft.WEIGHTS_FILE))
+  theirs = load_file(os.path.join(PREFIX_ADAPTER, peft.WEIGHTS_FILE))
+  assert sorted(ours) == sorted(theirs) == ['prompt_embeddings']
+  np.testing.assert_array_equal(ours['prompt_embeddings'], theirs['prompt_embeddings'])
+  with open(os.path.join(out, peft.CONFIG_FILE)) as f, \
+       open(os.path.join(PREFIX_ADAPTER, peft.CONFIG_FILE)) as g:
+    assert json.load(f) == json.load(g)

@@ -17,7 +17,10 @@ from one forward pass of the adapted model (eager attention, float32).
 
 Prompt tuning (`PROMPT_VARIANTS`): `PromptTuningConfig(num_virtual_tokens=4, RANDOM init)`,
 the prompt embeddings set to seeded N(0, 1) values; logits.npz holds the logits of the real
-tokens only ([2, 16, vocab]; PEFT's output also has the 4 virtual positions first).
+tokens only ([2, 16, vocab]; PEFT's output also has the 4 virtual positions first). Prefix
+tuning (`PREFIX_VARIANTS`): `PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=False)`,
+built the same way. Their export check goes through `peft.prompt_tuning_fields` /
+`prefix_tuning_fields` and `convert --to=peft` like the LoRA ones.
 
 The export check runs llmjax (in LLMJAX_PYTHON, default /work/main/.venv/bin/python, no torch):
 it imports each golden adapter over its base into an llmjax workdir and exports it with
@@ -58,8 +61,8 @@ PROMPT_VARIANTS = {
     'llama_gqa_llama3_prompt': ('llama_gqa_llama3', dict(num_virtual_tokens=4)),
 }
 # Prefix tuning without the projection MLP: PrefixTuningConfig(num_virtual_tokens=4); its one
-# tensor holds every layer's keys and values (N(0, 1) values, seeded). Built and read by
-# tests/test_prompt_tuning.py; `convert --to=peft` does not write this format (no check).
+# tensor holds every layer's keys and values (N(0, 1) values, seeded). logits.npz: PEFT's
+# logits as they are (prefix tuning adds no output positions).
 PREFIX_VARIANTS = {
     'llama_gqa_llama3_prefix': ('llama_gqa_llama3', dict(num_virtual_tokens=4)),
 }
@@ -161,24 +164,27 @@ adapters = peft.read_adapters('tests/golden/peft/' + adapter, cfg, family)
 checkpoint.write_params_workdir(work, cfg, lora.combine(adapters, params))
 """
 
-# The same for a prompt-tuning golden: an llmjax prompt-tuning workdir (model.virtual_tokens
-# from `peft.prompt_tuning_fields`).
+# The same for a prompt- or prefix-tuning golden: an llmjax workdir with model.virtual_tokens
+# from `peft.prompt_tuning_fields` / `prefix_tuning_fields`.
 _IMPORT_PROMPT = """
 import dataclasses, sys
 from llmjax.interop import load_hf, peft
 from llmjax.models import lora
 from llmjax.train import checkpoint
 adapter, name, work = sys.argv[1:]
+path = 'tests/golden/peft/' + adapter
 cfg, params, _ = load_hf('tests/golden/' + name)
-cfg = dataclasses.replace(cfg, **peft.prompt_tuning_fields('tests/golden/peft/' + adapter, cfg))
-prompt = peft.read_prompt_tuning('tests/golden/peft/' + adapter, cfg)
-checkpoint.write_params_workdir(work, cfg, lora.combine(prompt, params))
+prefix = peft.read_config(path).get('peft_type') == 'PREFIX_TUNING'
+fields = (peft.prefix_tuning_fields if prefix else peft.prompt_tuning_fields)(path, cfg)
+cfg = dataclasses.replace(cfg, **fields)
+tokens = (peft.read_prefix_tuning if prefix else peft.read_prompt_tuning)(path, cfg)
+checkpoint.write_params_workdir(work, cfg, lora.combine(tokens, params))
 """
 
 
 def check(adapter: str) -> None:
-  name = (VARIANTS.get(adapter) or PROMPT_VARIANTS[adapter])[0]
-  script = _IMPORT_PROMPT if adapter in PROMPT_VARIANTS else _IMPORT
+  name = (VARIANTS.get(adapter) or PROMPT_VARIANTS.get(adapter) or PREFIX_VARIANTS[adapter])[0]
+  script = _IMPORT if adapter in VARIANTS else _IMPORT_PROMPT
   # PEFT's prompt-tuning output starts with the virtual positions; the golden has the rest.
   skip = PROMPT_VARIANTS[adapter][1]['num_virtual_tokens'] if adapter in PROMPT_VARIANTS else 0
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
@@ -210,5 +216,4 @@ if __name__ == '__main__':
       build(adapter, list(VARIANTS).index(adapter) if adapter in VARIANTS else 0)
   if '--no-check' not in sys.argv:
     for adapter in chosen:
-      if adapter not in PREFIX_VARIANTS:
-        check(adapter)
+      check(adapter)

@@ -501,3 +501,44 @@ def read_prefix_tuning(peft_dir: str, cfg: ModelConfig) -> dict:
   if cfg.scan_layers:
     return {'layers': {'attn': {'prefix_k': k, 'prefix_v': v}}}
   return {f'layer_{i}': {'attn': {'prefix_k': k[i], 'prefix_v': v[i]}} for i in range(layers)}
+
+
+def prefix_tuning_config(cfg: ModelConfig, base_model: str | None) -> dict:
+  """adapter_config.json as PEFT 0.21 writes it for PrefixTuningConfig(prefix_projection=
+  False) (the field set of tests/golden/peft/llama_gqa_llama3_prefix/adapter_config.json)."""
+  width = cfg.num_kv_heads * cfg.head_dim
+  return {
+      'auto_mapping': None, 'base_model_name_or_path': base_model or None,
+      'encoder_hidden_size': width, 'inference_mode': True, 'init_weights': None,
+      'modules_to_save': None, 'num_attention_heads': cfg.num_kv_heads,
+      'num_layers': cfg.num_layers, 'num_transformer_submodules': 1,
+      'num_virtual_tokens': cfg.num_virtual_tokens, 'peft_type': 'PREFIX_TUNING',
+      'peft_version': '0.21.2', 'prefix_projection': False, 'revision': None,
+      'task_type': 'CAUSAL_LM', 'token_dim': width}
+
+
+def save_prefix_tuning(peft_dir: str, cfg: ModelConfig, params, *,
+                       base_model: str | None = None) -> int:
+  """Writes a PEFT prefix-tuning dir for a prefix-tuning model's params (the inverse of
+  `read_prefix_tuning`); returns the number of parameters written."""
+  import jax
+  from safetensors.numpy import save_file
+  if cfg.virtual_tokens != 'prefix':
+    raise ConfigError(f"this model is not prefix-tuned (model.virtual_tokens="
+                      f"'{cfg.virtual_tokens}').")
+  to_numpy = lambda x: np.asarray(jax.device_get(x), np.float32)
+  if cfg.scan_layers:
+    attn = params['layers']['attn']
+    k, v = to_numpy(attn['prefix_k']), to_numpy(attn['prefix_v'])  # [layers, V, kv, hd]
+  else:
+    layer = lambda i, name: to_numpy(params[f'layer_{i}']['attn'][name])
+    k = np.stack([layer(i, 'prefix_k') for i in range(cfg.num_layers)])
+    v = np.stack([layer(i, 'prefix_v') for i in range(cfg.num_layers)])
+  kv = np.stack([k, v], axis=1).reshape((2 * cfg.num_layers,) + k.shape[1:])  # k0 v0 k1 v1 ..
+  tensor = np.ascontiguousarray(kv.transpose(1, 0, 2, 3).reshape(cfg.num_virtual_tokens, -1))
+  os.makedirs(peft_dir, exist_ok=True)
+  save_file({PROMPT_TENSOR: tensor}, os.path.join(peft_dir, WEIGHTS_FILE),
+            metadata={'format': 'pt'})
+  with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
+    json.dump(prefix_tuning_config(cfg, base_model), f, indent=2, sort_keys=True)
+  return int(tensor.size)
