@@ -175,7 +175,7 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   platform: where the step will run ('cpu', 'gpu', 'tpu'), for model.attention's kernel;
   default `jax.default_backend()` (`llmjax.plan` passes 'tpu').
   """
-  model = ModelConfig.from_dict(config.model)
+  model = peft_model_config(config, ModelConfig.from_dict(config.model))
   t = config.train
   for key in ('steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every', 'grad_accum'):
     if int(t[key]) <= 0:
@@ -190,6 +190,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   if config.data.seq_len > model.max_seq_len and model.position == 'learned':
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
                       f"{model.max_seq_len} (learned positions); lower data.seq_len.")
+  if (config.data.seq_len + model.num_virtual_tokens > model.max_seq_len
+      and model.position == 'learned'):  # the tokens sit at positions V..V + seq_len - 1
+    raise ConfigError(f"data.seq_len={config.data.seq_len} + peft.num_virtual_tokens="
+                      f"{model.num_virtual_tokens} exceeds model.max_seq_len="
+                      f"{model.max_seq_len} (learned positions); lower one of them.")
   from llmjax.data import sources  # imported here: `llmjax.data` pulls in Grain
   sources.check_data_format(config.data, data_files=data_files)
   path = config.data.get('path', '') if data_files else ''
@@ -262,6 +267,41 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   from llmjax.kernels import dispatch  # the attention kernel's own limits, known before tracing
   dispatch.check_config(model, platform or jax.default_backend())
   return model
+
+
+# peft.method -> model.virtual_tokens: the prompt-learning methods, whose settings the model
+# needs (LoRA and DoRA are the model.lora_* keys).
+PEFT_METHODS = {'': '', 'prompt_tuning': 'prompt', 'prefix_tuning': 'prefix'}
+
+
+def peft_model_config(config: ml_collections.ConfigDict, model: ModelConfig) -> ModelConfig:
+  """`model` with config.peft mirrored into it (model.virtual_tokens, num_virtual_tokens),
+  validated; `model` itself without a peft.method. The one place the peft keys reach the model:
+  `validate` returns this config, and the checkpoint's model_config.json records it."""
+  peft = config.get('peft', {})
+  method, n = peft.get('method', ''), peft.get('num_virtual_tokens', 0)
+  if method not in PEFT_METHODS:
+    raise ConfigError(f"peft.method='{method}' is unknown.{closest(method, PEFT_METHODS)}"
+                      f" Choose one of {list(PEFT_METHODS)} (LoRA: model.lora_rank).")
+  if peft.get('prompt_init_text') and method != 'prompt_tuning':
+    raise ConfigError(f"peft.prompt_init_text is set but peft.method='{method}'; it initialises"
+                      " prompt tuning only: set peft.method='prompt_tuning' or drop it.")
+  if not method:
+    if n:
+      raise ConfigError(f"peft.num_virtual_tokens={n} but peft.method=''; set peft.method to"
+                        " 'prompt_tuning' or 'prefix_tuning', or drop it.")
+    return model
+  if n <= 0:
+    raise ConfigError(f"peft.num_virtual_tokens={n} must be > 0 with peft.method='{method}';"
+                      " PEFT's examples use 8 to 20.")
+  if config.train.get('objective', 'lm') == 'dpo':
+    # Its reference model would need the virtual tokens switched off (as `lora.disable` does
+    # for LoRA); not built yet.
+    raise ConfigError(f"peft.method='{method}' with train.objective='dpo' is not supported;"
+                      " use LoRA (model.lora_rank) for DPO, or train.objective='lm'.")
+  out = dataclasses.replace(model, virtual_tokens=PEFT_METHODS[method], num_virtual_tokens=n)
+  out.validate()
+  return out
 
 
 def base_config(model: str | None = None, **model_overrides) -> ml_collections.ConfigDict:
@@ -385,6 +425,21 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # adapter's r / lora_alpha / target_modules (checked, not taken: the run's keys stay what
   # they say). Export back with `llmjax.convert --to=peft`.
   c.init.peft_dir = ''
+
+  # Prompt learning (PEFT's names; llmjax/models/transformer.py): 'prompt_tuning' (Lester et
+  # al. 2021) learns num_virtual_tokens input embeddings placed before every sequence;
+  # 'prefix_tuning' (Li and Liang 2021, without the reparametrising MLP; P-tuning v2) learns
+  # num_virtual_tokens keys and values per layer that every position attends to. The base is
+  # frozen and only they train (with model.lora_rank=0). Each packed document sees them. Mirrored
+  # into model.virtual_tokens / model.num_virtual_tokens by `validate`; both export to PEFT's
+  # format with `llmjax.convert --to=peft` (interop/peft.py reads it too). Not with DPO yet.
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = ''  # '', 'prompt_tuning', 'prefix_tuning'
+  c.peft.num_virtual_tokens = 0
+  # prompt_tuning: '' = random N(0, 1) (PEFT's RANDOM); else the embeddings of this text's
+  # tokens (the run's tokenizer, BOS first when it has one, as PEFT's TEXT init tokenizes),
+  # repeated or cut to num_virtual_tokens, taken from the (pretrained) base embedding.
+  c.peft.prompt_init_text = ''
 
   # Tasks scored at every eval besides eval_loss (llmjax.eval.suite): built-in task names,
   # 'KIND:FILE' or 'NAME=KIND:FILE' with KIND generate, multiple_choice or perplexity; logged as

@@ -144,10 +144,21 @@ def to_hf(src: str, dst: str, *, max_shard_bytes: int, architecture: str = '',
 
 
 def to_peft(src: str, dst: str, *, step: int = -1, base_model: str = '') -> None:
-  """A LoRA workdir's adapters (unmerged) -> PEFT adapter dir."""
+  """A LoRA workdir's adapters (unmerged), or a prompt- or prefix-tuning workdir's virtual
+  tokens -> PEFT adapter dir."""
   from llmjax.interop import peft
   from llmjax.train import checkpoint
   cfg = checkpoint.read_model_config(src)
+  if cfg.virtual_tokens:  # PEFT's PROMPT_TUNING / PREFIX_TUNING format: one tensor
+    if files.is_remote(dst):  # safetensors writes local files only
+      raise UserError(f"--dst={dst} is not on local disk; write the adapter to a local dir,"
+                      " then copy it (gcloud storage cp -r).")
+    cfg, state, step = _restore(src, step)
+    save = peft.save_prompt_tuning if cfg.virtual_tokens == 'prompt' else peft.save_prefix_tuning
+    n = save(dst, cfg, state['params'], base_model=base_model or None)
+    print(f"wrote {dst}: {n:,} {cfg.virtual_tokens}-tuning params ({cfg.num_virtual_tokens}"
+          f" virtual tokens) from step {step}")
+    return
   if not cfg.lora_rank:  # said before anything is restored
     raise UserError(f"{src} is not a LoRA run (model.lora_rank=0 in its model_config.json): it"
                     " has no adapters; export the whole model with --to=hf.")

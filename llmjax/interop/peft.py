@@ -371,3 +371,174 @@ def load_hf_with_adapter(hf_dir: str, peft_dir: str, key: str = '--peft', *,
   _, params, tokenizer = hf.load_hf(hf_dir, **kw)
   adapters = read_adapters(peft_dir, cfg, peft_family(cfg))
   return cfg, lora.combine(adapters, params), tokenizer
+
+
+# ------------------------------------------------------------------------------ prompt tuning
+# PEFT's PROMPT_TUNING adapter: adapter_config.json (peft_type 'PROMPT_TUNING',
+# num_virtual_tokens, token_dim, ...) and one tensor `prompt_embeddings` [V, embed], which is
+# llmjax's `prompt_embedding` leaf (model.virtual_tokens='prompt') unchanged. PEFT places it
+# before the input embeddings, so the tokens sit at positions V.. (as llmjax's do).
+
+PROMPT_TENSOR = 'prompt_embeddings'
+
+
+def prompt_tuning_config(cfg: ModelConfig, base_model: str | None) -> dict:
+  """adapter_config.json as PEFT 0.21 writes it for PromptTuningConfig (the field set of
+  tests/golden/peft/llama_gqa_llama3_prompt/adapter_config.json)."""
+  return {
+      'auto_mapping': None, 'base_model_name_or_path': base_model or None,
+      'inference_mode': True, 'modules_to_save': None, 'num_attention_heads': cfg.num_heads,
+      'num_layers': cfg.num_layers, 'num_transformer_submodules': 1,
+      'num_virtual_tokens': cfg.num_virtual_tokens, 'peft_type': 'PROMPT_TUNING',
+      'peft_version': '0.21.2',  # the PEFT release whose format this is
+      # The trained values are what the file holds; how they began is not needed to load them.
+      'prompt_tuning_init': 'RANDOM', 'prompt_tuning_init_text': None, 'revision': None,
+      'task_type': 'CAUSAL_LM', 'token_dim': cfg.embed_dim, 'tokenizer_kwargs': None,
+      'tokenizer_name_or_path': None}
+
+
+def save_prompt_tuning(peft_dir: str, cfg: ModelConfig, params, *,
+                       base_model: str | None = None) -> int:
+  """Writes `peft_dir`/adapter_config.json + adapter_model.safetensors for a prompt-tuning
+  model's params (`cfg.virtual_tokens == 'prompt'`); returns the number of parameters written."""
+  import jax
+  from safetensors.numpy import save_file
+  if cfg.virtual_tokens != 'prompt':
+    raise ConfigError(f"this model is not prompt-tuned (model.virtual_tokens="
+                      f"'{cfg.virtual_tokens}'); PEFT export covers LoRA and prompt tuning.")
+  prompt = np.ascontiguousarray(np.asarray(jax.device_get(params['prompt_embedding']),
+                                           np.float32))
+  os.makedirs(peft_dir, exist_ok=True)
+  save_file({PROMPT_TENSOR: prompt}, os.path.join(peft_dir, WEIGHTS_FILE),
+            metadata={'format': 'pt'})
+  with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
+    json.dump(prompt_tuning_config(cfg, base_model), f, indent=2, sort_keys=True)
+  return int(prompt.size)
+
+
+def is_prompt_tuning(peft_dir: str, key: str = '--peft') -> bool:
+  """True when `peft_dir`'s adapter_config.json says peft_type 'PROMPT_TUNING'."""
+  return read_config(peft_dir, key).get('peft_type') == 'PROMPT_TUNING'
+
+
+def prompt_tuning_fields(peft_dir: str, cfg: ModelConfig, key: str = '--peft') -> dict:
+  """{virtual_tokens: 'prompt', num_virtual_tokens} of a PEFT prompt-tuning dir, checked
+  against the base `cfg` (token_dim, the tensor's shape) before any weight is read; one-line
+  errors naming the field otherwise."""
+  fields = read_config(peft_dir, key)
+  path = files.join(peft_dir, CONFIG_FILE)
+  want = {'peft_type': 'PROMPT_TUNING', 'task_type': 'CAUSAL_LM',
+          'num_transformer_submodules': 1, 'token_dim': cfg.embed_dim}
+  for name, value in want.items():
+    if fields.get(name, value) != value:
+      raise ConfigError(f"{path}: {name}={fields.get(name)!r} but this base needs {value!r}"
+                        " (a causal-LM prompt-tuning adapter for a model of this width).")
+  n = fields.get('num_virtual_tokens')
+  if not isinstance(n, int) or n <= 0:
+    raise ConfigError(f"{path}: num_virtual_tokens={n!r} must be a positive integer.")
+  shapes = _stored_shapes(peft_dir, key)
+  if shapes.get(PROMPT_TENSOR) != (n, cfg.embed_dim):
+    raise CheckpointError(f"{files.join(peft_dir, WEIGHTS_FILE)}: '{PROMPT_TENSOR}' has shape"
+                          f" {shapes.get(PROMPT_TENSOR)} but [{n}, {cfg.embed_dim}]"
+                          " (num_virtual_tokens, token_dim) is expected.")
+  return dict(virtual_tokens='prompt', num_virtual_tokens=n)
+
+
+def read_prompt_tuning(peft_dir: str, cfg: ModelConfig) -> dict:
+  """{'prompt_embedding': float32 [V, embed]} of a PEFT prompt-tuning dir, for a `cfg` with
+  `prompt_tuning_fields(peft_dir, ...)` set (params: `lora.combine(this, base params)`)."""
+  from safetensors.numpy import load_file
+  tensor = load_file(os.path.join(peft_dir, WEIGHTS_FILE))[PROMPT_TENSOR]
+  if tensor.shape != (cfg.num_virtual_tokens, cfg.embed_dim):
+    raise CheckpointError(f"{peft_dir}: '{PROMPT_TENSOR}' has shape {tensor.shape}, not"
+                          f" [{cfg.num_virtual_tokens}, {cfg.embed_dim}].")
+  return {'prompt_embedding': tensor.astype(np.float32)}
+
+
+# ------------------------------------------------------------------------------ prefix tuning
+# PEFT's PREFIX_TUNING adapter without the projection MLP (prefix_projection false): one
+# tensor `prompt_embeddings` [V, layers x 2 x kv_heads x head_dim] which PEFT's get_prompt
+# views as [V, 2 x layers, kv_heads, head_dim] and splits into layer i's keys (entry 2i) and
+# values (2i + 1), handed to the model as past_key_values (already rotated: stored keys). That
+# is llmjax's `prefix_k` / `prefix_v` [V, kv_heads, head_dim] per layer (model.virtual_tokens
+# 'prefix'); GQA models store kv_heads heads (PEFT sets num_attention_heads to them).
+
+
+def prefix_tuning_fields(peft_dir: str, cfg: ModelConfig, key: str = '--peft') -> dict:
+  """{virtual_tokens: 'prefix', num_virtual_tokens} of a PEFT prefix-tuning dir, checked
+  against the base `cfg` before any weight is read."""
+  fields = read_config(peft_dir, key)
+  path = files.join(peft_dir, CONFIG_FILE)
+  want = {'peft_type': 'PREFIX_TUNING', 'task_type': 'CAUSAL_LM', 'prefix_projection': False,
+          'num_transformer_submodules': 1, 'num_layers': cfg.num_layers,
+          'num_attention_heads': cfg.num_kv_heads,
+          'token_dim': cfg.num_kv_heads * cfg.head_dim}
+  for name, value in want.items():
+    if fields.get(name, value) != value:
+      raise ConfigError(f"{path}: {name}={fields.get(name)!r} but this base needs {value!r}"
+                        " (a causal-LM prefix-tuning adapter without projection, for a model"
+                        " of this shape).")
+  n = fields.get('num_virtual_tokens')
+  if not isinstance(n, int) or n <= 0:
+    raise ConfigError(f"{path}: num_virtual_tokens={n!r} must be a positive integer.")
+  width = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+  shapes = _stored_shapes(peft_dir, key)
+  if shapes.get(PROMPT_TENSOR) != (n, width):
+    raise CheckpointError(f"{files.join(peft_dir, WEIGHTS_FILE)}: '{PROMPT_TENSOR}' has shape"
+                          f" {shapes.get(PROMPT_TENSOR)} but [{n}, {width}] is expected.")
+  return dict(virtual_tokens='prefix', num_virtual_tokens=n)
+
+
+def read_prefix_tuning(peft_dir: str, cfg: ModelConfig) -> dict:
+  """The `prefix_k` / `prefix_v` leaves (float32, nested like the params: stacked [layers, V,
+  kv_heads, head_dim] under `layers` with scan_layers, else per `layer_i`) of a PEFT
+  prefix-tuning dir, for a `cfg` with `prefix_tuning_fields` set."""
+  from safetensors.numpy import load_file
+  tensor = load_file(os.path.join(peft_dir, WEIGHTS_FILE))[PROMPT_TENSOR].astype(np.float32)
+  n, layers = cfg.num_virtual_tokens, cfg.num_layers
+  kv = tensor.reshape(n, 2 * layers, cfg.num_kv_heads, cfg.head_dim).transpose(1, 0, 2, 3)
+  k, v = kv[0::2], kv[1::2]  # [layers, V, kv_heads, head_dim]
+  if cfg.scan_layers:
+    return {'layers': {'attn': {'prefix_k': k, 'prefix_v': v}}}
+  return {f'layer_{i}': {'attn': {'prefix_k': k[i], 'prefix_v': v[i]}} for i in range(layers)}
+
+
+def prefix_tuning_config(cfg: ModelConfig, base_model: str | None) -> dict:
+  """adapter_config.json as PEFT 0.21 writes it for PrefixTuningConfig(prefix_projection=
+  False) (the field set of tests/golden/peft/llama_gqa_llama3_prefix/adapter_config.json)."""
+  width = cfg.num_kv_heads * cfg.head_dim
+  return {
+      'auto_mapping': None, 'base_model_name_or_path': base_model or None,
+      'encoder_hidden_size': width, 'inference_mode': True, 'init_weights': None,
+      'modules_to_save': None, 'num_attention_heads': cfg.num_kv_heads,
+      'num_layers': cfg.num_layers, 'num_transformer_submodules': 1,
+      'num_virtual_tokens': cfg.num_virtual_tokens, 'peft_type': 'PREFIX_TUNING',
+      'peft_version': '0.21.2', 'prefix_projection': False, 'revision': None,
+      'task_type': 'CAUSAL_LM', 'token_dim': width}
+
+
+def save_prefix_tuning(peft_dir: str, cfg: ModelConfig, params, *,
+                       base_model: str | None = None) -> int:
+  """Writes a PEFT prefix-tuning dir for a prefix-tuning model's params (the inverse of
+  `read_prefix_tuning`); returns the number of parameters written."""
+  import jax
+  from safetensors.numpy import save_file
+  if cfg.virtual_tokens != 'prefix':
+    raise ConfigError(f"this model is not prefix-tuned (model.virtual_tokens="
+                      f"'{cfg.virtual_tokens}').")
+  to_numpy = lambda x: np.asarray(jax.device_get(x), np.float32)
+  if cfg.scan_layers:
+    attn = params['layers']['attn']
+    k, v = to_numpy(attn['prefix_k']), to_numpy(attn['prefix_v'])  # [layers, V, kv, hd]
+  else:
+    layer = lambda i, name: to_numpy(params[f'layer_{i}']['attn'][name])
+    k = np.stack([layer(i, 'prefix_k') for i in range(cfg.num_layers)])
+    v = np.stack([layer(i, 'prefix_v') for i in range(cfg.num_layers)])
+  kv = np.stack([k, v], axis=1).reshape((2 * cfg.num_layers,) + k.shape[1:])  # k0 v0 k1 v1 ..
+  tensor = np.ascontiguousarray(kv.transpose(1, 0, 2, 3).reshape(cfg.num_virtual_tokens, -1))
+  os.makedirs(peft_dir, exist_ok=True)
+  save_file({PROMPT_TENSOR: tensor}, os.path.join(peft_dir, WEIGHTS_FILE),
+            metadata={'format': 'pt'})
+  with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
+    json.dump(prefix_tuning_config(cfg, base_model), f, indent=2, sort_keys=True)
+  return int(tensor.size)

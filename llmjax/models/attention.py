@@ -41,18 +41,62 @@ def attention(q, k, v, mask: Mask, *, implementation: str = 'xla',
   return IMPLEMENTATIONS[implementation](q, k, v, mask, scale=scale)
 
 
+def attention_with_prefix(q, k, v, mask: Mask, prefix_k, prefix_v, positions=None) -> jax.Array:
+  """Attention over V prefix keys (virtual tokens) followed by the sequence's keys.
+
+  q [B, T, N, H]; k, v [B, S, K, H] under `mask`; prefix_k, prefix_v [B or 1, V, K, H], visible
+  to every query whatever the mask says (so to every packed document of a row: `Mask` cannot
+  express a key that matches all segments, hence this dense einsum path instead of the
+  registry's kernels; V is small), but for a sliding window: prefix key j sits at position j
+  and query i at positions[b, i] [B, T] (the real tokens' positions start at V), so with
+  mask.sliding_window W it is seen while positions - j < W, as PEFT's virtual tokens are.
+  One softmax over V + S keys, float32, as `xla_attention`.
+  Returns [B, T, N, H] in q's dtype.
+  """
+  b, t, n, h = q.shape
+  kv_heads, num_virtual = k.shape[2], prefix_k.shape[1]
+  prefix_k = jnp.broadcast_to(prefix_k, (b,) + prefix_k.shape[1:]).astype(k.dtype)
+  prefix_v = jnp.broadcast_to(prefix_v, (b,) + prefix_v.shape[1:]).astype(v.dtype)
+  keys = jnp.concatenate([prefix_k, k], axis=1)  # [B, V + S, K, H]
+  values = jnp.concatenate([prefix_v, v], axis=1)
+  m = mask.dense(t, k.shape[1])  # [B or 1, T, S]
+  m = jnp.broadcast_to(m, (b,) + m.shape[1:])
+  seen = jnp.ones((b, t, num_virtual), bool)
+  if mask.sliding_window:
+    seen = positions[:, :, None] - jnp.arange(num_virtual)[None, None] < mask.sliding_window
+    seen = jnp.broadcast_to(seen, (b, t, num_virtual))
+  m = jnp.concatenate([seen, m], axis=-1)[:, None, None]  # [B, 1, 1, T, V + S]
+  q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+  logits = jnp.einsum('btkgh,bskh->bkgts', q, keys, preferred_element_type=jnp.float32) * h**-0.5
+  logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)  # every row sees the prefix
+  out = jnp.einsum('bkgts,bskh->btkgh', probs, values, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, n, h).astype(q.dtype)
+
+
 class Attention(nn.Module):
   """Multi-head attention with GQA/MQA, optional qkv bias, RoPE and a KV cache.
 
   The cache is an explicit value, (k, v) each [batch, max_len, kv_heads, head_dim], passed in
   and returned; `write_index` [batch] says where this call's keys go.
+  `prefix` (k, v) [1, V, kv_heads, head_dim] each, or None: virtual-token keys every query
+  attends to before its own (prompt tuning's, computed by `Transformer`); with
+  cfg.virtual_tokens='prefix' they are this layer's params `prefix_k` / `prefix_v` instead.
   """
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x, positions, mask: Mask, kv_cache=None, write_index=None,
-               deterministic: bool = True):
+               deterministic: bool = True, prefix=None):
     cfg = self.cfg
+    if cfg.virtual_tokens == 'prefix':
+      # PEFT's PrefixEncoder without projection is an nn.Embedding: N(0, 1) init.
+      shape = (cfg.num_virtual_tokens, cfg.num_kv_heads, cfg.head_dim)
+      names = (None, axes.KV_HEADS, axes.HEAD_DIM)
+      param = lambda name: self.param(
+          name, nn.with_logical_partitioning(nn.initializers.normal(1.0), names), shape,
+          jnp.float32)[None]  # [1, V, kv_heads, head_dim]; float32 like LoRA's adapters
+      prefix = (param('prefix_k'), param('prefix_v'))
     # Each projection's adapter is chosen here by its target name (model.lora_targets).
     dense = lambda features, axes_, name, bias: DenseGeneral(
         features=features, kernel_axes=axes_, use_bias=bias, cfg=cfg,
@@ -83,7 +127,10 @@ class Attention(nn.Module):
       cache_v = write(cache_v, v.astype(cache_v.dtype), write_index)
       k, v, kv_cache = cache_k, cache_v, (cache_k, cache_v)
 
-    out = attention(q, k, v, mask, implementation=cfg.attention)  # [batch, length, heads, head_dim]
+    if prefix is None:
+      out = attention(q, k, v, mask, implementation=cfg.attention)  # [batch, length, heads, head_dim]
+    else:
+      out = attention_with_prefix(q, k, v, mask, *prefix, positions=positions)
     out = DenseGeneral(features=cfg.embed_dim, axis=(-2, -1), use_bias=cfg.out_bias, cfg=cfg,
                        kernel_axes=(axes.HEADS, axes.HEAD_DIM, axes.EMBED),
                        adapter=adapters.for_target(cfg, 'o'), name='o',

@@ -64,6 +64,9 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 # per position [B, T] (a reward model, transformers' *ForSequenceClassification with
 # num_labels=1), read at each sequence's last token by `llmjax.train.reward`.
 HEADS = ('lm', 'score')
+# model.virtual_tokens: '' none, 'prompt' prompt tuning, 'prefix' prefix tuning (set from
+# config.peft.method by `llmjax.config.validate`: PEFT_METHODS there).
+VIRTUAL_TOKENS = ('', 'prompt', 'prefix')
 # Projections that can carry LoRA adapters, by target name: the call site of each projection
 # passes `adapters.for_target(cfg, <target>)` (attention.py, layers.py, transformer.py).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'head')
@@ -132,6 +135,20 @@ class ModelConfig:
   # DoRA (Liu et al. 2024, PEFT's use_dora): plus a learned magnitude per output feature
   # (`lora_magnitude`, initialised to the base weight's column norms), see `adapters.DoRA`.
   use_dora: bool = False
+
+  # Virtual tokens (PEFT's prompt learning), set from config.peft by `llmjax.config.validate`
+  # (peft.method, peft.num_virtual_tokens); the base stays frozen and only they train.
+  # 'prompt': prompt tuning (Lester et al. 2021): `num_virtual_tokens` learned embeddings
+  #   [V, embed] (`prompt_embedding`) placed before the tokens; the real tokens sit at positions
+  #   V.., as in PEFT, and the logits cover the real tokens only.
+  # 'prefix': prefix tuning without the reparametrising MLP (Li and Liang 2021; P-tuning v2):
+  #   per layer learned keys and values `prefix_k` / `prefix_v` [V, kv_heads, head_dim] that
+  #   every query attends to (not rotated: they are stored as PEFT's past_key_values are).
+  # Either way each layer's attention sees V prefix keys before the sequence's own, visible to
+  # every position of every packed document (`models.attention`); the KV cache holds the real
+  # tokens only (prompt tuning recomputes its V tokens' keys each call).
+  virtual_tokens: str = ''
+  num_virtual_tokens: int = 0
 
   @classmethod
   def from_dict(cls, d: Any) -> 'ModelConfig':
@@ -205,6 +222,7 @@ class ModelConfig:
                         " has no LM head (its `score` head is trained in full with LoRA); drop"
                         " 'head' from model.lora_targets.")
     self._validate_lora_options()
+    self._validate_virtual_tokens()
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: none).")
 
@@ -232,6 +250,33 @@ class ModelConfig:
         key = f"model.lora_ranks['{target}']" if target in self.lora_ranks else 'model.lora_rank'
         raise ConfigError(f"{key}={rank} is larger than the '{target}' projection [{n_in} ->"
                           f" {n_out}]; use a rank <= {min(n_in, n_out)}.")
+
+  def _validate_virtual_tokens(self) -> None:
+    if self.virtual_tokens not in VIRTUAL_TOKENS:
+      raise ConfigError(f"model.virtual_tokens='{self.virtual_tokens}' is not one of"
+                        f" {list(VIRTUAL_TOKENS)}; set peft.method instead.")
+    if self.num_virtual_tokens < 0 or bool(self.virtual_tokens) != bool(self.num_virtual_tokens):
+      raise ConfigError(f"peft.num_virtual_tokens={self.num_virtual_tokens} must be > 0 with a"
+                        " prompt-learning peft.method ('prompt_tuning', 'prefix_tuning') and 0"
+                        " without one.")
+    if self.virtual_tokens and self.lora_rank:
+      raise ConfigError("peft.method and model.lora_rank are both set; train one kind of"
+                        " adapter at a time (set model.lora_rank=0 or peft.method='').")
+
+  @property
+  def num_virtual_params(self) -> int:
+    """Parameters of the virtual tokens: V x embed (prompt), 2 x layers x V x kv x head_dim
+    (prefix)."""
+    if self.virtual_tokens == 'prompt':
+      return self.num_virtual_tokens * self.embed_dim
+    if self.virtual_tokens == 'prefix':
+      return 2 * self.num_layers * self.num_virtual_tokens * self.num_kv_heads * self.head_dim
+    return 0
+
+  @property
+  def frozen_base(self) -> bool:
+    """True when training updates only adapters (LoRA, DoRA, virtual tokens)."""
+    return bool(self.lora_rank or self.num_virtual_tokens)
 
   def lora_projections(self) -> dict[str, tuple[int, int]]:
     """{target: (in, out) features} of every projection in model.lora_targets that exists."""
@@ -285,12 +330,13 @@ class ModelConfig:
     if self.position == 'learned':
       n_matmul -= self.max_seq_len * self.embed_dim
     attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
-    if self.lora_rank:
+    if self.frozen_base:
       # A frozen base needs no weight gradients: forward 2N + activation gradients 2N; the
       # adapters cost 6 per parameter like any trained weight. Attention's backward is unchanged
       # (dq, dk, dv are needed to reach earlier layers). DoRA's weight norms (A B per
       # projection, 2 r in out) are per step, not per token, and not counted.
-      return 4 * n_matmul + 6 * self.num_lora_params + attention
+      # Virtual tokens count the same way (their V extra positions per call are not counted).
+      return 4 * n_matmul + 6 * (self.num_lora_params + self.num_virtual_params) + attention
     return 6 * n_matmul + attention
 
 
@@ -362,6 +408,8 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', 'init_std',
                   'lora_rank', 'lora_alpha', 'lora_targets', 'lora_ranks', 'lora_dropout',
                   'use_rslora', 'use_dora')
+# Virtual tokens too are added on top of a source's weights.
+RUNTIME_FIELDS += ('virtual_tokens', 'num_virtual_tokens')
 
 
 def architecture_diffs(source: ModelConfig, target: ModelConfig,

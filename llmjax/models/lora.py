@@ -21,7 +21,11 @@ from flax import traverse_util
 from llmjax.models import adapters as adapters_lib
 from llmjax.models.config import ModelConfig
 
-ADAPTER_LEAVES = adapters_lib.DORA_LEAVES  # lora_a, lora_b and DoRA's lora_magnitude
+# lora_a, lora_b and DoRA's lora_magnitude; and the virtual tokens of prompt tuning
+# (`prompt_embedding`, transformer.py) and prefix tuning (`prefix_k`, `prefix_v`, attention.py):
+# the leaves that a frozen-base run trains.
+VIRTUAL_TOKEN_LEAVES = ('prompt_embedding', 'prefix_k', 'prefix_v')
+ADAPTER_LEAVES = adapters_lib.DORA_LEAVES + VIRTUAL_TOKEN_LEAVES
 
 
 def is_adapter(path: tuple[str, ...]) -> bool:
@@ -47,7 +51,8 @@ def combine(adapters: dict, base: dict) -> dict:
 def without_lora(cfg: ModelConfig) -> ModelConfig:
   """The base model's config: the architecture a merged or pretrained checkpoint has."""
   return dataclasses.replace(cfg, lora_rank=0, lora_ranks={}, lora_dropout=0.0,
-                             use_rslora=False, use_dora=False)
+                             use_rslora=False, use_dora=False, virtual_tokens='',
+                             num_virtual_tokens=0)
 
 
 def _adapted(flat: dict):

@@ -48,11 +48,12 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, write_index, kv_cache, deterministic: bool = True):
+  def __call__(self, x, positions, mask, write_index, kv_cache, prefix=None,
+               deterministic: bool = True):
     cfg = self.cfg
     norm = NORMS[cfg.norm]
     h, kv_cache = Attention(cfg, name='attn')(norm(cfg, name='attn_norm')(x), positions, mask,
-                                              kv_cache, write_index, deterministic)
+                                              kv_cache, write_index, deterministic, prefix)
     x = x + h
     x = x + MLPS[cfg.mlp](cfg, name='mlp')(norm(cfg, name='mlp_norm')(x), deterministic)
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
@@ -69,6 +70,14 @@ class Transformer(nn.Module):
 
   positions default to 0..T-1 (plus the cache lengths when decoding); segment_ids mark packed
   documents (0 = padding), and tokens only attend within their own document.
+
+  With V = cfg.num_virtual_tokens > 0 (prompt or prefix tuning) every layer's attention sees
+  V virtual keys first, visible to every token (so to each packed document, as if each had
+  the prompt before it), and the real tokens' positions are shifted by V (given or default),
+  as PEFT's are (position ids 0..V+T-1 over the prompt and the tokens). Cache slots and
+  lengths count the real tokens only. Prompt tuning computes its virtual tokens' keys and
+  values by running `prompt_embedding` [V, embed] through the layers (causal: they never see
+  the real tokens, so this equals PEFT's concatenation) once per call, batch 1.
   """
   cfg: ModelConfig
 
@@ -82,19 +91,26 @@ class Transformer(nn.Module):
           (cfg.max_seq_len, cfg.embed_dim), jnp.dtype(cfg.param_dtype))
     block = Block
     if cfg.remat != 'none':
-      # deterministic (argument 6, counting self) is a Python bool: static, not traced.
+      # deterministic (argument 7, counting self) is a Python bool: static, not traced.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
-                       static_argnums=(6,))
+                       static_argnums=(7,))
     if cfg.scan_layers:
       self.layers = nn.scan(
           # Each layer its own init and dropout keys.
           block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name='layers')
     else:
       self.blocks = [block(cfg, name=f'layer_{i}') for i in range(cfg.num_layers)]
     self.final_norm = NORMS[cfg.norm](cfg)
+    if cfg.virtual_tokens == 'prompt':
+      # PEFT's PromptEmbedding is an nn.Embedding: N(0, 1) for a random init; a text init
+      # replaces it after the base is loaded (`init_prompt_from_tokens`).
+      self.prompt_embedding = self.param(
+          'prompt_embedding', nn.with_logical_partitioning(nn.initializers.normal(1.0),
+                                                           (None, axes.EMBED)),
+          (cfg.num_virtual_tokens, cfg.embed_dim), jnp.float32)
     if cfg.head == 'score':
       # transformers' `score` nn.Linear(hidden, num_labels=1, bias=False).
       self.score = DenseGeneral(1, (axes.EMBED, axes.SCORE), cfg, out_dtype=jnp.float32)
@@ -120,23 +136,12 @@ class Transformer(nn.Module):
       mask = Mask(causal=True, sliding_window=cfg.sliding_window, q_offset=cache.lengths,
                   kv_lengths=cache.lengths + t)
 
+    prefix = self.prompt_kv(deterministic) if cfg.virtual_tokens == 'prompt' else None
+    positions = positions + cfg.num_virtual_tokens  # the virtual tokens sit at 0..V-1
+
     x = self.embed.encode(tokens)  # [batch, length, embed]
-    if cfg.position == 'learned':
-      x = x + jnp.take(self.pos_embed, positions, axis=0).astype(x.dtype)
-    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
-
     kv = (cache.k, cache.v) if cache is not None else None
-    if cfg.scan_layers:
-      x, kv = self.layers(x, positions, mask, offset, kv, deterministic)
-    else:
-      new_kv = []
-      for i, blk in enumerate(self.blocks):
-        x, layer_kv = blk(x, positions, mask, offset,
-                          None if kv is None else (kv[0][i], kv[1][i]), deterministic)
-        new_kv.append(layer_kv)
-      if kv is not None:
-        kv = (jnp.stack([a for a, _ in new_kv]), jnp.stack([b_ for _, b_ in new_kv]))
-
+    x, kv = self._stack(x, positions, mask, offset, kv, prefix, deterministic)
     x = self.final_norm(x)
     if cache is not None:
       cache = Cache(kv[0], kv[1], cache.lengths + t)
@@ -145,6 +150,39 @@ class Transformer(nn.Module):
     if cfg.head == 'score':
       return self.scores(x), cache
     return self.logits(x, deterministic), cache
+
+  def _stack(self, x, positions, mask, write_index, kv, prefix, deterministic):
+    """Position embedding and all layers: x [B, T, embed] -> (x, kv); kv and prefix are
+    (k, v) pairs with a leading [layers] dim, or None."""
+    cfg = self.cfg
+    if cfg.position == 'learned':
+      x = x + jnp.take(self.pos_embed, positions, axis=0).astype(x.dtype)
+    x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
+    if cfg.scan_layers:
+      return self.layers(x, positions, mask, write_index, kv, prefix, deterministic)
+    new_kv = []
+    for i, blk in enumerate(self.blocks):
+      layer = lambda pair: None if pair is None else (pair[0][i], pair[1][i])
+      x, layer_kv = blk(x, positions, mask, write_index, layer(kv), layer(prefix), deterministic)
+      new_kv.append(layer_kv)
+    if kv is not None:
+      kv = (jnp.stack([a for a, _ in new_kv]), jnp.stack([b_ for _, b_ in new_kv]))
+    return x, kv
+
+  def prompt_kv(self, deterministic: bool = True):
+    """Prompt tuning's per-layer keys and values of its virtual tokens: (k, v) each
+    [layers, 1, V, kv_heads, head_dim], from `prompt_embedding` run causally through the
+    layers at positions 0..V-1 (written into a V-slot cache, which is what the cache holds)."""
+    cfg = self.cfg
+    n = cfg.num_virtual_tokens
+    x = self.prompt_embedding.astype(cfg.dtype)[None]  # [1, V, embed]
+    positions = jnp.arange(n, dtype=jnp.int32)[None]  # [1, V]
+    zeros = Cache.zeros(cfg, 1, n)
+    mask = Mask(causal=True, sliding_window=cfg.sliding_window, q_offset=zeros.lengths,
+                kv_lengths=zeros.lengths + n)
+    _, kv = self._stack(x, positions, mask, zeros.lengths, (zeros.k, zeros.v), None,
+                        deterministic)
+    return kv
 
   def scores(self, x):
     """The score head (cfg.head='score'): x [B, T, embed] -> scores [B, T] float32."""
@@ -155,6 +193,20 @@ class Transformer(nn.Module):
     """The LM head: final-norm output x [B, T, embed] -> logits [B, T, vocab] float32."""
     logits = self.embed.decode(x) if self.cfg.tie_embeddings else self.head(x, deterministic)
     return nn.with_logical_constraint(logits, (axes.BATCH, axes.LENGTH, axes.VOCAB))
+
+
+def init_prompt_from_tokens(params, token_ids) -> dict:
+  """`params` with `prompt_embedding` [V, embed] set to the token embeddings of `token_ids`
+  repeated, then cut, to V entries: PEFT's prompt_tuning_init='TEXT' (PromptEmbedding: ids
+  repeated ceil(V / len) times and truncated to V), from the model's (pretrained) embedding."""
+  ids = list(token_ids)
+  n = params['prompt_embedding'].shape[0]
+  if not ids:
+    raise ValueError('init_prompt_from_tokens: no token ids')
+  ids = (ids * (-(-n // len(ids))))[:n]
+  table = params['embed']['embedding']
+  prompt = jnp.take(table, jnp.asarray(ids, jnp.int32), axis=0)
+  return {**params, 'prompt_embedding': prompt.astype(params['prompt_embedding'].dtype)}
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8):

@@ -276,6 +276,16 @@ def build_input(config, model_cfg: ModelConfig, workdir: str, ref_logps=None) ->
   return Input(tokenizer, train_ds, iter(train_ds), eval_batches, eval_tasks)
 
 
+def prompt_from_text(trainer: Trainer, state: TrainState, text: str, tokenizer) -> TrainState:
+  """Step 0's prompt_embedding from the base embeddings of `text` (peft.prompt_init_text),
+  tokenized as PEFT's TEXT init does: BOS first when the tokenizer has one."""
+  from llmjax.models.transformer import init_prompt_from_tokens
+  ids = ([tokenizer.bos_id] if tokenizer.bos_id >= 0 else []) + list(tokenizer.encode(text))
+  init = jax.jit(lambda p: init_prompt_from_tokens(p, ids),
+                 out_shardings=trainer.state_shardings.params, donate_argnums=0)
+  return state.replace(params=init(state.params))
+
+
 def initial_state(trainer: Trainer, config, model_cfg: ModelConfig, manager,
                   data_iter) -> tuple[TrainState, bool]:
   """(state, resumed): the workdir's latest checkpoint (restored straight into the target
@@ -335,6 +345,9 @@ def report_start(config, model_cfg, mesh, data: Input, log, start_step: int,
   if model_cfg.lora_rank:
     log.print(f"LoRA rank {model_cfg.lora_rank} on {','.join(model_cfg.lora_targets)}:"
               f" training {model_cfg.num_lora_params:,} adapter parameters, base frozen")
+  if model_cfg.num_virtual_tokens:
+    log.print(f"{config.peft.method}: {model_cfg.num_virtual_tokens} virtual tokens, training"
+              f" {model_cfg.num_virtual_params:,} parameters, base frozen")
   preset = config.model.get('preset') or ('from init.hf_dir' if config.init.get('hf_dir')
                                            else 'custom')
   log.print(f"llmjax: {model_cfg.num_params:,} parameters ({preset}),"
@@ -440,6 +453,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                            workdir, say)
       data = build_input(config, model_cfg, workdir, ref_logps=tables)
     state, resumed = initial_state(trainer, config, model_cfg, manager, data.train_iter)
+    if not resumed and config.get('peft', {}).get('prompt_init_text'):
+      state = prompt_from_text(trainer, state, config.peft.prompt_init_text, data.tokenizer)
     ref_params = (state_lib.reference_params(trainer, config, model_cfg)
                   if trainer.reference == 'arg' else None)
     checkpoint.write_model_config(workdir, model_cfg)

@@ -40,7 +40,7 @@ def trainable_mask(cfg: ModelConfig, params):
   """Which leaves of `params` (any params-shaped pytree: arrays, structs, specs) are trained:
   with LoRA only the adapters (and a score model's `score` head), otherwise all; None when all
   are (no split needed)."""
-  if not cfg.lora_rank:
+  if not cfg.frozen_base:  # LoRA, DoRA or virtual tokens (`lora.ADAPTER_LEAVES`)
     return None
   flat = traverse_util.flatten_dict(params)
   return traverse_util.unflatten_dict({p: lora.is_adapter(p) or p[0] == 'score' for p in flat})
