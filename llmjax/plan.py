@@ -329,6 +329,7 @@ def format_report(config, report: Report) -> str:
   r = report
   mesh = ' x '.join(f"{a}={s}" for a, s in r.mesh.items())
   unit = 'chip' if r.devices_per_chip == 1 else f'TensorCore ({r.devices_per_chip} per chip)'
+  frozen = config.model.get('lora_rank') or config.model.get('virtual_tokens')  # 4N, not 6N
   lines = [
       f"topology {r.topology}" + (f" x {r.slices} slices" if r.slices > 1 else "")
       + f": {r.num_devices} devices, mesh {mesh}, rules '{config.sharding.rules}'",
@@ -344,7 +345,7 @@ def format_report(config, report: Report) -> str:
       f"  total     {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM"
       f" ({100 * r.total_bytes / r.hbm_bytes:.0f}%) -> {'fits' if r.fits else 'DOES NOT FIT'}",
       f"FLOPs per step per device: {r.model_flops_per_device:.4g} model"
-      f" ({'4N + 6 x adapters' if config.model.get('lora_rank') else '6N'} + attention"
+      f" ({'4N + 6 x adapters' if frozen else '6N'} + attention"
       + (", + the reference's forward 2N + attention" if r.reference else "") + "),"
       + (f" ~{r.flops_executed_per_device:.4g} executed (estimated for remat"
          f" '{config.model.remat}': XLA's cost analysis, {r.flops_per_device:.4g}, counts a"
