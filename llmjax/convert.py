@@ -88,8 +88,11 @@ def from_hf(src: str, dst: str, dtype: str = '', peft_dir: str = '') -> None:
   for name in TOKENIZER_FILES:
     if files.exists(files.join(src, name)):
       files.copy_file(files.join(src, name), files.join(dst, name))
-  adapters = (f" + {cfg.num_lora_params:,} adapter params (r={cfg.lora_rank}) from {peft_dir}"
-              if peft_dir else '')
+  if cfg.virtual_tokens:
+    adapters = f" + {cfg.num_virtual_tokens} {cfg.virtual_tokens}-tuning tokens from {peft_dir}"
+  else:
+    adapters = (f" + {cfg.num_lora_params:,} adapter params (r={cfg.lora_rank}) from {peft_dir}"
+                if peft_dir else '')
   print(f"wrote {dst}: {cfg.num_params:,} params ({cfg.param_dtype}){adapters}, step 0")
 
 

@@ -22,16 +22,22 @@ def _golden(name):
   return np.load(os.path.join(GOLDEN, 'peft', name, 'logits.npz'))
 
 
-@pytest.mark.parametrize('name,adapter_name', [(QWEN, QWEN), (QWEN, QWEN + '_dora')])
+@pytest.mark.parametrize('name,adapter_name', [(QWEN, QWEN), (QWEN, QWEN + '_dora'),
+                                               (LLAMA, LLAMA + '_prompt'),
+                                               (LLAMA, LLAMA + '_prefix')])
 def test_convert_from_hf_with_peft_imports_the_adapter_with_pefts_logits(
     name, adapter_name, tmp_path, capsys):
   base, adapter = os.path.join(GOLDEN, name), os.path.join(GOLDEN, 'peft', adapter_name)
   w = str(tmp_path / 'w')
   assert convert.main(['--from=hf', f'--src={base}', f'--peft={adapter}', f'--dst={w}']) == 0
-  assert 'adapter params (r=4)' in capsys.readouterr().out
   cfg = checkpoint.read_model_config(w)
   # From adapter_config.json:
-  assert (cfg.lora_rank, cfg.lora_alpha, cfg.use_dora) == (4, 8.0, adapter_name.endswith('dora'))
+  if adapter_name.endswith(('_prompt', '_prefix')):
+    assert cfg.lora_rank == 0 and cfg.num_virtual_tokens > 0
+    assert cfg.virtual_tokens == adapter_name.rsplit('_', 1)[1]
+  else:
+    assert 'adapter params (r=4)' in capsys.readouterr().out
+    assert (cfg.lora_rank, cfg.lora_alpha, cfg.use_dora) == (4, 8.0, adapter_name.endswith('dora'))
   params, _ = checkpoint.restore_params(w)
   g = _golden(adapter_name)
   logits, _ = Transformer(cfg).apply({'params': params}, jnp.asarray(g['tokens']))
@@ -46,10 +52,12 @@ def test_convert_from_hf_with_peft_imports_the_adapter_with_pefts_logits(
     np.testing.assert_array_equal(have[name], want[name], err_msg=name)
 
 
-def test_generate_with_peft_samples_from_the_adapted_model(capsys):
-  g = _golden(LLAMA)
+@pytest.mark.parametrize('adapter_name', [LLAMA, LLAMA + '_prompt'])
+def test_generate_with_peft_samples_from_the_adapted_model(adapter_name, capsys):
+  g = _golden(adapter_name)
   prompt = g['tokens'][0]
-  argv = [f"--hf={os.path.join(GOLDEN, LLAMA)}", f"--peft={os.path.join(GOLDEN, 'peft', LLAMA)}",
+  argv = [f"--hf={os.path.join(GOLDEN, LLAMA)}",
+          f"--peft={os.path.join(GOLDEN, 'peft', adapter_name)}",
           f"--prompt_ids={','.join(map(str, prompt))}", '--temperature=0',
           '--max_new_tokens=1', '--json']
   assert generate.main(argv) == 0

@@ -358,19 +358,26 @@ def with_adapter_settings(peft_dir: str, cfg: ModelConfig, key: str = '--peft') 
 
 def load_hf_with_adapter(hf_dir: str, peft_dir: str, key: str = '--peft', *,
                          dtype: str | None = None):
-  """(cfg with the adapter's LoRA settings, base params + adapters, tokenizer) of an HF base
-  dir and a PEFT LoRA adapter dir over it, on the default device; `dtype` stores and computes
-  the base in that dtype (default: the checkpoint's), the adapters staying float32. The adapter
-  is checked against the base's config.json before any weight is read."""
+  """(cfg with the adapter's settings, base params + the adapter's leaves, tokenizer) of an HF
+  base dir and a PEFT adapter dir over it (LoRA / DoRA, prompt tuning or prefix tuning, by its
+  peft_type), on the default device; `dtype` stores and computes the base in that dtype
+  (default: the checkpoint's), the adapter staying float32. The adapter is checked against the
+  base's config.json before any weight is read."""
+  import dataclasses
   from llmjax.interop import hf
   from llmjax.models import lora
   kw = {'dtype': dtype, 'param_dtype': dtype} if dtype else {}
   base_cfg = hf.config_from_hf(hf.read_hf_config(hf_dir), os.path.join(hf_dir, 'config.json'),
                                **kw)
-  cfg = with_adapter_settings(peft_dir, base_cfg, key)
+  peft_type = read_config(peft_dir, key).get('peft_type')
+  if peft_type in PROMPT_LEARNING:
+    fields_of, read = PROMPT_LEARNING[peft_type]
+    cfg = dataclasses.replace(base_cfg, **fields_of(peft_dir, base_cfg, key))
+  else:  # LoRA, or a one-line error naming the peft_type
+    cfg = with_adapter_settings(peft_dir, base_cfg, key)
+    read = lambda d, c: read_adapters(d, c, peft_family(c))
   _, params, tokenizer = hf.load_hf(hf_dir, **kw)
-  adapters = read_adapters(peft_dir, cfg, peft_family(cfg))
-  return cfg, lora.combine(adapters, params), tokenizer
+  return cfg, lora.combine(read(peft_dir, cfg), params), tokenizer
 
 
 # ------------------------------------------------------------------------------ prompt tuning
@@ -542,3 +549,10 @@ def save_prefix_tuning(peft_dir: str, cfg: ModelConfig, params, *,
   with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
     json.dump(prefix_tuning_config(cfg, base_model), f, indent=2, sort_keys=True)
   return int(tensor.size)
+
+
+# The prompt-learning peft_types llmjax reads: (settings over the base's cfg, the leaves).
+PROMPT_LEARNING = {
+    'PROMPT_TUNING': (prompt_tuning_fields, read_prompt_tuning),
+    'PREFIX_TUNING': (prefix_tuning_fields, read_prefix_tuning),
+}
