@@ -94,6 +94,17 @@ class SamplingParams:
     return self
 
 
+def parse_early_stopping(value, name: str = '--early_stopping'):
+  """true / false / never (text or bool) -> True, False or 'never', transformers' values; a
+  one-line UserError naming `name` otherwise."""
+  if isinstance(value, bool):
+    return value
+  choice = {'true': True, 'false': False, 'never': 'never'}.get(str(value).lower())
+  if choice is None:
+    raise UserError(f"{name}={value}: expected true, false or never.")
+  return choice
+
+
 @flax.struct.dataclass
 class Sampling:
   """Per-row sampling parameters, each [batch]."""
@@ -455,6 +466,8 @@ def stream(cfg, params, prompt_ids: Sequence[int], sampling: SamplingParams, *, 
   same prefill and `decode_step` as `generate` (so the same tokens for the same seed and
   request id), one jitted step per token called from Python. Stops before the first EOS id
   (not yielded) or after max_new_tokens; closing the generator early stops decoding."""
+  if sampling.num_beams > 1:
+    raise UserError("streaming decodes one sequence; beam search (num_beams > 1) cannot stream.")
   if sampling.max_new_tokens == 0:
     sampling.validate()
     check_prompts(cfg, [prompt_ids], 0)
