@@ -189,3 +189,15 @@ def test_sampler_generate_keeps_the_best_beam(model):
   p = SamplingParams(6, temperature=0.0, num_beams=3, num_return_sequences=2)
   best = [row[0].ids for row in beam.generate(cfg, params, PROMPTS[:2], p, eos_id=-1)]
   assert sampler.generate(cfg, params, PROMPTS[:2], p, eos_id=-1) == best
+
+
+def test_changing_beam_settings_never_recompiles(model):
+  cfg, params = model
+  p = SamplingParams(8, temperature=0.0, num_beams=2, length_penalty=1.0)
+  beam.generate(cfg, params, PROMPTS, p, eos_id=[5])
+  size = beam.jit_search._cache_size()
+  for lp, es, r in [(0.6, True, 2), (-0.5, 'never', 1), (2.0, 'never', 2)]:
+    q = SamplingParams(7, temperature=0.0, num_beams=2, length_penalty=lp, early_stopping=es,
+                       num_return_sequences=r, repetition_penalty=1.1, no_repeat_ngram_size=2)
+    assert len(beam.generate(cfg, params, PROMPTS, q, eos_id=[9])[0]) == r
+  assert beam.jit_search._cache_size() == size
