@@ -487,4 +487,9 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.sample.presence_penalty = 0.0  # OpenAI's, in [-2, 2]
   c.sample.frequency_penalty = 0.0  # OpenAI's, in [-2, 2]
   c.sample.no_repeat_ngram_size = 0
+  # Beam search (llmjax/infer/beam.py, transformers' definitions; needs temperature 0); the
+  # best beam is printed. 1: off.
+  c.sample.num_beams = 1
+  c.sample.length_penalty = 1.0  # beam score = sum log-prob / generated length ** this
+  c.sample.early_stopping = 'false'  # 'true', 'false' or 'never', as transformers defines them
   return c

@@ -12,6 +12,10 @@ definitions and order: llmjax/infer/processors.py), --seed=0, --stop=STRING (rep
 decoding stops at it), --json (print {"prompt_ids", "ids", "text"} per prompt instead of text),
 --logprobs=K (with --json: also "logprobs", each token's log-prob under the model, and
 "top_logprobs", the K most likely [id, log-prob] at each step; 0: only the token's),
+--num_beams=1 (beam search with temperature 0: transformers' definitions, llmjax/infer/beam.py),
+--length_penalty=1 (beam score = sum log-prob / generated length ** length_penalty),
+--early_stopping=false (true, false or never), --num_return_sequences=1 (best beams printed per
+prompt; with --json one line per sequence with its "beam" rank and "score"),
 --chat (each prompt is a user message rendered with the chat template, the reply is printed;
 the template of a run's data.chat_template, else the tokenizer's), --system=TEXT (with --chat).
 
@@ -51,10 +55,23 @@ def sampling_params(flags):
   """The SamplingParams of the sampling flags; a one-line UserError naming the flag for a
   value out of range (checked before anything loads or compiles)."""
   import dataclasses
-  from llmjax.infer.engine import SamplingParams
+  from llmjax.infer.engine import SamplingParams, parse_early_stopping
   # A flag a caller's dict lacks (a program building the flags by hand) keeps its default.
-  return SamplingParams(**{f.name: flags[f.name] for f in dataclasses.fields(SamplingParams)
-                           if f.name in flags}).validate()
+  kwargs = {f.name: flags[f.name] for f in dataclasses.fields(SamplingParams) if f.name in flags}
+  if 'early_stopping' in kwargs:
+    kwargs['early_stopping'] = parse_early_stopping(kwargs['early_stopping'])
+  return SamplingParams(**kwargs).validate()
+
+
+BEAM_FLAGS = (
+    cli.Flag('num_beams', 1, 'beam search with this many beams (needs --temperature=0); 1: off'),
+    cli.Flag('length_penalty', 1.0, 'beam score = sum log-prob / generated length ** this;'
+             ' > 0 favours longer sequences'),
+    cli.Flag('early_stopping', 'false', "beam search stops once num_beams hypotheses finished"
+             " (true), when no better one is likely (false), or when none can be (never)",
+             metavar='true|false|never'),
+    cli.Flag('num_return_sequences', 1, 'best beams printed per prompt, <= --num_beams'),
+)
 
 
 FLAGS = (
@@ -70,6 +87,7 @@ FLAGS = (
              metavar='1,2,3'),
     *sampling_flags(max_new_tokens=64, temperature=0.8, seed='random seed of the sampling',
                     stop='cut the printed text where this string first appears'),
+    *BEAM_FLAGS,
     cli.Flag('json', False, 'print {"prompt_ids", "ids", "text"} per prompt instead of text'),
     cli.Flag('logprobs', -1, 'with --json, each token\'s log-prob under the model and the K most'
              ' likely tokens\' ("logprobs", "top_logprobs"); 0: the token\'s only; -1: none',
@@ -94,9 +112,12 @@ def parse_flags(argv: list[str]) -> dict:
     raise UserError("--chat renders --prompt texts; it cannot take --prompt_ids.")
   if flags['system'] and not flags['chat']:
     raise UserError("--system needs --chat.")
-  sampling_params(flags)
+  sp = sampling_params(flags)
   from llmjax.infer.engine import check_stop
   check_stop(flags['stop'])
+  if sp.num_beams > 1 and flags['logprobs'] >= 0:
+    raise UserError("--logprobs: beam search returns each sequence's score, not log-probs;"
+                    " drop --logprobs or --num_beams.")
   if flags['logprobs'] < -1:
     raise UserError(f"--logprobs={flags['logprobs']}: must be -1 (none), 0 (each token's) or"
                     " K > 0 (also the K most likely).")
@@ -202,16 +223,23 @@ def _main(argv: list[str]) -> int:
     raise UserError(f"--logprobs={flags['logprobs']}: larger than the vocabulary"
                     f" ({cfg.vocab_size}).")
   sp = sampling_params(flags)
+  if sp.num_beams > 1:
+    from llmjax.infer import beam
+    beam.check(cfg, sp)  # before anything compiles
   decode = tokenizer.decode if tokenizer is not None else None
   stop = flags['stop'] if decode else []  # ids only: no text to find a stop string in
+  if sp.num_beams > 1:
+    stop = []  # beams run to their end; the printed text is still cut at a stop string
+  per_prompt = sp.num_return_sequences if sp.num_beams > 1 else 1
   if sp.max_new_tokens == 0:
     engine.check_prompts(cfg, prompts, 0)
-    outs = [engine.Completion([], 'length', [], []) for _ in prompts]
+    outs = [engine.Completion([], 'length', [], []) for _ in prompts for _ in range(per_prompt)]
   else:
     outs = engine.generate(cfg, params, prompts, sp, eos_id=stop_ids(tokenizer),
                            seeds=flags['seed'], stop=stop, decode=decode,
                            logprobs=flags['logprobs'] if flags['logprobs'] >= 0 else None)
-  for prompt, c in zip(prompts, outs):
+  for i, c in enumerate(outs):
+    prompt = prompts[i // per_prompt]
     ids = c.ids
     if tokenizer is None:  # ids only: nothing to decode with
       text = None
@@ -219,6 +247,8 @@ def _main(argv: list[str]) -> int:
       text = sampler.cut_at_stop(tokenizer.decode(ids), flags['stop'])
     if flags['json']:
       line = {'prompt_ids': prompt, 'ids': ids, 'text': text}
+      if sp.num_beams > 1:
+        line['beam'], line['score'] = i % per_prompt, c.score
       if flags['logprobs'] >= 0:
         line['logprobs'] = c.logprobs
         line['top_logprobs'] = [[[i, lp] for i, lp in top] for top in c.top_logprobs]

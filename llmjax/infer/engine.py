@@ -55,6 +55,11 @@ class SamplingParams:
   presence_penalty: float = 0.0  # OpenAI's, in [-2, 2], on output tokens
   frequency_penalty: float = 0.0  # OpenAI's, in [-2, 2], on output tokens
   no_repeat_ngram_size: int = 0  # 0: off
+  # Beam search (`llmjax.infer.beam`, transformers' definitions), for temperature 0 only:
+  num_beams: int = 1  # 1: off (greedy or sampling)
+  length_penalty: float = 1.0  # score = sum log-prob / generated length ** length_penalty
+  early_stopping: bool | str = False  # True, False or 'never', as transformers defines them
+  num_return_sequences: int = 1  # best hypotheses returned per prompt, <= num_beams
 
   def validate(self, prefix: str = '--') -> 'SamplingParams':
     """A one-line UserError naming the flag (`prefix` + field) for a value out of range."""
@@ -77,7 +82,27 @@ class SamplingParams:
         bad(name, 'must be in [-2, 2] as OpenAI defines it (0: off)')
     if self.no_repeat_ngram_size < 0:
       bad('no_repeat_ngram_size', 'must be >= 0 (0: off)')
+    if self.num_beams < 1:
+      bad('num_beams', 'must be >= 1 (1: no beam search)')
+    if self.num_beams > 1 and self.temperature > 0:
+      raise UserError(f"{prefix}num_beams={self.num_beams} with {prefix}temperature="
+                      f"{self.temperature}: beam search does not sample; set {prefix}temperature=0.")
+    if self.early_stopping not in (True, False, 'never'):
+      bad('early_stopping', "must be true, false or 'never'")
+    if not 1 <= self.num_return_sequences <= self.num_beams:
+      bad('num_return_sequences', f'must be in [1, num_beams={self.num_beams}]')
     return self
+
+
+def parse_early_stopping(value, name: str = '--early_stopping'):
+  """true / false / never (text or bool) -> True, False or 'never', transformers' values; a
+  one-line UserError naming `name` otherwise."""
+  if isinstance(value, bool):
+    return value
+  choice = {'true': True, 'false': False, 'never': 'never'}.get(str(value).lower())
+  if choice is None:
+    raise UserError(f"{name}={value}: expected true, false or never.")
+  return choice
 
 
 @flax.struct.dataclass
@@ -264,6 +289,7 @@ class Completion:
   finish_reason: str  # 'eos' | 'length' | 'stop'
   logprobs: list[float] | None = None
   top_logprobs: list[list[tuple[int, float]]] | None = None
+  score: float | None = None  # beam search only: sum log-prob / length ** length_penalty
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -360,8 +386,26 @@ def generate(cfg, params, prompts: Sequence[Sequence[int]],
     logprobs: None: none returned; 0: each token's model log-prob; K: also the top K.
     stop: stop strings, checked on the host every `chunk` decode steps on the text `decode`
       gives for a row's ids: a row stops at the first token whose text contains one.
+
+  With num_beams > 1 (one SamplingParams for all prompts; no stop strings or log-probs):
+  beam search (`llmjax.infer.beam.generate`), and the result holds num_return_sequences
+  Completions per prompt, best first, prompt after prompt (transformers' order), each with its
+  `score`.
   """
   stop = check_stop(stop)
+  beams = [p.num_beams > 1 for p in ([sampling] if isinstance(sampling, SamplingParams)
+                                     else sampling)]
+  if any(beams):
+    from llmjax.infer import beam
+    if not isinstance(sampling, SamplingParams):
+      if len(set(sampling)) > 1:
+        raise UserError("beam search takes one SamplingParams for all prompts.")
+      sampling = sampling[0]
+    if stop or logprobs is not None:
+      raise UserError("beam search returns no log-probs and takes no stop strings; drop"
+                      " --logprobs / --stop or use --num_beams=1.")
+    return [c for row in beam.generate(cfg, params, prompts, sampling, eos_id=eos_id)
+            for c in row]
   if stop and decode is None:
     raise ValueError("stop strings need `decode` (ids -> text)")
   cache, state, eos_ids, max_new = _start(cfg, params, prompts, sampling, seeds, request_ids,
@@ -422,6 +466,8 @@ def stream(cfg, params, prompt_ids: Sequence[int], sampling: SamplingParams, *, 
   same prefill and `decode_step` as `generate` (so the same tokens for the same seed and
   request id), one jitted step per token called from Python. Stops before the first EOS id
   (not yielded) or after max_new_tokens; closing the generator early stops decoding."""
+  if sampling.num_beams > 1:
+    raise UserError("streaming decodes one sequence; beam search (num_beams > 1) cannot stream.")
   if sampling.max_new_tokens == 0:
     sampling.validate()
     check_prompts(cfg, [prompt_ids], 0)

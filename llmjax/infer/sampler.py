@@ -43,8 +43,12 @@ def sample_params(sample) -> SamplingParams:
   import dataclasses
   from llmjax.errors import ConfigError, UserError
   try:
-    return SamplingParams(**{f.name: sample[f.name] for f in dataclasses.fields(SamplingParams)
-                             if f.name in sample}).validate(prefix='sample.')
+    kwargs = {f.name: sample[f.name] for f in dataclasses.fields(SamplingParams)
+              if f.name in sample}
+    if 'early_stopping' in kwargs:
+      kwargs['early_stopping'] = engine.parse_early_stopping(kwargs['early_stopping'],
+                                                             'sample.early_stopping')
+    return SamplingParams(**kwargs).validate(prefix='sample.')
   except UserError as e:
     raise ConfigError(str(e)) from None
 
@@ -66,8 +70,9 @@ def generate(cfg: ModelConfig, params, prompts: list[list[int]], params_: Sampli
   if n_new == 0:
     engine.check_prompts(cfg, prompts, 0)
     return [[] for _ in prompts]
-  return [c.ids for c in engine.generate(cfg, params, prompts, params_, eos_id=eos_id,
-                                         seeds=seed)]
+  outs = engine.generate(cfg, params, prompts, params_, eos_id=eos_id, seeds=seed)
+  # Beam search returns num_return_sequences per prompt, best first: keep the best.
+  return [c.ids for c in outs[::len(outs) // len(prompts)]]
 
 
 def stream(cfg: ModelConfig, params, prompt_ids: list[int], params_: SamplingParams, *,
