@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llmjax import quant
 from llmjax.models import adapters, axes
 from llmjax.models.config import ModelConfig
 
@@ -30,6 +31,148 @@ def stored_kernel(module: nn.Module, shape: tuple[int, ...], init, kernel_axes: 
                       jnp.dtype(module.cfg.param_dtype))
 
 
+# ------------------------------------------------------------------ quantized base (QLoRA)
+#
+# model.base_quant stores each frozen projection kernel [in..., out...] quantized, in leaves
+# beside the adapters (none is called 'kernel', so nothing can read it as a float kernel):
+#
+#   nf4:  kernel_nf4     uint8 [lead..., ceil(tail / 2)]   two NF4 indices a byte (`quant`)
+#         kernel_absmax  f32   [lead..., ceil(tail / bs)]  one absmax per block of bs values
+#     or, with model.quant_double,
+#         kernel_absmax_q uint8 [lead..., ceil(tail / bs)], kernel_absmax_scale f32 [nb / 256],
+#         kernel_absmax_offset f32 []
+#   int8: kernel_int8    int8  [in..., out...]             per output channel
+#         kernel_scale   f32   [1..., out...]
+#
+# NF4 blocks run over the kernel flattened row-major (bitsandbytes' order, `quant.quantize_nf4`),
+# so the flat arrays are reshaped to keep as many leading kernel axes as divide into whole
+# blocks: `lead` = shape[:k], `tail` = prod(shape[k:]) for the largest k < ndim with
+# tail % bs == 0 (k = 0, flat, when none). Those leading axes keep the kernel's logical names
+# (so the packed bytes shard as the kernel does: FSDP over 'embed', tensor parallel over
+# 'heads'/'mlp'); with k = ndim - 1 the packed last axis keeps the last name too (out / 2 must
+# then divide by its mesh axis, which holds whenever out / 2 is a multiple of it). Block-level
+# statistics are replicated along their last axis (out / bs need not divide by the mesh; they
+# are 1/8 of the packed bytes) and the double-quant scale and offset are replicated whole.
+# The leaves are frozen constants of the train step (`state.trainable_mask`: only adapters
+# train), so they get no gradient, no Adam moments and no weight decay.
+
+QUANT_LEAVES = ('kernel_nf4', 'kernel_absmax', 'kernel_absmax_q', 'kernel_absmax_scale',
+                'kernel_absmax_offset', 'kernel_int8', 'kernel_scale')
+
+
+def nf4_split(shape: tuple[int, ...], block_size: int) -> int:
+  """k: how many leading axes of a kernel of `shape` the NF4 leaves keep (see above)."""
+  for k in range(len(shape) - 1, 0, -1):
+    if math.prod(shape[k:]) % block_size == 0:
+      return k
+  return 0
+
+
+def _nf4_layout(shape, kernel_axes, block_size, double):
+  """{leaf: (shape, logical axes, dtype)} of an NF4 kernel of `shape` (one layer)."""
+  k = nf4_split(shape, block_size)
+  lead, tail = tuple(shape[:k]), math.prod(shape[k:])
+  nb = -(-tail // block_size) if k else -(-math.prod(shape) // block_size)
+  keep_last = (kernel_axes[k],) if k == len(shape) - 1 else (None,)
+  out = {'kernel_nf4': (lead + (-(-tail // 2),), tuple(kernel_axes[:k]) + keep_last, jnp.uint8)}
+  stat = (lead + (nb,), tuple(kernel_axes[:k]) + (None,))
+  if double:
+    out['kernel_absmax_q'] = stat + (jnp.uint8,)
+    out['kernel_absmax_scale'] = ((-(-math.prod(stat[0]) // quant.ABSMAX_BLOCK_SIZE),), (None,),
+                                  jnp.float32)
+    out['kernel_absmax_offset'] = ((), (), jnp.float32)
+  else:
+    out['kernel_absmax'] = stat + (jnp.float32,)
+  return out
+
+
+def _nf4_leaves(q: quant.NF4Tensor, layout) -> dict:
+  """The arrays of `q` (flat) reshaped to `layout`'s leaves."""
+  flat = {'kernel_nf4': q.data, 'kernel_absmax': q.absmax, 'kernel_absmax_q': q.absmax_q,
+          'kernel_absmax_scale': q.absmax_scale, 'kernel_absmax_offset': q.absmax_offset}
+  return {name: flat[name].reshape(shape) for name, (shape, _, _) in layout.items()}
+
+
+def _nf4_tensor(leaves: dict, shape, cfg: ModelConfig) -> quant.NF4Tensor:
+  get = lambda n: leaves[n].reshape(-1) if n in leaves else None
+  offset = leaves.get('kernel_absmax_offset')
+  return quant.NF4Tensor(data=get('kernel_nf4'), absmax=get('kernel_absmax'),
+                         absmax_q=get('kernel_absmax_q'), absmax_scale=get('kernel_absmax_scale'),
+                         absmax_offset=offset, shape=tuple(shape),
+                         dtype=jnp.dtype(cfg.param_dtype), block_size=cfg.quant_block_size)
+
+
+def _int8_layout(shape, kernel_axes, n_in):
+  scale_shape = (1,) * n_in + tuple(shape[n_in:])
+  return {'kernel_int8': (tuple(shape), tuple(kernel_axes), jnp.int8),
+          'kernel_scale': (scale_shape, (None,) * n_in + tuple(kernel_axes[n_in:]), jnp.float32)}
+
+
+def quant_layout(cfg: ModelConfig, shape, kernel_axes, n_in: int) -> dict:
+  """{leaf name: (shape, logical axes, dtype)} of one (unstacked) kernel under cfg.base_quant."""
+  if cfg.base_quant == 'nf4':
+    return _nf4_layout(shape, kernel_axes, cfg.quant_block_size, cfg.quant_double)
+  return _int8_layout(shape, kernel_axes, n_in)
+
+
+def quantize_kernel(cfg: ModelConfig, kernel: jax.Array, n_in: int) -> dict:
+  """One kernel [in..., out...] (no stacked dims) -> its quantized leaves {name: array}."""
+  if cfg.base_quant == 'nf4':
+    layout = _nf4_layout(kernel.shape, (None,) * kernel.ndim, cfg.quant_block_size,
+                         cfg.quant_double)
+    return _nf4_leaves(quant.quantize_nf4(kernel, cfg.quant_block_size, cfg.quant_double),
+                       layout)
+  q = quant.quantize_int8(kernel, axis=tuple(range(n_in, kernel.ndim)))
+  return {'kernel_int8': q.values, 'kernel_scale': q.scale}
+
+
+def dequantize_kernel(cfg: ModelConfig, leaves: dict, shape, dtype) -> jax.Array:
+  """The kernel [shape] in `dtype` back from its quantized leaves (no stacked dims)."""
+  if 'kernel_nf4' in leaves:
+    return quant.dequantize_nf4(_nf4_tensor(leaves, shape, cfg), dtype)
+  # dequantize_int8 broadcasts values * scale; the channel axes are implicit in scale's shape.
+  q = quant.Int8Tensor(values=leaves['kernel_int8'], scale=leaves['kernel_scale'],
+                       axis=(), dtype=jnp.dtype(cfg.param_dtype))
+  return quant.dequantize_int8(q, dtype)
+
+
+def _quantized_store(module: nn.Module, shape: tuple[int, ...], init, kernel_axes):
+  """A kernel store (see `stored_kernel`) for cfg.base_quant: declares the quantized leaves
+  and returns the kernel dequantized in the compute dtype (a constant: no gradient).
+
+  At init the float kernel is drawn as `stored_kernel` would and quantized at once, so no
+  float copy is kept; a pretrained base is quantized leaf by leaf by `quantize_params`."""
+  cfg = module.cfg
+  features = module.features
+  n_in = len(shape) - (1 if isinstance(features, int) else len(features))
+  layout = quant_layout(cfg, shape, kernel_axes, n_in)
+  fresh = None
+  if module.is_initializing():
+    kernel = init(module.make_rng('params'), shape, jnp.dtype(cfg.param_dtype))
+    fresh = quantize_kernel(cfg, kernel, n_in)
+  leaves = {}
+  for name, (leaf_shape, leaf_axes, dtype) in layout.items():
+    # Flax also calls the initialiser abstractly on apply, to check the stored shape: zeros
+    # stand in there (only their shape is used).
+    value = (lambda name: lambda rng, s, d: jnp.zeros(s, d) if fresh is None else
+             fresh[name].astype(d))(name)
+    leaves[name] = module.param(name, nn.with_logical_partitioning(value, leaf_axes),
+                                leaf_shape, dtype)
+  kernel = dequantize_kernel(cfg, leaves, shape, jnp.dtype(cfg.dtype))
+  return jax.lax.stop_gradient(kernel)
+
+
+# cfg.base_quant -> the kernel store of the block projections. The LM head and a score head
+# always use `stored_kernel` (QLoRA keeps the head in 16 bits: it is small and sensitive).
+KERNEL_STORES: dict[str, Callable] = {
+    '': stored_kernel,
+    'nf4': _quantized_store,
+    'int8': _quantized_store,
+}
+# Projections whose output axis is one of these are heads: never quantized.
+HEAD_OUT_AXES = (axes.VOCAB, axes.SCORE)
+
+
 class DenseGeneral(nn.Module):
   """x @ kernel over the trailing `axis` dims of x, to `features` (int or tuple) dims.
 
@@ -46,7 +189,7 @@ class DenseGeneral(nn.Module):
   out_proj: bool = False
   out_dtype: jnp.dtype | None = None  # default: the compute dtype; float32 for logits
   adapter: adapters.LoRA | None = None
-  kernel_store: Callable = stored_kernel
+  kernel_store: Callable | None = None  # None: KERNEL_STORES[cfg.base_quant] (heads: stored_kernel)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -55,8 +198,11 @@ class DenseGeneral(nn.Module):
     contract = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
     contract = tuple(a % x.ndim for a in contract)
     in_shape = tuple(x.shape[a] for a in contract)
-    kernel = self.kernel_store(self, in_shape + features, _init(self.cfg, self.out_proj),
-                               self.kernel_axes)
+    store = self.kernel_store
+    if store is None:
+      head = self.kernel_axes[-1] in HEAD_OUT_AXES
+      store = stored_kernel if head else KERNEL_STORES[self.cfg.base_quant]
+    kernel = store(self, in_shape + features, _init(self.cfg, self.out_proj), self.kernel_axes)
     dtype = jnp.dtype(self.cfg.dtype)
     # Contracted dims are trailing here; as one 2-D matmul [tokens, in] @ [in, out] the weight
     # gradient is a plain matmul too (XLA:CPU runs a (batch, length)-contracting dot_general
