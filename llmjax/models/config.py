@@ -390,7 +390,7 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 # are here because adapters are added on top of a source's weights.
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', 'init_std',
                   'lora_rank', 'lora_alpha', 'lora_targets', 'lora_ranks', 'lora_dropout',
-                  'use_rslora', 'use_dora')
+                  'use_rslora', 'use_dora', 'base_quant', 'quant_block_size', 'quant_double')
 
 
 def architecture_diffs(source: ModelConfig, target: ModelConfig,

@@ -60,7 +60,7 @@ def float_base(cfg: ModelConfig) -> ModelConfig:
   return dataclasses.replace(cfg, base_quant='')
 
 
-def _kernel_specs(cfg: ModelConfig) -> dict:
+def kernel_specs(cfg: ModelConfig) -> dict:
   """{flattened path of every 'kernel' of the float model: (shape, logical axes)}."""
   from llmjax.models import transformer  # lazy: transformer imports the layers that import us
   float_cfg = float_base(cfg)
@@ -76,27 +76,38 @@ def _per_layer(fn, stacked: int):
   return fn
 
 
-def quantize_base(params: dict, cfg: ModelConfig, dtype=None) -> dict:
-  """A float base's params -> the params of `cfg` (model.base_quant set): every kernel that
-  `cfg` stores quantized replaced by its quantized leaves (`layers.KERNEL_STORES`), the rest
-  unchanged. Leaf by leaf (jit it with donation, and each float kernel is freed once its
-  quantized leaves exist); `params` may be any subset of a model's leaves."""
+def quantizer(cfg: ModelConfig):
+  """fn(path, kernel) -> {path of each quantized leaf: array} for a float 'kernel' leaf at
+  `path` that `cfg` stores quantized, None for any other leaf; the model's shapes are traced
+  once here. For `quantize_base` and for state building one leaf at a time."""
   from llmjax.models import layers
-  if not cfg.base_quant:
-    return params
   abstract = traverse_util.flatten_dict(_abstract_quantized(cfg))
   quantized = {p[:-1] for p in abstract if p[-1] in layers.QUANT_LEAVES}
-  specs = _kernel_specs(cfg)
-  out = {}
-  for path, value in traverse_util.flatten_dict(params).items():
+  specs = kernel_specs(cfg)
+
+  def quantize(path, kernel):
     if path[-1] != 'kernel' or path[:-1] not in quantized:
-      out[path] = value
-      continue
+      return None
     shape, names = specs[path]
     stacked = sum(1 for n in names if n == axes_lib.LAYERS)
     n_in = _n_in(abstract.get(path[:-1] + ('kernel_scale',)), shape, stacked)
-    leaves = _per_layer(lambda k: layers.quantize_kernel(cfg, k, n_in), stacked)(value)
-    out.update({path[:-1] + (name,): v for name, v in leaves.items()})
+    leaves = _per_layer(lambda k: layers.quantize_kernel(cfg, k, n_in), stacked)(kernel)
+    return {path[:-1] + (name,): v for name, v in leaves.items()}
+
+  return quantize
+
+
+def quantize_base(params: dict, cfg: ModelConfig) -> dict:
+  """A float base's params -> the params of `cfg` (model.base_quant set): every kernel that
+  `cfg` stores quantized replaced by its quantized leaves (`layers.KERNEL_STORES`), the rest
+  unchanged; `params` may be any subset of a model's leaves."""
+  if not cfg.base_quant:
+    return params
+  quantize = quantizer(cfg)
+  out = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    leaves = quantize(path, value)
+    out.update({path: value} if leaves is None else leaves)
   return traverse_util.unflatten_dict(out)
 
 
@@ -122,7 +133,7 @@ def dequantize_base(params: dict, cfg: ModelConfig, dtype=None) -> dict:
   if not cfg.base_quant:
     return params
   dtype = jnp.dtype(dtype or cfg.param_dtype)
-  specs = _kernel_specs(cfg)
+  specs = kernel_specs(cfg)
   flat = traverse_util.flatten_dict(params)
   out = {p: v for p, v in flat.items() if p[-1] not in layers.QUANT_LEAVES}
   modules = {p[:-1] for p in flat if p[-1] in layers.QUANT_LEAVES}
