@@ -22,17 +22,17 @@ Arguments (after ':'): seq_len=N, batch=N (sequences a step), rank=N, accum=N, d
 `llmjax.plan` on v5e:1x1 (one chip; rules 'fsdp' over a 1-device mesh), batch 8 x 2048 in 4
 micro-batches of 2, rank 16: 13.05 GiB of 15.75 (83%) -> fits: 6.08 GiB arguments (the NF4
 kernels 3.9 GiB, the bf16 embedding and LM head 0.98 GiB each, the adapters with their Adam
-moments) + 6.92 GiB temporaries; 5.49e14 model FLOPs a step, step >= 3.8 s at peak. A
-micro-batch of 8 (accum=1) needs 27.2 GiB of temporaries and does not fit.
+moments) + 6.92 GiB temporaries; 5.49e14 model FLOPs a step, step >= 3.8 s at peak.
+(Not planned: larger micro-batches, accum=2 or 1; the activations and chunked logits grow
+with the micro-batch, so check them with the command above before using them.)
 """
 
 from llmjax import config as config_lib
 
 
 def get_config(arg=None):
-  # 2 sequences a micro-batch, 4 micro-batches a step: 8 x 2048 tokens an optimizer step. One
-  # micro-batch of 8 needs 27.2 GiB of temporaries (plan), mostly activations and the chunked
-  # logits, which grow with the micro-batch; accumulation costs none.
+  # 2 sequences a micro-batch, 4 micro-batches a step: 8 x 2048 tokens an optimizer step.
+  # Activations and the chunked logits grow with the micro-batch; accumulation costs no memory.
   a = config_lib.parse_arg(arg, seq_len=2048, batch=8, rank=16, accum=4, double=0)
   c = config_lib.base_config('llama3-8b')
   c.model.dtype = 'bfloat16'
