@@ -153,6 +153,8 @@ def _adapted(flat: dict):
     if path[-1] != 'lora_a':
       continue
     module = path[:-1]
+    if module + ('kernel',) not in flat:  # a quantized kernel (QLoRA: no DoRA; merge
+      continue                            # dequantizes first)
     b, kernel = flat[module + ('lora_b',)], flat[module + ('kernel',)]
     stacked = a.ndim + b.ndim - 2 - kernel.ndim
     yield module, kernel, a, b, flat.get(module + ('lora_magnitude',)), stacked

@@ -159,8 +159,9 @@ def _float_base_abstract(base_abstract, model_cfg: ModelConfig, host: bool = Fal
 def quantize_leafwise(params: dict, model_cfg: ModelConfig, abstract: dict) -> dict:
   """`params` (a float base) with every kernel that model.base_quant stores quantized
   replaced by its quantized leaves, placed as `abstract` says. One jitted call per kernel, the
-  float kernel moved to device memory first and donated: at most one float kernel (one
-  stacked [layers, ...] leaf under scan) sits on the devices at a time."""
+  float kernel moved to device memory first and released after: at most one float kernel
+  (one stacked [layers, ...] leaf under scan) sits on the devices at a time (when `params`
+  is in host memory)."""
   quantize = lora.quantizer(model_cfg)
   target = traverse_util.flatten_dict(abstract)
   out = {}
@@ -172,8 +173,9 @@ def quantize_leafwise(params: dict, model_cfg: ModelConfig, abstract: dict) -> d
     shardings = {p: target[p].sharding for p in leaves}
     on_device = jax.device_put(value, value.sharding.with_memory_kind('device'))
     del value
-    out.update(jax.jit(lambda k: quantize(path, k), out_shardings=shardings,
-                       donate_argnums=0)(on_device))
+    # (No donation: the quantized leaves are other dtypes, so they cannot reuse its buffer;
+    # dropping the last reference frees it.)
+    out.update(jax.jit(lambda k: quantize(path, k), out_shardings=shardings)(on_device))
     del on_device
   return traverse_util.unflatten_dict(out)
 
