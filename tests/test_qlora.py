@@ -193,5 +193,5 @@ def test_a_float_source_is_quantized_leaf_by_leaf_when_the_state_is_built(tmp_pa
 ])
 def test_bad_configs_are_one_line_errors(kw, key):
   with pytest.raises(ConfigError, match=key) as e:
-    _cfg(**{'base_quant': 'nf4', **kw})
+    ModelConfig.from_dict({**TINY, 'base_quant': 'nf4', **kw})
   assert '\n' not in str(e.value)
