@@ -70,6 +70,7 @@ VIRTUAL_TOKENS = ('', 'prompt', 'prefix')
 # Projections that can carry LoRA adapters, by target name: the call site of each projection
 # passes `adapters.for_target(cfg, <target>)` (attention.py, layers.py, transformer.py).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'head')
+BASE_QUANTS = ('', 'nf4', 'int8')  # model.base_quant; the stores are `layers.KERNEL_STORES`
 
 
 class LoraRanks(dict):
@@ -135,6 +136,14 @@ class ModelConfig:
   # DoRA (Liu et al. 2024, PEFT's use_dora): plus a learned magnitude per output feature
   # (`lora_magnitude`, initialised to the base weight's column norms), see `adapters.DoRA`.
   use_dora: bool = False
+  # QLoRA (Dettmers et al. 2023): the frozen base's projection kernels stored quantized and
+  # dequantized inside each matmul; the adapters, embedding, norms and LM head stay as they
+  # are. '' (off), 'nf4' (4-bit NormalFloat in blocks of quant_block_size, QLoRA's) or 'int8'
+  # (per output channel). quant_double: NF4 double quantization of the block absmax (QLoRA
+  # sec. 3, ~0.37 bits/param less). Leaves and shardings: `layers.KERNEL_STORES`.
+  base_quant: str = ''
+  quant_block_size: int = 64  # QLoRA's and bitsandbytes' default
+  quant_double: bool = False
 
   # Virtual tokens (PEFT's prompt learning), set from config.peft by `llmjax.config.validate`
   # (peft.method, peft.num_virtual_tokens); the base stays frozen and only they train.
@@ -223,8 +232,28 @@ class ModelConfig:
                         " 'head' from model.lora_targets.")
     self._validate_lora_options()
     self._validate_virtual_tokens()
+    self._validate_base_quant()
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: none).")
+
+  def _validate_base_quant(self) -> None:
+    if self.base_quant not in BASE_QUANTS:
+      raise ConfigError(f"model.base_quant={self.base_quant!r} must be one of {list(BASE_QUANTS)}"
+                        f" ('' = a float base).{closest(self.base_quant, BASE_QUANTS)}")
+    if not self.base_quant:
+      return
+    if not self.lora_rank:
+      raise ConfigError(f"model.base_quant={self.base_quant!r} but model.lora_rank=0: QLoRA"
+                        " quantizes a frozen base; set model.lora_rank > 0 or model.base_quant=''.")
+    if self.use_dora:
+      # DoRA's magnitude init and per-step weight norm ||W + sAB||_c need the full-precision
+      # W (PEFT computes them on the dequantized weight, a different model than the float one).
+      raise ConfigError(f"model.base_quant={self.base_quant!r} with model.use_dora=True: DoRA"
+                        " needs the full-precision weight's norms; use plain LoRA or base_quant=''.")
+    bs = self.quant_block_size
+    if isinstance(bs, bool) or not isinstance(bs, int) or bs < 2 or bs % 2:
+      raise ConfigError(f"model.quant_block_size={bs!r} must be an even integer >= 2"
+                        " (bitsandbytes uses 64).")
 
   def _validate_lora_options(self) -> None:
     uses = [k for k in ('lora_ranks', 'lora_dropout', 'use_rslora', 'use_dora') if getattr(self, k)]
@@ -407,7 +436,7 @@ def get_preset(name: str, **overrides) -> ModelConfig:
 # are here because adapters are added on top of a source's weights.
 RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', 'init_std',
                   'lora_rank', 'lora_alpha', 'lora_targets', 'lora_ranks', 'lora_dropout',
-                  'use_rslora', 'use_dora')
+                  'use_rslora', 'use_dora', 'base_quant', 'quant_block_size', 'quant_double')
 # Virtual tokens too are added on top of a source's weights.
 RUNTIME_FIELDS += ('virtual_tokens', 'num_virtual_tokens')
 

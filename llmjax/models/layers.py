@@ -10,7 +10,9 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from llmjax import quant
 from llmjax.models import adapters, axes
 from llmjax.models.config import ModelConfig
 
@@ -30,6 +32,209 @@ def stored_kernel(module: nn.Module, shape: tuple[int, ...], init, kernel_axes: 
                       jnp.dtype(module.cfg.param_dtype))
 
 
+# ------------------------------------------------------------------ quantized base (QLoRA)
+#
+# model.base_quant stores each frozen projection kernel [in..., out...] quantized, in leaves
+# beside the adapters (none is called 'kernel', so nothing can read it as a float kernel):
+#
+#   nf4:  kernel_nf4     uint8 [lead..., ceil(tail / 2)]   two NF4 indices a byte (`quant`)
+#         kernel_absmax  f32   [lead..., ceil(tail / bs)]  one absmax per block of bs values
+#     or, with model.quant_double,
+#         kernel_absmax_q uint8 [lead..., ceil(tail / bs)], kernel_absmax_scale f32 [nb / 256],
+#         kernel_absmax_offset f32 []
+#   int8: kernel_int8    int8  [in..., out...]             per output channel
+#         kernel_scale   f32   [1..., out...]
+#
+# NF4 blocks run over the kernel flattened row-major (bitsandbytes' order, `quant.quantize_nf4`),
+# so the flat arrays are reshaped to keep as many leading kernel axes as divide into whole
+# blocks: `lead` = shape[:k], `tail` = prod(shape[k:]) for the largest k < ndim with
+# tail % bs == 0 (k = 0, flat, when none). Those leading axes keep the kernel's logical names
+# (so the packed bytes shard as the kernel does: FSDP over 'embed', tensor parallel over
+# 'heads'/'mlp'); with k = ndim - 1 the packed last axis keeps the last name too (out / 2 must
+# then divide by its mesh axis, which holds whenever out / 2 is a multiple of it). Block-level
+# statistics are replicated along their last axis (out / bs need not divide by the mesh; they
+# are 1/8 of the packed bytes) and the double-quant scale and offset are replicated whole.
+# The leaves are frozen constants of the train step (`state.trainable_mask`: only adapters
+# train), so they get no gradient, no Adam moments and no weight decay.
+
+QUANT_LEAVES = ('kernel_nf4', 'kernel_absmax', 'kernel_absmax_q', 'kernel_absmax_scale',
+                'kernel_absmax_offset', 'kernel_int8', 'kernel_scale')
+
+
+def nf4_split(shape: tuple[int, ...], block_size: int) -> int:
+  """k: how many leading axes of a kernel of `shape` the NF4 leaves keep (see above)."""
+  for k in range(len(shape) - 1, 0, -1):
+    if math.prod(shape[k:]) % block_size == 0:
+      return k
+  return 0
+
+
+def _nf4_layout(shape, kernel_axes, block_size, double):
+  """{leaf: (shape, logical axes, dtype)} of an NF4 kernel of `shape` (one layer)."""
+  k = nf4_split(shape, block_size)
+  lead = tuple(shape[:k])
+  nb = -(-math.prod(shape[k:]) // block_size)  # blocks per row of `lead` (k = 0: in all)
+  keep_last = (kernel_axes[k],) if k == len(shape) - 1 else (None,)
+  out = {'kernel_nf4': (lead + (nb * block_size // 2,), tuple(kernel_axes[:k]) + keep_last,
+                        jnp.uint8)}
+  stat = (lead + (nb,), tuple(kernel_axes[:k]) + (None,))
+  if double:
+    out['kernel_absmax_q'] = stat + (jnp.uint8,)
+    out['kernel_absmax_scale'] = ((-(-math.prod(stat[0]) // quant.ABSMAX_BLOCK_SIZE),), (None,),
+                                  jnp.float32)
+    out['kernel_absmax_offset'] = ((), (), jnp.float32)
+  else:
+    out['kernel_absmax'] = stat + (jnp.float32,)
+  return out
+
+
+def _rows(x: jax.Array, shape, block_size: int) -> jax.Array:
+  """x [shape] -> [lead..., nb, block_size] (zero-padded when k = 0 and blocks are partial)."""
+  k = nf4_split(shape, block_size)
+  tail = math.prod(shape[k:])
+  nb = -(-tail // block_size)
+  x = x.reshape(tuple(shape[:k]) + (tail,))
+  if nb * block_size != tail:
+    x = jnp.pad(x, [(0, 0)] * k + [(0, nb * block_size - tail)])
+  return x.reshape(tuple(shape[:k]) + (nb, block_size))
+
+
+def _nf4_quantize(cfg: ModelConfig, kernel: jax.Array) -> dict:
+  """One kernel -> its NF4 leaves: the values of `quant.quantize_nf4` (same blocks, absmax
+  and codes, so `dequantize_kernel` equals `quant.dequantize_nf4` bit for bit), but packed as
+  [lead..., half] with the first half of each row in the high nibbles and the second half in
+  the low ones (bitsandbytes pairs neighbours, which needs a [..., 2] axis that the TPU pads
+  to 128 lanes: 64 x the memory), and computed elementwise (15 compares, no searchsorted)."""
+  bs = cfg.quant_block_size
+  shape = kernel.shape
+  blocks = _rows(kernel.astype(jnp.float32), shape, bs)  # [lead..., nb, bs]
+  absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [lead..., nb]
+  nonzero = absmax[..., None] > 0
+  safe = jnp.where(nonzero, absmax[..., None], 1.0)
+  scaled = blocks * (1.0 / safe)
+  if blocks.size != math.prod(shape):  # quant: the partial last block is divided instead
+    last = jax.lax.optimization_barrier(jnp.broadcast_to(safe[..., -1, :], (bs,)))
+    scaled = scaled.at[..., -1, :].set(blocks[..., -1, :] / last)
+  scaled = jnp.clip(jnp.where(nonzero, scaled, 0.0), -1.0, 1.0)
+  code = quant.NF4_CODE
+  idx = jnp.zeros(scaled.shape, jnp.uint8)
+  for m in (code[:-1] + code[1:]) / np.float32(2.0):  # searchsorted 'left': #midpoints < x
+    idx = idx + (scaled > m).astype(jnp.uint8)
+  idx = idx.reshape(idx.shape[:-2] + (-1,))  # [lead..., nb * bs]
+  half = idx.shape[-1] // 2
+  out = {'kernel_nf4': (idx[..., :half] << 4) | idx[..., half:]}
+  if cfg.quant_double:
+    offset = jnp.mean(absmax.reshape(-1))  # flat, as quant: the same summation order
+    q, scale = quant.quantize_blockwise_8bit((absmax - offset).reshape(-1))
+    out.update(kernel_absmax_q=q.reshape(absmax.shape), kernel_absmax_scale=scale,
+               kernel_absmax_offset=offset)
+  else:
+    out['kernel_absmax'] = absmax
+  return out
+
+
+def _int8_layout(shape, kernel_axes, n_in):
+  scale_shape = (1,) * n_in + tuple(shape[n_in:])
+  return {'kernel_int8': (tuple(shape), tuple(kernel_axes), jnp.int8),
+          'kernel_scale': (scale_shape, (None,) * n_in + tuple(kernel_axes[n_in:]), jnp.float32)}
+
+
+def quant_layout(cfg: ModelConfig, shape, kernel_axes, n_in: int) -> dict:
+  """{leaf name: (shape, logical axes, dtype)} of one (unstacked) kernel under cfg.base_quant."""
+  if cfg.base_quant == 'nf4':
+    return _nf4_layout(shape, kernel_axes, cfg.quant_block_size, cfg.quant_double)
+  return _int8_layout(shape, kernel_axes, n_in)
+
+
+def quantize_kernel(cfg: ModelConfig, kernel: jax.Array, n_in: int) -> dict:
+  """One kernel [in..., out...] (no stacked dims) -> its quantized leaves {name: array}."""
+  if cfg.base_quant == 'nf4':
+    return _nf4_quantize(cfg, kernel)
+  q = quant.quantize_int8(kernel, axis=tuple(range(n_in, kernel.ndim)))
+  return {'kernel_int8': q.values, 'kernel_scale': q.scale}
+
+
+def _lookup(idx: jax.Array, code) -> jax.Array:
+  """code[idx] float32 as a tree of selects on the bits of idx (len(code) a power of 2).
+
+  Equal to the gather `jnp.asarray(code)[idx]` (a select copies the value), but elementwise:
+  XLA fuses it into the consumer, where the TPU compiler turns a gather from a small table
+  into a one-hot contraction with a [n, len(code)] float32 temporary (64 bytes a weight for
+  NF4's 16 codes: 17 GiB for two Llama-3-8B layers, `llmjax.plan`)."""
+  level = [jnp.float32(c) for c in code]
+  for bit in range(int(math.log2(len(code)))):
+    on = ((idx >> bit) & 1).astype(bool)
+    level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+  return level[0]
+
+
+def _nf4_dequantize(cfg: ModelConfig, leaves: dict, shape, dtype) -> jax.Array:
+  """The kernel [shape] from the store's NF4 leaves (`_nf4_quantize`), without gathers."""
+  n, bs = math.prod(shape), cfg.quant_block_size
+  data = leaves['kernel_nf4']  # [lead..., half]
+  idx = jnp.concatenate([data >> 4, data & 0xF], axis=-1)  # [lead..., nb * bs]
+  if 'kernel_absmax' in leaves:
+    absmax = leaves['kernel_absmax']  # [lead..., nb]
+  else:  # double quantization: DYNAMIC_CODE[q] * scale(256-block) + offset, as nf4_absmax
+    q = leaves['kernel_absmax_q']
+    flat_q = q.reshape(-1)
+    scale = jnp.repeat(leaves['kernel_absmax_scale'], quant.ABSMAX_BLOCK_SIZE)[:flat_q.shape[0]]
+    absmax = (_lookup(flat_q, quant.DYNAMIC_CODE) * scale
+              + leaves['kernel_absmax_offset']).reshape(q.shape)
+  values = _lookup(idx, quant.NF4_CODE).reshape(absmax.shape + (bs,)) * absmax[..., None]
+  values = values.reshape(values.shape[:-2] + (-1,))  # [lead..., nb * bs]
+  if values.size != n:  # k = 0 with a partial block: drop the padding
+    values = values.reshape(-1)[:n]
+  return values.reshape(shape).astype(dtype)
+
+
+def dequantize_kernel(cfg: ModelConfig, leaves: dict, shape, dtype) -> jax.Array:
+  """The kernel [shape] in `dtype` back from its quantized leaves (no stacked dims)."""
+  if 'kernel_nf4' in leaves:
+    return _nf4_dequantize(cfg, leaves, shape, dtype)
+  # dequantize_int8 broadcasts values * scale; the channel axes are implicit in scale's shape.
+  q = quant.Int8Tensor(values=leaves['kernel_int8'], scale=leaves['kernel_scale'],
+                       axis=(), dtype=jnp.dtype(cfg.param_dtype))
+  return quant.dequantize_int8(q, dtype)
+
+
+def _quantized_store(module: nn.Module, shape: tuple[int, ...], init, kernel_axes):
+  """A kernel store (see `stored_kernel`) for cfg.base_quant: declares the quantized leaves
+  and returns the kernel dequantized in the compute dtype (a constant: no gradient).
+
+  At init the float kernel is drawn as `stored_kernel` would and quantized at once, so no
+  float copy is kept; a pretrained base is quantized leaf by leaf by `quantize_params`."""
+  cfg = module.cfg
+  features = module.features
+  n_in = len(shape) - (1 if isinstance(features, int) else len(features))
+  layout = quant_layout(cfg, shape, kernel_axes, n_in)
+  fresh = None
+  if module.is_initializing():
+    kernel = init(module.make_rng('params'), shape, jnp.dtype(cfg.param_dtype))
+    fresh = quantize_kernel(cfg, kernel, n_in)
+  leaves = {}
+  for name, (leaf_shape, leaf_axes, dtype) in layout.items():
+    # Flax also calls the initialiser abstractly on apply, to check the stored shape: zeros
+    # stand in there (only their shape is used).
+    value = (lambda name: lambda rng, s, d: jnp.zeros(s, d) if fresh is None else
+             fresh[name].astype(d))(name)
+    leaves[name] = module.param(name, nn.with_logical_partitioning(value, leaf_axes),
+                                leaf_shape, dtype)
+  kernel = dequantize_kernel(cfg, leaves, shape, jnp.dtype(cfg.dtype))
+  return jax.lax.stop_gradient(kernel)
+
+
+# cfg.base_quant -> the kernel store of the block projections. The LM head and a score head
+# always use `stored_kernel` (QLoRA keeps the head in 16 bits: it is small and sensitive).
+KERNEL_STORES: dict[str, Callable] = {
+    '': stored_kernel,
+    'nf4': _quantized_store,
+    'int8': _quantized_store,
+}
+# Projections whose output axis is one of these are heads: never quantized.
+HEAD_OUT_AXES = (axes.VOCAB, axes.SCORE)
+
+
 class DenseGeneral(nn.Module):
   """x @ kernel over the trailing `axis` dims of x, to `features` (int or tuple) dims.
 
@@ -46,7 +251,7 @@ class DenseGeneral(nn.Module):
   out_proj: bool = False
   out_dtype: jnp.dtype | None = None  # default: the compute dtype; float32 for logits
   adapter: adapters.LoRA | None = None
-  kernel_store: Callable = stored_kernel
+  kernel_store: Callable | None = None  # None: KERNEL_STORES[cfg.base_quant] (heads: stored_kernel)
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
@@ -55,8 +260,11 @@ class DenseGeneral(nn.Module):
     contract = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
     contract = tuple(a % x.ndim for a in contract)
     in_shape = tuple(x.shape[a] for a in contract)
-    kernel = self.kernel_store(self, in_shape + features, _init(self.cfg, self.out_proj),
-                               self.kernel_axes)
+    store = self.kernel_store
+    if store is None:
+      head = self.kernel_axes[-1] in HEAD_OUT_AXES
+      store = stored_kernel if head else KERNEL_STORES[self.cfg.base_quant]
+    kernel = store(self, in_shape + features, _init(self.cfg, self.out_proj), self.kernel_axes)
     dtype = jnp.dtype(self.cfg.dtype)
     # Contracted dims are trailing here; as one 2-D matmul [tokens, in] @ [in, out] the weight
     # gradient is a plain matmul too (XLA:CPU runs a (batch, length)-contracting dot_general

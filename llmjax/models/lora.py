@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from llmjax.models import adapters as adapters_lib
+from llmjax.models import axes as axes_lib
 from llmjax.models.config import ModelConfig
 
 # lora_a, lora_b and DoRA's lora_magnitude; and the virtual tokens of prompt tuning
@@ -49,10 +50,105 @@ def combine(adapters: dict, base: dict) -> dict:
 
 
 def without_lora(cfg: ModelConfig) -> ModelConfig:
-  """The base model's config: the architecture a merged or pretrained checkpoint has."""
+  """The base model's config: the architecture a merged or pretrained checkpoint has (a
+  float base: `merge` dequantizes a QLoRA base first)."""
   return dataclasses.replace(cfg, lora_rank=0, lora_ranks={}, lora_dropout=0.0,
-                             use_rslora=False, use_dora=False, virtual_tokens='',
-                             num_virtual_tokens=0)
+                             use_rslora=False, use_dora=False, base_quant='',
+                             virtual_tokens='', num_virtual_tokens=0)
+
+
+# ------------------------------------------------------------- a quantized base (QLoRA)
+
+
+def float_base(cfg: ModelConfig) -> ModelConfig:
+  """`cfg` with a float base (model.base_quant=''): the same model, kernels as 'kernel'."""
+  return dataclasses.replace(cfg, base_quant='')
+
+
+def kernel_specs(cfg: ModelConfig) -> dict:
+  """{flattened path of every 'kernel' of the float model: (shape, logical axes)}."""
+  from llmjax.models import transformer  # lazy: transformer imports the layers that import us
+  float_cfg = float_base(cfg)
+  shapes = jax.eval_shape(lambda: transformer.init_params(float_cfg, jax.random.key(0)))
+  names = traverse_util.flatten_dict(transformer.logical_axes(float_cfg))
+  return {p: (a.shape, tuple(names[p])) for p, a in traverse_util.flatten_dict(shapes).items()
+          if p[-1] == 'kernel'}
+
+
+def _per_layer(fn, stacked: int):
+  for _ in range(stacked):  # nn.scan's leading [layers] dim(s)
+    fn = jax.vmap(fn)
+  return fn
+
+
+def quantizer(cfg: ModelConfig):
+  """fn(path, kernel) -> {path of each quantized leaf: array} for a float 'kernel' leaf at
+  `path` that `cfg` stores quantized, None for any other leaf; the model's shapes are traced
+  once here. For `quantize_base` and for state building one leaf at a time."""
+  from llmjax.models import layers
+  abstract = traverse_util.flatten_dict(_abstract_quantized(cfg))
+  quantized = {p[:-1] for p in abstract if p[-1] in layers.QUANT_LEAVES}
+  specs = kernel_specs(cfg)
+
+  def quantize(path, kernel):
+    if path[-1] != 'kernel' or path[:-1] not in quantized:
+      return None
+    shape, names = specs[path]
+    stacked = sum(1 for n in names if n == axes_lib.LAYERS)
+    n_in = _n_in(abstract.get(path[:-1] + ('kernel_scale',)), shape, stacked)
+    leaves = _per_layer(lambda k: layers.quantize_kernel(cfg, k, n_in), stacked)(kernel)
+    return {path[:-1] + (name,): v for name, v in leaves.items()}
+
+  return quantize
+
+
+def quantize_base(params: dict, cfg: ModelConfig) -> dict:
+  """A float base's params -> the params of `cfg` (model.base_quant set): every kernel that
+  `cfg` stores quantized replaced by its quantized leaves (`layers.KERNEL_STORES`), the rest
+  unchanged; `params` may be any subset of a model's leaves."""
+  if not cfg.base_quant:
+    return params
+  quantize = quantizer(cfg)
+  out = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    leaves = quantize(path, value)
+    out.update({path: value} if leaves is None else leaves)
+  return traverse_util.unflatten_dict(out)
+
+
+def _abstract_quantized(cfg: ModelConfig):
+  from llmjax.models import transformer
+  return jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
+
+
+def _n_in(scale, shape: tuple, stacked: int) -> int:
+  """The input axes of a kernel of `shape`, read off its int8 scale [s..., 1..., out...] (the
+  store's layout); NF4 does not need them (None scale: 1)."""
+  if scale is None:
+    return 1
+  scale_shape, shape = tuple(scale.shape[stacked:]), tuple(shape[stacked:])
+  return next(i for i in range(1, len(shape))
+              if scale_shape[i:] == shape[i:] and all(d == 1 for d in scale_shape[:i]))
+
+
+def dequantize_base(params: dict, cfg: ModelConfig, dtype=None) -> dict:
+  """The inverse of `quantize_base`: every quantized kernel back as a 'kernel' leaf in `dtype`
+  (default model.param_dtype), i.e. the float model that the quantized one computes."""
+  from llmjax.models import layers
+  if not cfg.base_quant:
+    return params
+  dtype = jnp.dtype(dtype or cfg.param_dtype)
+  specs = kernel_specs(cfg)
+  flat = traverse_util.flatten_dict(params)
+  out = {p: v for p, v in flat.items() if p[-1] not in layers.QUANT_LEAVES}
+  modules = {p[:-1] for p in flat if p[-1] in layers.QUANT_LEAVES}
+  for module in modules:
+    shape, names = specs[module + ('kernel',)]
+    stacked = sum(1 for n in names if n == axes_lib.LAYERS)
+    leaves = {p[-1]: v for p, v in flat.items() if p[:-1] == module and p[-1] in layers.QUANT_LEAVES}
+    fn = _per_layer(lambda l: layers.dequantize_kernel(cfg, l, shape[stacked:], dtype), stacked)
+    out[module + ('kernel',)] = fn(leaves)
+  return traverse_util.unflatten_dict(out)
 
 
 def _adapted(flat: dict):
@@ -62,6 +158,8 @@ def _adapted(flat: dict):
     if path[-1] != 'lora_a':
       continue
     module = path[:-1]
+    if module + ('kernel',) not in flat:  # a quantized kernel (QLoRA: no DoRA; merge
+      continue                            # dequantizes first)
     b, kernel = flat[module + ('lora_b',)], flat[module + ('kernel',)]
     stacked = a.ndim + b.ndim - 2 - kernel.ndim
     yield module, kernel, a, b, flat.get(module + ('lora_magnitude',)), stacked
@@ -93,6 +191,8 @@ def merge(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   """
   if not cfg.lora_rank:
     return params, cfg
+  # QLoRA: the adapters fold into the dequantized kernels (what the quantized model computes).
+  params = dequantize_base(params, cfg)
   flat = traverse_util.flatten_dict(params)
   out = {p: v for p, v in flat.items() if not is_adapter(p)}
   for module, kernel, a, b, magnitude, stacked in _adapted(flat):

@@ -97,12 +97,27 @@ def source_params(abstract_params, model_cfg: ModelConfig, *, hf_dir: str = '',
   and dtype of `abstract_params`; with `peft_dir` (over hf_dir) the adapters too, from that
   PEFT LoRA adapter dir (checked by `config.validate`)."""
   adapters_abstract, base_abstract = lora.split(abstract_params)
-  if params_dir:
+  if model_cfg.base_quant:
+    # QLoRA: the source's float kernels are read (from an HF dir into host memory where the
+    # platform has it) and quantized one leaf at a time on the devices.
+    float_abstract = _float_base_abstract(base_abstract, model_cfg, host=bool(hf_dir))
+    if params_dir:
+      base = _params_from_workdir(params_dir, model_cfg, float_abstract)
+    else:
+      from llmjax.interop import hf
+      family = hf.check_matches(hf_dir, model_cfg)
+      shardings = jax.tree.map(lambda a: a.sharding, float_abstract)
+      base = hf.read_params(hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
+    base = quantize_leafwise(base, model_cfg, base_abstract)
+    if not peft_dir:
+      return base
+  elif params_dir:
     return _params_from_workdir(params_dir, model_cfg, base_abstract)
-  from llmjax.interop import hf
-  family = hf.check_matches(hf_dir, model_cfg)
-  shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
-  base = hf.read_params(hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
+  else:
+    from llmjax.interop import hf
+    family = hf.check_matches(hf_dir, model_cfg)
+    shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
+    base = hf.read_params(hf_dir, lora.without_lora(model_cfg), family, shardings=shardings)
   if not peft_dir:
     return base
   from llmjax.interop import peft
@@ -113,6 +128,56 @@ def source_params(abstract_params, model_cfg: ModelConfig, *, hf_dir: str = '',
                                                 lambda index: x.astype(a.dtype)[index]),
       adapters, adapters_abstract)
   return lora.combine(adapters, base)
+
+
+def _float_base_abstract(base_abstract, model_cfg: ModelConfig, host: bool = False):
+  """The float base's abstract params for a QLoRA model's `base_abstract` (its quantized
+  leaves): each quantized projection's leaves replaced by its 'kernel' in model.param_dtype,
+  sharded as its packed leaf (`kernel_nf4` / `kernel_int8` keep the kernel's leading axes and
+  their mesh axes, so that PartitionSpec padded with None places the kernel), in pinned host
+  memory with `host` where the devices have it (the whole float model need not fit on them)."""
+  from llmjax.models import layers
+  specs = lora.kernel_specs(model_cfg)
+  flat = traverse_util.flatten_dict(base_abstract)
+  out = {p: a for p, a in flat.items() if p[-1] not in layers.QUANT_LEAVES}
+  for path, a in flat.items():
+    if path[-1] not in ('kernel_nf4', 'kernel_int8'):
+      continue
+    shape, _ = specs[path[:-1] + ('kernel',)]
+    spec = tuple(a.sharding.spec) + (None,) * (len(shape) - len(a.sharding.spec))
+    kind = None
+    if host and 'pinned_host' in {m.kind for m in a.sharding.mesh.devices.flat[0]
+                                  .addressable_memories()}:
+      kind = 'pinned_host'
+    sharding = jax.sharding.NamedSharding(a.sharding.mesh, jax.sharding.PartitionSpec(*spec),
+                                          memory_kind=kind)
+    out[path[:-1] + ('kernel',)] = jax.ShapeDtypeStruct(shape, jnp.dtype(model_cfg.param_dtype),
+                                                         sharding=sharding)
+  return traverse_util.unflatten_dict(out)
+
+
+def quantize_leafwise(params: dict, model_cfg: ModelConfig, abstract: dict) -> dict:
+  """`params` (a float base) with every kernel that model.base_quant stores quantized
+  replaced by its quantized leaves, placed as `abstract` says. One jitted call per kernel, the
+  float kernel moved to device memory first and released after: at most one float kernel
+  (one stacked [layers, ...] leaf under scan) sits on the devices at a time (when `params`
+  is in host memory)."""
+  quantize = lora.quantizer(model_cfg)
+  target = traverse_util.flatten_dict(abstract)
+  out = {}
+  for path, value in traverse_util.flatten_dict(params).items():
+    leaves = jax.eval_shape(lambda k: quantize(path, k), value)
+    if leaves is None:
+      out[path] = value
+      continue
+    shardings = {p: target[p].sharding for p in leaves}
+    on_device = jax.device_put(value, value.sharding.with_memory_kind('device'))
+    del value
+    # (No donation: the quantized leaves are other dtypes, so they cannot reuse its buffer;
+    # dropping the last reference frees it.)
+    out.update(jax.jit(lambda k: quantize(path, k), out_shardings=shardings)(on_device))
+    del on_device
+  return traverse_util.unflatten_dict(out)
 
 
 # The leaves that every use casts to model.dtype first (DenseGeneral's kernels, the token
@@ -180,11 +245,15 @@ def _params_from_workdir(workdir: str, model_cfg: ModelConfig, base_abstract):
   mesh = jax.tree.leaves(base_abstract)[0].sharding.mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   from llmjax.models.transformer import init_params
-  adapters, _ = lora.split(jax.eval_shape(lambda: init_params(source, jax.random.key(0))))
+  adapters, source_base = lora.split(jax.eval_shape(lambda: init_params(source,
+                                                                        jax.random.key(0))))
   adapters = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                           adapters)
   base = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(source.param_dtype),
                                                      sharding=a.sharding), base_abstract)
+  if source.base_quant:  # a QLoRA run: its packed leaves (replicated), dequantized by merge
+    base = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                        source_base)
   params, _ = checkpoint.restore_params(workdir, lora.combine(adapters, base))
   shardings = jax.tree.map(lambda a: a.sharding, base_abstract)
   merge = jax.jit(lambda p: jax.tree.map(lambda x, a: x.astype(a.dtype),
