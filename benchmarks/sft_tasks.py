@@ -26,7 +26,8 @@ import time
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ('arithmetic', 'facts', 'strings')  # experiments/sft.py:tiny's data.builtin_tasks
 # (label, experiments/sft.py argument): full fine-tuning, then the adapter methods at rank 8.
-VARIANTS = (('full', 'tiny'), ('lora', 'tiny,lora=8'), ('dora', 'tiny,lora=8,dora=1'))
+VARIANTS = (('full', 'tiny'), ('lora', 'tiny,lora=8'), ('dora', 'tiny,lora=8,dora=1'),
+            ('qlora', 'tiny,lora=8,quant=nf4'))
 
 
 def run(cmd: list[str], log: str) -> float:

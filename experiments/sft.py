@@ -14,7 +14,7 @@ facts, strings; data.builtin_tasks), scoring held-out exact match at every eval:
     python -m llmjax.main --config=experiments/sft.py:tiny --workdir=/tmp/sft_tiny
     python -m llmjax.main --config=experiments/sft.py:tiny,lora=8 --workdir=/tmp/sft_tiny_lora
 
-(params_dir=DIR for a quickstart elsewhere, steps=N; with lora=RANK, dora=1 for DoRA.) Measured by benchmarks/sft_tasks.py on
+(params_dir=DIR for a quickstart elsewhere, steps=N; with lora=RANK, dora=1 for DoRA, quant=nf4 for QLoRA.) Measured by benchmarks/sft_tasks.py on
 2 CPU cores: held-out exact match 0.00 -> 0.81 over the three tasks in 417 s (arithmetic
 0.92, facts 0.99, strings 0.12); LoRA rank 8 (4.3% of the parameters, 1,200 steps) 0.56 in
 571 s.
@@ -171,7 +171,7 @@ class FromHF:
 
 def _tiny(arg: str) -> ml_collections.ConfigDict:
   """The quickstart model (init.params_dir) tuned on the built-in tasks, on a laptop CPU."""
-  a = config_lib.parse_arg(arg, lora=0, dora=0, params_dir='/tmp/quickstart', steps=0)
+  a = config_lib.parse_arg(arg, lora=0, dora=0, quant='', params_dir='/tmp/quickstart', steps=0)
   steps = a.steps or (TINY_LORA_STEPS if a.lora else TINY_STEPS)
   # The quickstart's architecture (experiments/quickstart.py), which init.params_dir must hold.
   c = config_lib.base_config('tiny', vocab_size=1024, max_seq_len=1024)
@@ -198,6 +198,7 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
     c.model.lora_alpha = 2.0 * a.lora
     c.model.lora_targets = ['q', 'k', 'v', 'o', 'gate', 'up', 'down']
     c.model.use_dora = bool(a.dora)  # dora=1: LoRA's schedule, magnitudes trained too
+    c.model.base_quant = a.quant  # quant=nf4|int8: QLoRA, the frozen base stored quantized
     # 2e-3 measured best of 2e-3, 5e-3 (a plateau) and 1e-2 (diverges) at rank 8.
     c.train.lr = TINY_LORA_LR
   else:
