@@ -319,21 +319,28 @@ def peft_tensors(cfg: ModelConfig, params, family: Family) -> dict[str, np.ndarr
   return out
 
 
+def _write(peft_dir: str, tensors: dict[str, np.ndarray], fields: dict) -> int:
+  """`peft_dir`/adapter_model.safetensors (tensors, as PEFT saves them) + adapter_config.json
+  (fields); returns the number of values written."""
+  from safetensors.numpy import save_file
+  tensors = {n: np.ascontiguousarray(t) for n, t in tensors.items()}
+  os.makedirs(peft_dir, exist_ok=True)
+  save_file(tensors, os.path.join(peft_dir, WEIGHTS_FILE), metadata={'format': 'pt'})
+  with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
+    json.dump(fields, f, indent=2, sort_keys=True)
+  return sum(math.prod(t.shape) for t in tensors.values())
+
+
 def save_peft(peft_dir: str, cfg: ModelConfig, params, *, base_model: str | None = None) -> int:
   """Writes `peft_dir`/adapter_config.json + adapter_model.safetensors for a LoRA model's
   params (`cfg.lora_rank > 0`); returns the number of adapter parameters written."""
-  from safetensors.numpy import save_file
   if not cfg.lora_rank:
     raise ConfigError("this model has no LoRA adapters (model.lora_rank=0); export it with"
                       " --to=hf instead.")
   family = peft_family(cfg)
   check_rank(family, cfg, 'model.lora_rank')
-  tensors = {n: np.ascontiguousarray(t) for n, t in peft_tensors(cfg, params, family).items()}
-  os.makedirs(peft_dir, exist_ok=True)
-  save_file(tensors, os.path.join(peft_dir, WEIGHTS_FILE), metadata={'format': 'pt'})
-  with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
-    json.dump(adapter_config(cfg, family, base_model), f, indent=2, sort_keys=True)
-  return sum(math.prod(t.shape) for t in tensors.values())
+  return _write(peft_dir, peft_tensors(cfg, params, family),
+                adapter_config(cfg, family, base_model))
 
 
 # ------------------------------------------------------------------------------ base + adapter
@@ -409,18 +416,11 @@ def save_prompt_tuning(peft_dir: str, cfg: ModelConfig, params, *,
   """Writes `peft_dir`/adapter_config.json + adapter_model.safetensors for a prompt-tuning
   model's params (`cfg.virtual_tokens == 'prompt'`); returns the number of parameters written."""
   import jax
-  from safetensors.numpy import save_file
   if cfg.virtual_tokens != 'prompt':
     raise ConfigError(f"this model is not prompt-tuned (model.virtual_tokens="
                       f"'{cfg.virtual_tokens}'); PEFT export covers LoRA and prompt tuning.")
-  prompt = np.ascontiguousarray(np.asarray(jax.device_get(params['prompt_embedding']),
-                                           np.float32))
-  os.makedirs(peft_dir, exist_ok=True)
-  save_file({PROMPT_TENSOR: prompt}, os.path.join(peft_dir, WEIGHTS_FILE),
-            metadata={'format': 'pt'})
-  with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
-    json.dump(prompt_tuning_config(cfg, base_model), f, indent=2, sort_keys=True)
-  return int(prompt.size)
+  prompt = np.asarray(jax.device_get(params['prompt_embedding']), np.float32)
+  return _write(peft_dir, {PROMPT_TENSOR: prompt}, prompt_tuning_config(cfg, base_model))
 
 
 def is_prompt_tuning(peft_dir: str, key: str = '--peft') -> bool:
@@ -529,7 +529,6 @@ def save_prefix_tuning(peft_dir: str, cfg: ModelConfig, params, *,
   """Writes a PEFT prefix-tuning dir for a prefix-tuning model's params (the inverse of
   `read_prefix_tuning`); returns the number of parameters written."""
   import jax
-  from safetensors.numpy import save_file
   if cfg.virtual_tokens != 'prefix':
     raise ConfigError(f"this model is not prefix-tuned (model.virtual_tokens="
                       f"'{cfg.virtual_tokens}').")
@@ -542,13 +541,8 @@ def save_prefix_tuning(peft_dir: str, cfg: ModelConfig, params, *,
     k = np.stack([layer(i, 'prefix_k') for i in range(cfg.num_layers)])
     v = np.stack([layer(i, 'prefix_v') for i in range(cfg.num_layers)])
   kv = np.stack([k, v], axis=1).reshape((2 * cfg.num_layers,) + k.shape[1:])  # k0 v0 k1 v1 ..
-  tensor = np.ascontiguousarray(kv.transpose(1, 0, 2, 3).reshape(cfg.num_virtual_tokens, -1))
-  os.makedirs(peft_dir, exist_ok=True)
-  save_file({PROMPT_TENSOR: tensor}, os.path.join(peft_dir, WEIGHTS_FILE),
-            metadata={'format': 'pt'})
-  with open(os.path.join(peft_dir, CONFIG_FILE), 'w') as f:
-    json.dump(prefix_tuning_config(cfg, base_model), f, indent=2, sort_keys=True)
-  return int(tensor.size)
+  tensor = kv.transpose(1, 0, 2, 3).reshape(cfg.num_virtual_tokens, -1)
+  return _write(peft_dir, {PROMPT_TENSOR: tensor}, prefix_tuning_config(cfg, base_model))
 
 
 # The prompt-learning peft_types llmjax reads: (settings over the base's cfg, the leaves).
