@@ -77,6 +77,10 @@ class Report:
   # to the step, 'lora' the LoRA base with adapters off (no second copy).
   reference: str = ''
   reference_bytes: int = 0  # of one device's shards of the frozen reference, in the arguments
+  # Parameters the step updates, and all of the model's (a frozen base: adapters or virtual
+  # tokens only, `ModelConfig.frozen_base`).
+  trainable_params: int = 0
+  total_params: int = 0
 
   @property
   def total_bytes(self) -> int:
@@ -269,6 +273,7 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
                      math.prod(shard) * jnp.dtype(leaf.dtype).itemsize))
   largest.sort(key=lambda r: -r[-1])
 
+  adapters = model_cfg.num_lora_params + model_cfg.num_virtual_params
   report = Report(
       topology=topology, slices=slices, num_devices=n, devices_per_chip=per_chip, mesh=sizes,
       per_device_batch=b / (sizes['data'] * sizes['fsdp']),
@@ -279,7 +284,8 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
       flops_executed_per_device=flops_executed, scanned=model_cfg.scan_layers,
       model_flops_per_device=model_flops, step_time_floor_s=floor, largest=largest[:8],
       flops_estimated=estimated, reference=trainer.reference,
-      reference_bytes=reference_bytes)
+      reference_bytes=reference_bytes, trainable_params=adapters if model_cfg.frozen_base
+      else model_cfg.num_params, total_params=model_cfg.num_params + adapters)
   return report, compiled
 
 
@@ -336,6 +342,9 @@ def format_report(config, report: Report) -> str:
       f"model {config.model.get('preset', 'custom')}: batch {config.train.batch_size} x"
       f" {config.data.seq_len} tokens ({r.per_device_batch:g} per data x fsdp rank),"
       f" remat '{config.model.remat}', dtype {config.model.dtype}, params {config.model.param_dtype}",
+      f"trainable parameters: {r.trainable_params:,} of {r.total_params:,}"
+      f" ({100 * r.trainable_params / max(r.total_params, 1):.2f}%)"
+      + (" (base frozen)" if frozen else ""),
       f"memory per {unit} (XLA memory_analysis):",
       f"  arguments {gib(r.argument_bytes)}  (train state + batch)",
       *_reference_lines(config, r, gib),

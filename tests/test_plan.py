@@ -164,6 +164,9 @@ def test_lora_model_flops_are_4n_plus_6_per_adapter_parameter(scan):
   assert report.mfu_ceiling == pytest.approx(model / (model + rerun), rel=0.03)
   text = plan_lib.format_report(c, report)
   assert '4N + 6 x adapters' in text
+  total = ModelConfig.from_dict(c.model).num_params + adapters  # the base's count + adapters
+  assert f"trainable parameters: {adapters:,} of {total:,}" in text, text
+  assert 'base frozen' in text
 
 
 def test_plan_over_two_slices_puts_data_across_them():
