@@ -460,3 +460,101 @@ def int8_nbytes(shape: Sequence[int], axis: Union[int, Sequence[int]] = -1) -> i
   """Exact bytes of quantize_int8 of a tensor of `shape` (equals Int8Tensor.nbytes)."""
   axes = _channel_axes(axis, len(shape), 'int8_nbytes')
   return math.prod(shape) + 4 * math.prod(shape[a] for a in axes)
+
+
+# ----------------------------------------------------------------- NF4 in a TPU-friendly layout
+# The same blocks, absmax and codes as `quantize_nf4` (so `dequantize_nf4_rows` equals
+# `dequantize_nf4` bit for bit), laid out for a model's kernels: the leading axes whose
+# remainder splits into whole blocks are kept (so the packed leaf shards like the kernel), each
+# row packed with its first half in the high nibbles and its second half in the low ones
+# (bitsandbytes pairs neighbours, which needs a [..., 2] axis that the TPU pads to 128 lanes:
+# 64 x the memory), and everything elementwise (15 compares to quantize, a tree of selects to
+# look codes up: no searchsorted, no gather). The model's QLoRA store uses these
+# (`llmjax.models.layers`); so can inference.
+
+
+def nf4_split(shape: Sequence[int], block_size: int) -> int:
+  """k: how many leading axes of a kernel of `shape` the row layout keeps: the most whose
+  remainder is a whole number of blocks (0: the kernel flat, its last block maybe partial)."""
+  for k in range(len(shape) - 1, 0, -1):
+    if math.prod(shape[k:]) % block_size == 0:
+      return k
+  return 0
+
+
+def _nf4_rows(x: jax.Array, shape, block_size: int) -> jax.Array:
+  """x [shape] -> [lead..., nb, block_size] (zero-padded when k = 0 and blocks are partial)."""
+  k = nf4_split(shape, block_size)
+  tail = math.prod(shape[k:])
+  nb = -(-tail // block_size)
+  x = x.reshape(tuple(shape[:k]) + (tail,))
+  if nb * block_size != tail:
+    x = jnp.pad(x, [(0, 0)] * k + [(0, nb * block_size - tail)])
+  return x.reshape(tuple(shape[:k]) + (nb, block_size))
+
+
+def quantize_nf4_rows(kernel: jax.Array, block_size: int = DEFAULT_BLOCK_SIZE,
+                      double_quant: bool = False) -> dict:
+  """kernel [shape] -> {'data': uint8 [lead..., nb * bs / 2], 'absmax': float32 [lead..., nb]}
+  (with double_quant: 'absmax_q' uint8 [lead..., nb], 'absmax_scale' [blocks of 256],
+  'absmax_offset' []) in the row layout above."""
+  bs = block_size
+  shape = kernel.shape
+  blocks = _nf4_rows(kernel.astype(jnp.float32), shape, bs)  # [lead..., nb, bs]
+  absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [lead..., nb]
+  nonzero = absmax[..., None] > 0
+  safe = jnp.where(nonzero, absmax[..., None], 1.0)
+  scaled = blocks * (1.0 / safe)
+  if blocks.size != math.prod(shape):  # quant: the partial last block is divided instead
+    last = jax.lax.optimization_barrier(jnp.broadcast_to(safe[..., -1, :], (bs,)))
+    scaled = scaled.at[..., -1, :].set(blocks[..., -1, :] / last)
+  scaled = jnp.clip(jnp.where(nonzero, scaled, 0.0), -1.0, 1.0)
+  code = NF4_CODE
+  idx = jnp.zeros(scaled.shape, jnp.uint8)
+  for m in (code[:-1] + code[1:]) / np.float32(2.0):  # searchsorted 'left': #midpoints < x
+    idx = idx + (scaled > m).astype(jnp.uint8)
+  idx = idx.reshape(idx.shape[:-2] + (-1,))  # [lead..., nb * bs]
+  half = idx.shape[-1] // 2
+  out = {'data': (idx[..., :half] << 4) | idx[..., half:]}
+  if double_quant:
+    offset = jnp.mean(absmax.reshape(-1))  # flat, as quant: the same summation order
+    q, scale = quantize_blockwise_8bit((absmax - offset).reshape(-1))
+    out.update(absmax_q=q.reshape(absmax.shape), absmax_scale=scale, absmax_offset=offset)
+  else:
+    out['absmax'] = absmax
+  return out
+
+
+def lookup_code(idx: jax.Array, code) -> jax.Array:
+  """code[idx] float32 as a tree of selects on the bits of idx (len(code) a power of 2).
+
+  Equal to the gather `jnp.asarray(code)[idx]` (a select copies the value), but elementwise:
+  XLA fuses it into the consumer, where the TPU compiler turns a gather from a small table
+  into a one-hot contraction with a [n, len(code)] float32 temporary (64 bytes a weight for
+  NF4's 16 codes: 17 GiB for two Llama-3-8B layers, `llmjax.plan`)."""
+  level = [jnp.float32(c) for c in code]
+  for bit in range(int(math.log2(len(code)))):
+    on = ((idx >> bit) & 1).astype(bool)
+    level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
+  return level[0]
+
+
+def dequantize_nf4_rows(leaves: dict, shape: Sequence[int], block_size: int = DEFAULT_BLOCK_SIZE,
+                        dtype=jnp.float32) -> jax.Array:
+  """The kernel [shape] in `dtype` from `quantize_nf4_rows`' leaves, without gathers."""
+  n, bs = math.prod(shape), block_size
+  data = leaves['data']  # [lead..., half]
+  idx = jnp.concatenate([data >> 4, data & 0xF], axis=-1)  # [lead..., nb * bs]
+  if 'absmax' in leaves:
+    absmax = leaves['absmax']  # [lead..., nb]
+  else:  # double quantization: DYNAMIC_CODE[q] * scale(256-block) + offset, as nf4_absmax
+    q = leaves['absmax_q']
+    flat_q = q.reshape(-1)
+    scale = jnp.repeat(leaves['absmax_scale'], ABSMAX_BLOCK_SIZE)[:flat_q.shape[0]]
+    absmax = (lookup_code(flat_q, DYNAMIC_CODE) * scale
+              + leaves['absmax_offset']).reshape(q.shape)
+  values = lookup_code(idx, NF4_CODE).reshape(absmax.shape + (bs,)) * absmax[..., None]
+  values = values.reshape(values.shape[:-2] + (-1,))  # [lead..., nb * bs]
+  if values.size != n:  # k = 0 with a partial block: drop the padding
+    values = values.reshape(-1)[:n]
+  return values.reshape(shape).astype(dtype)

@@ -57,21 +57,16 @@ def stored_kernel(module: nn.Module, shape: tuple[int, ...], init, kernel_axes: 
 # The leaves are frozen constants of the train step (`state.trainable_mask`: only adapters
 # train), so they get no gradient, no Adam moments and no weight decay.
 
+# quant.quantize_nf4_rows' arrays -> their param names.
+_NF4_LEAF = {'data': 'kernel_nf4', 'absmax': 'kernel_absmax', 'absmax_q': 'kernel_absmax_q',
+             'absmax_scale': 'kernel_absmax_scale', 'absmax_offset': 'kernel_absmax_offset'}
 QUANT_LEAVES = ('kernel_nf4', 'kernel_absmax', 'kernel_absmax_q', 'kernel_absmax_scale',
                 'kernel_absmax_offset', 'kernel_int8', 'kernel_scale')
 
 
-def nf4_split(shape: tuple[int, ...], block_size: int) -> int:
-  """k: how many leading axes of a kernel of `shape` the NF4 leaves keep (see above)."""
-  for k in range(len(shape) - 1, 0, -1):
-    if math.prod(shape[k:]) % block_size == 0:
-      return k
-  return 0
-
-
 def _nf4_layout(shape, kernel_axes, block_size, double):
   """{leaf: (shape, logical axes, dtype)} of an NF4 kernel of `shape` (one layer)."""
-  k = nf4_split(shape, block_size)
+  k = quant.nf4_split(shape, block_size)
   lead = tuple(shape[:k])
   nb = -(-math.prod(shape[k:]) // block_size)  # blocks per row of `lead` (k = 0: in all)
   keep_last = (kernel_axes[k],) if k == len(shape) - 1 else (None,)
@@ -85,51 +80,6 @@ def _nf4_layout(shape, kernel_axes, block_size, double):
     out['kernel_absmax_offset'] = ((), (), jnp.float32)
   else:
     out['kernel_absmax'] = stat + (jnp.float32,)
-  return out
-
-
-def _rows(x: jax.Array, shape, block_size: int) -> jax.Array:
-  """x [shape] -> [lead..., nb, block_size] (zero-padded when k = 0 and blocks are partial)."""
-  k = nf4_split(shape, block_size)
-  tail = math.prod(shape[k:])
-  nb = -(-tail // block_size)
-  x = x.reshape(tuple(shape[:k]) + (tail,))
-  if nb * block_size != tail:
-    x = jnp.pad(x, [(0, 0)] * k + [(0, nb * block_size - tail)])
-  return x.reshape(tuple(shape[:k]) + (nb, block_size))
-
-
-def _nf4_quantize(cfg: ModelConfig, kernel: jax.Array) -> dict:
-  """One kernel -> its NF4 leaves: the values of `quant.quantize_nf4` (same blocks, absmax
-  and codes, so `dequantize_kernel` equals `quant.dequantize_nf4` bit for bit), but packed as
-  [lead..., half] with the first half of each row in the high nibbles and the second half in
-  the low ones (bitsandbytes pairs neighbours, which needs a [..., 2] axis that the TPU pads
-  to 128 lanes: 64 x the memory), and computed elementwise (15 compares, no searchsorted)."""
-  bs = cfg.quant_block_size
-  shape = kernel.shape
-  blocks = _rows(kernel.astype(jnp.float32), shape, bs)  # [lead..., nb, bs]
-  absmax = jnp.max(jnp.abs(blocks), axis=-1)  # [lead..., nb]
-  nonzero = absmax[..., None] > 0
-  safe = jnp.where(nonzero, absmax[..., None], 1.0)
-  scaled = blocks * (1.0 / safe)
-  if blocks.size != math.prod(shape):  # quant: the partial last block is divided instead
-    last = jax.lax.optimization_barrier(jnp.broadcast_to(safe[..., -1, :], (bs,)))
-    scaled = scaled.at[..., -1, :].set(blocks[..., -1, :] / last)
-  scaled = jnp.clip(jnp.where(nonzero, scaled, 0.0), -1.0, 1.0)
-  code = quant.NF4_CODE
-  idx = jnp.zeros(scaled.shape, jnp.uint8)
-  for m in (code[:-1] + code[1:]) / np.float32(2.0):  # searchsorted 'left': #midpoints < x
-    idx = idx + (scaled > m).astype(jnp.uint8)
-  idx = idx.reshape(idx.shape[:-2] + (-1,))  # [lead..., nb * bs]
-  half = idx.shape[-1] // 2
-  out = {'kernel_nf4': (idx[..., :half] << 4) | idx[..., half:]}
-  if cfg.quant_double:
-    offset = jnp.mean(absmax.reshape(-1))  # flat, as quant: the same summation order
-    q, scale = quant.quantize_blockwise_8bit((absmax - offset).reshape(-1))
-    out.update(kernel_absmax_q=q.reshape(absmax.shape), kernel_absmax_scale=scale,
-               kernel_absmax_offset=offset)
-  else:
-    out['kernel_absmax'] = absmax
   return out
 
 
@@ -149,49 +99,17 @@ def quant_layout(cfg: ModelConfig, shape, kernel_axes, n_in: int) -> dict:
 def quantize_kernel(cfg: ModelConfig, kernel: jax.Array, n_in: int) -> dict:
   """One kernel [in..., out...] (no stacked dims) -> its quantized leaves {name: array}."""
   if cfg.base_quant == 'nf4':
-    return _nf4_quantize(cfg, kernel)
+    leaves = quant.quantize_nf4_rows(kernel, cfg.quant_block_size, cfg.quant_double)
+    return {_NF4_LEAF[name]: v for name, v in leaves.items()}
   q = quant.quantize_int8(kernel, axis=tuple(range(n_in, kernel.ndim)))
   return {'kernel_int8': q.values, 'kernel_scale': q.scale}
-
-
-def _lookup(idx: jax.Array, code) -> jax.Array:
-  """code[idx] float32 as a tree of selects on the bits of idx (len(code) a power of 2).
-
-  Equal to the gather `jnp.asarray(code)[idx]` (a select copies the value), but elementwise:
-  XLA fuses it into the consumer, where the TPU compiler turns a gather from a small table
-  into a one-hot contraction with a [n, len(code)] float32 temporary (64 bytes a weight for
-  NF4's 16 codes: 17 GiB for two Llama-3-8B layers, `llmjax.plan`)."""
-  level = [jnp.float32(c) for c in code]
-  for bit in range(int(math.log2(len(code)))):
-    on = ((idx >> bit) & 1).astype(bool)
-    level = [jnp.where(on, level[2 * i + 1], level[2 * i]) for i in range(len(level) // 2)]
-  return level[0]
-
-
-def _nf4_dequantize(cfg: ModelConfig, leaves: dict, shape, dtype) -> jax.Array:
-  """The kernel [shape] from the store's NF4 leaves (`_nf4_quantize`), without gathers."""
-  n, bs = math.prod(shape), cfg.quant_block_size
-  data = leaves['kernel_nf4']  # [lead..., half]
-  idx = jnp.concatenate([data >> 4, data & 0xF], axis=-1)  # [lead..., nb * bs]
-  if 'kernel_absmax' in leaves:
-    absmax = leaves['kernel_absmax']  # [lead..., nb]
-  else:  # double quantization: DYNAMIC_CODE[q] * scale(256-block) + offset, as nf4_absmax
-    q = leaves['kernel_absmax_q']
-    flat_q = q.reshape(-1)
-    scale = jnp.repeat(leaves['kernel_absmax_scale'], quant.ABSMAX_BLOCK_SIZE)[:flat_q.shape[0]]
-    absmax = (_lookup(flat_q, quant.DYNAMIC_CODE) * scale
-              + leaves['kernel_absmax_offset']).reshape(q.shape)
-  values = _lookup(idx, quant.NF4_CODE).reshape(absmax.shape + (bs,)) * absmax[..., None]
-  values = values.reshape(values.shape[:-2] + (-1,))  # [lead..., nb * bs]
-  if values.size != n:  # k = 0 with a partial block: drop the padding
-    values = values.reshape(-1)[:n]
-  return values.reshape(shape).astype(dtype)
 
 
 def dequantize_kernel(cfg: ModelConfig, leaves: dict, shape, dtype) -> jax.Array:
   """The kernel [shape] in `dtype` back from its quantized leaves (no stacked dims)."""
   if 'kernel_nf4' in leaves:
-    return _nf4_dequantize(cfg, leaves, shape, dtype)
+    rows = {name: leaves[leaf] for name, leaf in _NF4_LEAF.items() if leaf in leaves}
+    return quant.dequantize_nf4_rows(rows, shape, cfg.quant_block_size, dtype)
   # dequantize_int8 broadcasts values * scale; the channel axes are implicit in scale's shape.
   q = quant.Int8Tensor(values=leaves['kernel_int8'], scale=leaves['kernel_scale'],
                        axis=(), dtype=jnp.dtype(cfg.param_dtype))
