@@ -60,8 +60,8 @@ def test_int8_store_values_equal_quant_dequantize_int8():
 TOLERANCE = {'nf4': 0.15, 'int8': 0.01}
 
 
-@pytest.mark.parametrize('scan_layers', [True, False])
-@pytest.mark.parametrize('q', ['nf4', 'int8'])
+# Each format once, scanned and unrolled layers between them (the stores are per layer).
+@pytest.mark.parametrize('q,scan_layers', [('nf4', True), ('int8', False)])
 def test_qlora_at_init_is_the_dequantized_base_and_close_to_the_float_model(q, scan_layers):
   cfg = _cfg(base_quant=q, scan_layers=scan_layers)
   float_cfg = lora.float_base(cfg)
