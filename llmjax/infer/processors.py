@@ -26,8 +26,24 @@ def token_counts(history: jax.Array, length: jax.Array, start: jax.Array, vocab:
       valid.astype(jnp.int32))
 
 
+def _skip_unless(on, fn, logits, *args):
+  """fn(logits, *args), or logits unchanged when no row turns the processor on: a decode step
+  of greedy or plain-sampling rows then skips the [batch, vocab] scatters and sort (lax.cond
+  runs one branch; both are compiled, so the row values still never recompile)."""
+  return jax.lax.cond(on, fn, lambda logits, *args: logits, logits, *args)
+
+
 def penalties(logits, history, length, prompt_len, repetition_penalty, presence_penalty,
               frequency_penalty):
+  """`_penalties`, skipped when every row has them off."""
+  on = (jnp.any(repetition_penalty != 1.0) | jnp.any(presence_penalty != 0.0)
+        | jnp.any(frequency_penalty != 0.0))
+  return _skip_unless(on, _penalties, logits, history, length, prompt_len, repetition_penalty,
+                      presence_penalty, frequency_penalty)
+
+
+def _penalties(logits, history, length, prompt_len, repetition_penalty, presence_penalty,
+               frequency_penalty):
   """Repetition penalty (Keskar et al. 2019, CTRL, as transformers'
   `RepetitionPenaltyLogitsProcessor`): a logit s of a token seen in the prompt or the output is
   replaced by `s * p if s < 0 else s / p` (p = 1: off). Presence/frequency penalties as OpenAI
@@ -45,6 +61,11 @@ def penalties(logits, history, length, prompt_len, repetition_penalty, presence_
 
 
 def no_repeat_ngram(logits, history, length, n):
+  """`_no_repeat_ngram`, skipped when every row has n = 0."""
+  return _skip_unless(jnp.any(n > 0), _no_repeat_ngram, logits, history, length, n)
+
+
+def _no_repeat_ngram(logits, history, length, n):
   """transformers' `NoRepeatNGramLogitsProcessor` with a per-row n (0: off): bans every token
   that would complete an n-gram already present in the row's prompt + output.
 
@@ -70,6 +91,12 @@ def no_repeat_ngram(logits, history, length, n):
 
 
 def warp(logits, temperature, top_k, top_p, min_p):
+  """`_warp`, skipped when every row is greedy."""
+  # Without a sampled row `sample` takes the argmax of the unwarped logits for every row.
+  return _skip_unless(jnp.any(temperature > 0), _warp, logits, temperature, top_k, top_p, min_p)
+
+
+def _warp(logits, temperature, top_k, top_p, min_p):
   """Temperature, top-k, top-p, min-p (transformers' warpers, in its order) for sampled rows.
 
   Rows with temperature 0 (greedy) are divided by 1: they take the argmax of the logits before

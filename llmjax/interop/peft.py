@@ -21,6 +21,7 @@ Refused by `check_adapter`, naming the field: alpha patterns, rank patterns keye
 LoRA biases, modules_to_save and the other fields that change the math.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -351,7 +352,6 @@ def with_adapter_settings(peft_dir: str, cfg: ModelConfig, key: str = '--peft') 
   (`lora_fields`: rank, alpha, targets, per-module ranks, DoRA, rsLoRA), checked against the base
   like `check_adapter`: what `generate --peft` and `convert --from=hf --peft` adapt the base
   with, where `init.peft_dir` asks the experiment to set them."""
-  import dataclasses
   fields = lora_fields(peft_dir, cfg, key)
   rank, alpha = fields['lora_rank'], fields['lora_alpha']
   if not isinstance(rank, int) or rank <= 0 or not isinstance(alpha, (int, float)):
@@ -370,7 +370,6 @@ def load_hf_with_adapter(hf_dir: str, peft_dir: str, key: str = '--peft', *,
   peft_type), on the default device; `dtype` stores and computes the base in that dtype
   (default: the checkpoint's), the adapter staying float32. The adapter is checked against the
   base's config.json before any weight is read."""
-  import dataclasses
   from llmjax.interop import hf
   from llmjax.models import lora
   kw = {'dtype': dtype, 'param_dtype': dtype} if dtype else {}
