@@ -35,19 +35,25 @@ DATA_AXES = ('data', 'fsdp')  # the axes the global batch is split over
 # rows): with mesh.sequence=1 that is a no-op. Attention then needs all keys: XLA gathers them,
 # and the Pallas kernels get the whole K/V with their queries' offset (`kernels/sharded.py`).
 SEQUENCE = ('length', 'sequence')
+# The KV cache's slots go where the activations' length goes: a long context's cache is split
+# too, and decoding attends to each device's slots in place (`kernels.sharded`).
+KV_SEQUENCE = ('kv_length', 'sequence')
 DATA_PARALLEL = (
     ('batch', DATA_AXES),  # everything else replicated: the mesh's fsdp axis is data parallel too
     SEQUENCE,
+    KV_SEQUENCE,
 )
 FSDP = (
     ('batch', DATA_AXES),
     SEQUENCE,
+    KV_SEQUENCE,
     ('embed', 'fsdp'),  # ZeRO-3: every weight (and its Adam moments) split along the model width
     ('vocab', 'tensor'),  # only the embedding/LM head use tensor here (mesh.tensor is usually 1)
 )
 FSDP_TENSOR = (
     ('batch', DATA_AXES),
     SEQUENCE,
+    KV_SEQUENCE,
     ('heads', 'tensor'),  # Megatron-style: attention heads and the MLP width split over tensor,
     ('kv_heads', 'tensor'),  # so each block needs one all-reduce forward, one backward
     ('mlp', 'tensor'),

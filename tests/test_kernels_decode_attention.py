@@ -40,6 +40,29 @@ def test_matches_reference(dtype, heads, kv_heads, head_dim, max_len, window):
     assert err <= 2 * base + 2e-3, (err, base)
 
 
+def test_log_sum_exp_is_the_masked_scores_logsumexp():
+  # What a cache split over devices combines by (`sharded.shard_decode_attention`).
+  batch, heads, kv_heads, head_dim, s = 4, 4, 2, 64, 256
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(1), 3)
+  q = jax.random.normal(kq, (batch, 1, heads, head_dim))
+  k = jax.random.normal(kk, (batch, s, kv_heads, head_dim))
+  v = jax.random.normal(kv, (batch, s, kv_heads, head_dim))
+  lengths = jnp.array([0, 3, 130, 256], jnp.int32)
+  mask = Mask(causal=True, sliding_window=100, q_offset=jnp.maximum(lengths - 1, 0),
+              kv_lengths=lengths)
+  out, lse = da.decode_attention(q, k, v, mask, block_sizes=da.BlockSizes(block_k=64),
+                                 interpret=True, return_lse=True)
+  np.testing.assert_allclose(out, reference_attention(q, k, v, mask), atol=1e-5)
+  kh = jnp.repeat(k, heads // kv_heads, axis=2)  # query head h -> kv head h // group
+  scores = jnp.einsum('bqhd,bkhd->bhqk', q, kh) / np.sqrt(head_dim)  # [B, heads, 1, S]
+  visible = mask.dense(1, s)[:, None]  # [B, 1, 1, S]
+  ref = jax.scipy.special.logsumexp(jnp.where(visible, scores, -jnp.inf), axis=-1)
+  ref = ref.transpose(0, 2, 1)  # [B, 1, heads]
+  assert lse.shape == (batch, 1, heads)
+  assert np.all(np.isneginf(lse[0]))  # an empty row: no key, weight 0 when combined
+  np.testing.assert_allclose(lse[1:], ref[1:], atol=1e-5)
+
+
 def test_empty_cache_gives_zeros():
   q = jnp.ones((2, 1, 4, 64))
   k = jnp.ones((2, 128, 2, 64))
@@ -63,6 +86,36 @@ def test_compiles_for_tpu(topology):
       spec(batch, 1, heads, head_dim), spec(batch, max_len, kv_heads, head_dim),
       spec(batch, max_len, kv_heads, head_dim), spec(batch, dtype=jnp.int32)).compile()
   assert 'tpu_custom_call' in compiled.as_text()
+
+
+def test_a_cache_split_along_its_slots_compiles_for_tpu_without_gathering_it():
+  import flax.linen as nn
+  from jax.experimental import topologies
+  from jax.sharding import AxisType, Mesh
+  from llmjax import sharding
+  from llmjax.kernels import sharded
+  topo = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2')
+  mesh = Mesh(np.array(topo.devices).reshape(1, 1, 4, 1), sharding.MESH_AXES,
+              axis_types=(AxisType.Auto,) * 4)
+  batch, max_len, heads, kv_heads, head_dim = 2, 8192, 32, 8, 128
+
+  def step(q, k, v, lengths):
+    mask = Mask(causal=True, q_offset=lengths - 1, kv_lengths=lengths)
+    return sharded.shard_decode_attention(
+        lambda *a, **kw: da.decode_attention(*a, interpret=False, **kw), q, k, v, mask)
+
+  spec = lambda *s, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(s, dtype)
+  cache = jax.sharding.NamedSharding(mesh, P(None, 'sequence'))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.FSDP):
+    compiled = jax.jit(step, in_shardings=(None, cache, cache, None)).lower(
+        spec(batch, 1, heads, head_dim), spec(batch, max_len, kv_heads, head_dim),
+        spec(batch, max_len, kv_heads, head_dim), spec(batch, dtype=jnp.int32)).compile()
+  text = compiled.as_text()
+  assert 'tpu_custom_call' in text
+  assert 'all-gather' not in text  # only the [batch, heads] statistics and outputs are reduced
+  # Each device holds a quarter of the 2 x 8192-slot cache (k and v).
+  cache_bytes = 2 * batch * max_len * kv_heads * head_dim * 2
+  assert compiled.memory_analysis().argument_size_in_bytes < cache_bytes / 4 + (1 << 20)
 
 
 def test_model_decodes_the_same_with_pallas_as_with_xla():

@@ -148,13 +148,13 @@ def search(params, tokens, lengths, state: BeamState, *, cfg, num_beams: int,
   b, t = tokens.shape
   k = num_beams
   model = Transformer(cfg)
-  cache = Cache.zeros(cfg, b, cache_len)
+  cache = Cache.zeros(cfg, b, cache_len).constrain()  # inside jit: made in place on the mesh
   positions = jnp.minimum(jnp.arange(t)[None, :], (lengths - 1)[:, None])  # as engine.prefill
   logits, cache = model.apply({'params': params}, tokens, positions=positions, cache=cache)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, vocab]
   # Each prompt's K beams start from its one prefill (beams 1.. score IMPOSSIBLE at first).
   cache = Cache(jnp.repeat(cache.k, k, axis=1), jnp.repeat(cache.v, k, axis=1),
-                jnp.repeat(lengths, k))
+                jnp.repeat(lengths, k)).constrain()
   logits = jnp.repeat(last.astype(jnp.float32), k, axis=0)  # [B*K, vocab]
 
   def cond(carry):
@@ -169,7 +169,7 @@ def search(params, tokens, lengths, state: BeamState, *, cfg, num_beams: int,
     s = history.shape[1]
     history = history.at[jnp.arange(b * k), jnp.minimum(state.prompt_len + step, s - 1)].set(tok)
     cache = Cache(jnp.take(cache.k, rows, axis=1), jnp.take(cache.v, rows, axis=1),
-                  jnp.take(cache.lengths, rows))
+                  jnp.take(cache.lengths, rows)).constrain()
     logits, cache = model.apply({'params': params}, tok[:, None], cache=cache)
     return cache, logits[:, 0].astype(jnp.float32), state.replace(tokens=history)
 

@@ -28,6 +28,7 @@ batching); `generate` fills every row at once.
 """
 
 import dataclasses
+import functools
 from typing import Callable, Iterator, Sequence
 
 import flax.struct
@@ -225,7 +226,7 @@ def prefill(params, cache: Cache, tokens, slots, state: DecodeState, lengths, sa
   logits, sub = model.apply({'params': params}, tokens, positions=positions, cache=sub)
   last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [n, vocab]
   cache = Cache(cache.k.at[:, slots].set(sub.k), cache.v.at[:, slots].set(sub.v),
-                cache.lengths.at[slots].set(lengths))
+                cache.lengths.at[slots].set(lengths)).constrain()
   prompt = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], tokens, 0)
   history = jnp.zeros((n, s), jnp.int32).at[:, :t].set(prompt)
   state = state.replace(
@@ -247,7 +248,7 @@ def decode_step(params, cache: Cache, state: DecodeState, *, cfg
   logits, new = Transformer(cfg).apply({'params': params}, last, cache=cache)
   active = ~state.done
   # A finished row's cache does not grow (what the step wrote at its length is never read).
-  cache = Cache(new.k, new.v, jnp.where(active, new.lengths, cache.lengths))
+  cache = Cache(new.k, new.v, jnp.where(active, new.lengths, cache.lengths)).constrain()
   ids, lp, top_ids, top_lp = _next_token(logits[:, 0], state.tokens, state.length,
                                          state.prompt_len, state.sampling,
                                          state.top_ids.shape[-1])
@@ -310,6 +311,20 @@ def shapes(cfg, longest: int, max_new_tokens: int, platform: str | None = None) 
   return t, dispatch.cache_length(max_len, cfg, platform)
 
 
+def new_cache(cfg, batch: int, max_len: int) -> Cache:
+  """An empty cache, laid out on the context mesh (`jax.set_mesh`) by the active logical
+  rules (`transformer.CACHE_AXES`) when there is one: made in place on the devices, never
+  whole on one of them."""
+  if jax.sharding.get_abstract_mesh().empty:
+    return Cache.zeros(cfg, batch, max_len)
+  return _sharded_zeros(cfg, batch, max_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _sharded_zeros(cfg, batch: int, max_len: int) -> Cache:
+  return Cache.zeros(cfg, batch, max_len).constrain()
+
+
 def check_prompts(cfg, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> int:
   """The longest prompt's length; a UserError for an empty prompt or one past the context."""
   if not prompts or any(len(p) == 0 for p in prompts):
@@ -355,7 +370,7 @@ def _start(cfg, params, prompts, sampling, seeds, request_ids, eos_id, logprobs)
     tokens[i, :len(p)] = p
   lengths = np.array([len(p) for p in prompts], np.int32)
   eos_ids = eos_tuple(eos_id)
-  cache = Cache.zeros(cfg, n, max_len)
+  cache = new_cache(cfg, n, max_len)
   state = DecodeState.empty(n, max_len, eos_ids, logprobs)
   cache, state = jit_prefill(params, cache, tokens, np.arange(n, dtype=np.int32), state,
                              lengths, Sampling.of(sampling, seeds, request_ids), cfg=cfg)

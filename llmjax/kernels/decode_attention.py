@@ -40,8 +40,10 @@ class BlockSizes:
 def _decode_kernel(q_pos_ref, kv_len_ref,  # scalar prefetch [batch]
                    q_ref, k_ref, v_ref,  # [kv_heads, group, H], [block_k, kv_heads, H] x2
                    o_ref,  # [kv_heads, group, H]
-                   m_scr, l_scr, acc_scr,  # [kv_heads, group, 128] x2, [kv_heads, group, H]
-                   *, causal, window, scale, block_k, num_kv_blocks):
+                   *rest,  # (lse_ref [kv_heads, group, 128],) if return_lse; the scratch
+                   causal, window, scale, block_k, num_kv_blocks, return_lse):
+  lse_ref = rest[0] if return_lse else None
+  m_scr, l_scr, acc_scr = rest[-3:]  # [kv_heads, group, 128] x2, [kv_heads, group, H]
   b, ki = pl.program_id(0), pl.program_id(1)
   q_pos, kv_len = q_pos_ref[b], kv_len_ref[b]
   k_first = ki * block_k
@@ -85,9 +87,12 @@ def _decode_kernel(q_pos_ref, kv_len_ref,  # scalar prefetch [batch]
     l = l_scr[...][..., :1]
     inv = jnp.where(l == 0.0, 0.0, 1.0 / jnp.where(l == 0.0, 1.0, l))  # no visible key: zeros
     o_ref[...] = (acc_scr[...] * inv).astype(o_ref.dtype)
+    if return_lse:  # log sum_j exp(s_j): MASK_VALUE + log 0 = -inf where no key is visible
+      lse_ref[...] = m_scr[...] + jnp.log(l_scr[...])
 
 
-def _decode_call(interpret, q, k, v, q_pos, kv_len, *, causal, window, scale, block_k):
+def _decode_call(interpret, q, k, v, q_pos, kv_len, *, causal, window, scale, block_k,
+                 return_lse=False):
   batch, kv_heads, group, head_dim = q.shape
   nk = k.shape[1] // block_k
 
@@ -105,16 +110,21 @@ def _decode_call(interpret, q, k, v, q_pos, kv_len, *, causal, window, scale, bl
   q_spec = pl.BlockSpec((None, kv_heads, group, head_dim), lambda b, ki, *_: (b, 0, 0, 0))
   kv_spec = pl.BlockSpec((None, block_k, kv_heads, head_dim), kv_map)
   kernel = functools.partial(_decode_kernel, causal=causal, window=window, scale=scale,
-                             block_k=block_k, num_kv_blocks=nk)
+                             block_k=block_k, num_kv_blocks=nk, return_lse=return_lse)
+  out_specs, out_shape = q_spec, out_struct(q.shape, q.dtype, q)
+  if return_lse:  # lane-replicated, as the m and l scratch (a [.., 1] block would not tile)
+    lse_spec = pl.BlockSpec((None, kv_heads, group, NUM_LANES), lambda b, ki, *_: (b, 0, 0, 0))
+    out_specs = [q_spec, lse_spec]
+    out_shape = [out_shape, out_struct((batch, kv_heads, group, NUM_LANES), jnp.float32, q)]
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(batch, nk), in_specs=[q_spec, kv_spec, kv_spec],
-          out_specs=q_spec,
+          out_specs=out_specs,
           scratch_shapes=[pltpu.VMEM((kv_heads, group, NUM_LANES), jnp.float32),
                           pltpu.VMEM((kv_heads, group, NUM_LANES), jnp.float32),
                           pltpu.VMEM((kv_heads, group, head_dim), jnp.float32)]),
-      out_shape=out_struct(q.shape, q.dtype, q),
+      out_shape=out_shape,
       compiler_params=pltpu.CompilerParams(dimension_semantics=('parallel', 'arbitrary')),
       cost_estimate=pl.CostEstimate(
           flops=4 * q.size * k.shape[1], transcendentals=q.size // head_dim * k.shape[1],
@@ -144,7 +154,8 @@ def supports(q, mask: Mask) -> bool:
 
 
 def decode_attention(q, k, v, mask: Mask, *, scale: float | None = None,
-                     block_sizes: BlockSizes | None = None, interpret=None) -> jax.Array:
+                     block_sizes: BlockSizes | None = None, interpret=None,
+                     return_lse: bool = False):
   """Attention of one query token per sequence to a KV cache.
 
   Args:
@@ -152,7 +163,10 @@ def decode_attention(q, k, v, mask: Mask, *, scale: float | None = None,
     mask: kv_lengths (valid cache slots; default all), q_offset (the query's position; default
       0), causal, sliding_window. Segment ids are not supported (see `supports`).
     interpret: as in `flash_attention`: None interprets on CPU, compiles for TPU.
-  Returns: [batch, 1, heads, head_dim].
+    return_lse: also return each head's log-sum-exp of its scaled scores [batch, 1, heads]
+      float32 (-inf where no key is visible), so that attention over pieces of a cache can be
+      combined exactly (`sharded.shard_decode_attention`, a cache split over devices).
+  Returns: [batch, 1, heads, head_dim] (and the log-sum-exp).
   """
   if not supports(q, mask):
     raise ValueError('decode_attention takes q_len == 1 and no segment ids; use flash_attention')
@@ -170,9 +184,12 @@ def decode_attention(q, k, v, mask: Mask, *, scale: float | None = None,
             else jnp.minimum(mask.kv_lengths.astype(jnp.int32), s))
   q = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)  # query head h -> kv head h // G
   call = functools.partial(_decode_call, causal=mask.causal, window=mask.sliding_window,
-                           scale=float(scale), block_k=block_k)
+                           scale=float(scale), block_k=block_k, return_lse=return_lse)
   out = platform_call(call, interpret, q, k, v, q_pos, kv_len)
-  return out.reshape(batch, 1, heads, head_dim)
+  if not return_lse:
+    return out.reshape(batch, 1, heads, head_dim)
+  out, lse = out
+  return out.reshape(batch, 1, heads, head_dim), lse[..., 0].reshape(batch, 1, heads)
 
 
 def decode_attention_reference(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Array:

@@ -19,7 +19,7 @@ from llmjax.kernels import flash_attention_gpu as gpu_lib
 from llmjax.kernels import flash_attention_tpu as tpu_lib
 from llmjax.kernels.mask import Mask
 from llmjax.kernels.reference import reference_attention, xla_attention
-from llmjax.kernels.sharded import shard_attention
+from llmjax.kernels.sharded import shard_attention, shard_decode_attention
 
 
 def pallas_tpu(q, k, v, mask: Mask, *, scale=None):
@@ -29,7 +29,7 @@ def pallas_tpu(q, k, v, mask: Mask, *, scale=None):
   reads the cache in place and batches the GQA group; everything else to flash attention.
   """
   if mask.kv_lengths is not None and decode_lib.supports(q, mask):
-    return shard_attention(decode_lib.decode_attention, q, k, v, mask, scale=scale)
+    return shard_decode_attention(decode_lib.decode_attention, q, k, v, mask, scale=scale)
   return shard_attention(tpu_lib.flash_attention, q, k, v, mask, scale=scale)
 
 

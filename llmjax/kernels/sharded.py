@@ -84,3 +84,58 @@ def shard_attention(fn, q, k, v, mask: Mask, **kwargs):
   # sums K/V's cotangents over `sequence` (each device's queries contribute part of dK, dV).
   return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_specs),
                        out_specs=q_spec, check_vma=s is None)(q, k, v, mask)
+
+
+def _kv_length_axes(q, k, mesh, batch_axes, head_axes) -> tuple[str, ...]:
+  """The mesh axes the active rules split the cache's `kv_length` over, when they divide it
+  and are not already used for the batch or heads (then the cache is gathered instead)."""
+  spec = nn.logical_to_mesh_axes((axes.BATCH, axes.KV_LENGTH, axes.KV_HEADS, axes.HEAD_DIM))
+  names = _usable(spec[1], k.shape[1], mesh)
+  if set(names) & (set(_axes_tuple(batch_axes)) | set(_axes_tuple(head_axes))):
+    return ()
+  return names
+
+
+def shard_decode_attention(fn, q, k, v, mask: Mask, **kwargs):
+  """A decode step (one query per row against the cache k, v [batch, max_len, kv_heads, H])
+  under the context mesh. `fn` is a decode kernel with `return_lse`.
+
+  When the rules split the cache's `kv_length` (long contexts: `('kv_length', 'sequence')`),
+  the cache is never gathered: each device attends to its own slice of cache slots (positions
+  first..first+S/n-1, with q_offset and kv_lengths shifted into it) and returns its output and
+  log-sum-exp, and the slices are combined exactly (flash-decoding): with m = max_i lse_i,
+  out = sum_i exp(lse_i - m) out_i / sum_i exp(lse_i - m). Otherwise: `shard_attention`.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.manual_axes:
+    return fn(q, k, v, mask, **kwargs)
+  b, _, h = specs(q, k, mesh)
+  kv_axes = _kv_length_axes(q, k, mesh, b, h)
+  if not kv_axes:
+    return shard_attention(fn, q, k, v, mask, **kwargs)
+  kv = kv_axes if len(kv_axes) > 1 else kv_axes[0]
+  per_batch = lambda x: None if x is None else P(b)
+  mask_specs = Mask(causal=mask.causal, sliding_window=mask.sliding_window,
+                    q_offset=per_batch(mask.q_offset), kv_lengths=per_batch(mask.kv_lengths))
+  q_spec, kv_spec = P(b, None, h, None), P(b, kv, h, None)
+  n = math.prod(mesh.shape[a] for a in kv_axes)
+
+  def local(q, k, v, mask):
+    size = k.shape[1]  # this device's slots: positions first .. first + size - 1
+    first = jax.lax.axis_index(kv_axes) * size
+    zeros = jnp.zeros((q.shape[0],), jnp.int32)
+    q_pos = (zeros if mask.q_offset is None else mask.q_offset.astype(jnp.int32)) - first
+    kv_len = (zeros + size * n if mask.kv_lengths is None else mask.kv_lengths.astype(jnp.int32))
+    mask = mask.replace(q_offset=q_pos, kv_lengths=jnp.clip(kv_len - first, 0, size))
+    out, lse = fn(q, k, v, mask, return_lse=True, **kwargs)  # [B, 1, heads, H], [B, 1, heads]
+    m = jax.lax.pmax(lse, kv_axes)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)  # no visible key anywhere: every weight is 0
+    w = jnp.exp(lse - m)  # [B, 1, heads]; 0 for a slice with no visible key
+    num = jax.lax.psum(out.astype(jnp.float32) * w[..., None], kv_axes)
+    den = jax.lax.psum(w, kv_axes)[..., None]
+    return (num / jnp.where(den == 0.0, 1.0, den)).astype(q.dtype)
+
+  # The kernel's index maps mix the device-varying slot offset with invariant values (as
+  # with `sequence` in shard_attention), which the varying-axes checker rejects.
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_specs),
+                       out_specs=q_spec, check_vma=False)(q, k, v, mask)

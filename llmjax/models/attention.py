@@ -23,6 +23,9 @@ from llmjax.models.config import ModelConfig
 from llmjax.models.layers import DenseGeneral
 from llmjax.models.rope import apply_rope, inv_frequencies
 
+# One layer's KV cache [batch, max_len, kv_heads, head_dim].
+CACHE_LAYER_AXES = (axes.BATCH, axes.KV_LENGTH, axes.KV_HEADS, axes.HEAD_DIM)
+
 
 def attention(q, k, v, mask: Mask, *, implementation: str = 'xla',
               scale: float | None = None) -> jax.Array:
@@ -125,6 +128,10 @@ class Attention(nn.Module):
       write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
       cache_k = write(cache_k, k.astype(cache_k.dtype), write_index)
       cache_v = write(cache_v, v.astype(cache_v.dtype), write_index)
+      # The cache keeps its own layout (`transformer.CACHE_AXES`): batch, kv heads and, for
+      # long contexts, its slots split over the mesh as the rules say, never gathered.
+      cache_k = nn.with_logical_constraint(cache_k, CACHE_LAYER_AXES)
+      cache_v = nn.with_logical_constraint(cache_v, CACHE_LAYER_AXES)
       k, v, kv_cache = cache_k, cache_v, (cache_k, cache_v)
 
     if prefix is None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from llmjax.models import adapters, axes
-from llmjax.models.attention import Attention, Mask
+from llmjax.models.attention import CACHE_LAYER_AXES, Attention, Mask
 from llmjax.models.config import ModelConfig
 from llmjax.models.layers import MLPS, NORMS, DenseGeneral, Embed
 
@@ -41,6 +41,20 @@ class Cache:
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     dtype = jnp.dtype(dtype or cfg.dtype)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+  def constrain(self) -> 'Cache':
+    """The cache laid out on the context mesh by the active logical rules (`CACHE_AXES`);
+    a no-op without a mesh. Inside jit."""
+    k = nn.with_logical_constraint(self.k, CACHE_AXES)
+    v = nn.with_logical_constraint(self.v, CACHE_AXES)
+    return Cache(k, v, nn.with_logical_constraint(self.lengths, (axes.BATCH,)))
+
+
+# The cache's logical axes: split over the mesh like the activations (batch over data/fsdp,
+# kv heads over tensor) and, where the rules map `kv_length` (context parallelism: to
+# `sequence`), its slots too: a long context's cache then fits, and each decode step reads
+# only the local slots (`kernels.sharded.shard_decode_attention`).
+CACHE_AXES = (axes.LAYERS,) + CACHE_LAYER_AXES
 
 
 class Block(nn.Module):
