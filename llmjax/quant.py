@@ -623,14 +623,15 @@ def quantize_int4(kernel: jax.Array, n_in: int = 1, group_size: int = DEFAULT_GR
   g = group_size
   w = kernel.astype(jnp.float32).reshape(d_in // g, g, -1)  # [groups, g, out]
   absmax = jnp.max(jnp.abs(w), axis=1, keepdims=True)  # [groups, 1, out]
-  nonzero = absmax > 0
-  # Divide (not multiply by a reciprocal) so a value at exactly k + 1/2 scales rounds as the
-  # numpy reference does.
-  q = jnp.where(nonzero, w / jnp.where(nonzero, absmax / INT4_MAX, 1.0), 0.0)
+  # absmax * float32(1/7), not absmax / 7: XLA rewrites a division by a constant into that
+  # product on some backends only, so writing it out gives the same scale everywhere.
+  scale = absmax * np.float32(1 / INT4_MAX)
+  nonzero = scale > 0
+  q = jnp.where(nonzero, w / jnp.where(nonzero, scale, 1.0), 0.0)
   q = (jnp.clip(jnp.round(q), -INT4_MAX, INT4_MAX) + 8).astype(jnp.uint8)  # [groups, g, out]
   packed = (q[:, :g // 2] << 4) | q[:, g // 2:]  # [groups, g / 2, out]
   return {'values': packed.reshape((d_in // 2,) + out),
-          'scale': (absmax / INT4_MAX).reshape((d_in // g,) + out)}
+          'scale': scale.reshape((d_in // g,) + out)}
 
 
 def dequantize_int4(leaves: dict, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
