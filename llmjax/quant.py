@@ -607,8 +607,10 @@ def check_group_size(group_size, d_in: int, name: str, key: str = 'group_size') 
     raise ConfigError(f'{name}: {key}={group_size!r} must be an even integer >= 2 '
                       f'(default {DEFAULT_GROUP_SIZE}).')
   if d_in % group_size:
+    fits = [g for g in (256, 128, 64, 32, 16, 8, 4, 2) if d_in % g == 0 and g < group_size]
+    hint = f'e.g. {fits[0]}' if fits else 'an even one'
     raise ConfigError(f'{name}: {key}={group_size} does not divide the input size {d_in}; '
-                      'pass a divisor of it (e.g. 128, 64 or 32).')
+                      f'pass a divisor of it ({hint}).')
 
 
 def quantize_int4(kernel: jax.Array, n_in: int = 1, group_size: int = DEFAULT_GROUP_SIZE,

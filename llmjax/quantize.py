@@ -108,9 +108,9 @@ def check_shapes(qcfg, flags) -> None:
   from llmjax.models import transformer
   try:
     jax.eval_shape(lambda: transformer.init_params(qcfg, jax.random.key(0)))
-  except ConfigError as e:
-    raise UserError(f"--group_size={flags['group_size']} does not fit {flags['src']}'s model:"
-                    f" {str(e).split(': ', 1)[-1]}") from None
+  except ConfigError as e:  # 'a projection kernel of shape S: model.quant_block_size=G ...'
+    raise UserError(f"{flags['src']}: {str(e).replace('model.quant_block_size', '--group_size')}"
+                    ) from None
 
 
 def _check_step(src: str, step: int) -> int:
