@@ -214,3 +214,99 @@ def test_bad_inputs_are_one_line_errors_before_any_read(src, quantized_src, tmp_
   assert rc != 0 and err.startswith('error: ') and match in err, err
   assert err.count('\n') == 1
   assert not os.path.exists(tmp_path / 'new')
+
+
+def test_a_lora_source_is_merged_then_quantized(tmp_path):
+  # The quantized workdir of a LoRA run is the quantization of its merged model.
+  cfg = ModelConfig(**TINY, lora_rank=4, lora_alpha=8.0)
+  params = llmjax.models.init_params(cfg, jax.random.key(2))
+  params = jax.tree_util.tree_map_with_path(  # trained adapters: lora_b no longer zero
+      lambda p, x: x + 0.1 if p[-1].key == 'lora_b' else x, params)
+  src, dst = str(tmp_path / 'lora'), str(tmp_path / 'q')
+  checkpoint.write_params_workdir(src, cfg, params)
+  quantize.quantize_workdir(src, dst, 'int4', 16)
+  merged, merged_cfg = lora.merge(params, cfg)
+  want = lora.quantize_base(merged, dataclasses.replace(merged_cfg, base_quant='int4',
+                                                        quant_block_size=16))
+  got, _ = checkpoint.restore_params(dst)
+  qcfg = checkpoint.read_model_config(dst)
+  assert qcfg.base_quant == 'int4' and qcfg.lora_rank == 0 and qcfg.quant_block_size == 16
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.mark.slow
+def test_qlora_with_an_int4_base_builds_from_a_float_workdir_and_trains(tmp_path):
+  # The int4 store is QLoRA's too: the state quantizes a float source leaf by leaf
+  # (`state._float_base_abstract` places its int4 kernels) and only the adapters move.
+  from llmjax.train import state as state_lib
+  from test_qlora import _qlora_config
+  from test_train import batch_of, trainer_for
+  c = _qlora_config('int4', lr=1e-2)
+  c.model.quant_block_size = 32
+  cfg, tr = trainer_for(c)
+  float_cfg = lora.without_lora(cfg)
+  float_params = llmjax.models.init_params(float_cfg, jax.random.key(5))
+  src = str(tmp_path / 'src')
+  checkpoint.write_params_workdir(src, float_cfg, float_params)
+  state = tr.init_from(state_lib.source_params(tr.abstract_state.params, cfg, params_dir=src),
+                       jax.random.key(0))
+  _, base = lora.split(jax.tree.map(np.asarray, state.params))
+  jax.tree.map(np.testing.assert_array_equal, base,
+               jax.tree.map(np.asarray, lora.split(lora.quantize_base(float_params, cfg))[1]))
+  seq = np.array([3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3] * 2)
+  state, m = tr.train_step(state, batch_of(np.stack([seq] * 4)))
+  assert np.isfinite(float(m['loss']))
+  jax.tree.map(np.testing.assert_array_equal, lora.split(jax.tree.map(np.asarray,
+                                                                      state.params))[1], base)
+
+
+@pytest.mark.slow
+def test_int4_qlora_on_an_fsdp_tensor_mesh_gives_the_single_device_losses():
+  """8 emulated CPU devices (a subprocess, as tests/test_sharding_multidevice.py): the int4
+  leaves shard by the kernel's rules (the scales' group axis replicated: in / bs = 2 rows
+  cannot split 4 ways) and fsdp=4 x tensor=2 trains as one device does."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu', ALLOW_MULTIPLE_LIBTPU_LOAD='1', PYTHONPATH=root,
+             XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True,
+                        text=True, timeout=600, cwd=root)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out['specs']['layer_0/mlp/gate/kernel_int4'] == ['fsdp', 'tensor']
+  assert out['specs']['layer_0/mlp/gate/kernel_int4_scale'] == [None, 'tensor']
+  np.testing.assert_allclose(out['fsdp4_tensor2'], out['single'], rtol=1e-5)
+
+
+def _mesh_scenario():
+  import sys
+  import tempfile
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import test_sharding_multidevice as multi
+  from llmjax.models.config import ModelConfig
+  from llmjax.train import state as state_lib
+  out, specs, src = {}, {}, tempfile.mkdtemp()
+  for name, kw in {'single': dict(rules='fsdp'),
+                   'fsdp4_tensor2': dict(rules='fsdp_tensor', fsdp=4, tensor=2)}.items():
+    c = multi._config(**kw)
+    c.model.update(dict(lora_rank=4, lora_alpha=8.0, base_quant='int4', quant_block_size=32))
+    mesh, tr = multi._trainer(c, jax.devices()[:1] if name == 'single' else None)
+    cfg = ModelConfig.from_dict(c.model)
+    if name == 'single':
+      float_cfg = lora.without_lora(cfg)
+      checkpoint.write_params_workdir(src, float_cfg,
+                                      llmjax.models.init_params(float_cfg, jax.random.key(5)))
+    with jax.set_mesh(mesh):
+      state = tr.init_from(state_lib.source_params(tr.abstract_state.params, cfg,
+                                                   params_dir=src), jax.random.key(0))
+    if name != 'single':
+      specs = {'/'.join(p): list(a.sharding.spec) for p, a in
+               traverse_util.flatten_dict(state.params).items() if p[-1].startswith('kernel_int4')}
+    out[name] = multi._train(mesh, tr, multi._batches(4), state=state)[1]
+  print(json.dumps(dict(out, specs=specs)))
+
+
+if __name__ == '__main__':
+  _mesh_scenario()

@@ -49,7 +49,8 @@ def stored_kernel(module: nn.Module, shape: tuple[int, ...], init, kernel_axes: 
 #
 # (in = prod(in...): int4 groups run along the flattened input axes, which keep the first
 # input axis' logical name and the out axes theirs, so FSDP / tensor parallelism shard the
-# packed leaf as the kernel; bs must divide in.)
+# packed leaf as the kernel; bs must divide in. The scales keep the out axes' names, their
+# group axis replicated.)
 #
 # NF4 blocks run over the kernel flattened row-major (bitsandbytes' order, `quant.quantize_nf4`),
 # so the flat arrays are reshaped to keep as many leading kernel axes as divide into whole
@@ -101,9 +102,11 @@ def _int8_layout(shape, kernel_axes, n_in):
 
 def _int4_layout(shape, kernel_axes, n_in, group_size):
   d_in, out = math.prod(shape[:n_in]), tuple(shape[n_in:])
-  names = (kernel_axes[0],) + tuple(kernel_axes[n_in:])
-  return {'kernel_int4': ((d_in // 2,) + out, names, jnp.uint8),
-          'kernel_int4_scale': ((d_in // group_size,) + out, names, jnp.float32)}
+  out_names = tuple(kernel_axes[n_in:])
+  # The scales' group axis is replicated (in / bs need not divide by the mesh; they are 8 / bs
+  # of the packed bytes), as NF4's block statistics are.
+  return {'kernel_int4': ((d_in // 2,) + out, (kernel_axes[0],) + out_names, jnp.uint8),
+          'kernel_int4_scale': ((d_in // group_size,) + out, (None,) + out_names, jnp.float32)}
 
 
 def quant_layout(cfg: ModelConfig, shape, kernel_axes, n_in: int) -> dict:
