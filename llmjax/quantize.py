@@ -173,12 +173,17 @@ def _copy_tokenizer(src: str, dst: str) -> None:
 
 def quantize_workdir(src: str, dst: str, method: str, group_size: int | None = None,
                      step: int = -1) -> dict:
-  """Writes the quantized workdir `dst` from `src` (module docstring); returns
+  """Writes the quantized workdir `dst` from `src` (module docstring; group_size None: the
+  method's default, METHODS); returns
   {'step', 'float_bytes', 'quant_bytes', 'config'}. Every check precedes the params read."""
   from llmjax.models import lora
   from llmjax.train import checkpoint
   if method not in METHODS:
     raise UserError(f"--method={method!r} is not a method.{closest(method, METHODS)}")
+  if method == 'int8' and group_size:
+    raise UserError(f"--group_size={group_size}: int8 has one scale per output channel, no"
+                    " groups; drop --group_size.")
+  group_size = group_size or METHODS[method]  # None for int8
   if _nonempty(dst):
     raise UserError(f"--dst={dst} exists and is not empty; pass a new directory.")
   cfg = checkpoint.read_model_config(src)
