@@ -176,6 +176,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
   default `jax.default_backend()` (`llmjax.plan` passes 'tpu').
   """
   model = peft_model_config(config, ModelConfig.from_dict(config.model))
+  if model.base_quant and not model.lora_rank:  # the quantized leaves take no gradient
+    raise ConfigError(f"model.base_quant={model.base_quant!r} but model.lora_rank=0: QLoRA"
+                      " trains adapters over a frozen quantized base; set model.lora_rank > 0"
+                      " or model.base_quant='' (a quantized model for inference comes from"
+                      " python -m llmjax.quantize).")
   t = config.train
   for key in ('steps', 'batch_size', 'log_every', 'eval_every', 'checkpoint_every', 'grad_accum'):
     if int(t[key]) <= 0:

@@ -1,4 +1,5 @@
-"""Weight quantization: NF4 (QLoRA, bitsandbytes layout) and int8 per-channel absmax. Pure JAX.
+"""Weight quantization: NF4 (QLoRA, bitsandbytes layout), int8 per-channel and int4 group-wise
+absmax. Pure JAX.
 
 NF4 follows bitsandbytes 0.50 (`bitsandbytes/functional.py: quantize_4bit, get_4bit_type`,
 `bitsandbytes/backends/default/ops.py: quantize_4bit, quantize_blockwise`), which implements
@@ -27,6 +28,24 @@ layout is fine and `qdot` takes the kernel as [in, out] (blocks then run along `
 int8 is per-output-channel absmax (LLM.int8's vector-wise quantization, bitsandbytes
 `int8_vectorwise_quant` without outliers): q = round(w * 127 / absmax), scale = absmax / 127.
 For an llmjax kernel [in..., out...] the channel axes are the out axes (`axis=-1` for [in, out]).
+
+int4 is group-wise symmetric absmax along the input axis (groups of 128 input features by
+default, GPTQ's / AWQ's group size, round to nearest), packed two values a byte: layout below.
+
+One module serves QLoRA training (`model.base_quant` with adapters) and inference
+(`python -m llmjax.quantize`): the same stored leaves, the same dequantize-in-the-matmul store
+(`llmjax.models.layers.KERNEL_STORES`). Why not qwix (google/qwix 0.1.8, what MaxText and
+Tunix use)? Read before writing this: qwix quantizes by intercepting a module's jnp/lax ops
+(`qwix.quantize_model` with `QtRule`/`PtqProvider` regex rules over module paths) and stores
+`QArray(qvalue, scale)` leaves with jnp.int4 / uint4 values; its NF4 (`numerics.fp_to_nf4`)
+picks the nearest code by argmin per element, with no bitsandbytes block flattening, tie rule,
+nibble order or double quantization, so its NF4 bytes are not a PEFT/bitsandbytes
+checkpoint's, and QLoRA needs them to be (adapters trained over exactly the base PEFT
+loads). Using qwix for int8/int4 only would give two quantization paths (interception for
+inference, stores for QLoRA) and two checkpoint layouts for the same config key; and jnp.int4
+arrays take a whole byte each on XLA:CPU and in Orbax, so int4 would cost int8's memory. qwix's
+strengths (activation quantization, QAT, GPTQ/AWQ calibration) are beyond weight-only
+round-to-nearest; it is the place to go when those are wanted.
 """
 
 import math
@@ -558,3 +577,86 @@ def dequantize_nf4_rows(leaves: dict, shape: Sequence[int], block_size: int = DE
   if values.size != n:  # k = 0 with a partial block: drop the padding
     values = values.reshape(-1)[:n]
   return values.reshape(shape).astype(dtype)
+
+
+# ------------------------------------------------------------------ int4 group-wise absmax
+# Symmetric absmax per group of `group_size` consecutive input features of one output channel
+# (GPTQ's and AWQ's "group size", without their error-correcting search: round to nearest):
+# scale = absmax(group) / 7, q = round(w / scale) in [-7, 7] (round half to even; -8 unused, so
+# the grid is symmetric and 0 is exact), w ~= q * scale. An all-zero group gets scale 0.
+#
+# Layout of a kernel [in..., out...] with in = prod(in...) (in % group_size == 0):
+#   values uint8   [in / 2, out...]          two 4-bit values a byte, stored as q + 8 in [1, 15]
+#   scale  float32 [in / group_size, out...]
+# Within each group the first half's values sit in the high nibbles and the second half's in
+# the low ones (NF4 rows' packing: no [..., 2] axis, which the TPU pads to 128 lanes), so a
+# group's bytes are consecutive rows: the packed leaf keeps the kernel's out axes whole and
+# cuts its (flattened) input axis only at group boundaries, so it shards as the kernel does
+# (FSDP over the input axis when in / group_size divides by the mesh, tensor parallel over the
+# out axes) and dequantizes with no communication. Packed bytes rather than jnp.int4 arrays:
+# XLA:CPU and Orbax store an int4 element in a whole byte, which would make "int4" cost int8's
+# memory; uint8 pairs cost half a byte everywhere.
+
+INT4_MAX = 7
+DEFAULT_GROUP_SIZE = 128  # GPTQ's and AWQ's default group size
+
+
+def check_group_size(group_size, d_in: int, name: str, key: str = 'group_size') -> None:
+  """One-line ConfigError unless group_size is an even positive divisor of d_in."""
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+    raise ConfigError(f'{name}: {key}={group_size!r} must be an even integer >= 2 '
+                      f'(default {DEFAULT_GROUP_SIZE}).')
+  if d_in % group_size:
+    fits = [g for g in (256, 128, 64, 32, 16, 8, 4, 2) if d_in % g == 0 and g < group_size]
+    hint = f'e.g. {fits[0]}' if fits else 'an even one'
+    raise ConfigError(f'{name}: {key}={group_size} does not divide the input size {d_in}; '
+                      f'pass a divisor of it ({hint}).')
+
+
+def quantize_int4(kernel: jax.Array, n_in: int = 1, group_size: int = DEFAULT_GROUP_SIZE,
+                  name: str = 'weight') -> dict:
+  """kernel [in..., out...] (the first n_in axes are inputs) -> {'values': uint8 [in / 2,
+  out...], 'scale': float32 [in / group_size, out...]} in the layout above."""
+  kernel = jnp.asarray(kernel)
+  _check_float(kernel, name)
+  shape = tuple(kernel.shape)
+  d_in, out = math.prod(shape[:n_in]), shape[n_in:]
+  check_group_size(group_size, d_in, name)
+  g = group_size
+  w = kernel.astype(jnp.float32).reshape(d_in // g, g, -1)  # [groups, g, out]
+  absmax = jnp.max(jnp.abs(w), axis=1, keepdims=True)  # [groups, 1, out]
+  # absmax * float32(1/7), not absmax / 7: XLA rewrites a division by a constant into that
+  # product on some backends only, so writing it out gives the same scale everywhere.
+  scale = absmax * np.float32(1 / INT4_MAX)
+  nonzero = scale > 0
+  q = jnp.where(nonzero, w / jnp.where(nonzero, scale, 1.0), 0.0)
+  q = (jnp.clip(jnp.round(q), -INT4_MAX, INT4_MAX) + 8).astype(jnp.uint8)  # [groups, g, out]
+  packed = (q[:, :g // 2] << 4) | q[:, g // 2:]  # [groups, g / 2, out]
+  return {'values': packed.reshape((d_in // 2,) + out),
+          'scale': scale.reshape((d_in // g,) + out)}
+
+
+def dequantize_int4(leaves: dict, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+  """The kernel [shape] in `dtype` from `quantize_int4`'s leaves: q * scale in float32."""
+  packed, scale = leaves['values'], leaves['scale']
+  out = tuple(packed.shape[1:])
+  d_in = 2 * packed.shape[0]
+  groups = scale.shape[0]
+  half = d_in // groups // 2
+  p = packed.reshape(groups, half, -1)  # [groups, g / 2, out]
+  q = jnp.concatenate([p >> 4, p & 0xF], axis=1).astype(jnp.int32) - 8  # [groups, g, out]
+  w = q.astype(jnp.float32) * scale.reshape(groups, 1, -1)
+  assert math.prod(shape) == w.size and tuple(shape[len(shape) - len(out):]) == out, (shape, out)
+  return w.reshape(shape).astype(dtype)
+
+
+def int4_nbytes(shape: Sequence[int], n_in: int = 1,
+                group_size: int = DEFAULT_GROUP_SIZE) -> int:
+  """Exact bytes of quantize_int4 of a kernel of `shape`: in * out / 2 + 4 * in / g * out."""
+  n = math.prod(shape)
+  return n // 2 + 4 * n // group_size
+
+
+def int4_bytes_per_param(group_size: int = DEFAULT_GROUP_SIZE) -> float:
+  """0.5 (a nibble) + 4 / group_size (a float32 scale per group): 0.53125 at 128."""
+  return 0.5 + 4 / group_size

@@ -185,8 +185,23 @@ def test_a_float_source_is_quantized_leaf_by_leaf_when_the_state_is_built(tmp_pa
       _logits(float_cfg, lora.dequantize_base(lora.split(jax.tree.map(jnp.asarray, state.params))[1], cfg), tokens))
 
 
+def test_training_a_quantized_base_without_adapters_is_a_one_line_error():
+  # Without adapters a quantized model is for inference (llmjax.quantize); ModelConfig takes
+  # it, training refuses it before anything is built.
+  from llmjax import config as config_lib
+  ModelConfig.from_dict({**TINY, 'base_quant': 'nf4', 'lora_rank': 0})
+  with pytest.raises(ConfigError, match='set model.lora_rank') as e:
+    config_lib.validate(_no_lora_quant_config(), data_files=False)
+  assert '\n' not in str(e.value)
+
+
+def _no_lora_quant_config():
+  c = _qlora_config()
+  c.model.lora_rank = 0
+  return c
+
+
 @pytest.mark.parametrize('kw, key', [
-    (dict(lora_rank=0, lora_alpha=16.0), 'set model.lora_rank'),
     (dict(use_dora=True), 'DoRA'),
     (dict(base_quant='nf8'), 'model.base_quant'),
     (dict(quant_block_size=63), 'model.quant_block_size'),

@@ -70,7 +70,7 @@ VIRTUAL_TOKENS = ('', 'prompt', 'prefix')
 # Projections that can carry LoRA adapters, by target name: the call site of each projection
 # passes `adapters.for_target(cfg, <target>)` (attention.py, layers.py, transformer.py).
 LORA_TARGETS = ('q', 'k', 'v', 'o', 'gate', 'up', 'down', 'head')
-BASE_QUANTS = ('', 'nf4', 'int8')  # model.base_quant; the stores are `layers.KERNEL_STORES`
+BASE_QUANTS = ('', 'nf4', 'int8', 'int4')  # model.base_quant; the stores are `layers.KERNEL_STORES`
 
 
 class LoraRanks(dict):
@@ -138,11 +138,14 @@ class ModelConfig:
   use_dora: bool = False
   # QLoRA (Dettmers et al. 2023): the frozen base's projection kernels stored quantized and
   # dequantized inside each matmul; the adapters, embedding, norms and LM head stay as they
-  # are. '' (off), 'nf4' (4-bit NormalFloat in blocks of quant_block_size, QLoRA's) or 'int8'
-  # (per output channel). quant_double: NF4 double quantization of the block absmax (QLoRA
-  # sec. 3, ~0.37 bits/param less). Leaves and shardings: `layers.KERNEL_STORES`.
+  # are. '' (off), 'nf4' (4-bit NormalFloat in blocks of quant_block_size, QLoRA's), 'int8'
+  # (per output channel) or 'int4' (symmetric absmax per group of quant_block_size inputs).
+  # quant_double: NF4 double quantization of the block absmax (QLoRA sec. 3, ~0.37 bits/param
+  # less). Leaves and shardings: `layers.KERNEL_STORES`. Without adapters (lora_rank=0) this
+  # is a weight-only quantized model for inference (`python -m llmjax.quantize` writes one;
+  # training one needs adapters: `llmjax.config.validate`).
   base_quant: str = ''
-  quant_block_size: int = 64  # QLoRA's and bitsandbytes' default
+  quant_block_size: int = 64  # QLoRA's and bitsandbytes' default (NF4 blocks, int4 groups)
   quant_double: bool = False
 
   # Virtual tokens (PEFT's prompt learning), set from config.peft by `llmjax.config.validate`
@@ -242,9 +245,10 @@ class ModelConfig:
                         f" ('' = a float base).{closest(self.base_quant, BASE_QUANTS)}")
     if not self.base_quant:
       return
-    if not self.lora_rank:
-      raise ConfigError(f"model.base_quant={self.base_quant!r} but model.lora_rank=0: QLoRA"
-                        " quantizes a frozen base; set model.lora_rank > 0 or model.base_quant=''.")
+    if self.virtual_tokens:
+      raise ConfigError(f"model.base_quant={self.base_quant!r} with peft.method="
+                        f"'{self.virtual_tokens}': a quantized base takes LoRA adapters only;"
+                        " use model.lora_rank or base_quant=''.")
     if self.use_dora:
       # DoRA's magnitude init and per-step weight norm ||W + sAB||_c need the full-precision
       # W (PEFT computes them on the dequantized weight, a different model than the float one).

@@ -44,6 +44,13 @@ def stored_kernel(module: nn.Module, shape: tuple[int, ...], init, kernel_axes: 
 #         kernel_absmax_offset f32 []
 #   int8: kernel_int8    int8  [in..., out...]             per output channel
 #         kernel_scale   f32   [1..., out...]
+#   int4: kernel_int4    uint8 [in / 2, out...]            two values a byte (`quant.quantize_int4`)
+#         kernel_int4_scale f32 [in / bs, out...]          one scale per group of bs inputs
+#
+# (in = prod(in...): int4 groups run along the flattened input axes, which keep the first
+# input axis' logical name and the out axes theirs, so FSDP / tensor parallelism shard the
+# packed leaf as the kernel; bs must divide in. The scales keep the out axes' names, their
+# group axis replicated.)
 #
 # NF4 blocks run over the kernel flattened row-major (bitsandbytes' order, `quant.quantize_nf4`),
 # so the flat arrays are reshaped to keep as many leading kernel axes as divide into whole
@@ -61,7 +68,11 @@ def stored_kernel(module: nn.Module, shape: tuple[int, ...], init, kernel_axes: 
 _NF4_LEAF = {'data': 'kernel_nf4', 'absmax': 'kernel_absmax', 'absmax_q': 'kernel_absmax_q',
              'absmax_scale': 'kernel_absmax_scale', 'absmax_offset': 'kernel_absmax_offset'}
 QUANT_LEAVES = ('kernel_nf4', 'kernel_absmax', 'kernel_absmax_q', 'kernel_absmax_scale',
-                'kernel_absmax_offset', 'kernel_int8', 'kernel_scale')
+                'kernel_absmax_offset', 'kernel_int8', 'kernel_scale', 'kernel_int4',
+                'kernel_int4_scale')
+# The leaf that holds a quantized kernel's values (one per quantized projection).
+QUANT_VALUE_LEAVES = ('kernel_nf4', 'kernel_int8', 'kernel_int4')
+_INT4_LEAF = {'values': 'kernel_int4', 'scale': 'kernel_int4_scale'}
 
 
 def _nf4_layout(shape, kernel_axes, block_size, double):
@@ -89,10 +100,23 @@ def _int8_layout(shape, kernel_axes, n_in):
           'kernel_scale': (scale_shape, (None,) * n_in + tuple(kernel_axes[n_in:]), jnp.float32)}
 
 
+def _int4_layout(shape, kernel_axes, n_in, group_size):
+  d_in, out = math.prod(shape[:n_in]), tuple(shape[n_in:])
+  out_names = tuple(kernel_axes[n_in:])
+  # The scales' group axis is replicated (in / bs need not divide by the mesh; they are 8 / bs
+  # of the packed bytes), as NF4's block statistics are.
+  return {'kernel_int4': ((d_in // 2,) + out, (kernel_axes[0],) + out_names, jnp.uint8),
+          'kernel_int4_scale': ((d_in // group_size,) + out, (None,) + out_names, jnp.float32)}
+
+
 def quant_layout(cfg: ModelConfig, shape, kernel_axes, n_in: int) -> dict:
   """{leaf name: (shape, logical axes, dtype)} of one (unstacked) kernel under cfg.base_quant."""
   if cfg.base_quant == 'nf4':
     return _nf4_layout(shape, kernel_axes, cfg.quant_block_size, cfg.quant_double)
+  if cfg.base_quant == 'int4':
+    quant.check_group_size(cfg.quant_block_size, math.prod(shape[:n_in]),
+                           f'a projection kernel of shape {tuple(shape)}', 'model.quant_block_size')
+    return _int4_layout(shape, kernel_axes, n_in, cfg.quant_block_size)
   return _int8_layout(shape, kernel_axes, n_in)
 
 
@@ -101,6 +125,9 @@ def quantize_kernel(cfg: ModelConfig, kernel: jax.Array, n_in: int) -> dict:
   if cfg.base_quant == 'nf4':
     leaves = quant.quantize_nf4_rows(kernel, cfg.quant_block_size, cfg.quant_double)
     return {_NF4_LEAF[name]: v for name, v in leaves.items()}
+  if cfg.base_quant == 'int4':
+    leaves = quant.quantize_int4(kernel, n_in, cfg.quant_block_size)
+    return {_INT4_LEAF[name]: v for name, v in leaves.items()}
   q = quant.quantize_int8(kernel, axis=tuple(range(n_in, kernel.ndim)))
   return {'kernel_int8': q.values, 'kernel_scale': q.scale}
 
@@ -110,6 +137,9 @@ def dequantize_kernel(cfg: ModelConfig, leaves: dict, shape, dtype) -> jax.Array
   if 'kernel_nf4' in leaves:
     rows = {name: leaves[leaf] for name, leaf in _NF4_LEAF.items() if leaf in leaves}
     return quant.dequantize_nf4_rows(rows, shape, cfg.quant_block_size, dtype)
+  if 'kernel_int4' in leaves:
+    return quant.dequantize_int4({name: leaves[leaf] for name, leaf in _INT4_LEAF.items()},
+                                 shape, dtype)
   # dequantize_int8 broadcasts values * scale; the channel axes are implicit in scale's shape.
   q = quant.Int8Tensor(values=leaves['kernel_int8'], scale=leaves['kernel_scale'],
                        axis=(), dtype=jnp.dtype(cfg.param_dtype))
@@ -148,6 +178,7 @@ KERNEL_STORES: dict[str, Callable] = {
     '': stored_kernel,
     'nf4': _quantized_store,
     'int8': _quantized_store,
+    'int4': _quantized_store,
 }
 # Projections whose output axis is one of these are heads: never quantized.
 HEAD_OUT_AXES = (axes.VOCAB, axes.SCORE)

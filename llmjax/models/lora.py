@@ -95,7 +95,8 @@ def quantizer(cfg: ModelConfig):
       return None
     shape, names = specs[path]
     stacked = sum(1 for n in names if n == axes_lib.LAYERS)
-    n_in = _n_in(abstract.get(path[:-1] + ('kernel_scale',)), shape, stacked)
+    n_in = _n_in(abstract.get(path[:-1] + ('kernel_scale',)), shape, stacked,
+                 abstract.get(path[:-1] + ('kernel_int4_scale',)))
     leaves = _per_layer(lambda k: layers.quantize_kernel(cfg, k, n_in), stacked)(kernel)
     return {path[:-1] + (name,): v for name, v in leaves.items()}
 
@@ -121,9 +122,11 @@ def _abstract_quantized(cfg: ModelConfig):
   return jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
 
 
-def _n_in(scale, shape: tuple, stacked: int) -> int:
-  """The input axes of a kernel of `shape`, read off its int8 scale [s..., 1..., out...] (the
-  store's layout); NF4 does not need them (None scale: 1)."""
+def _n_in(scale, shape: tuple, stacked: int, int4_scale=None) -> int:
+  """The input axes of a kernel of `shape`, read off its int8 scale [s..., 1..., out...] or its
+  int4 scale [s..., in / bs, out...] (the stores' layouts); NF4 does not need them (1)."""
+  if int4_scale is not None:
+    return len(shape) - (int4_scale.ndim - 1)
   if scale is None:
     return 1
   scale_shape, shape = tuple(scale.shape[stacked:]), tuple(shape[stacked:])

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
+from llmjax.models import axes as axes_lib
 from llmjax.models import lora
 from llmjax.models.config import ModelConfig
 
@@ -141,10 +142,16 @@ def _float_base_abstract(base_abstract, model_cfg: ModelConfig, host: bool = Fal
   flat = traverse_util.flatten_dict(base_abstract)
   out = {p: a for p, a in flat.items() if p[-1] not in layers.QUANT_LEAVES}
   for path, a in flat.items():
-    if path[-1] not in ('kernel_nf4', 'kernel_int8'):
+    if path[-1] not in layers.QUANT_VALUE_LEAVES:
       continue
-    shape, _ = specs[path[:-1] + ('kernel',)]
-    spec = tuple(a.sharding.spec) + (None,) * (len(shape) - len(a.sharding.spec))
+    shape, names = specs[path[:-1] + ('kernel',)]
+    spec = tuple(a.sharding.spec) + (None,) * (a.ndim - len(a.sharding.spec))
+    if path[-1] == 'kernel_int4':  # [s..., in / 2, out...]: the first input axis keeps its
+      # mesh axis, the other input axes (flattened into it) none
+      stacked = sum(1 for n in names if n == axes_lib.LAYERS)
+      extra = len(shape) - a.ndim
+      spec = spec[:stacked + 1] + (None,) * extra + spec[stacked + 1:]
+    spec = spec + (None,) * (len(shape) - len(spec))
     kind = None
     if host and 'pinned_host' in {m.kind for m in a.sharding.mesh.devices.flat[0]
                                   .addressable_memories()}:
