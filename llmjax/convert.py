@@ -5,6 +5,8 @@
     python -m llmjax.convert --to=hf --src=DIR --dst=HF_DIR [--max_shard_bytes=5000000000]
                              [--architecture=LlamaForCausalLM] [--step=N]
     python -m llmjax.convert --to=peft --src=DIR --dst=ADAPTER_DIR [--base_model=NAME] [--step=N]
+    python -m llmjax.convert --to=gguf --src=DIR --dst=FILE.gguf --gguf_type=f32|f16|q8_0|q4_0
+                             [--gguf_pre=NAME] [--step=N]
 
 `--from=hf` writes an llmjax workdir laid out as the training loop writes its own
 (`llmjax.train.checkpoint`), so `--config.workdir=DIR`-style restores, `checkpoint.restore_params(DIR)`
@@ -27,8 +29,12 @@ and `--to=hf` merge, `--to=peft` writes back and `init.params_dir` fine-tunes fr
 `--to=peft` writes only a LoRA run's adapters, unmerged, as a PEFT adapter dir
 (adapter_config.json + adapter_model.safetensors, `llmjax.interop.peft`) that
 `peft.PeftModel.from_pretrained(base, ADAPTER_DIR)` loads over the run's Hugging Face base.
+`--to=gguf` writes one file for llama.cpp and Ollama (Llama, Mistral, Qwen2; LoRA merged) by way
+of the `--to=hf` export in a temporary dir (`llmjax.interop.gguf`); the architecture and type
+are checked from model_config.json before any weight is read.
 """
 
+import os
 import sys
 
 from llmjax import cli, files
@@ -38,8 +44,9 @@ FLAGS = (
     cli.Flag('from', '', "'hf': convert a Hugging Face checkpoint dir (--src) into an llmjax"
              ' workdir (--dst)', metavar='hf'),
     cli.Flag('to', '', "'hf': convert an llmjax workdir (--src) into a Hugging Face checkpoint"
-             " dir (--dst); 'peft': a LoRA workdir's adapters into a PEFT adapter dir",
-             metavar='hf|peft'),
+             " dir (--dst); 'peft': a LoRA workdir's adapters into a PEFT adapter dir; 'gguf': a"
+             " workdir into one .gguf file for llama.cpp (--dst=FILE.gguf)",
+             metavar='hf|peft|gguf'),
     cli.Flag('src', '', 'the directory to read (local or gs://)', metavar='DIR'),
     cli.Flag('dst', '', 'the directory to write (local or gs://; --from=hf: must not hold'
              ' checkpoints yet)', metavar='DIR'),
@@ -50,7 +57,12 @@ FLAGS = (
              " picked from the model's features", metavar='NAME'),
     cli.Flag('peft', '', '--from=hf: a PEFT LoRA adapter dir over --src, imported with it',
              metavar='ADAPTER_DIR'),
-    cli.Flag('step', -1, '--to=hf/peft: the checkpoint step to export; -1: the latest'),
+    cli.Flag('step', -1, '--to=hf/peft/gguf: the checkpoint step to export; -1: the latest'),
+    cli.Flag('gguf_type', 'f16', "--to=gguf: the matrices' type (norms and biases stay float32)",
+             metavar='f32|f16|q8_0|q4_0'),
+    cli.Flag('gguf_pre', '', "--to=gguf: llama.cpp's pre-tokenizer name (tokenizer.ggml.pre) for"
+             " a BPE tokenizer whose regex llmjax does not know; '': read from tokenizer.json",
+             metavar='NAME'),
     cli.Flag('base_model', '', "--to=peft: adapter_config.json's base_model_name_or_path (the"
              " base's hub id or dir); '': none recorded", metavar='NAME'),
 )
@@ -59,9 +71,9 @@ FLAGS = (
 def parse_flags(argv: list[str]) -> dict:
   """argv -> {flag: value}; a missing direction or directory is a one-line UserError."""
   flags = cli.parse(argv, FLAGS, prog='llmjax.convert', doc=__doc__)
-  if (flags['from'], flags['to']) not in (('hf', ''), ('', 'hf'), ('', 'peft')):
-    raise UserError("pass --from=hf (Hugging Face -> llmjax), --to=hf (llmjax -> Hugging Face)"
-                    " or --to=peft (a LoRA run's adapters -> PEFT).")
+  if (flags['from'], flags['to']) not in (('hf', ''), ('', 'hf'), ('', 'peft'), ('', 'gguf')):
+    raise UserError("pass --from=hf (Hugging Face -> llmjax), --to=hf (llmjax -> Hugging Face),"
+                    " --to=peft (a LoRA run's adapters -> PEFT) or --to=gguf (-> llama.cpp).")
   if not flags['src'] or not flags['dst']:
     raise UserError("pass --src=DIR and --dst=DIR.")
   if flags['peft'] and not flags['from']:
@@ -175,6 +187,29 @@ def to_peft(src: str, dst: str, *, step: int = -1, base_model: str = '') -> None
         f" step {step}")
 
 
+def to_gguf(src: str, dst: str, *, gguf_type: str, pre: str = '', step: int = -1) -> None:
+  """llmjax workdir -> one .gguf file (by way of a temporary Hugging Face export)."""
+  import tempfile
+
+  from llmjax.interop import gguf
+  from llmjax.train import checkpoint
+  cfg = checkpoint.read_model_config(src)
+  gguf.check_exportable(cfg, gguf_type, f'{src}/model_config.json')  # before any weight is read
+  if files.is_remote(dst) or not dst.endswith('.gguf'):
+    raise UserError(f"--dst={dst}: pass a local file name ending in .gguf (copy it to a bucket"
+                    " afterwards).")
+  if os.path.isdir(dst):
+    raise UserError(f"--dst={dst} is a directory; pass a file name ending in .gguf.")
+  parent = os.path.dirname(os.path.abspath(dst))
+  os.makedirs(parent, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=parent, prefix='.gguf-hf-') as hf_dir:
+    to_hf(src, hf_dir, max_shard_bytes=5 * 10**9, step=step)
+    out = gguf.hf_to_gguf(hf_dir, dst, gguf_type, pre=pre,
+                          name=os.path.basename(os.path.normpath(src)))
+  print(f"wrote {dst}: arch {out['arch']}, {out['tensors']} tensors, {gguf_type},"
+        f" {out['bytes']:,} bytes")
+
+
 def main(argv: list[str]) -> int:
   return cli.run(_main, argv, error_code=1)
 
@@ -183,6 +218,9 @@ def _main(argv: list[str]) -> int:
   flags = parse_flags(argv)
   if flags['from']:
     from_hf(flags['src'], flags['dst'], flags['dtype'], flags['peft'])
+  elif flags['to'] == 'gguf':
+    to_gguf(flags['src'], flags['dst'], gguf_type=flags['gguf_type'], pre=flags['gguf_pre'],
+            step=flags['step'])
   elif flags['to'] == 'peft':
     to_peft(flags['src'], flags['dst'], step=flags['step'], base_model=flags['base_model'])
   else:
