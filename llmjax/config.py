@@ -384,7 +384,8 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.train.loss_chunk = 0
   # What the run optimises (llmjax.train.objectives): 'lm' = next-token loss (pretraining, SFT);
   # 'dpo' = the DPO family (dpo.*) on data.format='preference' (KTO: 'unpaired_preference');
-  # 'reward' = a Bradley-Terry reward model (model.head='score') on 'preference' pairs.
+  # 'reward' = a Bradley-Terry reward model (model.head='score') on 'preference' pairs;
+  # 'grpo' = online RL (rl.*) from prompts and reward functions (llmjax/rl).
   c.train.objective = 'lm'
   c.train.seed = 0  # initialisation and data order
   c.train.lr = 3e-4
@@ -479,6 +480,33 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # train.objective='reward' (llmjax/train/reward.py, as TRL's RewardTrainer).
   c.reward = ml_collections.ConfigDict()
   c.reward.center_coef = 0.0  # TRL's center_rewards_coefficient: + coef x mean((r_c + r_r)^2)
+
+  # train.objective='grpo' (llmjax/rl: online RL on the trainer's own mesh; formulas, names and
+  # defaults as TRL 1.16's GRPOTrainer). train.batch_size counts completions: batch_size //
+  # num_generations prompts per rollout batch.
+  c.rl = ml_collections.ConfigDict()
+  c.rl.num_generations = 8  # completions sampled per prompt (a group)
+  c.rl.max_completion_length = 256  # sampled tokens per completion at most (then truncated)
+  c.rl.temperature = 1.0  # of the rollouts, and of the log-probs the loss compares
+  c.rl.top_p = 1.0
+  c.rl.top_k = 0
+  # 'dapo' (TRL's default) / 'bnpo': mean over completion tokens; 'grpo': per-completion token
+  # mean, then mean over completions; 'dr_grpo': sum / (completions x max_completion_length).
+  c.rl.loss_type = 'dapo'
+  c.rl.scale_rewards = 'group'  # advantages divided by the group's std, 'batch''s, or 'none'
+  c.rl.epsilon_low = 0.2  # the ratio is clipped to [1 - epsilon_low, 1 + epsilon_high]
+  c.rl.epsilon_high = 0.2  # DAPO's clip-higher sets it above epsilon_low (0.28)
+  c.rl.beta = 0.0  # KL to the reference (k3); 0 (TRL's default): no reference is loaded
+  c.rl.num_iterations = 1  # optimizer steps per rollout batch (against its old log-probs)
+  c.rl.importance_sampling_level = 'token'  # 'sequence': one ratio per completion (GSPO)
+  # Correction for rollouts from another program than the trainer's ('token', 'sequence');
+  # '' here, where the engine runs the trainer's model on the same params.
+  c.rl.sampler_is = ''
+  c.rl.sampler_is_cap = 3.0
+  # Reward functions (llmjax/rl/rewards.py): built-ins 'exact_match', 'json_format',
+  # 'length_penalty', or 'module:function' on the Python path; weights default to 1 each.
+  c.rl.reward_fns = ('exact_match',)
+  c.rl.reward_weights = ()
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ()  # printed with their continuations at every eval

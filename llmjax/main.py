@@ -25,8 +25,11 @@ def _main(argv: list[str]) -> int:
   # run before anything touches a JAX backend, so no jax.process_count() before it.
   if os.environ.get('LLMJAX_DISTRIBUTED') == '1' or 'TPU_WORKER_HOSTNAMES' in os.environ:
     jax.distributed.initialize()
-  from llmjax.train.loop import train_and_evaluate
-  result = train_and_evaluate(config, args['workdir'])
+  if config.train.get('objective', 'lm') == 'grpo':  # sample, score, update: its own loop
+    from llmjax.rl.loop import train_rl as run
+  else:
+    from llmjax.train.loop import train_and_evaluate as run
+  result = run(config, args['workdir'])
   print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
   return 0
 

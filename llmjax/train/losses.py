@@ -150,19 +150,22 @@ def logit_stats(logits: jax.Array, targets: jax.Array) -> dict:
   }
 
 
-def token_stats(params, batch, apply_fn, loss_chunk: int = 0) -> dict:
+def token_stats(params, batch, apply_fn, loss_chunk: int = 0, temperature: float = 1.0) -> dict:
   """`logit_stats` of every position of the batch: dict of [batch, length] float32 arrays.
 
   The log-probs equal `token_logprobs`' (values and gradients). loss_chunk as there: > 0 applies
   the head to loss_chunk positions at a time under `jax.checkpoint`, so neither the float32
-  logits of the whole row nor a copy for the statistics ever exists.
+  logits of the whole row nor a copy for the statistics ever exists. temperature: the
+  statistics of softmax(logits / temperature), the distribution a sampler at that temperature
+  draws from (RL's policy, as TRL's GRPO scores it).
   """
   kw = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
+  scale = lambda logits: logits.astype(jnp.float32) / temperature if temperature != 1.0 else logits
   if not loss_chunk:
     logits, _ = apply_fn(params, batch['inputs'], **kw)
-    return logit_stats(logits, batch['targets'])
+    return logit_stats(scale(logits), batch['targets'])
   hidden, _ = apply_fn(params, batch['inputs'], return_hidden=True, **kw)
-  head = lambda x: apply_fn(params, x, method=Transformer.logits)
+  head = lambda x: scale(apply_fn(params, x, method=Transformer.logits))
   return _per_chunk(logit_stats, head, hidden, batch['targets'], loss_chunk)
 
 

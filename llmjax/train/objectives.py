@@ -8,6 +8,8 @@ the config checks that go with it. Every objective runs through the one train st
               'unpaired_preference'); a frozen reference model unless the loss is reference-free
     'reward'  a Bradley-Terry reward model (`llmjax.train.reward`): model.head='score',
               data.format 'preference'
+    'grpo'    online RL (`llmjax.rl`): rollouts from the policy, rewards, GRPO's loss (rl.*);
+              a frozen reference only when rl.beta > 0
 """
 
 import functools
@@ -16,7 +18,7 @@ from typing import Callable
 from llmjax.errors import ConfigError, closest
 from llmjax.train import losses
 
-OBJECTIVES = ('lm', 'dpo', 'reward')
+OBJECTIVES = ('lm', 'dpo', 'reward', 'grpo')
 PREFERENCE_FORMATS = ('preference', 'unpaired_preference')
 
 
@@ -34,10 +36,11 @@ def check(config, model_cfg) -> None:
   head = getattr(model_cfg, 'head', 'lm')
   mesh = config.get('mesh', {})
   split = [k for k in ('sequence', 'dcn_sequence') if mesh.get(k, 1) != 1]
-  if fmt in PREFERENCE_FORMATS and split:
+  if (fmt in PREFERENCE_FORMATS or obj == 'grpo') and split:
     # A preference row's per-pair arrays (pair_mask, margin, ref_logps: [B, P]) have no
     # positions to split, and a pair's two sequences must stay in one row.
-    raise ConfigError(f"data.format='{fmt}' does not run with context parallelism yet"
+    what = f"train.objective='{obj}'" if obj == 'grpo' else f"data.format='{fmt}'"
+    raise ConfigError(f"{what} does not run with context parallelism yet"
                       f" (mesh.{split[0]}={mesh.get(split[0])}); set mesh.{split[0]}=1 and"
                       " shard the batch instead (mesh.data / mesh.fsdp).")
   if obj == 'lm' and fmt in PREFERENCE_FORMATS:
@@ -69,6 +72,34 @@ def check(config, model_cfg) -> None:
       # so its reference log-prob cannot be computed ahead (TRL fixes the pairing instead).
       raise ConfigError("dpo.precompute_ref=True does not apply to dpo.loss='kto': its KL"
                         " counterparts change with every batch; drop dpo.precompute_ref.")
+  if obj == 'grpo':
+    from llmjax.rl import grpo
+    cfg = grpo.GRPOConfig.from_config(config.rl)
+    t = config.train
+    if head != 'lm':
+      raise ConfigError(f"train.objective='grpo' trains a language model, but model.head="
+                        f"'{head}'; set model.head='lm'.")
+    if fmt != 'prompt_completion':
+      raise ConfigError(f"train.objective='grpo' samples from prompts: set data.format="
+                        f"'prompt_completion' (records need only a prompt); this run's is"
+                        f" '{fmt}'.")
+    if t.batch_size % cfg.num_generations:
+      raise ConfigError(f"train.batch_size={t.batch_size} (completions per step) is not a"
+                        f" multiple of rl.num_generations={cfg.num_generations}.")
+    if t.checkpoint_every % cfg.num_iterations:
+      raise ConfigError(f"train.checkpoint_every={t.checkpoint_every} must be a multiple of"
+                        f" rl.num_iterations={cfg.num_iterations}: checkpoints fall between"
+                        " rollout batches.")
+    if cfg.max_completion_length >= config.data.seq_len:
+      raise ConfigError(f"rl.max_completion_length={cfg.max_completion_length} leaves no room"
+                        f" for a prompt in data.seq_len={config.data.seq_len}; raise"
+                        " data.seq_len.")
+    if config.data.seq_len + 1 > model_cfg.max_seq_len:
+      raise ConfigError(f"data.seq_len={config.data.seq_len} + 1 exceeds model.max_seq_len="
+                        f"{model_cfg.max_seq_len} (rollouts hold the whole row); lower"
+                        " data.seq_len.")
+    from llmjax.rl import rewards
+    rewards.load(config.rl.reward_fns, config.rl.get('reward_weights', ()))
   if obj == 'reward':
     if fmt != 'preference':
       raise ConfigError(f"train.objective='reward' trains on {{prompt, chosen, rejected}} pairs:"
@@ -80,7 +111,10 @@ def check(config, model_cfg) -> None:
 
 
 def uses_reference(config) -> bool:
-  """True when the loss reads a reference model's log-probs (DPO, KTO; not SimPO/ORPO)."""
+  """True when the loss reads a reference model's log-probs (DPO, KTO; not SimPO/ORPO; GRPO
+  with rl.beta > 0)."""
+  if objective(config) == 'grpo':
+    return config.rl.get('beta', 0.0) > 0
   if objective(config) != 'dpo':
     return False
   from llmjax.train import dpo
@@ -91,7 +125,8 @@ def precomputes_reference(config) -> bool:
   """True when the reference's log-probs are computed once before training
   (dpo.precompute_ref) and come in the batches as `ref_logps` [B, 2P]: no reference model is
   loaded during training."""
-  return uses_reference(config) and bool(config.dpo.get('precompute_ref', False))
+  return (objective(config) == 'dpo' and uses_reference(config)
+          and bool(config.dpo.get('precompute_ref', False)))
 
 
 def make_loss(config, pad_id: int = -1) -> Callable:

@@ -1,0 +1,86 @@
+"""Online RL with GRPO (train.objective='grpo', llmjax/rl): the policy samples
+rl.num_generations completions per prompt with the generation engine on its own mesh, reward
+functions score them, and group-relative advantages weight the clipped policy loss (formulas,
+metric names and defaults as TRL 1.16's GRPOTrainer; rl.loss_type dapo by default).
+
+From any supported checkpoint, on JSONL prompts ({"prompt", ...}: the other fields go to the
+reward functions) and reward functions by import path (`module:function`, TRL's signature
+`fn(prompts, completions, **columns) -> list[float]`):
+
+    python -m llmjax.main --config=experiments/grpo.py --workdir=W --config.init.hf_dir=HF_DIR \\
+        --config.data.path=prompts.jsonl --config.rl.reward_fns=my_rewards:correct,my_rewards:short
+
+On a laptop CPU, `:tiny` continues the tiny SFT model (`experiments/sft.py:tiny`, in
+/tmp/sft_tiny; params_dir= for another) on the built-in arithmetic task's train prompts with
+the exact-match reward, scoring held-out exact match at every eval:
+
+    python -m llmjax.main --config=experiments/quickstart.py --workdir=/tmp/quickstart
+    python -m llmjax.main --config=experiments/sft.py:tiny --workdir=/tmp/sft_tiny
+    python -m llmjax.main --config=experiments/grpo.py:tiny --workdir=/tmp/grpo_tiny
+
+Arguments (after ':'): [VARIANT,]key=value: generations=N, batch=N (completions per step),
+lr=X, loss=grpo|bnpo|dr_grpo|dapo, beta=B; `:tiny` also params_dir=DIR, steps=N, tasks=a+b.
+"""
+
+import ml_collections
+
+from llmjax import config as config_lib
+
+
+def get_config(arg=None):
+  variant, rest = config_lib.split_variant(arg, VARIANTS)
+  if variant:
+    return VARIANTS[variant](rest)
+  a = config_lib.parse_arg(rest, generations=8, batch=64, lr=1e-6, loss='dapo', beta=0.0,
+                           completion=256, seq_len=512)
+  c = config_lib.base_config()  # unpinned: init.hf_dir's config.json gives the architecture
+  c.model.dtype = 'bfloat16'  # bf16 matmuls; params and Adam stay float32
+  _grpo(c, a)
+  c.rl.max_completion_length = a.completion
+  c.data.seq_len = a.seq_len  # prompt + completion per row
+  return c
+
+
+def _grpo(c, a) -> None:
+  c.train.objective = 'grpo'
+  c.data.format = 'prompt_completion'  # records need only a prompt
+  c.rl.num_generations = a.generations
+  c.rl.loss_type = a.loss
+  c.rl.beta = a.beta
+  c.train.batch_size = a.batch
+  c.train.lr = a.lr  # TRL's GRPO default is 1e-6 for full fine-tuning of a pretrained LM
+  c.train.warmup_steps = 0
+  c.train.min_lr_ratio = 1.0
+  c.train.weight_decay = 0.0
+  c.train.unigram_baseline_batches = 0
+  c.train.steps = 500
+  c.train.log_every = 10
+  c.train.eval_every = c.train.checkpoint_every = 100
+
+
+def _tiny(arg: str) -> ml_collections.ConfigDict:
+  """The tiny SFT model on the built-in arithmetic prompts, on a laptop CPU."""
+  a = config_lib.parse_arg(arg, generations=8, batch=64, lr=1e-4, loss='dapo', beta=0.0,
+                           params_dir='/tmp/sft_tiny', steps=200, tasks='arithmetic')
+  c = config_lib.base_config('tiny', vocab_size=1024, max_seq_len=1024)  # the quickstart's
+  c.init.params_dir = a.params_dir  # its tokenizer comes with it
+  _grpo(c, a)
+  tasks = tuple(a.tasks.split('+'))
+  c.data.builtin_tasks = tasks
+  c.eval.tasks = tasks  # held-out exact match (greedy) at every eval
+  c.eval.max_new_tokens = 8
+  # Answers are at most 7 tokens and EOS (experiments/sft.py:tiny's eval.max_new_tokens).
+  c.rl.max_completion_length = 8
+  c.data.seq_len = 32  # a ~12-token prompt + 8
+  c.rl.reward_fns = ('exact_match',)
+  c.train.steps = a.steps
+  c.train.log_every = 10
+  c.train.eval_every = c.train.checkpoint_every = max(a.steps // 4, 1)
+  return c
+
+
+# name -> get_config for that variant (the argument after its name).
+VARIANTS = {
+    # The tiny SFT model on the built-in arithmetic task (CPU).
+    'tiny': _tiny,
+}

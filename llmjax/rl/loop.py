@@ -1,0 +1,259 @@
+"""The online-RL job (train.objective='grpo'): sample, score, update, on one mesh.
+
+    python -m llmjax.main --config=experiments/grpo.py:tiny --workdir=/tmp/grpo_tiny
+
+Each rollout batch: train.batch_size // rl.num_generations prompts (the next ones of a
+per-epoch shuffle of the prompt records), rl.num_generations completions each from the
+generation engine on the policy's own params (`llmjax.rl.rollout`), rewards from rl.reward_fns
+(`llmjax.rl.rewards`), group-relative advantages, then rl.num_iterations optimizer steps of the
+one train step (`llmjax.train.step`, GRPO's loss from `llmjax.rl.grpo`) on that batch. train.steps
+counts optimizer steps, as in every other run.
+
+Exact resume: the prompts of rollout batch k and its sampling seed are functions of k alone, so
+a checkpoint needs only the train state; checkpoints (and a SIGTERM stop) fall on rollout
+boundaries (train.checkpoint_every must be a multiple of rl.num_iterations). A resumed run
+samples and updates exactly as the uninterrupted one (tests/test_rl.py).
+
+Prompts: data.builtin_tasks (their train split; the `answer` column feeds `exact_match`) or a
+JSONL file (data.path) of records with data.prompt_key, every other field passed to the reward
+functions. Each prompt is tokenized as `llmjax.generate --prompt` does (BOS first); one whose ids
+and rl.max_completion_length do not fit data.seq_len + 1 (the train row) is skipped and counted.
+"""
+
+import json
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from llmjax import files, sharding
+from llmjax.errors import ConfigError, DataError
+from llmjax.infer import engine
+from llmjax.rl import grpo, rewards as rewards_lib, rollout as rollout_lib
+from llmjax.train import checkpoint, metrics as metrics_lib, objectives
+from llmjax.train import state as state_lib
+from llmjax.train.loop import _global_batch, _Preemption, make_trainer, setup_workdir
+
+SAMPLES_SHOWN = 2  # rollout samples printed at each eval
+
+
+def load_tokenizer(config):
+  """The policy's tokenizer: data.tokenizer_path, else the source checkpoint's (GRPO starts
+  from a trained model: init.params_dir or init.hf_dir)."""
+  from llmjax.data import pipeline
+  init = config.get('init', {})
+  given = config.data.get('tokenizer_path', '')
+  if given:
+    if files.isdir(given):
+      return pipeline._load_hf_tokenizer(given)
+    from llmjax.data.tokenizer import SentencePieceTokenizer
+    return SentencePieceTokenizer.load(given)
+  if init.get('hf_dir'):
+    return pipeline._load_hf_tokenizer(init.hf_dir)
+  if init.get('params_dir'):
+    return pipeline.load_run_tokenizer(init.params_dir)
+  raise ConfigError("train.objective='grpo' starts from a trained model: set init.params_dir (an"
+                    " llmjax workdir, e.g. an SFT run) or init.hf_dir.")
+
+
+def load_prompt_records(config) -> list[dict]:
+  """The prompt records {prompt, ...columns}: data.builtin_tasks' train splits or data.path."""
+  data = config.data
+  if data.get('builtin_tasks'):
+    from llmjax.data import tasks
+    out = []
+    for name in data.builtin_tasks:
+      out += [{'prompt': r['prompt'], 'answer': r['answer'], 'task': name}
+              for r in tasks.make_task(name, 'train', data.get('builtin_seed', 0))]
+    return out
+  path = data.get('path', '')
+  if not path:
+    raise ConfigError("train.objective='grpo' needs prompts: data.builtin_tasks (e.g."
+                      " arithmetic) or data.path (JSONL records with a prompt field).")
+  key = data.get('prompt_key', 'prompt')
+  out = []
+  for line_no, line in enumerate(files.read_text(path).splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}).") from None
+    if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
+      raise DataError(f"{path}:{line_no}: a record needs a string '{key}' field"
+                      " (data.prompt_key).")
+    rec['prompt'] = rec.pop(key) if key != 'prompt' else rec['prompt']
+    out.append(rec)
+  if not out:
+    raise DataError(f"{path} holds no records.")
+  return out
+
+
+def tokenize_prompts(records, tokenizer, room: int, say) -> tuple[list[dict], list[list[int]]]:
+  """Prompt ids (BOS + encode) of the records that leave room for the completion; the others
+  are skipped, and counted."""
+  bos = [tokenizer.bos_id] if getattr(tokenizer, 'bos_id', -1) >= 0 else []
+  kept, ids = [], []
+  for r in records:
+    p = bos + list(tokenizer.encode(r['prompt']))
+    if len(p) <= room:
+      kept.append(r)
+      ids.append(p)
+  if len(kept) < len(records):
+    say(f"skipped {len(records) - len(kept)} of {len(records)} prompts longer than {room}"
+        " tokens (data.seq_len + 1 - rl.max_completion_length)")
+  if not kept:
+    raise DataError(f"no prompt fits: each needs at most {room} tokens; raise data.seq_len or"
+                    " lower rl.max_completion_length.")
+  return kept, ids
+
+
+def prompt_indices(k: int, per_batch: int, n: int, seed: int) -> list[int]:
+  """Indices of rollout batch k's prompts: the next per_batch of a fresh shuffle per epoch."""
+  out = []
+  for g in range(k * per_batch, (k + 1) * per_batch):
+    epoch, pos = divmod(g, n)
+    out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[pos]))
+  return out
+
+
+def _columns(records: list[dict], num_generations: int) -> dict:
+  """Every field but the prompt, as lists repeated for each prompt's completions."""
+  keys = sorted({k for r in records for k in r if k != 'prompt'})
+  return {k: [r.get(k) for r in records for _ in range(num_generations)] for k in keys}
+
+
+def make_rollout_batch(k: int, *, config, cfg: grpo.GRPOConfig, model_cfg, params, records,
+                       ids, tokenizer, fns, weights, logps_fn=None, batch_sharding=None):
+  """(host batch dict, rollout metrics, rollout) of rollout batch k."""
+  t = config.train
+  per = t.batch_size // cfg.num_generations
+  idx = prompt_indices(k, per, len(records), t.seed)
+  recs = [records[i] for i in idx]
+  sp = engine.SamplingParams(max_new_tokens=cfg.max_completion_length,
+                             temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k)
+  from llmjax.eval.harness import eos_ids
+  roll = rollout_lib.sample(model_cfg, params, [ids[i] for i in idx],
+                            num_generations=cfg.num_generations, sampling=sp,
+                            eos_ids=eos_ids(tokenizer), decode=tokenizer.decode,
+                            seed=int(jax.random.randint(jax.random.fold_in(
+                                jax.random.key(t.seed), k), (), 0, 2**31 - 1)))
+  prompts = [r['prompt'] for r in recs for _ in range(cfg.num_generations)]
+  per_func = rewards_lib.score(fns, prompts, roll.texts, _columns(recs, cfg.num_generations))
+  adv, metrics = grpo.advantages(per_func, weights, cfg.num_generations, cfg.scale_rewards)
+  for j, (name, _) in enumerate(fns):
+    metrics[f'rewards/{name}/mean'] = float(per_func[:, j].mean())
+    metrics[f'rewards/{name}/std'] = float(np.std(per_func[:, j], ddof=1)) if len(adv) > 1 else 0.0
+  lengths = np.asarray([len(c) for c in roll.completion_ids])
+  metrics.update({'completions/mean_length': float(lengths.mean()),
+                  'completions/min_length': float(lengths.min()),
+                  'completions/max_length': float(lengths.max()),
+                  'completions/clipped_ratio': float(roll.truncated.mean())})
+  batch = rollout_lib.to_batch(roll, adv, config.data.seq_len)
+  if logps_fn is not None:
+    batch['old_logps'] = np.asarray(jax.device_get(
+        logps_fn(params, _global_batch(batch, batch_sharding))), np.float32)
+  else:  # the loss reads logp itself (detached); the array keeps the batch's structure fixed
+    batch['old_logps'] = np.zeros_like(batch['sampler_logps'])
+  return batch, metrics, (prompts, roll, per_func @ weights)
+
+
+def train_rl(config, workdir: str) -> dict:
+  """Trains `config` (train.objective='grpo') in `workdir`, resuming from its latest
+  checkpoint. Returns the final metrics."""
+  model_cfg, workdir = setup_workdir(config, workdir)
+  cfg = grpo.GRPOConfig.from_config(config.rl)
+  t = config.train
+  say = print if jax.process_index() == 0 else (lambda *_: None)
+  fns, weights = rewards_lib.load(config.rl.reward_fns, config.rl.get('reward_weights', ()))
+  tokenizer = load_tokenizer(config)
+  records, ids = tokenize_prompts(load_prompt_records(config), tokenizer,
+                                  config.data.seq_len + 1 - cfg.max_completion_length, say)
+  from llmjax.eval import suite
+  eval_tasks = suite.load_tasks(config, tokenizer, model_cfg)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules_from_config(config)
+  trainer = make_trainer(config, model_cfg, mesh, rules, loss_fn=grpo.make_loss_fn(cfg))
+  manager = checkpoint.make_manager(workdir, max_to_keep=t.max_to_keep)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    state = checkpoint.restore(manager, trainer.abstract_state)
+    resumed = state is not None
+    if not resumed:
+      state = state_lib.build_state(trainer, config, model_cfg)
+    ref_params = (state_lib.reference_params(trainer, config, model_cfg)
+                  if trainer.reference == 'arg' else None)
+    ref = () if ref_params is None else (ref_params,)
+    checkpoint.write_model_config(workdir, model_cfg)
+    if jax.process_index() == 0:
+      files.write_text(files.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+    step = int(state.step)
+    log = metrics_lib.MetricsLogger(workdir, t.steps, step)
+    log.print(f"llmjax GRPO: {model_cfg.num_params:,} parameters, {len(records)} prompts,"
+              f" {t.batch_size // cfg.num_generations} x {cfg.num_generations} completions per"
+              f" rollout, {cfg.num_iterations} update(s) each, loss {cfg.loss_type}, mesh"
+              f" {dict(mesh.shape)}" + (f", resuming at step {step}" if resumed else ""))
+    logps_fn = None
+    if cfg.uses_old_logps:
+      apply = lambda p, x, **kw: trainer.model.apply({'params': p}, x, **kw)
+      logps_fn = jax.jit(grpo.make_logps_fn(cfg, apply, t.get('loss_chunk', 0)))
+    rollout_args = dict(config=config, cfg=cfg, model_cfg=model_cfg, records=records, ids=ids,
+                        tokenizer=tokenizer, fns=fns, weights=weights, logps_fn=logps_fn,
+                        batch_sharding=trainer.batch_sharding)
+    latest, batch, roll_metrics, shown = {}, None, {}, None
+    times = {'rollout': 0.0, 'update': 0.0}
+    with _Preemption() as preempt:
+      while step < t.steps:
+        if step % cfg.num_iterations == 0 or batch is None:
+          began = time.time()
+          host, roll_metrics, shown = make_rollout_batch(step // cfg.num_iterations,
+                                                         params=state.params, **rollout_args)
+          batch = _global_batch(host, trainer.batch_sharding)
+          times['rollout'] += time.time() - began
+        began = time.time()
+        state, m = trainer.train_step(state, batch, *ref)
+        step += 1
+        log.step()
+        row = {}
+        if step % t.log_every == 0 or step == t.steps:
+          m = jax.device_get(m)
+          times['update'] += time.time() - began
+          row = {'loss': float(m['loss']), 'grad_norm': float(m['grad_norm']),
+                 **{k: float(v) for k, v in m.items() if k not in ('loss', 'grad_norm', 'weight')},
+                 **roll_metrics, 'time/rollout_s': times['rollout'],
+                 'time/update_s': times['update']}
+          times = {'rollout': 0.0, 'update': 0.0}
+          log.print(f"step {step}: loss {row['loss']:.4f} reward {row['reward']:.3f}"
+                    f" (std {row['reward_std']:.3f}) length"
+                    f" {row['completions/mean_length']:.1f}")
+        else:
+          jax.block_until_ready(state.step)
+          times['update'] += time.time() - began
+        if step % t.eval_every == 0 or step == t.steps:
+          if eval_tasks:
+            scores = suite.run_tasks(eval_tasks, config, model_cfg, state.params, tokenizer,
+                                     step=step, workdir=workdir, write=jax.process_index() == 0)
+            row.update(scores)
+            log.print('  ' + ', '.join(f"{k[len('eval_'):]} {v:.3f}" for k, v in scores.items()))
+          prompts, roll, total = shown
+          for i in range(0, min(len(prompts), SAMPLES_SHOWN * cfg.num_generations),
+                         cfg.num_generations):
+            log.print(f"  sample: {prompts[i]!r} -> {roll.texts[i]!r} (reward {total[i]:.2f})"[:400])
+        if row:
+          log.write(step, row)
+          latest.update(row)
+        boundary = step % cfg.num_iterations == 0
+        stop = boundary and (preempt.poll() or step == t.stop_at_step)
+        if boundary and (step % t.checkpoint_every == 0 or step == t.steps or stop):
+          checkpoint.save(manager, step, state, force=True)
+        if stop:
+          reason = 'train.stop_at_step' if step == t.stop_at_step else 'SIGTERM'
+          log.print(f"{reason}: saved step {step}; exiting. Rerun the same command to resume.")
+          break
+  manager.wait_until_finished()
+  manager.close()
+  log.close()
+  curve = metrics_lib.plot_loss_curve(workdir)
+  if curve and jax.process_index() == 0:
+    print(f"loss curve: {curve}")
+  return {'step': step, **{k: float(v) for k, v in latest.items()}}
