@@ -1,0 +1,161 @@
+"""The GRPO job end to end (llmjax/rl/loop.py) on a tiny Hugging Face test checkpoint: the
+sampler's log-probs are the trainer's, a run logs TRL's metric names, a resumed run equals the
+uninterrupted one, and bad reward functions or prompts are one-line errors or counted skips."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from llmjax import main as main_lib
+from llmjax.errors import ConfigError, DataError, UserError
+from llmjax.rl import rewards as rewards_lib
+
+HF = os.path.join(os.path.dirname(__file__), 'golden', 'llama_gqa_llama3')  # BPE, vocab 256
+PROMPTS = ['the quick', 'hello world', 'the lazy dog', 'brown fox', 'hello', 'the', 'over the',
+           'jumps']
+REWARDS = '''
+def count_o(prompts, completions, **columns):
+    return [c.count('o') / max(len(c), 1) for c in completions]
+
+def uses_columns(prompts, completions, tag, **_):
+    return [float(t == 'x') for t in tag]
+
+def raises(prompts, completions, **_):
+    raise RuntimeError('boom')
+
+def short(prompts, completions, **_):
+    return [0.0]
+
+def nan(prompts, completions, **_):
+    return [float('nan')] * len(completions)
+'''
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+  d = tmp_path_factory.mktemp('rl')
+  (d / 'rl_test_rewards.py').write_text(REWARDS)
+  with open(d / 'prompts.jsonl', 'w') as f:
+    for i, p in enumerate(PROMPTS):
+      f.write(json.dumps({'prompt': p, 'tag': 'x' if i % 2 else 'y'}) + '\n')
+  sys.path.insert(0, str(d))
+  yield d
+  sys.path.remove(str(d))
+
+
+def _args(workdir, data, *extra):
+  return ['--config=experiments/grpo.py', f'--workdir={workdir}', f'--config.init.hf_dir={HF}',
+          f"--config.data.path={data / 'prompts.jsonl'}",
+          '--config.rl.reward_fns=rl_test_rewards:count_o,rl_test_rewards:uses_columns',
+          '--config.rl.reward_weights=1.0,0.5', '--config.rl.num_generations=4',
+          '--config.train.batch_size=16', '--config.rl.max_completion_length=8',
+          '--config.data.seq_len=32', '--config.model.dtype=float32', '--config.train.lr=1e-3',
+          '--config.train.log_every=1', '--config.train.eval_every=100', *extra]
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_sampler_logprobs_are_the_trainers(data):
+  """The engine's log-prob of each sampled token = the loss's forward pass at temperature 1
+  on the same row (float32), EOS aside (the engine does not return its log-prob)."""
+  import jax
+  from llmjax.infer import engine
+  from llmjax.interop import load_hf
+  from llmjax.models.transformer import Transformer
+  from llmjax.rl import grpo, rollout
+  cfg, params, tok = load_hf(HF)
+  ids = [[tok.bos_id] + tok.encode(p) for p in PROMPTS[:4]]
+  roll = rollout.sample(cfg, params, ids, num_generations=2, eos_ids=(tok.eos_id,), seed=3,
+                        sampling=engine.SamplingParams(max_new_tokens=8, temperature=1.0),
+                        decode=tok.decode)
+  batch = rollout.to_batch(roll, np.zeros(8), 32)
+  apply = lambda p, x, **kw: Transformer(cfg).apply({'params': p}, x, **kw)
+  trainer = np.asarray(jax.jit(grpo.make_logps_fn(grpo.GRPOConfig(), apply))(params, batch))
+  known = (batch['completion_mask'] > 0) & ~np.isnan(batch['sampler_logps'])
+  assert known.sum() > 30
+  np.testing.assert_allclose(trainer[known], batch['sampler_logps'][known], atol=1e-5)
+
+
+def test_a_run_logs_trls_metrics_and_resumes_exactly(tmp_path, data):
+  """num_iterations=2 (old log-probs from a forward pass, reused for two updates); a run
+  stopped at step 2 and resumed ends where the uninterrupted one does, metric for metric."""
+  common = ['--config.train.steps=4', '--config.train.checkpoint_every=2',
+            '--config.rl.num_iterations=2', '--config.rl.epsilon_high=0.28']
+  assert main_lib.main(_args(tmp_path / 'a', data, *common)) == 0
+  assert main_lib.main(_args(tmp_path / 'b', data, *common, '--config.train.stop_at_step=2')) == 0
+  assert max(r['step'] for r in _rows(tmp_path / 'b')) == 2
+  assert main_lib.main(_args(tmp_path / 'b', data, *common)) == 0
+  a = {r['step']: r for r in _rows(tmp_path / 'a') if 'loss' in r}
+  b = {r['step']: r for r in _rows(tmp_path / 'b') if 'loss' in r}
+  names = {'loss', 'reward', 'reward_std', 'frac_reward_zero_std', 'entropy',
+           'completions/mean_length', 'completions/clipped_ratio', 'clip_ratio/low_mean',
+           'clip_ratio/high_mean', 'clip_ratio/region_mean', 'time/rollout_s', 'time/update_s',
+           'rewards/rl_test_rewards.count_o/mean', 'rewards/rl_test_rewards.uses_columns/mean'}
+  assert names <= set(a[4])
+  # The column reward sees each prompt's own field: half the prompts are tagged 'x'.
+  assert 0 < a[1]['rewards/rl_test_rewards.uses_columns/mean'] < 1
+  for step in (3, 4):
+    for k in ('loss', 'reward', 'entropy', 'grad_norm', 'clip_ratio/region_mean'):
+      assert b[step][k] == pytest.approx(a[step][k], rel=1e-5, abs=1e-7), (step, k)
+  # The second update of a rollout batch sees a moved policy: its ratio is no longer 1.
+  assert a[2]['loss'] != a[1]['loss']
+
+
+@pytest.mark.parametrize('fn, match', [
+    ('raises', r'reward function rl_test_rewards.raises raised RuntimeError: boom'),
+    ('short', r'returned 1 rewards for 4 completions'),
+    ('nan', r'returned nan for completion 0'),
+])
+def test_bad_reward_functions_are_named(data, fn, match):
+  fns, _ = rewards_lib.load([f'rl_test_rewards:{fn}'])
+  with pytest.raises(UserError, match=match) as e:
+    rewards_lib.score(fns, ['p'] * 4, ['a', 'b', 'c', 'd'], {})
+  assert len(str(e.value).splitlines()) == 1
+
+
+def test_builtin_exact_match_reads_the_answer_line():
+  got = rewards_lib.exact_match(['q'] * 3, [' 19', ' 19\nQ: more', ' 18'], answer=['19'] * 3)
+  assert got == [1.0, 1.0, 0.0]
+  assert rewards_lib.json_format([''] * 3, ['{"answer": 3}', 'x', '[1]']) == [1.0, 0.0, 0.0]
+
+
+def test_long_prompts_are_skipped_and_counted(capsys):
+  from llmjax.rl import loop
+
+  class Tok:
+    bos_id = 1
+    encode = staticmethod(lambda s: list(range(len(s.split()))))
+  recs = [{'prompt': 'a b'}, {'prompt': 'a b c d e f'}, {'prompt': 'a'}]
+  kept, ids = loop.tokenize_prompts(recs, Tok(), 4, print)
+  assert [r['prompt'] for r in kept] == ['a b', 'a'] and ids == [[1, 0, 1], [1, 0]]
+  assert 'skipped 1 of 3 prompts longer than 4 tokens' in capsys.readouterr().out
+  with pytest.raises(DataError, match='no prompt fits'):
+    loop.tokenize_prompts(recs[1:2], Tok(), 4, print)
+
+
+def test_prompt_order_is_a_function_of_the_batch_index():
+  from llmjax.rl import loop
+  first = [loop.prompt_indices(k, 3, 8, seed=0) for k in range(6)]
+  assert first == [loop.prompt_indices(k, 3, 8, seed=0) for k in range(6)]
+  flat = sum(first, [])
+  assert sorted(flat[:8]) == list(range(8))  # the first epoch visits every prompt once
+
+
+@pytest.mark.parametrize('extra, match', [
+    (['--config.train.batch_size=10'], 'not a multiple of rl.num_generations=4'),
+    (['--config.rl.num_iterations=3'], 'train.checkpoint_every=100 must be a multiple'),
+    (['--config.rl.reward_fns=no_such_module:fn'], "could not be imported"),
+    (['--config.rl.reward_fns=exact_matc'], 'neither a built-in reward'),
+    (['--config.rl.max_completion_length=40'], 'leaves no room for a prompt'),
+])
+def test_config_errors_before_anything_compiles(tmp_path, data, capsys, extra, match):
+  assert main_lib.main(_args(tmp_path / 'w', data, *extra)) == 2
+  err = capsys.readouterr().err.strip()
+  assert match in err and len(err.splitlines()) == 1, err
+  assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
