@@ -253,7 +253,7 @@ def train_rl(config, workdir: str) -> dict:
   manager.wait_until_finished()
   manager.close()
   log.close()
-  curve = metrics_lib.plot_loss_curve(workdir)
-  if curve and jax.process_index() == 0:
-    print(f"loss curve: {curve}")
+  curves = [metrics_lib.plot_loss_curve(workdir), metrics_lib.plot_reward_curve(workdir)]
+  if curves[0] and jax.process_index() == 0:
+    print(f"loss and reward curves: {', '.join(curves)}")
   return {'step': step, **{k: float(v) for k, v in latest.items()}}

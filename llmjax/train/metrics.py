@@ -106,6 +106,22 @@ class MetricsLogger:
 
 def plot_loss_curve(workdir: str) -> str | None:
   """Reads metrics.jsonl and writes loss_curve.png (train and eval loss against step)."""
+  return _plot(workdir, 'loss_curve.png', [('loss', 'train loss', '-'),
+                                           ('eval_loss', 'eval loss', 'o-')],
+               'cross-entropy (nats/token)')
+
+
+def plot_reward_curve(workdir: str) -> str | None:
+  """reward_curve.png of an RL run: the rollouts' mean reward and held-out exact match (the
+  eval_*_exact_match columns) against step."""
+  return _plot(workdir, 'reward_curve.png', [('reward', 'rollout reward (mean)', '-'),
+                                             ('eval_*_exact_match', 'held-out exact match', 'o-')],
+               'reward / exact match')
+
+
+def _plot(workdir: str, name: str, series, ylabel: str) -> str | None:
+  """series: (metrics key, or 'prefix*suffix' for every matching key; label; line style)."""
+  import fnmatch
   path = files.join(workdir, 'metrics.jsonl')
   if jax.process_index() != 0 or not files.exists(path):
     return None
@@ -114,17 +130,17 @@ def plot_loss_curve(workdir: str) -> str | None:
   import matplotlib.pyplot as plt
   rows = [json.loads(line) for line in files.read_text(path).splitlines() if line.strip()]
   fig, ax = plt.subplots(figsize=(6, 4))
-  train = [(r['step'], r['loss']) for r in rows if 'loss' in r]
-  evals = [(r['step'], r['eval_loss']) for r in rows if 'eval_loss' in r]
-  if train:
-    ax.plot(*zip(*train), label='train loss')
-  if evals:
-    ax.plot(*zip(*evals), 'o-', label='eval loss')
+  for pattern, label, style in series:
+    keys = sorted({k for r in rows for k in r if fnmatch.fnmatch(k, pattern)})
+    for key in keys:
+      points = [(r['step'], r[key]) for r in rows if key in r]
+      if points:
+        ax.plot(*zip(*points), style, label=label if key == pattern else f'{label}: {key}')
   ax.set_xlabel('step')
-  ax.set_ylabel('cross-entropy (nats/token)')
+  ax.set_ylabel(ylabel)
   ax.legend()
   ax.grid(alpha=0.3)
-  out = files.join(workdir, 'loss_curve.png')
+  out = files.join(workdir, name)
   fig.tight_layout()
   png = io.BytesIO()  # savefig knows local paths, not gs://: render here, write through epath
   fig.savefig(png, format='png', dpi=100)
