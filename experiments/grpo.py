@@ -19,7 +19,21 @@ the exact-match reward, scoring held-out exact match at every eval:
     python -m llmjax.main --config=experiments/grpo.py:tiny --workdir=/tmp/grpo_tiny
 
 Arguments (after ':'): [VARIANT,]key=value: generations=N, batch=N (completions per step),
-lr=X, loss=grpo|bnpo|dr_grpo|dapo, beta=B; `:tiny` also params_dir=DIR, steps=N, tasks=a+b.
+lr=X, loss=grpo|bnpo|dr_grpo|dapo, beta=B; `:tiny` also params_dir=DIR, steps=N, tasks=a+b;
+`:llama3-8b` also completion=N, seq_len=N, grad_accum=N.
+
+`:llama3-8b` pins Llama 3 8B on a v5p-8 (64 completions of up to 1024 tokens after prompts of
+up to 1024 a step, 8 per prompt; fp32 master weights and Adam, bf16 matmuls, full remat, the
+Pallas flash kernel, ZeRO-3 over all chips, 4 micro-batches):
+
+    JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan \\
+        --config=experiments/grpo.py:llama3-8b --topology=v5p:2x2x1
+    python -m llmjax.launch run --name=grpo8b --zone=us-east5-a \\
+        --config=experiments/grpo.py:llama3-8b --workdir=gs://BUCKET/grpo8b \\
+        -- --config.init.hf_dir=/data/Meta-Llama-3-8B-Instruct --config.data.path=/data/prompts.jsonl \\
+        --config.rl.reward_fns=my_rewards:correct
+
+PLAN_TABLE
 """
 
 import ml_collections
@@ -79,8 +93,35 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   return c
 
 
+def _llama3_8b(arg: str) -> ml_collections.ConfigDict:
+  """Llama 3 8B (-Instruct, or an SFT of it) on a v5p-8: full fine-tuning in fp32 master
+  weights and Adam, bf16 matmuls, ZeRO-3 over the four chips; rollouts on the same chips."""
+  a = config_lib.parse_arg(arg, generations=8, batch=64, lr=1e-6, loss='dapo', beta=0.0,
+                           completion=1024, seq_len=2048, grad_accum=4)
+  c = config_lib.base_config('llama3-8b')  # pinned: a different checkpoint is an error
+  c.model.dtype = 'bfloat16'
+  c.model.param_dtype = 'float32'  # updates at 1e-6 are below bf16's resolution
+  # As sft.py's 8B variants: only block inputs survive to the backward pass, the flash kernel,
+  # the 128k-vocab head and log-probs 1024 positions at a time.
+  c.model.remat = 'full'
+  c.model.attention = 'pallas'
+  c.train.loss_chunk = 1024
+  _grpo(c, a)
+  c.rl.max_completion_length = a.completion
+  c.data.seq_len = a.seq_len  # prompt (<= seq_len - completion) + completion
+  c.data.vocab_size = c.model.vocab_size  # the checkpoint's tokenizer
+  # 64 completions of 2048 tokens a step: four micro-batches of 16 (4 rows a chip), the same
+  # update (every loss type is normalised by global counts).
+  c.train.grad_accum = a.grad_accum
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.sharding.rules = 'fsdp'
+  return c
+
+
 # name -> get_config for that variant (the argument after its name).
 VARIANTS = {
     # The tiny SFT model on the built-in arithmetic task (CPU).
     'tiny': _tiny,
+    # Llama 3 8B on a v5p-8 (init.hf_dir, data.path and rl.reward_fns on the command line).
+    'llama3-8b': _llama3_8b,
 }

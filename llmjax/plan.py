@@ -81,6 +81,10 @@ class Report:
   # tokens only, `ModelConfig.frozen_base`).
   trainable_params: int = 0
   total_params: int = 0
+  # GRPO: the rollouts' KV cache per device (train.batch_size rows of data.seq_len slots, batch
+  # over data x fsdp and kv heads over tensor, as `Cache.constrain` places it), held beside the
+  # params while sampling, when the step's activations are not.
+  rollout_cache_bytes: int = 0
 
   @property
   def total_bytes(self) -> int:
@@ -285,8 +289,24 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
       model_flops_per_device=model_flops, step_time_floor_s=floor, largest=largest[:8],
       flops_estimated=estimated, reference=trainer.reference,
       reference_bytes=reference_bytes, trainable_params=adapters if model_cfg.frozen_base
-      else model_cfg.num_params, total_params=model_cfg.num_params + adapters)
+      else model_cfg.num_params, total_params=model_cfg.num_params + adapters,
+      rollout_cache_bytes=_rollout_cache_bytes(config, model_cfg, n))
   return report, compiled
+
+
+def _rollout_cache_bytes(config, model_cfg, num_devices: int) -> int:
+  """Per-device bytes of a GRPO run's rollout KV cache (0 for other objectives)."""
+  import jax.numpy as jnp
+  from llmjax.infer import engine
+  from llmjax.train import objectives
+  if objectives.objective(config) != 'grpo':
+    return 0
+  head_dim = model_cfg.head_dim or model_cfg.embed_dim // model_cfg.num_heads
+  _, slots = engine.shapes(model_cfg, config.data.seq_len - config.rl.max_completion_length,
+                           config.rl.max_completion_length, platform='tpu')
+  total = (2 * model_cfg.num_layers * config.train.batch_size * slots * model_cfg.num_kv_heads
+           * head_dim * jnp.dtype(model_cfg.dtype).itemsize)
+  return total // num_devices
 
 
 def _bytes_per_device(tree) -> int:
@@ -351,6 +371,10 @@ def format_report(config, report: Report) -> str:
       f"  outputs   {gib(r.output_bytes)}  (of which {gib(r.alias_bytes)} reuse the donated state)",
       f"  temp      {gib(r.temp_bytes)}  (activations, gradients, collectives' buffers)",
       f"  code      {gib(r.code_bytes)}",
+      *([f"rollouts (GRPO): KV cache {gib(r.rollout_cache_bytes)} per {unit} for"
+         f" {config.train.batch_size} x {config.data.seq_len} slots, beside the train state"
+         f" ({gib(r.argument_bytes + r.rollout_cache_bytes)} with it) while sampling"]
+        if r.rollout_cache_bytes else []),
       f"  total     {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM"
       f" ({100 * r.total_bytes / r.hbm_bytes:.0f}%) -> {'fits' if r.fits else 'DOES NOT FIT'}",
       f"FLOPs per step per device: {r.model_flops_per_device:.4g} model"

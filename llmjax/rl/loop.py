@@ -174,7 +174,7 @@ def train_rl(config, workdir: str) -> dict:
   eval_tasks = suite.load_tasks(config, tokenizer, model_cfg)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules_from_config(config)
-  trainer = make_trainer(config, model_cfg, mesh, rules, loss_fn=grpo.make_loss_fn(cfg))
+  trainer = make_trainer(config, model_cfg, mesh, rules)  # GRPO's loss: objectives.make_loss
   manager = checkpoint.make_manager(workdir, max_to_keep=t.max_to_keep)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = checkpoint.restore(manager, trainer.abstract_state)

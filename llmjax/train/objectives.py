@@ -139,6 +139,10 @@ def make_loss(config, pad_id: int = -1) -> Callable:
   if obj == 'dpo':
     from llmjax.train import dpo
     return dpo.make_loss_fn(dpo.DPOConfig.from_config(config.dpo), pairs, chunk)
+  if obj == 'grpo':
+    from llmjax.rl import grpo
+    return functools.partial(grpo.make_loss_fn(grpo.GRPOConfig.from_config(config.rl)),
+                             loss_chunk=chunk)
   if obj == 'reward':
     from llmjax.train import reward
     return functools.partial(reward.reward_loss, num_pairs=pairs,
