@@ -371,12 +371,12 @@ def format_report(config, report: Report) -> str:
       f"  outputs   {gib(r.output_bytes)}  (of which {gib(r.alias_bytes)} reuse the donated state)",
       f"  temp      {gib(r.temp_bytes)}  (activations, gradients, collectives' buffers)",
       f"  code      {gib(r.code_bytes)}",
-      *([f"rollouts (GRPO): KV cache {gib(r.rollout_cache_bytes)} per {unit} for"
+      f"  total     {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM"
+      f" ({100 * r.total_bytes / r.hbm_bytes:.0f}%) -> {'fits' if r.fits else 'DOES NOT FIT'}",
+      *([f"  rollouts: KV cache {gib(r.rollout_cache_bytes)} per {unit} for"
          f" {config.train.batch_size} x {config.data.seq_len} slots, beside the train state"
          f" ({gib(r.argument_bytes + r.rollout_cache_bytes)} with it) while sampling"]
         if r.rollout_cache_bytes else []),
-      f"  total     {gib(r.total_bytes)} of {gib(r.hbm_bytes)} HBM"
-      f" ({100 * r.total_bytes / r.hbm_bytes:.0f}%) -> {'fits' if r.fits else 'DOES NOT FIT'}",
       f"FLOPs per step per device: {r.model_flops_per_device:.4g} model"
       f" ({'4N + 6 x adapters' if frozen else '6N'} + attention"
       + (", + the reference's forward 2N + attention" if r.reference else "") + "),"

@@ -159,3 +159,30 @@ def test_config_errors_before_anything_compiles(tmp_path, data, capsys, extra, m
   err = capsys.readouterr().err.strip()
   assert match in err and len(err.splitlines()) == 1, err
   assert not os.path.exists(tmp_path / 'w' / 'checkpoints')
+
+
+def test_plan_compiles_the_grpo_step_with_its_reference_and_counts_the_rollout_cache():
+  """llmjax.plan on a TPU topology: the GRPO batch (completion_mask, advantages, old and sampler
+  log-probs) and loss compile; with rl.beta > 0 the frozen reference is in the arguments; the
+  rollouts' KV cache is 2 (K, V) x layers x batch x slots x kv heads x head_dim x 2 bytes."""
+  import importlib.util
+  from llmjax import plan as plan_lib
+  spec = importlib.util.spec_from_file_location('grpo_exp', 'experiments/grpo.py')
+  exp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exp)
+  c = exp.get_config('tiny,beta=0.04')
+  c.init.params_dir = ''  # plan reads no checkpoint
+  c.model.dtype = 'bfloat16'
+  # A small model: what is checked is the GRPO program and the accounting, not the size.
+  c.model.update(num_layers=1, embed_dim=64, mlp_dim=128, num_heads=2, num_kv_heads=1,
+                 head_dim=32, vocab_size=256)
+  c.train.batch_size = 16
+  report, _ = plan_lib.plan(c, 'v5e:1x1')
+  assert report.reference == 'arg' and report.reference_bytes > 0
+  m = c.model
+  head_dim = m.head_dim or m.embed_dim // m.num_heads
+  slots = 64  # 32 rounded up to the engine's cache granularity
+  assert report.rollout_cache_bytes == (2 * m.num_layers * c.train.batch_size * slots
+                                        * m.num_kv_heads * head_dim * 2)
+  text = plan_lib.format_report(c, report)
+  assert 'rollouts: KV cache' in text and 'frozen reference' in text
