@@ -20,7 +20,6 @@ functions. Each prompt is tokenized as `llmjax.generate --prompt` does (BOS firs
 and rl.max_completion_length do not fit data.seq_len + 1 (the train row) is skipped and counted.
 """
 
-import json
 import time
 
 import flax.linen as nn
@@ -71,22 +70,15 @@ def load_prompt_records(config) -> list[dict]:
   if not path:
     raise ConfigError("train.objective='grpo' needs prompts: data.builtin_tasks (e.g."
                       " arithmetic) or data.path (JSONL records with a prompt field).")
+  from llmjax.eval.records import read_jsonl  # one JSONL reader: each bad line named
   key = data.get('prompt_key', 'prompt')
   out = []
-  for line_no, line in enumerate(files.read_text(path).splitlines(), 1):
-    if not line.strip():
-      continue
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise DataError(f"{path}:{line_no}: not valid JSON ({e.msg}).") from None
-    if not isinstance(rec, dict) or not isinstance(rec.get(key), str):
+  for line_no, rec in read_jsonl(path):
+    if not isinstance(rec.get(key), str):
       raise DataError(f"{path}:{line_no}: a record needs a string '{key}' field"
                       " (data.prompt_key).")
-    rec['prompt'] = rec.pop(key) if key != 'prompt' else rec['prompt']
+    rec['prompt'] = rec.pop(key)
     out.append(rec)
-  if not out:
-    raise DataError(f"{path} holds no records.")
   return out
 
 
