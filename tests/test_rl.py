@@ -98,6 +98,8 @@ def test_a_run_logs_trls_metrics_and_resumes_exactly(tmp_path, data):
            'clip_ratio/high_mean', 'clip_ratio/region_mean', 'time/rollout_s', 'time/update_s',
            'rewards/rl_test_rewards.count_o/mean', 'rewards/rl_test_rewards.uses_columns/mean'}
   assert names <= set(a[4])
+  # The run keeps its tokenizer, as every run does: generate / eval / convert read it.
+  assert os.path.isdir(tmp_path / 'a' / 'hf_tokenizer')
   # The column reward sees each prompt's own field: half the prompts are tagged 'x'.
   assert 0 < a[1]['rewards/rl_test_rewards.uses_columns/mean'] < 1
   for step in (3, 4):

@@ -37,23 +37,17 @@ from llmjax.train.loop import _global_batch, _Preemption, make_trainer, setup_wo
 SAMPLES_SHOWN = 2  # rollout samples printed at each eval
 
 
-def load_tokenizer(config):
-  """The policy's tokenizer: data.tokenizer_path, else the source checkpoint's (GRPO starts
-  from a trained model: init.params_dir or init.hf_dir)."""
+def load_tokenizer(config, workdir: str):
+  """The policy's tokenizer (data.tokenizer_path, else the source checkpoint's: GRPO starts
+  from a trained model, init.params_dir or init.hf_dir), copied into the workdir as every run
+  keeps its own (so generate, eval and convert read the RL run as any other)."""
   from llmjax.data import pipeline
-  init = config.get('init', {})
-  given = config.data.get('tokenizer_path', '')
-  if given:
-    if files.isdir(given):
-      return pipeline._load_hf_tokenizer(given)
-    from llmjax.data.tokenizer import SentencePieceTokenizer
-    return SentencePieceTokenizer.load(given)
-  if init.get('hf_dir'):
-    return pipeline._load_hf_tokenizer(init.hf_dir)
-  if init.get('params_dir'):
-    return pipeline.load_run_tokenizer(init.params_dir)
-  raise ConfigError("train.objective='grpo' starts from a trained model: set init.params_dir (an"
-                    " llmjax workdir, e.g. an SFT run) or init.hf_dir.")
+  from llmjax.train.loop import data_config
+  data_cfg = data_config(config)
+  if not data_cfg.get('tokenizer_path', ''):
+    raise ConfigError("train.objective='grpo' starts from a trained model: set init.params_dir"
+                      " (an llmjax workdir, e.g. an SFT run) or init.hf_dir.")
+  return pipeline.build_tokenizer(data_cfg, workdir, None)
 
 
 def load_prompt_records(config) -> list[dict]:
@@ -159,7 +153,7 @@ def train_rl(config, workdir: str) -> dict:
   t = config.train
   say = print if jax.process_index() == 0 else (lambda *_: None)
   fns, weights = rewards_lib.load(config.rl.reward_fns, config.rl.get('reward_weights', ()))
-  tokenizer = load_tokenizer(config)
+  tokenizer = load_tokenizer(config, workdir)
   records, ids = tokenize_prompts(load_prompt_records(config), tokenizer,
                                   config.data.seq_len + 1 - cfg.max_completion_length, say)
   from llmjax.eval import suite
