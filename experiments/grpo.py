@@ -18,8 +18,8 @@ the exact-match reward, scoring held-out exact match at every eval:
     python -m llmjax.main --config=experiments/sft.py:tiny --workdir=/tmp/sft_tiny
     python -m llmjax.main --config=experiments/grpo.py:tiny --workdir=/tmp/grpo_tiny
 
-Arguments (after ':'): [VARIANT,]key=value: generations=N, batch=N (completions per step),
-lr=X, loss=grpo|bnpo|dr_grpo|dapo, beta=B; `:tiny` also params_dir=DIR, steps=N, tasks=a+b;
+Arguments (after ':'): [VARIANT,]key=value: algo=grpo|rloo, generations=N, batch=N
+(completions per step), lr=X, loss=grpo|bnpo|dr_grpo|dapo (GRPO's), beta=B; `:tiny` also params_dir=DIR, steps=N, tasks=a+b;
 `:llama3-8b` also completion=N, seq_len=N, grad_accum=N.
 
 `:llama3-8b` pins Llama 3 8B on a v5p-8 (64 completions of up to 1024 tokens after prompts of
@@ -58,7 +58,7 @@ def get_config(arg=None):
   if variant:
     return VARIANTS[variant](rest)
   a = config_lib.parse_arg(rest, generations=8, batch=64, lr=1e-6, loss='dapo', beta=0.0,
-                           completion=256, seq_len=512)
+                           completion=256, seq_len=512, algo='grpo')
   c = config_lib.base_config()  # unpinned: init.hf_dir's config.json gives the architecture
   c.model.dtype = 'bfloat16'  # bf16 matmuls; params and Adam stay float32
   _grpo(c, a)
@@ -68,7 +68,9 @@ def get_config(arg=None):
 
 
 def _grpo(c, a) -> None:
-  c.train.objective = 'grpo'
+  # algo=rloo: the same loop with RLOO's leave-one-out advantages and sequence-level ratio
+  # (llmjax/rl/rloo.py, TRL's RLOOTrainer); rl.beta then folds the KL into the reward.
+  c.train.objective = a.algo
   c.data.format = 'prompt_completion'  # records need only a prompt
   c.rl.num_generations = a.generations
   c.rl.loss_type = a.loss
@@ -87,7 +89,7 @@ def _grpo(c, a) -> None:
 def _tiny(arg: str) -> ml_collections.ConfigDict:
   """The tiny SFT model on the built-in arithmetic prompts, on a laptop CPU."""
   a = config_lib.parse_arg(arg, generations=8, batch=64, lr=1e-4, loss='dapo', beta=0.0,
-                           params_dir='/tmp/sft_tiny', steps=200, tasks='arithmetic')
+                           params_dir='/tmp/sft_tiny', steps=200, tasks='arithmetic', algo='grpo')
   c = config_lib.base_config('tiny', vocab_size=1024, max_seq_len=1024)  # the quickstart's
   c.init.params_dir = a.params_dir  # its tokenizer comes with it
   _grpo(c, a)
@@ -109,7 +111,7 @@ def _llama3_8b(arg: str) -> ml_collections.ConfigDict:
   """Llama 3 8B (-Instruct, or an SFT of it) on a v5p-8: full fine-tuning in fp32 master
   weights and Adam, bf16 matmuls, ZeRO-3 over the four chips; rollouts on the same chips."""
   a = config_lib.parse_arg(arg, generations=8, batch=64, lr=1e-6, loss='dapo', beta=0.0,
-                           completion=1024, seq_len=2048, grad_accum=4)
+                           completion=1024, seq_len=2048, grad_accum=4, algo='grpo')
   c = config_lib.base_config('llama3-8b')  # pinned: a different checkpoint is an error
   c.model.dtype = 'bfloat16'
   c.model.param_dtype = 'float32'  # updates at 1e-6 are below bf16's resolution

@@ -385,7 +385,7 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # What the run optimises (llmjax.train.objectives): 'lm' = next-token loss (pretraining, SFT);
   # 'dpo' = the DPO family (dpo.*) on data.format='preference' (KTO: 'unpaired_preference');
   # 'reward' = a Bradley-Terry reward model (model.head='score') on 'preference' pairs;
-  # 'grpo' = online RL (rl.*) from prompts and reward functions (llmjax/rl).
+  # 'grpo' / 'rloo' = online RL (rl.*) from prompts and reward functions (llmjax/rl).
   c.train.objective = 'lm'
   c.train.seed = 0  # initialisation and data order
   c.train.lr = 3e-4
@@ -481,8 +481,8 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.reward = ml_collections.ConfigDict()
   c.reward.center_coef = 0.0  # TRL's center_rewards_coefficient: + coef x mean((r_c + r_r)^2)
 
-  # train.objective='grpo' (llmjax/rl: online RL on the trainer's own mesh; formulas, names and
-  # defaults as TRL 1.16's GRPOTrainer). train.batch_size counts completions: batch_size //
+  # train.objective='grpo' or 'rloo' (llmjax/rl: online RL on the trainer's own mesh; formulas,
+  # names and defaults as TRL 1.16's GRPOTrainer / RLOOTrainer). train.batch_size counts completions: batch_size //
   # num_generations prompts per rollout batch.
   c.rl = ml_collections.ConfigDict()
   c.rl.num_generations = 8  # completions sampled per prompt (a group)
@@ -507,6 +507,7 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # 'length_penalty', or 'module:function' on the Python path; weights default to 1 each.
   c.rl.reward_fns = ('exact_match',)
   c.rl.reward_weights = ()
+  c.rl.normalize_advantages = False  # RLOO: standardise the advantages over the batch
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ()  # printed with their continuations at every eval

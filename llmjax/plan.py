@@ -299,7 +299,7 @@ def _rollout_cache_bytes(config, model_cfg, num_devices: int) -> int:
   import jax.numpy as jnp
   from llmjax.infer import engine
   from llmjax.train import objectives
-  if objectives.objective(config) != 'grpo':
+  if objectives.objective(config) not in objectives.RL_OBJECTIVES:
     return 0
   head_dim = model_cfg.head_dim or model_cfg.embed_dim // model_cfg.num_heads
   _, slots = engine.shapes(model_cfg, config.data.seq_len - config.rl.max_completion_length,

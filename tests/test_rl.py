@@ -76,7 +76,7 @@ def test_sampler_logprobs_are_the_trainers(data):
                         decode=tok.decode)
   batch = rollout.to_batch(roll, np.zeros(8), 32)
   apply = lambda p, x, **kw: Transformer(cfg).apply({'params': p}, x, **kw)
-  trainer = np.asarray(jax.jit(grpo.make_logps_fn(grpo.GRPOConfig(), apply))(params, batch))
+  trainer = np.asarray(jax.jit(grpo.make_logps_fn(grpo.RLConfig(), apply))(params, batch))
   known = (batch['completion_mask'] > 0) & ~np.isnan(batch['sampler_logps'])
   assert known.sum() > 30
   np.testing.assert_allclose(trainer[known], batch['sampler_logps'][known], atol=1e-5)
@@ -155,6 +155,8 @@ def test_prompt_order_is_a_function_of_the_batch_index():
     (['--config.rl.reward_fns=no_such_module:fn'], "could not be imported"),
     (['--config.rl.reward_fns=exact_matc'], 'neither a built-in reward'),
     (['--config.rl.max_completion_length=40'], 'leaves no room for a prompt'),
+    (['--config.train.objective=rloo', '--config.rl.num_generations=1',
+      '--config.rl.scale_rewards=none'], "train.objective='rloo' needs rl.num_generations >= 2"),
 ])
 def test_config_errors_before_anything_compiles(tmp_path, data, capsys, extra, match):
   assert main_lib.main(_args(tmp_path / 'w', data, *extra)) == 2
@@ -188,3 +190,18 @@ def test_plan_compiles_the_grpo_step_with_its_reference_and_counts_the_rollout_c
                                         * m.num_kv_heads * head_dim * 2)
   text = plan_lib.format_report(c, report)
   assert 'rollouts: KV cache' in text and 'frozen reference' in text
+
+
+def test_rloo_folds_the_kl_into_the_reward(tmp_path, data):
+  """train.objective='rloo' with rl.beta > 0: at step 1 the policy is its reference (the
+  initial weights), so the KL is 0 and the logged reward is the functions' weighted sum; after
+  an update the policy has moved and the KL penalty lowers the reward."""
+  assert main_lib.main(_args(tmp_path / 'r', data, '--config.train.objective=rloo',
+                             '--config.rl.beta=0.5', '--config.train.steps=2',
+                             '--config.train.lr=3e-3')) == 0
+  rows = {r['step']: r for r in _rows(tmp_path / 'r') if 'loss' in r}
+  assert rows[1]['kl'] == pytest.approx(0.0, abs=1e-6)
+  want = (rows[1]['rewards/rl_test_rewards.count_o/mean']
+          + 0.5 * rows[1]['rewards/rl_test_rewards.uses_columns/mean'])
+  assert rows[1]['reward'] == pytest.approx(want, rel=1e-6)
+  assert rows[2]['kl'] != 0.0

@@ -17,7 +17,7 @@ from llmjax.train import losses
 
 
 def _cfg(**kw):
-  return grpo.GRPOConfig(**{'num_generations': 2, 'max_completion_length': 5, **kw})
+  return grpo.RLConfig(**{'num_generations': 2, 'max_completion_length': 5, **kw})
 
 
 # ------------------------------------------------------------------------------ advantages
@@ -211,4 +211,58 @@ def test_bad_rl_settings_are_one_line_errors(key, value, match):
   rl = config_lib.base_config().rl
   rl[key] = value
   with pytest.raises(ConfigError, match=match):
-    grpo.GRPOConfig.from_config(rl)
+    grpo.RLConfig.from_config(rl)
+
+
+# ------------------------------------------------------------------------------ RLOO
+
+
+def trl_rloo_advantages(rewards_per_func, weights, g, kl, beta, normalize):
+  """TRL 1.16 RLOOTrainer._generate_and_score_completions, every reward scorable."""
+  rewards = (rewards_per_func * weights[None]).sum(1) - beta * kl
+  grouped = rewards.reshape(-1, g)
+  baselines = ((grouped.sum(1, keepdims=True) - grouped) / (g - 1)).reshape(-1)
+  adv = rewards - baselines
+  if normalize:
+    adv = (adv - adv.mean()) / (adv.std(ddof=1) + 1e-4)
+  return adv
+
+
+@pytest.mark.parametrize('normalize', [False, True])
+@pytest.mark.parametrize('beta', [0.0, 0.05])
+def test_rloo_advantages_are_trls(normalize, beta):
+  from llmjax.rl import rloo
+  rng = np.random.default_rng(4)
+  per_func, kl = rng.normal(size=(12, 2)), rng.normal(size=12)
+  weights = np.array([1.0, 0.3])
+  got, m = rloo.advantages(per_func, weights, 4, kl=kl, beta=beta, normalize=normalize)
+  np.testing.assert_allclose(got, trl_rloo_advantages(per_func, weights, 4, kl, beta, normalize),
+                             rtol=1e-12)
+  assert m['reward'] == pytest.approx((per_func @ weights - beta * kl).mean())
+
+
+def test_rloo_baseline_leaves_the_sample_out():
+  """Group [1, 0, 0]: baselines (0+0)/2, (1+0)/2, (1+0)/2 -> advantages 1, -0.5, -0.5."""
+  from llmjax.rl import rloo
+  adv, _ = rloo.advantages(np.array([[1.], [0.], [0.]]), np.array([1.0]), 3)
+  np.testing.assert_allclose(adv, [1.0, -0.5, -0.5])
+
+
+def test_rloo_loss_is_trls_sequence_level_clipped_ratio():
+  from llmjax.rl import rloo
+  rng = np.random.default_rng(5)
+  cfg = _cfg(epsilon_low=0.2, epsilon_high=0.28, temperature=0.9)
+  batch = _batch(rng)
+  logits = rng.normal(size=(4, 6, 5)).astype(np.float32)
+  logp = _logp(logits, batch['targets'], 0.9)
+  batch['old_logps'] = (logp + rng.normal(size=logp.shape) * 0.2).astype(np.float32)
+  out = rloo.make_loss_fn(cfg)({'logits': jnp.asarray(logits)}, batch, _apply)
+  mask = batch['completion_mask']
+  ratio = np.exp((logp * mask).sum(-1) - (batch['old_logps'] * mask).sum(-1))
+  adv = batch['advantages'][:, 0]
+  per_seq = -np.minimum(ratio * adv, np.clip(ratio, 0.8, 1.28) * adv)
+  rows = mask.sum(-1) > 0
+  assert float(out.total / out.weight) == pytest.approx(per_seq[rows].mean(), rel=1e-5)
+  m = {k: float(v) for k, v in losses.reduce_output(out).items()}
+  low = ((ratio < 0.8) & (adv < 0))[rows].mean()
+  assert m['clip_ratio/low_mean'] == pytest.approx(low)

@@ -551,14 +551,14 @@ def batch_shapes(config, batch_size: int | None = None) -> dict[str, tuple[tuple
     ref_logps                                float32 [B, 2P] when the reference's log-probs
                                              are precomputed (dpo.precompute_ref,
                                              `objectives.precomputes_reference`)
-  GRPO (train.objective='grpo', `llmjax.rl.rollout.to_batch`): no loss_mask; completion_mask,
+  GRPO and RLOO (train.objective 'grpo', 'rloo': `llmjax.rl.rollout.to_batch`): no loss_mask; completion_mask,
   old_logps, sampler_logps float32 [B, T], advantages float32 [B, 1].
   """
   from llmjax.train import objectives  # here: the data layer imports no jax at module level
   b = config.train.batch_size if batch_size is None else batch_size
   t = config.data.seq_len
   shapes = {k: ((b, t), np.dtype(np.float32 if k == 'loss_mask' else np.int32)) for k in LM_KEYS}
-  if objectives.objective(config) == 'grpo':
+  if objectives.objective(config) in objectives.RL_OBJECTIVES:
     del shapes['loss_mask']
     f32 = np.dtype(np.float32)
     shapes.update(completion_mask=((b, t), f32), old_logps=((b, t), f32),

@@ -59,7 +59,8 @@ SAMPLER_IS = ('', 'token', 'sequence')
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig:
+class RLConfig:
+  """config.rl, checked: the settings GRPO and RLOO (`llmjax.rl.rloo`) share, and theirs."""
   num_generations: int = 8
   max_completion_length: int = 256
   temperature: float = 1.0
@@ -74,10 +75,11 @@ class GRPOConfig:
   importance_sampling_level: str = 'token'
   sampler_is: str = ''
   sampler_is_cap: float = 3.0
+  normalize_advantages: bool = False  # RLOO: advantages standardised over the batch
 
   @classmethod
-  def from_config(cls, rl) -> 'GRPOConfig':
-    """config.rl -> a checked GRPOConfig (one-line ConfigErrors naming the key)."""
+  def from_config(cls, rl) -> 'RLConfig':
+    """config.rl -> a checked RLConfig (one-line ConfigErrors naming the key)."""
     fields = {f.name: rl[f.name] for f in dataclasses.fields(cls) if f.name in rl}
     cfg = cls(**fields)
     for key, allowed in (('loss_type', LOSS_TYPES), ('scale_rewards', SCALE_REWARDS),
@@ -140,7 +142,7 @@ def _masked_sums(x, mask):
   return jnp.sum(x * mask), jnp.sum(mask)
 
 
-def make_loss_fn(cfg: GRPOConfig):
+def make_loss_fn(cfg: RLConfig):
   """loss_fn(params, batch, apply_fn[, ref_params], loss_chunk=0) -> LossOutput.
 
   batch: inputs/targets/positions/segment_ids [B, T] int32 (prompt + completion, one per row),
@@ -203,7 +205,7 @@ def make_loss_fn(cfg: GRPOConfig):
   return loss_fn
 
 
-def make_logps_fn(cfg: GRPOConfig, apply_fn, loss_chunk: int = 0):
+def make_logps_fn(cfg: RLConfig, apply_fn, loss_chunk: int = 0):
   """(params, batch) -> [B, T] float32 log-probs at rl.temperature: the old policy's, computed
   once per rollout batch when rl.num_iterations > 1 (or the sampler correction is on)."""
   def fn(params, batch):

@@ -1,12 +1,13 @@
-"""The online-RL job (train.objective='grpo'): sample, score, update, on one mesh.
+"""The online-RL job (train.objective 'grpo' or 'rloo'): sample, score, update, on one mesh.
 
     python -m llmjax.main --config=experiments/grpo.py:tiny --workdir=/tmp/grpo_tiny
 
 Each rollout batch: train.batch_size // rl.num_generations prompts (the next ones of a
 per-epoch shuffle of the prompt records), rl.num_generations completions each from the
 generation engine on the policy's own params (`llmjax.rl.rollout`), rewards from rl.reward_fns
-(`llmjax.rl.rewards`), group-relative advantages, then rl.num_iterations optimizer steps of the
-one train step (`llmjax.train.step`, GRPO's loss from `llmjax.rl.grpo`) on that batch. train.steps
+(`llmjax.rl.rewards`), advantages (GRPO's group-relative ones, `llmjax.rl.grpo`, or RLOO's
+leave-one-out ones, `llmjax.rl.rloo`), then rl.num_iterations optimizer steps of the one train
+step (`llmjax.train.step`, the objective's loss from `objectives.make_loss`) on that batch. train.steps
 counts optimizer steps, as in every other run.
 
 Exact resume: the prompts of rollout batch k and its sampling seed are functions of k alone, so
@@ -29,7 +30,7 @@ import numpy as np
 from llmjax import files, sharding
 from llmjax.errors import ConfigError, DataError
 from llmjax.infer import engine
-from llmjax.rl import grpo, rewards as rewards_lib, rollout as rollout_lib
+from llmjax.rl import grpo, rloo, rewards as rewards_lib, rollout as rollout_lib
 from llmjax.train import checkpoint, metrics as metrics_lib, objectives
 from llmjax.train import state as state_lib
 from llmjax.train.loop import _global_batch, _Preemption, make_trainer, setup_workdir
@@ -45,7 +46,7 @@ def load_tokenizer(config, workdir: str):
   from llmjax.train.loop import data_config
   data_cfg = data_config(config)
   if not data_cfg.get('tokenizer_path', ''):
-    raise ConfigError("train.objective='grpo' starts from a trained model: set init.params_dir"
+    raise ConfigError("online RL starts from a trained model: set init.params_dir"
                       " (an llmjax workdir, e.g. an SFT run) or init.hf_dir.")
   return pipeline.build_tokenizer(data_cfg, workdir, None)
 
@@ -62,7 +63,7 @@ def load_prompt_records(config) -> list[dict]:
     return out
   path = data.get('path', '')
   if not path:
-    raise ConfigError("train.objective='grpo' needs prompts: data.builtin_tasks (e.g."
+    raise ConfigError("online RL needs prompts: data.builtin_tasks (e.g."
                       " arithmetic) or data.path (JSONL records with a prompt field).")
   from llmjax.eval.records import read_jsonl  # one JSONL reader: each bad line named
   key = data.get('prompt_key', 'prompt')
@@ -110,10 +111,16 @@ def _columns(records: list[dict], num_generations: int) -> dict:
   return {k: [r.get(k) for r in records for _ in range(num_generations)] for k in keys}
 
 
-def make_rollout_batch(k: int, *, config, cfg: grpo.GRPOConfig, model_cfg, params, records,
-                       ids, tokenizer, fns, weights, logps_fn=None, batch_sharding=None):
-  """(host batch dict, rollout metrics, rollout) of rollout batch k."""
+def make_rollout_batch(k: int, *, config, cfg: grpo.RLConfig, model_cfg, params, records,
+                       ids, tokenizer, fns, weights, logps_fn=None, batch_sharding=None,
+                       ref_params=None):
+  """(host batch dict, rollout metrics, rollout) of rollout batch k.
+
+  logps_fn: (params, batch) -> [B, T] log-probs at rl.temperature: the rollout-time policy's
+    (old_logps) when the loss needs them; with ref_params (RLOO with rl.beta > 0) the
+    reference's too, whose summed log-ratio to the policy is subtracted from the reward."""
   t = config.train
+  algo = objectives.objective(config)
   per = t.batch_size // cfg.num_generations
   idx = prompt_indices(k, per, len(records), t.seed)
   recs = [records[i] for i in idx]
@@ -127,7 +134,26 @@ def make_rollout_batch(k: int, *, config, cfg: grpo.GRPOConfig, model_cfg, param
                                 jax.random.key(t.seed), k), (), 0, 2**31 - 1)))
   prompts = [r['prompt'] for r in recs for _ in range(cfg.num_generations)]
   per_func = rewards_lib.score(fns, prompts, roll.texts, _columns(recs, cfg.num_generations))
-  adv, metrics = grpo.advantages(per_func, weights, cfg.num_generations, cfg.scale_rewards)
+  batch = rollout_lib.to_batch(roll, np.zeros(len(prompts)), config.data.seq_len)
+  logps = lambda p: np.asarray(jax.device_get(logps_fn(p, _global_batch(batch, batch_sharding))),
+                               np.float32)
+  # Without logps_fn the loss reads logp itself (detached); zeros keep the batch's structure.
+  batch['old_logps'] = logps(params) if logps_fn is not None else np.zeros_like(
+      batch['sampler_logps'])
+  metrics = {}
+  if algo == 'rloo':
+    kl = None
+    if ref_params is not None:
+      mask = batch['completion_mask']
+      per_token = (batch['old_logps'] - logps(ref_params)) * mask
+      kl = per_token.sum(-1)
+      metrics['kl'] = float(per_token.sum() / max(mask.sum(), 1.0))
+    adv, m = rloo.advantages(per_func, weights, cfg.num_generations, kl=kl, beta=cfg.beta,
+                             normalize=cfg.normalize_advantages)
+  else:
+    adv, m = grpo.advantages(per_func, weights, cfg.num_generations, cfg.scale_rewards)
+  metrics.update(m)
+  batch['advantages'] = adv.astype(np.float32)[:, None]
   for j, (name, _) in enumerate(fns):
     metrics[f'rewards/{name}/mean'] = float(per_func[:, j].mean())
     metrics[f'rewards/{name}/std'] = float(np.std(per_func[:, j], ddof=1)) if len(adv) > 1 else 0.0
@@ -136,20 +162,14 @@ def make_rollout_batch(k: int, *, config, cfg: grpo.GRPOConfig, model_cfg, param
                   'completions/min_length': float(lengths.min()),
                   'completions/max_length': float(lengths.max()),
                   'completions/clipped_ratio': float(roll.truncated.mean())})
-  batch = rollout_lib.to_batch(roll, adv, config.data.seq_len)
-  if logps_fn is not None:
-    batch['old_logps'] = np.asarray(jax.device_get(
-        logps_fn(params, _global_batch(batch, batch_sharding))), np.float32)
-  else:  # the loss reads logp itself (detached); the array keeps the batch's structure fixed
-    batch['old_logps'] = np.zeros_like(batch['sampler_logps'])
   return batch, metrics, (prompts, roll, per_func @ weights)
 
 
 def train_rl(config, workdir: str) -> dict:
-  """Trains `config` (train.objective='grpo') in `workdir`, resuming from its latest
+  """Trains `config` (train.objective 'grpo' or 'rloo') in `workdir`, resuming from its latest
   checkpoint. Returns the final metrics."""
   model_cfg, workdir = setup_workdir(config, workdir)
-  cfg = grpo.GRPOConfig.from_config(config.rl)
+  cfg = grpo.RLConfig.from_config(config.rl)
   t = config.train
   say = print if jax.process_index() == 0 else (lambda *_: None)
   fns, weights = rewards_lib.load(config.rl.reward_fns, config.rl.get('reward_weights', ()))
@@ -175,14 +195,22 @@ def train_rl(config, workdir: str) -> dict:
       files.write_text(files.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
     step = int(state.step)
     log = metrics_lib.MetricsLogger(workdir, t.steps, step)
-    log.print(f"llmjax GRPO: {model_cfg.num_params:,} parameters, {len(records)} prompts,"
-              f" {t.batch_size // cfg.num_generations} x {cfg.num_generations} completions per"
-              f" rollout, {cfg.num_iterations} update(s) each, loss {cfg.loss_type}, mesh"
+    algo = objectives.objective(config)
+    loss = f"loss {cfg.loss_type}" if algo == 'grpo' else 'leave-one-out baseline'
+    log.print(f"llmjax {algo.upper()}: {model_cfg.num_params:,} parameters, {len(records)}"
+              f" prompts, {t.batch_size // cfg.num_generations} x {cfg.num_generations}"
+              f" completions per rollout, {cfg.num_iterations} update(s) each, {loss}, mesh"
               f" {dict(mesh.shape)}" + (f", resuming at step {step}" if resumed else ""))
-    logps_fn = None
-    if cfg.uses_old_logps:
+    logps_fn, rollout_ref = None, None
+    if cfg.uses_old_logps or algo == 'rloo':  # RLOO's ratio is always against them
       apply = lambda p, x, **kw: trainer.model.apply({'params': p}, x, **kw)
       logps_fn = jax.jit(grpo.make_logps_fn(cfg, apply, t.get('loss_chunk', 0)))
+    if algo == 'rloo' and cfg.beta:
+      # The reference whose log-ratio joins the reward: the frozen copy, or a LoRA policy's
+      # base with its adapters off (computed from the current params at each rollout).
+      from llmjax.models import lora
+      rollout_ref = ref_params if ref_params is not None else 'lora'
+      disable = jax.jit(lora.disable)
     rollout_args = dict(config=config, cfg=cfg, model_cfg=model_cfg, records=records, ids=ids,
                         tokenizer=tokenizer, fns=fns, weights=weights, logps_fn=logps_fn,
                         batch_sharding=trainer.batch_sharding)
@@ -192,8 +220,10 @@ def train_rl(config, workdir: str) -> dict:
       while step < t.steps:
         if step % cfg.num_iterations == 0 or batch is None:
           began = time.time()
+          ref_now = disable(state.params) if rollout_ref == 'lora' else rollout_ref
           host, roll_metrics, shown = make_rollout_batch(step // cfg.num_iterations,
-                                                         params=state.params, **rollout_args)
+                                                         params=state.params, ref_params=ref_now,
+                                                         **rollout_args)
           batch = _global_batch(host, trainer.batch_sharding)
           times['rollout'] += time.time() - began
         began = time.time()

@@ -10,6 +10,8 @@ the config checks that go with it. Every objective runs through the one train st
               data.format 'preference'
     'grpo'    online RL (`llmjax.rl`): rollouts from the policy, rewards, GRPO's loss (rl.*);
               a frozen reference only when rl.beta > 0
+    'rloo'    the same loop with RLOO's leave-one-out advantages and sequence-level loss
+              (`llmjax.rl.rloo`); rl.beta > 0 folds the KL to the reference into the reward
 """
 
 import functools
@@ -18,7 +20,8 @@ from typing import Callable
 from llmjax.errors import ConfigError, closest
 from llmjax.train import losses
 
-OBJECTIVES = ('lm', 'dpo', 'reward', 'grpo')
+OBJECTIVES = ('lm', 'dpo', 'reward', 'grpo', 'rloo')
+RL_OBJECTIVES = ('grpo', 'rloo')  # the online-RL loop (llmjax.rl.loop)
 PREFERENCE_FORMATS = ('preference', 'unpaired_preference')
 
 
@@ -36,10 +39,10 @@ def check(config, model_cfg) -> None:
   head = getattr(model_cfg, 'head', 'lm')
   mesh = config.get('mesh', {})
   split = [k for k in ('sequence', 'dcn_sequence') if mesh.get(k, 1) != 1]
-  if (fmt in PREFERENCE_FORMATS or obj == 'grpo') and split:
+  if (fmt in PREFERENCE_FORMATS or obj in RL_OBJECTIVES) and split:
     # A preference row's per-pair arrays (pair_mask, margin, ref_logps: [B, P]) have no
     # positions to split, and a pair's two sequences must stay in one row.
-    what = f"train.objective='{obj}'" if obj == 'grpo' else f"data.format='{fmt}'"
+    what = f"train.objective='{obj}'" if obj in RL_OBJECTIVES else f"data.format='{fmt}'"
     raise ConfigError(f"{what} does not run with context parallelism yet"
                       f" (mesh.{split[0]}={mesh.get(split[0])}); set mesh.{split[0]}=1 and"
                       " shard the batch instead (mesh.data / mesh.fsdp).")
@@ -72,15 +75,19 @@ def check(config, model_cfg) -> None:
       # so its reference log-prob cannot be computed ahead (TRL fixes the pairing instead).
       raise ConfigError("dpo.precompute_ref=True does not apply to dpo.loss='kto': its KL"
                         " counterparts change with every batch; drop dpo.precompute_ref.")
-  if obj == 'grpo':
+  if obj in RL_OBJECTIVES:
     from llmjax.rl import grpo
-    cfg = grpo.GRPOConfig.from_config(config.rl)
+    cfg = grpo.RLConfig.from_config(config.rl)
     t = config.train
     if head != 'lm':
-      raise ConfigError(f"train.objective='grpo' trains a language model, but model.head="
+      raise ConfigError(f"train.objective='{obj}' trains a language model, but model.head="
                         f"'{head}'; set model.head='lm'.")
+    if obj == 'rloo' and cfg.num_generations < 2:
+      raise ConfigError(f"train.objective='rloo' needs rl.num_generations >= 2: the baseline of"
+                        f" a completion is the mean of the others of its prompt (it is"
+                        f" {cfg.num_generations}).")
     if fmt != 'prompt_completion':
-      raise ConfigError(f"train.objective='grpo' samples from prompts: set data.format="
+      raise ConfigError(f"train.objective='{obj}' samples from prompts: set data.format="
                         f"'prompt_completion' (records need only a prompt); this run's is"
                         f" '{fmt}'.")
     if t.batch_size % cfg.num_generations:
@@ -113,7 +120,7 @@ def check(config, model_cfg) -> None:
 def uses_reference(config) -> bool:
   """True when the loss reads a reference model's log-probs (DPO, KTO; not SimPO/ORPO; GRPO
   with rl.beta > 0)."""
-  if objective(config) == 'grpo':
+  if objective(config) in RL_OBJECTIVES:
     return config.rl.get('beta', 0.0) > 0
   if objective(config) != 'dpo':
     return False
@@ -139,10 +146,10 @@ def make_loss(config, pad_id: int = -1) -> Callable:
   if obj == 'dpo':
     from llmjax.train import dpo
     return dpo.make_loss_fn(dpo.DPOConfig.from_config(config.dpo), pairs, chunk)
-  if obj == 'grpo':
-    from llmjax.rl import grpo
-    return functools.partial(grpo.make_loss_fn(grpo.GRPOConfig.from_config(config.rl)),
-                             loss_chunk=chunk)
+  if obj in RL_OBJECTIVES:
+    from llmjax.rl import grpo, rloo
+    make = rloo.make_loss_fn if obj == 'rloo' else grpo.make_loss_fn
+    return functools.partial(make(grpo.RLConfig.from_config(config.rl)), loss_chunk=chunk)
   if obj == 'reward':
     from llmjax.train import reward
     return functools.partial(reward.reward_loss, num_pairs=pairs,
