@@ -1,5 +1,5 @@
-"""GRPO from the tiny SFT model on the built-in arithmetic task: held-out exact match before and
-after (by `llmjax.eval`), the share of the SFT model's held-out errors fixed, the reward curve,
+"""GRPO (or RLOO: --arg=algo=rloo) from the tiny SFT model on the built-in arithmetic task:
+held-out exact match before and after (by `llmjax.eval`), the share of the SFT model's held-out errors fixed, the reward curve,
 and the wall time (issue 14's end-to-end proof).
 
     python -m llmjax.main --config=experiments/quickstart.py --workdir=/tmp/quickstart
@@ -61,7 +61,8 @@ def main():
              'reward': curve, 'evals': evals, 'experiment': experiment}
   with open(os.path.join(root, 'results.json'), 'w') as f:
     json.dump(results, f, indent=2)
-  print(f"| held-out {TASK} exact match | SFT model | after GRPO ({seconds:.0f} s) |")
+  algo = json.load(open(os.path.join(work, 'config.json')))['train']['objective'].upper()
+  print(f"| held-out {TASK} exact match | SFT model | after {algo} ({seconds:.0f} s) |")
   print('|---|---|---|')
   print(f"| correct | {before[0] / before[1]:.3f} ({before[0]}/{before[1]}) |"
         f" {after[0] / after[1]:.3f} ({after[0]}/{after[1]}) |")

@@ -205,3 +205,32 @@ def test_rloo_folds_the_kl_into_the_reward(tmp_path, data):
           + 0.5 * rows[1]['rewards/rl_test_rewards.uses_columns/mean'])
   assert rows[1]['reward'] == pytest.approx(want, rel=1e-6)
   assert rows[2]['kl'] != 0.0
+
+
+def test_best_of_n_writes_each_prompts_best_completion_as_sft_data(tmp_path, data, capsys):
+  """Rejection sampling: for each prompt the kept completion's reward (recomputed here from its
+  text) is the best of the n, at least --min_reward; the records are prompt_completion SFT
+  records with the prompt's own fields; the same seed writes the same file."""
+  from llmjax.rl import best_of_n
+  out = tmp_path / 'best.jsonl'
+  args = [f'--hf={HF}', f"--data={data / 'prompts.jsonl'}",
+          '--reward_fns=rl_test_rewards:count_o', '--n=4', '--max_new_tokens=6',
+          '--min_reward=0.1', '--keep_truncated=true', f'--out={out}']
+  # The random test model seldom ends with EOS: without --keep_truncated fewer are kept.
+  assert best_of_n.main([a for a in args if 'keep_truncated' not in a]) == 0
+  ended = [json.loads(line) for line in open(out)]
+  assert best_of_n.main(args) == 0
+  recs = [json.loads(line) for line in open(out)]
+  assert len(ended) <= len(recs)
+  assert 0 < len(recs) <= len(PROMPTS)
+  for r in recs:
+    assert r['prompt'] in PROMPTS and r['tag'] in ('x', 'y')
+    c = r['completion']
+    assert r['reward'] == pytest.approx(c.count('o') / max(len(c), 1)) and r['reward'] >= 0.1
+  first = open(out).read()
+  assert best_of_n.main(args) == 0 and open(out).read() == first
+  # The SFT data format reads them as they are.
+  from llmjax.data import sources
+  assert sources.check_data_format({'format': 'prompt_completion', 'path': str(out)}) == \
+      'prompt_completion'
+  assert best_of_n.main(args[:-1]) == 2 and 'missing --out' in capsys.readouterr().err
