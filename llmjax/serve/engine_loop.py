@@ -1,0 +1,362 @@
+"""The serving engine loop: one thread owns the device and runs continuous batching over a fixed
+number of KV-cache slots with the generation engine's `prefill` and `decode_step`.
+
+    engine = EngineLoop(cfg, params, eos_ids=(2,), decode=tokenizer.decode, max_batch=32)
+    engine.start()
+    engine.submit([Sequence(prompt_ids, SamplingParams(...), seed=0, request_id=0,
+                            stop=[], logprobs=None, emit=callback)])   # QueueFull past max_queue
+
+Each loop iteration (vLLM's scheduler step, simplified):
+  1. take new sequences and cancellations from the inbox (blocking only when idle);
+  2. free the slots of cancelled sequences;
+  3. admit waiting sequences into free slots: prompts are right-padded to a bucket length
+     (powers of two from 16), sequences of one bucket are prefilled in one call whose batch is
+     padded to a power of two, so the prefills compile once per (bucket, batch size) whatever
+     the prompts; their first tokens are emitted at once;
+  4. one `decode_step` for all slots (finished and free rows are computed but not written);
+     each active sequence's new token is emitted, and a sequence that sampled EOS, reached its
+     max_new_tokens, completed a stop string or was cancelled frees its slot before the next step.
+
+Sampling parameters, seeds and request ids are per-row data of the one compiled step
+(`llmjax.infer.engine.Sampling`), so requests with any parameters share the batch, and a
+sequence's token t is drawn with `fold_in(fold_in(key(seed), request_id), t)`: the same tokens
+whatever else runs and whichever slot it lands in.
+
+The HTTP side never touches the device: `submit` and `cancel` only put items in a queue, and
+`emit` callbacks run on this thread (the API layer hands them over to its event loop).
+"""
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llmjax.infer import engine
+from llmjax.infer.engine import DecodeState, Sampling, SamplingParams
+
+log = logging.getLogger('llmjax.serve')
+
+MIN_BUCKET = 16  # the shortest padded prompt (as `engine.shapes` rounds up to 16)
+
+
+class QueueFull(Exception):
+  """More sequences wait than --max_queue allows; the client should retry later (503)."""
+
+
+@dataclasses.dataclass
+class Delta:
+  """What one sequence gained since its last Delta: `ids` (sampled tokens, EOS excluded),
+  `text` (new printable text: a character still incomplete or a text that may begin a stop
+  string is held back), their model log-probs and top-K [(id, log-prob)] when asked for, and
+  on its last Delta the finish reason: 'eos' | 'length' | 'stop' | 'cancelled'."""
+  ids: list[int]
+  text: str
+  logprobs: list[float] | None = None
+  top_logprobs: list[list[tuple[int, float]]] | None = None
+  finish_reason: str | None = None
+  sampled: int = 0  # tokens sampled so far, EOS included (usage's completion_tokens)
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+  """One sequence to generate (one choice of an API request)."""
+  prompt: list[int]
+  sampling: SamplingParams  # max_new_tokens included
+  seed: int
+  request_id: int  # folded into the sampling key with the seed (the choice's index)
+  stop: list[str]
+  logprobs: int | None  # None: none; 0: each token's; K: also the top K
+  emit: Callable[[Delta], None]  # called on the engine thread
+  cancelled: bool = False
+  # Filled by the engine loop:
+  arrival: float = 0.0
+  first_token: float | None = None
+  last_token: float | None = None
+  ids: list[int] = dataclasses.field(default_factory=list)  # sampled, EOS excluded
+  sampled: int = 0
+  text: str = ''  # decoded ids (cut at a stop string once one appears)
+  sent: int = 0  # characters of `text` emitted
+
+
+def bucket(n: int, cap: int) -> int:
+  """The padded length of an n-token prompt: the next power of two >= 16, at most `cap`."""
+  b = MIN_BUCKET
+  while b < n:
+    b *= 2
+  return min(b, cap)
+
+
+def _pow2(n: int) -> int:
+  return 1 << (n - 1).bit_length()
+
+
+def held_back(text: str, stops: Seq[str]) -> int:
+  """How many characters at the end of `text` may begin a stop string (not emitted yet)."""
+  held = 0
+  for s in stops:
+    for k in range(min(len(s) - 1, len(text)), held, -1):
+      if text.endswith(s[:k]):
+        held = k
+        break
+  return held
+
+
+@jax.jit
+def _latest(state: DecodeState):
+  """Each row's last token, its log-prob and top-K, done and output length: [rows] each
+  ([rows, K] for the top-K), the little the host reads after each step."""
+  rows = jnp.arange(state.tokens.shape[0])
+  pos = jnp.maximum(state.length - 1, 0)
+  return (state.tokens[rows, pos], state.logprob[rows, pos], state.top_ids[rows, pos],
+          state.top_logprobs[rows, pos], state.done, state.length - state.prompt_len)
+
+
+@jax.jit
+def _mark_done(state: DecodeState, rows) -> DecodeState:
+  """Rows [B] bool become done (a stop string or a cancel ended them on the host)."""
+  return state.replace(done=state.done | rows)
+
+
+class EngineLoop:
+  """Continuous batching over `max_batch` slots; see the module docstring.
+
+  Args:
+    cfg, params: the model.
+    eos_ids: ids that end a sequence.
+    decode: ids -> text (the tokenizer's), or None for a model without a tokenizer (no text, no
+      stop strings).
+    max_batch: KV-cache slots, i.e. sequences decoded at once.
+    max_queue: sequences that may wait for a slot; `submit` raises QueueFull past it.
+    max_len: the context (prompt + output) of one sequence; the cache holds that many per slot.
+    max_logprobs: the largest top-K log-probs a request may ask for (computed at every step).
+    metrics: a `llmjax.serve.metrics.Metrics` or None.
+  """
+
+  def __init__(self, cfg, params, *, eos_ids: Seq[int], decode: Callable[[list[int]], str] | None,
+               max_batch: int = 32, max_queue: int = 256, max_len: int = 0,
+               max_logprobs: int = 20, metrics=None):
+    self.cfg, self.params, self.decode = cfg, params, decode
+    self.eos_ids = engine.eos_tuple(list(eos_ids))
+    self.max_batch, self.max_queue = max_batch, max_queue
+    self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+    self.max_logprobs = min(max_logprobs, cfg.vocab_size)
+    self.metrics = metrics
+    from llmjax.kernels import dispatch
+    cache_len = dispatch.cache_length(self.max_len, cfg)  # whole decode-kernel blocks
+    # One more row than slots: a scratch row that the padding rows of a prefill batch write
+    # into (duplicate indices there are harmless: nobody reads that row).
+    self.scratch = max_batch
+    self.cache = engine.new_cache(cfg, max_batch + 1, cache_len)
+    self.state = DecodeState.empty(max_batch + 1, cache_len, self.eos_ids, self.max_logprobs)
+    self.slots: list[Sequence | None] = [None] * max_batch
+    self.waiting: list[Sequence] = []
+    self.inbox: queue.Queue = queue.Queue()
+    self.lock = threading.Lock()
+    self.num_waiting = 0  # submitted, not yet in a slot (read by the HTTP side for back-pressure)
+    self.num_running = 0
+    self.stopping = False
+    self.thread = threading.Thread(target=self._run, name='llmjax-engine', daemon=True)
+    self.error: BaseException | None = None
+
+  # ------------------------------------------------------------------ HTTP side (any thread)
+
+  def start(self) -> 'EngineLoop':
+    self.thread.start()
+    return self
+
+  def warmup(self) -> None:
+    """Compiles the decode step and the shortest prompt bucket's prefill (before serving, so
+    the first request does not wait for them): a prompt in the scratch row and one step, which
+    change no slot. Call before `start`."""
+    self.cache, self.state = engine.jit_prefill(
+        self.params, self.cache, np.zeros((1, min(MIN_BUCKET, self.max_len)), np.int32),
+        np.array([self.scratch], np.int32), self.state, np.ones((1,), np.int32),
+        Sampling.of([SamplingParams(max_new_tokens=0)], [0], [0]), cfg=self.cfg)
+    self.cache, self.state, _ = engine.jit_decode_step(self.params, self.cache, self.state,
+                                                       cfg=self.cfg)
+    jax.block_until_ready(_latest(self.state))
+
+  def alive(self) -> bool:
+    return self.thread.is_alive() and self.error is None
+
+  def submit(self, seqs: Seq[Sequence]) -> None:
+    """Queues sequences (all or none); QueueFull when more than max_queue would wait for a
+    slot (those that a free slot takes at once do not count)."""
+    with self.lock:
+      if self.stopping:
+        raise QueueFull('the server is shutting down')
+      free = self.max_batch - self.num_running
+      if self.num_waiting + len(seqs) - free > self.max_queue:
+        raise QueueFull(f'{self.num_waiting} requests wait for one of {self.max_batch} slots'
+                        f' (--max_queue={self.max_queue})')
+      self.num_waiting += len(seqs)
+    now = time.monotonic()
+    for s in seqs:
+      s.arrival = now
+      self.inbox.put(s)
+
+  def cancel(self, seqs: Seq[Sequence]) -> None:
+    """Ends sequences early (a client went away); their slots are freed at the next step."""
+    for s in seqs:
+      s.cancelled = True
+    self.inbox.put(None)  # wakes an idle loop
+
+  def stop(self, timeout: float | None = None) -> None:
+    """Finishes every queued and running sequence, then ends the thread (SIGTERM's drain)."""
+    with self.lock:
+      self.stopping = True
+    self.inbox.put(None)
+    self.thread.join(timeout)
+
+  # ------------------------------------------------------------------ engine thread
+
+  def _run(self):
+    try:
+      while True:
+        busy = any(self.slots) or self.waiting
+        if self.stopping and not busy and self.inbox.empty():
+          return
+        self._take_inbox(block=not busy)
+        self._retire_cancelled()
+        self._admit()
+        if any(self.slots):
+          self._decode()
+    except BaseException as e:  # the server's /health reports it; requests in flight end
+      self.error = e
+      log.exception('engine loop failed')
+      for s in [s for s in self.slots if s] + self.waiting:
+        s.emit(Delta([], '', finish_reason='error'))
+      raise
+
+  def _take_inbox(self, block: bool):
+    items = [self.inbox.get()] if block else []
+    while True:
+      try:
+        items.append(self.inbox.get_nowait())
+      except queue.Empty:
+        break
+    self.waiting += [s for s in items if s is not None]
+
+  def _retire_cancelled(self):
+    done = np.zeros((self.max_batch + 1,), bool)
+    for i, s in enumerate(self.slots):
+      if s is not None and s.cancelled:
+        done[i] = True
+        self._finish(i, 'cancelled')
+    if done.any():
+      self.state = _mark_done(self.state, done)
+    for s in [s for s in self.waiting if s.cancelled]:
+      self.waiting.remove(s)
+      with self.lock:
+        self.num_waiting -= 1
+      s.emit(Delta([], '', finish_reason='cancelled'))
+      self._count_finish(s, 'cancelled')
+
+  def _admit(self):
+    free = [i for i, s in enumerate(self.slots) if s is None]
+    take, self.waiting = self.waiting[:len(free)], self.waiting[len(free):]
+    if not take:
+      return
+    with self.lock:
+      self.num_waiting -= len(take)
+      self.num_running += len(take)
+    groups: dict[int, list[tuple[int, Sequence]]] = {}
+    for slot, s in zip(free, take):
+      self.slots[slot] = s
+      groups.setdefault(bucket(len(s.prompt), self.max_len), []).append((slot, s))
+    for t, group in sorted(groups.items()):
+      self._prefill(t, group)
+    self._emit_new(free[:len(take)])
+
+  def _prefill(self, t: int, group: list[tuple[int, Sequence]]):
+    n = _pow2(len(group))
+    tokens = np.zeros((n, t), np.int32)
+    lengths = np.ones((n,), np.int32)
+    slots = np.full((n,), self.scratch, np.int32)
+    params = [SamplingParams(max_new_tokens=0)] * n
+    seeds, rids = [0] * n, [0] * n
+    for j, (slot, s) in enumerate(group):
+      tokens[j, :len(s.prompt)] = s.prompt
+      lengths[j], slots[j] = len(s.prompt), slot
+      params[j], seeds[j], rids[j] = s.sampling, s.seed, s.request_id
+    self.cache, self.state = engine.jit_prefill(
+        self.params, self.cache, tokens, slots, self.state, lengths,
+        Sampling.of(params, seeds, rids), cfg=self.cfg)
+
+  def _decode(self):
+    self.cache, self.state, _ = engine.jit_decode_step(self.params, self.cache, self.state,
+                                                       cfg=self.cfg)
+    self._emit_new([i for i, s in enumerate(self.slots) if s is not None])
+
+  def _emit_new(self, rows: list[int]):
+    """Reads the rows' latest tokens and hands each sequence its Delta; frees finished slots."""
+    ids, lp, top_ids, top_lp, done, out_len = jax.device_get(_latest(self.state))
+    now = time.monotonic()
+    stopped = np.zeros((self.max_batch + 1,), bool)
+    for r in rows:
+      s = self.slots[r]
+      if out_len[r] <= s.sampled:  # nothing new (max_new_tokens=0 cannot happen: checked)
+        continue
+      s.sampled += 1
+      s.first_token = s.first_token or now
+      s.last_token = now
+      token = int(ids[r])
+      reason = None
+      new_ids, new_lp, new_top = [], [], []
+      if done[r]:
+        reason = 'eos' if token in self.eos_ids else 'length'
+      if token not in self.eos_ids or not done[r]:
+        new_ids, new_lp = [token], [float(lp[r])]
+        new_top = [list(zip(top_ids[r].tolist(), top_lp[r].tolist()))]
+        s.ids.append(token)
+      text, stop_hit = self._text(s, final=reason is not None)
+      if stop_hit:
+        reason = 'stop'
+        stopped[r] = not done[r]
+      want = s.logprobs is not None
+      delta = Delta(new_ids, text, new_lp if want else None,
+                    [row[:s.logprobs] for row in new_top] if want else None, reason, s.sampled)
+      s.emit(delta)
+      if reason:
+        self._finish(r, reason, emitted=True)
+    if stopped.any():
+      self.state = _mark_done(self.state, stopped)
+
+  def _text(self, s: Sequence, final: bool) -> tuple[str, bool]:
+    """New text of `s` to emit and whether a stop string appeared (the text is cut before it);
+    `final`: the sequence ends here, so nothing is held back."""
+    if self.decode is None:
+      return '', False
+    text = self.decode(s.ids)
+    cut = min((i for i in (text.find(x) for x in s.stop) if i != -1), default=-1)
+    stop_hit = cut != -1
+    s.text = text[:cut] if stop_hit else text
+    end = len(s.text)
+    if not (stop_hit or final):
+      # A trailing U+FFFD is a character whose bytes are not all sampled yet.
+      end = len(s.text.rstrip('\ufffd'))
+      end -= held_back(s.text[:end], s.stop)
+    if end <= s.sent:
+      return '', stop_hit
+    out, s.sent = s.text[s.sent:end], end
+    return out, stop_hit
+
+  def _finish(self, slot: int, reason: str, emitted: bool = False):
+    """Frees `slot`; sends the sequence its last Delta unless `emitted` already did."""
+    s = self.slots[slot]
+    self.slots[slot] = None
+    with self.lock:
+      self.num_running -= 1
+    if not emitted:
+      s.emit(Delta([], '', finish_reason=reason, sampled=s.sampled))
+    self._count_finish(s, reason)
+
+  def _count_finish(self, s: Sequence, reason: str):
+    if self.metrics is not None:
+      self.metrics.finished(s, reason)
