@@ -160,6 +160,7 @@ class EngineLoop:
     self.lock = threading.Lock()
     self.num_waiting = 0  # submitted, not yet in a slot (read by the HTTP side for back-pressure)
     self.num_running = 0
+    self.peak_running = 0  # the most sequences decoded at once (tests, benchmarks)
     self.stopping = False
     self.thread = threading.Thread(target=self._run, name='llmjax-engine', daemon=True)
     self.error: BaseException | None = None
@@ -266,6 +267,7 @@ class EngineLoop:
     with self.lock:
       self.num_waiting -= len(take)
       self.num_running += len(take)
+      self.peak_running = max(self.peak_running, self.num_running)
     groups: dict[int, list[tuple[int, Sequence]]] = {}
     for slot, s in zip(free, take):
       self.slots[slot] = s
