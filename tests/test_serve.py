@@ -144,6 +144,9 @@ def test_32_concurrent_greedy_requests_equal_llmjax_generate(live, workdir, caps
     assert c.text == w['text'], p
     assert r.usage.prompt_tokens == len(w['prompt_ids'])
     assert r.usage.completion_tokens == len(w['ids']) + (c.finish_reason == 'stop')
+  assert len({w['text'] for w in want}) > 16  # replies that depend on the prompt
+  # The CLI decoded the 32 as one batch; each prompt alone gives the same (one per bucket).
+  for w in (want[0], want[3], want[31]):
     alone = engine.generate(cfg, params, [w['prompt_ids']], SamplingParams(20, temperature=0),
                             eos_id=eos)[0]
     assert alone.ids == w['ids']

@@ -10,10 +10,12 @@ Each loop iteration (vLLM's scheduler step, simplified):
   1. take new sequences and cancellations from the inbox (blocking only when idle);
   2. free the slots of cancelled sequences;
   3. admit waiting sequences into free slots: prompts are right-padded to a bucket length
-     (powers of two from 16), sequences of one bucket are prefilled in one call whose batch is
-     padded to a power of two, so the prefills compile once per (bucket, batch size) whatever
-     the prompts; their first tokens are emitted at once;
-  4. one `decode_step` for all slots (finished and free rows are computed but not written);
+     (powers of two from 16), sequences of one bucket are prefilled PREFILL_BATCH at a time
+     (padding rows write a scratch row), so prefills compile twice per bucket whatever the
+     prompts; their first tokens are emitted at once;
+  4. one `decode_step` for the slots in use (the lowest ones: a new sequence takes the lowest
+     free slot, and the step runs the first 1, 2, 4, ... rows that cover them, so its cost
+     follows the load; finished rows among them are computed but not written);
      each active sequence's new token is emitted, and a sequence that sampled EOS, reached its
      max_new_tokens, completed a stop string or was cancelled frees its slot before the next step.
 
@@ -27,6 +29,7 @@ The HTTP side never touches the device: `submit` and `cancel` only put items in 
 """
 
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -96,6 +99,12 @@ def _pow2(n: int) -> int:
   return 1 << (n - 1).bit_length()
 
 
+# Prompts of one bucket are prefilled 8 at a time, a lone one by itself: two compiles per
+# bucket. (Every power of two up to --max_batch would compile six per bucket for little gain:
+# a padded row costs what a real one does.)
+PREFILL_BATCH = 8
+
+
 def held_back(text: str, stops: Seq[str]) -> int:
   """How many characters at the end of `text` may begin a stop string (not emitted yet)."""
   held = 0
@@ -107,7 +116,6 @@ def held_back(text: str, stops: Seq[str]) -> int:
   return held
 
 
-@jax.jit
 def _latest(state: DecodeState):
   """Each row's last token, its log-prob and top-K, done and output length: [rows] each
   ([rows, K] for the top-K), the little the host reads after each step."""
@@ -115,6 +123,37 @@ def _latest(state: DecodeState):
   pos = jnp.maximum(state.length - 1, 0)
   return (state.tokens[rows, pos], state.logprob[rows, pos], state.top_ids[rows, pos],
           state.top_logprobs[rows, pos], state.done, state.length - state.prompt_len)
+
+
+_jit_latest = jax.jit(_latest)
+
+
+@functools.partial(jax.jit, static_argnames=('cfg', 'rows'), donate_argnames=('cache', 'state'))
+def _decode_rows(params, cache, state: DecodeState, *, cfg, rows: int):
+  """`engine.decode_step` on the first `rows` rows of the cache and state only, the others
+  (free slots) left as they are: a step's work follows the load, not --max_batch. Rows are
+  independent in the step, so each one's token is what the whole-batch step gives it. The
+  rows are sliced and written back inside one program, which updates the donated buffers in
+  place."""
+  head = lambda x: x[:rows]
+  sub_cache = type(cache)(cache.k[:, :rows], cache.v[:, :rows], cache.lengths[:rows])
+  eos = state.eos  # [E]: not per row
+  sub_state = jax.tree.map(head, state.replace(eos=jnp.zeros((rows,), eos.dtype)))
+  sub_cache, sub_state, _ = engine.decode_step(params, sub_cache, sub_state.replace(eos=eos),
+                                               cfg=cfg)
+  cache = type(cache)(cache.k.at[:, :rows].set(sub_cache.k), cache.v.at[:, :rows].set(sub_cache.v),
+                      cache.lengths.at[:rows].set(sub_cache.lengths))
+  put = lambda full, part: full.at[:rows].set(part)
+  state = jax.tree.map(put, state.replace(eos=jnp.zeros((state.tokens.shape[0],), eos.dtype)),
+                       sub_state.replace(eos=jnp.zeros((rows,), eos.dtype)))
+  state = state.replace(eos=eos)
+  return cache, state, _latest(state)  # read by the host: one program per step, not two
+
+
+def row_bucket(n: int, max_batch: int) -> int:
+  """The rows a decode step runs for slots [0, n) in use: the next power of two, at most
+  max_batch (one compile per bucket)."""
+  return min(_pow2(n), max_batch)
 
 
 @jax.jit
@@ -152,8 +191,12 @@ class EngineLoop:
     # One more row than slots: a scratch row that the padding rows of a prefill batch write
     # into (duplicate indices there are harmless: nobody reads that row).
     self.scratch = max_batch
-    self.cache = engine.new_cache(cfg, max_batch + 1, cache_len)
-    self.state = DecodeState.empty(max_batch + 1, cache_len, self.eos_ids, self.max_logprobs)
+    # Committed to the device from the start, as every step's outputs are, so that `warmup`
+    # compiles the very programs the loop runs (uncommitted inputs key programs of their own).
+    self.cache, self.state = jax.device_put(
+        (engine.new_cache(cfg, max_batch + 1, cache_len),
+         DecodeState.empty(max_batch + 1, cache_len, self.eos_ids, self.max_logprobs)),
+        jax.devices()[0])
     self.slots: list[Sequence | None] = [None] * max_batch
     self.waiting: list[Sequence] = []
     self.inbox: queue.Queue = queue.Queue()
@@ -179,9 +222,9 @@ class EngineLoop:
         self.params, self.cache, np.zeros((1, min(MIN_BUCKET, self.max_len)), np.int32),
         np.array([self.scratch], np.int32), self.state, np.ones((1,), np.int32),
         Sampling.of([SamplingParams(max_new_tokens=0)], [0], [0]), cfg=self.cfg)
-    self.cache, self.state, _ = engine.jit_decode_step(self.params, self.cache, self.state,
-                                                       cfg=self.cfg)
-    jax.block_until_ready(_latest(self.state))
+    self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
+                                                  cfg=self.cfg, rows=1)
+    jax.block_until_ready((latest, _jit_latest(self.state)))
 
   def alive(self) -> bool:
     return self.thread.is_alive() and self.error is None
@@ -273,11 +316,12 @@ class EngineLoop:
       self.slots[slot] = s
       groups.setdefault(bucket(len(s.prompt), self.max_len), []).append((slot, s))
     for t, group in sorted(groups.items()):
-      self._prefill(t, group)
+      for i in range(0, len(group), PREFILL_BATCH):
+        self._prefill(t, group[i:i + PREFILL_BATCH])
     self._emit_new(free[:len(take)])
 
   def _prefill(self, t: int, group: list[tuple[int, Sequence]]):
-    n = _pow2(len(group))
+    n = 1 if len(group) == 1 else PREFILL_BATCH
     tokens = np.zeros((n, t), np.int32)
     lengths = np.ones((n,), np.int32)
     slots = np.full((n,), self.scratch, np.int32)
@@ -292,13 +336,17 @@ class EngineLoop:
         Sampling.of(params, seeds, rids), cfg=self.cfg)
 
   def _decode(self):
-    self.cache, self.state, _ = engine.jit_decode_step(self.params, self.cache, self.state,
-                                                       cfg=self.cfg)
-    self._emit_new([i for i, s in enumerate(self.slots) if s is not None])
+    active = [i for i, s in enumerate(self.slots) if s is not None]
+    rows = row_bucket(active[-1] + 1, self.max_batch)  # new sequences take the lowest free slots
+    self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
+                                                  cfg=self.cfg, rows=rows)
+    self._emit_new(active, latest)
 
-  def _emit_new(self, rows: list[int]):
-    """Reads the rows' latest tokens and hands each sequence its Delta; frees finished slots."""
-    ids, lp, top_ids, top_lp, done, out_len = jax.device_get(_latest(self.state))
+  def _emit_new(self, rows: list[int], latest=None):
+    """Reads the rows' latest tokens (`latest`: `_latest` of the state, computed by the step)
+    and hands each sequence its Delta; frees finished slots."""
+    latest = _jit_latest(self.state) if latest is None else latest
+    ids, lp, top_ids, top_lp, done, out_len = jax.device_get(latest)
     now = time.monotonic()
     stopped = np.zeros((self.max_batch + 1,), bool)
     for r in rows:
