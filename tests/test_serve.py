@@ -62,7 +62,8 @@ class Live:
   """`llmjax.serve`'s app under uvicorn in a thread, on a free loopback port."""
 
   def __init__(self, workdir, **flags):
-    argv = [f'--workdir={workdir}'] + [f'--{k}={v}' for k, v in flags.items()]
+    # Buckets compile on first use (the few the tests need), not all at start.
+    argv = [f'--workdir={workdir}', '--warmup=false'] + [f'--{k}={v}' for k, v in flags.items()]
     self.served = serve_cli.load_served(serve_cli.parse_flags(argv))
     sock = socket.socket()
     sock.bind(('127.0.0.1', 0))

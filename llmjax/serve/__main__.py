@@ -34,6 +34,9 @@ FLAGS = (
              " holds; 0: the model's max_seq_len"),
     cli.Flag('max_logprobs', 20, 'the largest logprobs / top_logprobs a request may ask for'
              ' (the top-K log-probs are computed at every step)'),
+    cli.Flag('warmup', True, 'compile every batch and length bucket before serving (minutes on a'
+             ' CPU for a long context), so that no request waits for a compile; false: only the'
+             ' smallest, the others on first use'),
     cli.Flag('served_model_name', '', "the model's name in the API (`model`); default: the"
              " directory's name"),
     cli.Flag('log_level', 'info', 'uvicorn and llmjax.serve log level'),
@@ -79,7 +82,7 @@ def load_served(flags):
                       decode=tokenizer.decode if tokenizer is not None else None,
                       max_batch=flags['max_batch'], max_queue=flags['max_queue'],
                       max_len=flags['max_model_len'], max_logprobs=flags['max_logprobs'],
-                      metrics=m)
+                      metrics=m, warmup_all=flags.get('warmup', False))
   where = (flags['hf'] or flags['workdir']).rstrip('/')
   name = flags.get('served_model_name') or os.path.basename(where) or where
   return api.Served(engine, tokenizer, template, name, no_chat,

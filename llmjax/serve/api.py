@@ -9,7 +9,7 @@ OpenAI's response objects or server-sent events. It never touches the device.
 Both POST endpoints take OpenAI's fields (`max_tokens`, `temperature`, `top_p`, `stop`, `seed`,
 `n`, `logprobs`, `top_logprobs`, `presence_penalty`, `frequency_penalty`, `stream`,
 `stream_options.include_usage`) and vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
-`no_repeat_ngram_size`). Unknown fields are ignored with a log line; a field that is known but
+`no_repeat_ngram_size`, `ignore_eos`). Unknown fields are ignored with a log line; a field that is known but
 not supported here with a value that would change the output (`echo`, `logit_bias`, `tools`,
 ...) is a 400 rather than silently dropped. Errors are OpenAI's objects:
 {"error": {"message", "type", "param", "code"}}.
@@ -42,7 +42,7 @@ log = logging.getLogger('llmjax.serve')
 
 _COMMON = {'model', 'max_tokens', 'temperature', 'top_p', 'top_k', 'min_p', 'stop', 'seed', 'n',
            'repetition_penalty', 'presence_penalty', 'frequency_penalty', 'no_repeat_ngram_size',
-           'stream', 'stream_options', 'user', 'logprobs'}
+           'ignore_eos', 'stream', 'stream_options', 'user', 'logprobs'}
 # Known fields whose non-default values this server cannot honour: refused, never dropped.
 _UNSUPPORTED = {'echo': (None, False), 'best_of': (None, 1), 'logit_bias': (None, {}),
                 'suffix': (None, ''), 'tools': (None, []), 'functions': (None, []),
@@ -242,6 +242,7 @@ class Job:
   stop: list[str]
   logprobs: int | None
   include_usage: bool
+  ignore_eos: bool = False
 
 
 def job_of(served: Served, body: dict, prompts: list[list[int]], *, logprobs: int | None,
@@ -261,7 +262,9 @@ def job_of(served: Served, body: dict, prompts: list[list[int]], *, logprobs: in
   if stop and served.tokenizer is None:
     raise _bad("'stop' needs text, and this model has no tokenizer.", 'stop')
   options = _get(body, 'stream_options', (dict,), {}, 'an object')
-  return Job(prompts, n, sampling, seed, stop, logprobs, bool(options.get('include_usage')))
+  ignore_eos = _get(body, 'ignore_eos', (bool,), False, 'true or false')
+  return Job(prompts, n, sampling, seed, stop, logprobs, bool(options.get('include_usage')),
+             ignore_eos)
 
 
 class Run:
@@ -272,18 +275,12 @@ class Run:
   Leaving the iteration early (a client gone) cancels what still runs."""
 
   def __init__(self, served: Served, job: Job):
-    loop = asyncio.get_running_loop()
     self.inbox: asyncio.Queue = asyncio.Queue()
     self.engine = served.engine
-
-    def emitter(index):
-      def emit(delta):  # on the engine thread
-        with contextlib.suppress(RuntimeError):  # the event loop already closed
-          loop.call_soon_threadsafe(self.inbox.put_nowait, (index, delta))
-      return emit
-
+    # Runs on the event loop (`create_app` hands each engine step's Deltas over at once).
+    emitter = lambda index: lambda delta: self.inbox.put_nowait((index, delta))
     self.seqs = [Sequence(p, job.sampling, job.seed, i * job.n + j, job.stop, job.logprobs,
-                          emitter(i * job.n + j))
+                          emitter(i * job.n + j), ignore_eos=job.ignore_eos)
                  for i, p in enumerate(job.prompts) for j in range(job.n)]
     try:
       served.engine.submit(self.seqs)
@@ -305,6 +302,27 @@ class Run:
     finally:
       if left:
         self.engine.cancel(self.seqs)
+
+  async def merged(self) -> AsyncIterator[tuple[int, Delta]]:
+    """As iterating, but the Deltas of a choice that queued up while the client was being
+    written to come merged into one (fewer, larger chunks under load; the same text)."""
+    pending: dict[int, Delta] = {}
+    async for index, delta in self:
+      pending[index] = merge(pending[index], delta) if index in pending else delta
+      if self.inbox.empty():
+        for item in pending.items():
+          yield item
+        pending = {}
+    for item in pending.items():
+      yield item
+
+
+def merge(a: Delta, b: Delta) -> Delta:
+  """Delta a then b as one."""
+  cat = lambda x, y: None if x is None and y is None else (x or []) + (y or [])
+  return Delta(a.ids + b.ids, a.text + b.text, cat(a.logprobs, b.logprobs),
+               cat(a.top_logprobs, b.top_logprobs), b.finish_reason or a.finish_reason,
+               max(a.sampled, b.sampled))
 
 
 @dataclasses.dataclass
@@ -392,8 +410,19 @@ def create_app(served: Served) -> fastapi.FastAPI:
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
+    loop = asyncio.get_running_loop()
+
+    def dispatch(items):  # on the event loop: each sequence's Delta to its request
+      for seq, delta in items:
+        seq.emit(delta)
+
+    def deliver(items):  # on the engine thread: one wake-up of the event loop per step
+      with contextlib.suppress(RuntimeError):  # the event loop already closed
+        loop.call_soon_threadsafe(dispatch, items)
+
+    served.engine.deliver = deliver
     if not served.engine.thread.is_alive():
-      await asyncio.get_running_loop().run_in_executor(None, served.engine.warmup)
+      await loop.run_in_executor(None, served.engine.warmup)
       served.engine.start()
     yield
     await asyncio.get_running_loop().run_in_executor(None, served.engine.stop)
@@ -439,7 +468,7 @@ def create_app(served: Served) -> fastapi.FastAPI:
       async def events():
         offsets = [0] * (len(job.prompts) * job.n)
         done = [Choice() for _ in offsets]
-        async for i, d in run:
+        async for i, d in run.merged():
           done[i].add(d)
           if not (d.text or d.ids or d.finish_reason):
             continue
@@ -490,7 +519,7 @@ def create_app(served: Served) -> fastapi.FastAPI:
           yield _sse(dict(head, choices=[{'index': i, 'delta': {'role': 'assistant',
                                                                 'content': ''},
                                           'logprobs': None, 'finish_reason': None}]))
-        async for i, d in run:
+        async for i, d in run.merged():
           done[i].add(d)
           if not (d.text or d.ids or d.finish_reason):
             continue

@@ -14,8 +14,9 @@ Each loop iteration (vLLM's scheduler step, simplified):
      (padding rows write a scratch row), so prefills compile twice per bucket whatever the
      prompts; their first tokens are emitted at once;
   4. one `decode_step` for the slots in use (the lowest ones: a new sequence takes the lowest
-     free slot, and the step runs the first 1, 2, 4, ... rows that cover them, so its cost
-     follows the load; finished rows among them are computed but not written);
+     free slot, and the step runs the first 1, 2, 4, ... rows that cover them and the first
+     64, 128, ... cache positions that cover the longest, so its cost follows the load and the
+     lengths; finished rows among them are computed but not written);
      each active sequence's new token is emitted, and a sequence that sampled EOS, reached its
      max_new_tokens, completed a stop string or was cancelled frees its slot before the next step.
 
@@ -75,7 +76,8 @@ class Sequence:
   request_id: int  # folded into the sampling key with the seed (the choice's index)
   stop: list[str]
   logprobs: int | None  # None: none; 0: each token's; K: also the top K
-  emit: Callable[[Delta], None]  # called on the engine thread
+  emit: Callable[[Delta], None]  # called on the engine thread (unless the loop has `deliver`)
+  ignore_eos: bool = False  # run to max_new_tokens (benchmarks: fixed output lengths)
   cancelled: bool = False
   # Filled by the engine loop:
   arrival: float = 0.0
@@ -128,24 +130,31 @@ def _latest(state: DecodeState):
 _jit_latest = jax.jit(_latest)
 
 
-@functools.partial(jax.jit, static_argnames=('cfg', 'rows'), donate_argnames=('cache', 'state'))
-def _decode_rows(params, cache, state: DecodeState, *, cfg, rows: int):
-  """`engine.decode_step` on the first `rows` rows of the cache and state only, the others
-  (free slots) left as they are: a step's work follows the load, not --max_batch. Rows are
-  independent in the step, so each one's token is what the whole-batch step gives it. The
-  rows are sliced and written back inside one program, which updates the donated buffers in
-  place."""
-  head = lambda x: x[:rows]
-  sub_cache = type(cache)(cache.k[:, :rows], cache.v[:, :rows], cache.lengths[:rows])
+@functools.partial(jax.jit, static_argnames=('cfg', 'rows', 'span'),
+                   donate_argnames=('cache', 'state'))
+def _decode_rows(params, cache, state: DecodeState, *, cfg, rows: int, span: int):
+  """`engine.decode_step` on the first `rows` rows and the first `span` cache positions only
+  (the other rows are free slots; no active row reaches past `span`): a step's work follows
+  the load and the sequences' lengths, not --max_batch and the context. On a CPU the step is
+  bound by reading (and writing) the KV cache, so this is most of serving's throughput.
+  Rows are independent in the step, and positions past a row's length are masked, so each
+  row's token is what the whole-cache step gives it. The slices are written back inside the
+  one program, which updates the donated buffers in place. Also returns `_latest`."""
+  sub_cache = type(cache)(cache.k[:, :rows, :span], cache.v[:, :rows, :span],
+                          cache.lengths[:rows])
   eos = state.eos  # [E]: not per row
-  sub_state = jax.tree.map(head, state.replace(eos=jnp.zeros((rows,), eos.dtype)))
+  no_eos = lambda n: jnp.zeros((n,), eos.dtype)
+  sub_state = jax.tree.map(lambda x: x[:rows], state.replace(eos=no_eos(state.tokens.shape[0])))
   sub_cache, sub_state, _ = engine.decode_step(params, sub_cache, sub_state.replace(eos=eos),
                                                cfg=cfg)
-  cache = type(cache)(cache.k.at[:, :rows].set(sub_cache.k), cache.v.at[:, :rows].set(sub_cache.v),
-                      cache.lengths.at[:rows].set(sub_cache.lengths))
-  put = lambda full, part: full.at[:rows].set(part)
-  state = jax.tree.map(put, state.replace(eos=jnp.zeros((state.tokens.shape[0],), eos.dtype)),
-                       sub_state.replace(eos=jnp.zeros((rows,), eos.dtype)))
+  # dynamic_update_slice at a constant offset: XLA updates the donated buffer in place (a
+  # scatter, which `.at[:, :rows, :span].set` lowers to, copied the whole cache every step).
+  put = lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim)
+  cache = type(cache)(put(cache.k, sub_cache.k), put(cache.v, sub_cache.v),
+                      put(cache.lengths, sub_cache.lengths))
+  state = jax.tree.map(put,
+                       state.replace(eos=no_eos(state.tokens.shape[0])),
+                       sub_state.replace(eos=no_eos(rows)))
   state = state.replace(eos=eos)
   return cache, state, _latest(state)  # read by the host: one program per step, not two
 
@@ -154,6 +163,15 @@ def row_bucket(n: int, max_batch: int) -> int:
   """The rows a decode step runs for slots [0, n) in use: the next power of two, at most
   max_batch (one compile per bucket)."""
   return min(_pow2(n), max_batch)
+
+
+MIN_SPAN = 64
+
+
+def span_bucket(n: int, cache_len: int) -> int:
+  """The cache positions a decode step reads for sequences of up to n tokens: the next power
+  of two >= 64, at most the cache's length (one compile per bucket)."""
+  return min(max(_pow2(n), MIN_SPAN), cache_len)
 
 
 @jax.jit
@@ -175,17 +193,24 @@ class EngineLoop:
     max_len: the context (prompt + output) of one sequence; the cache holds that many per slot.
     max_logprobs: the largest top-K log-probs a request may ask for (computed at every step).
     metrics: a `llmjax.serve.metrics.Metrics` or None.
+    deliver: called on the engine thread with every [(Sequence, Delta)] of a step at once
+      (the HTTP side wakes its event loop once per step, not once per sequence); None: each
+      sequence's `emit`.
+    warmup_all: `warmup()` compiles every bucket (else the smallest ones only).
   """
 
   def __init__(self, cfg, params, *, eos_ids: Seq[int], decode: Callable[[list[int]], str] | None,
                max_batch: int = 32, max_queue: int = 256, max_len: int = 0,
-               max_logprobs: int = 20, metrics=None):
+               max_logprobs: int = 20, metrics=None, warmup_all: bool = False,
+               deliver: Callable[[list], None] | None = None):
     self.cfg, self.params, self.decode = cfg, params, decode
     self.eos_ids = engine.eos_tuple(list(eos_ids))
     self.max_batch, self.max_queue = max_batch, max_queue
     self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
     self.max_logprobs = min(max_logprobs, cfg.vocab_size)
     self.metrics = metrics
+    self.warmup_all = warmup_all  # what `warmup()` compiles by default
+    self.deliver = deliver
     from llmjax.kernels import dispatch
     cache_len = dispatch.cache_length(self.max_len, cfg)  # whole decode-kernel blocks
     # One more row than slots: a scratch row that the padding rows of a prefill batch write
@@ -195,7 +220,8 @@ class EngineLoop:
     # compiles the very programs the loop runs (uncommitted inputs key programs of their own).
     self.cache, self.state = jax.device_put(
         (engine.new_cache(cfg, max_batch + 1, cache_len),
-         DecodeState.empty(max_batch + 1, cache_len, self.eos_ids, self.max_logprobs)),
+         # No EOS ids on the device: `_emit_new` checks them (a request may ignore EOS).
+         DecodeState.empty(max_batch + 1, cache_len, (), self.max_logprobs)),
         jax.devices()[0])
     self.slots: list[Sequence | None] = [None] * max_batch
     self.waiting: list[Sequence] = []
@@ -214,16 +240,26 @@ class EngineLoop:
     self.thread.start()
     return self
 
-  def warmup(self) -> None:
-    """Compiles the decode step and the shortest prompt bucket's prefill (before serving, so
-    the first request does not wait for them): a prompt in the scratch row and one step, which
-    change no slot. Call before `start`."""
-    self.cache, self.state = engine.jit_prefill(
-        self.params, self.cache, np.zeros((1, min(MIN_BUCKET, self.max_len)), np.int32),
-        np.array([self.scratch], np.int32), self.state, np.ones((1,), np.int32),
-        Sampling.of([SamplingParams(max_new_tokens=0)], [0], [0]), cfg=self.cfg)
-    self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
-                                                  cfg=self.cfg, rows=1)
+  def warmup(self, full: bool | None = None) -> None:
+    """Compiles before serving, so that no request waits for a compile: the decode step and
+    the shortest prompt bucket's prefill, or with `full` every decode (rows, span) bucket and
+    every prefill (batch, prompt) bucket. Runs prompts in the scratch row and steps over free
+    rows, which change no slot. Call before `start`."""
+    full = self.warmup_all if full is None else full
+    cache_len = self.cache.k.shape[2]
+    buckets = sorted({bucket(n, self.max_len) for n in range(1, self.max_len + 1)})
+    for t in (buckets if full else buckets[:1]):
+      for n in ((1, PREFILL_BATCH) if full else (1,)):
+        self.cache, self.state = engine.jit_prefill(
+            self.params, self.cache, np.zeros((n, t), np.int32),
+            np.full((n,), self.scratch, np.int32), self.state, np.ones((n,), np.int32),
+            Sampling.of([SamplingParams(max_new_tokens=0)] * n, [0] * n, [0] * n), cfg=self.cfg)
+    rows = sorted({row_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
+    spans = sorted({span_bucket(n, cache_len) for n in range(1, cache_len + 1)})
+    for r in (rows if full else rows[:1]):
+      for span in (spans if full else spans[:1]):
+        self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
+                                                      cfg=self.cfg, rows=r, span=span)
     jax.block_until_ready((latest, _jit_latest(self.state)))
 
   def alive(self) -> bool:
@@ -274,8 +310,8 @@ class EngineLoop:
     except BaseException as e:  # the server's /health reports it; requests in flight end
       self.error = e
       log.exception('engine loop failed')
-      for s in [s for s in self.slots if s] + self.waiting:
-        s.emit(Delta([], '', finish_reason='error'))
+      self._deliver([(s, Delta([], '', finish_reason='error'))
+                     for s in [s for s in self.slots if s] + self.waiting])
       raise
 
   def _take_inbox(self, block: bool):
@@ -299,7 +335,7 @@ class EngineLoop:
       self.waiting.remove(s)
       with self.lock:
         self.num_waiting -= 1
-      s.emit(Delta([], '', finish_reason='cancelled'))
+      self._deliver([(s, Delta([], '', finish_reason='cancelled'))])
       self._count_finish(s, 'cancelled')
 
   def _admit(self):
@@ -338,17 +374,23 @@ class EngineLoop:
   def _decode(self):
     active = [i for i, s in enumerate(self.slots) if s is not None]
     rows = row_bucket(active[-1] + 1, self.max_batch)  # new sequences take the lowest free slots
+    # This step writes each row's last token at position length - 1 (prompt + sampled - 1).
+    longest = max(len(self.slots[i].prompt) + self.slots[i].sampled for i in active)
+    span = span_bucket(longest, self.cache.k.shape[2])
     self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
-                                                  cfg=self.cfg, rows=rows)
+                                                  cfg=self.cfg, rows=rows, span=span)
     self._emit_new(active, latest)
 
   def _emit_new(self, rows: list[int], latest=None):
-    """Reads the rows' latest tokens (`latest`: `_latest` of the state, computed by the step)
-    and hands each sequence its Delta; frees finished slots."""
+    """Reads the rows' latest tokens (`latest`: `_latest` of the state, computed by the step),
+    hands each sequence its Delta (all of them in one `deliver` call) and frees the slots of
+    finished ones. EOS is checked here, not on the device (whose state has no EOS ids), so a
+    request may ignore it; no step is lost, since the host reads every step before the next."""
     latest = _jit_latest(self.state) if latest is None else latest
     ids, lp, top_ids, top_lp, done, out_len = jax.device_get(latest)
     now = time.monotonic()
-    stopped = np.zeros((self.max_batch + 1,), bool)
+    ended = np.zeros((self.max_batch + 1,), bool)
+    out = []
     for r in rows:
       s = self.slots[r]
       if out_len[r] <= s.sampled:  # nothing new (max_new_tokens=0 cannot happen: checked)
@@ -357,26 +399,35 @@ class EngineLoop:
       s.first_token = s.first_token or now
       s.last_token = now
       token = int(ids[r])
-      reason = None
+      eos = token in self.eos_ids and not s.ignore_eos
+      reason = 'eos' if eos else 'length' if done[r] else None
       new_ids, new_lp, new_top = [], [], []
-      if done[r]:
-        reason = 'eos' if token in self.eos_ids else 'length'
-      if token not in self.eos_ids or not done[r]:
+      if not eos:
         new_ids, new_lp = [token], [float(lp[r])]
         new_top = [list(zip(top_ids[r].tolist(), top_lp[r].tolist()))]
         s.ids.append(token)
       text, stop_hit = self._text(s, final=reason is not None)
       if stop_hit:
         reason = 'stop'
-        stopped[r] = not done[r]
+      ended[r] = reason is not None and not done[r]
       want = s.logprobs is not None
-      delta = Delta(new_ids, text, new_lp if want else None,
-                    [row[:s.logprobs] for row in new_top] if want else None, reason, s.sampled)
-      s.emit(delta)
+      out.append((s, Delta(new_ids, text, new_lp if want else None,
+                           [row[:s.logprobs] for row in new_top] if want else None, reason,
+                           s.sampled)))
       if reason:
         self._finish(r, reason, emitted=True)
-    if stopped.any():
-      self.state = _mark_done(self.state, stopped)
+    if ended.any():
+      self.state = _mark_done(self.state, ended)
+    self._deliver(out)
+
+  def _deliver(self, items: list[tuple['Sequence', Delta]]):
+    if not items:
+      return
+    if self.deliver is not None:
+      self.deliver(items)
+    else:
+      for s, d in items:
+        s.emit(d)
 
   def _text(self, s: Sequence, final: bool) -> tuple[str, bool]:
     """New text of `s` to emit and whether a stop string appeared (the text is cut before it);
@@ -404,7 +455,7 @@ class EngineLoop:
     with self.lock:
       self.num_running -= 1
     if not emitted:
-      s.emit(Delta([], '', finish_reason=reason, sampled=s.sampled))
+      self._deliver([(s, Delta([], '', finish_reason=reason, sampled=s.sampled))])
     self._count_finish(s, reason)
 
   def _count_finish(self, s: Sequence, reason: str):
