@@ -7,8 +7,10 @@ N concurrent clients against the same requests one at a time.
 The server runs as a subprocess (its own cores, as in use); the client is one asyncio process
 with httpx, streaming every request (server-sent events) to time its tokens. Workload: prompts
 are the first 8 to 48 words of held-out documents of the embedded corpus, max_tokens uniform
-in [32, 128], temperature 0.8 with seed = request index: each request samples the same tokens
-in both runs, so the two runs do the same work. A warm-up pass compiles the programs first.
+in [32, 128] with `ignore_eos` (vLLM's benchmark's fixed output lengths; --no_ignore_eos lets
+the model stop at EOS), temperature 0.8 with seed = request index: each request samples the
+same tokens in both runs, so the two runs do the same work. The server compiles every bucket
+before it answers /health (--warmup), and one short pass runs before the measured ones.
 
 Metrics, as vLLM's benchmark (benchmarks/benchmark_serving.py) defines them:
   requests/s, output tok/s  completed requests and output tokens (usage.completion_tokens) over
@@ -32,7 +34,7 @@ import httpx
 import numpy as np
 
 
-def workload(n: int, seed: int = 0) -> list[dict]:
+def workload(n: int, seed: int = 0, ignore_eos: bool = True) -> list[dict]:
   """n request bodies (without `model`/`stream`), from held-out corpus documents."""
   from llmjax.data.corpus import default_corpus
   rng = random.Random(seed)
@@ -41,7 +43,7 @@ def workload(n: int, seed: int = 0) -> list[dict]:
   for i in range(n):
     words = rng.choice(docs).split()
     out.append({'prompt': ' '.join(words[:rng.randint(8, 48)]), 'max_tokens': rng.randint(32, 128),
-                'temperature': 0.8, 'seed': i})
+                'temperature': 0.8, 'seed': i, 'ignore_eos': ignore_eos})
   return out
 
 
@@ -129,10 +131,11 @@ def main(argv=None) -> dict:
   p.add_argument('--max_batch', type=int, default=32)
   p.add_argument('--max_model_len', type=int, default=256,
                  help='the context each slot holds (prompts here are < 100 tokens)')
+  p.add_argument('--no_ignore_eos', action='store_true', help='stop requests at EOS')
   args = p.parse_args(argv)
   if bool(args.workdir) == bool(args.hf):
     raise SystemExit('pass --workdir=DIR or --hf=HF_DIR')
-  bodies = workload(args.requests)
+  bodies = workload(args.requests, ignore_eos=not args.no_ignore_eos)
   proc, url = start_server(args)
   try:
     # Warm-up: compiles the prefill buckets (alone and 8 at a time) and the decode row buckets.

@@ -377,9 +377,14 @@ class EngineLoop:
     # This step writes each row's last token at position length - 1 (prompt + sampled - 1).
     longest = max(len(self.slots[i].prompt) + self.slots[i].sampled for i in active)
     span = span_bucket(longest, self.cache.k.shape[2])
+    start = time.perf_counter()
     self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
                                                   cfg=self.cfg, rows=rows, span=span)
+    jax.block_until_ready(latest)
+    ran = time.perf_counter()
     self._emit_new(active, latest)
+    if self.metrics is not None:
+      self.metrics.step(ran - start, time.perf_counter() - ran, len(active))
 
   def _emit_new(self, rows: list[int], latest=None):
     """Reads the rows' latest tokens (`latest`: `_latest` of the state, computed by the step),

@@ -8,6 +8,9 @@
     llmjax_num_requests_waiting                    sequences queued for a slot
     llmjax_time_to_first_token_seconds             arrival -> first token, per sequence
     llmjax_time_per_output_token_seconds           (last - first token time) / (tokens - 1)
+    llmjax_decode_step_seconds                     one decode step on the device
+    llmjax_decode_host_seconds                     the host's work after it (tokens, text, hand-over)
+    llmjax_decode_batch_size                       sequences per decode step
 
 TPOT excludes the first token, as vLLM's benchmark defines it. Each server has its own
 registry, so two servers in one process (tests) count apart.
@@ -43,6 +46,18 @@ class Metrics:
     self.tpot = prom.Histogram('llmjax_time_per_output_token_seconds',
                                'time per output token after the first, per sequence',
                                registry=r, buckets=_LATENCY_BUCKETS)
+    self.step_device = prom.Histogram('llmjax_decode_step_seconds', 'one decode step on the'
+                                      ' device', registry=r, buckets=_LATENCY_BUCKETS)
+    self.step_host = prom.Histogram('llmjax_decode_host_seconds', "the host's work after a"
+                                    ' decode step', registry=r, buckets=_LATENCY_BUCKETS)
+    self.batch = prom.Histogram('llmjax_decode_batch_size', 'sequences per decode step',
+                                registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+  def step(self, device_s: float, host_s: float, batch: int) -> None:
+    """One decode step: its device and host seconds and how many sequences it decoded."""
+    self.step_device.observe(device_s)
+    self.step_host.observe(host_s)
+    self.batch.observe(batch)
 
   def finished(self, seq, reason: str) -> None:
     """Counts one finished sequence (`engine_loop.Sequence`), on the engine thread."""
