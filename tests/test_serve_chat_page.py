@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope='module')
 def page(workdir):  # noqa: F811
-  live = Live(workdir, max_batch=2)
+  live = Live(workdir, max_batch=32)  # test_serve.py's `live` shapes: its compiles are cached
   options = webdriver.ChromeOptions()
   for arg in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-dev-shm-usage'):
     options.add_argument(arg)
