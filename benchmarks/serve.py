@@ -34,15 +34,17 @@ import httpx
 import numpy as np
 
 
-def workload(n: int, seed: int = 0, ignore_eos: bool = True) -> list[dict]:
-  """n request bodies (without `model`/`stream`), from held-out corpus documents."""
+def workload(n: int, seed: int = 0, ignore_eos: bool = True, words=(8, 48),
+             tokens=(32, 128)) -> list[dict]:
+  """n request bodies (without `model`/`stream`), from held-out corpus documents: prompts of
+  `words` (low, high) words, max_tokens uniform in `tokens` (low, high)."""
   from llmjax.data.corpus import default_corpus
   rng = random.Random(seed)
   docs = default_corpus('validation')
   out = []
   for i in range(n):
-    words = rng.choice(docs).split()
-    out.append({'prompt': ' '.join(words[:rng.randint(8, 48)]), 'max_tokens': rng.randint(32, 128),
+    doc = rng.choice(docs).split()
+    out.append({'prompt': ' '.join(doc[:rng.randint(*words)]), 'max_tokens': rng.randint(*tokens),
                 'temperature': 0.8, 'seed': i, 'ignore_eos': ignore_eos})
   return out
 
@@ -132,10 +134,14 @@ def main(argv=None) -> dict:
   p.add_argument('--max_model_len', type=int, default=256,
                  help='the context each slot holds (prompts here are < 100 tokens)')
   p.add_argument('--no_ignore_eos', action='store_true', help='stop requests at EOS')
+  p.add_argument('--words', default='8,48', help='prompt length range in corpus words')
+  p.add_argument('--tokens', default='32,128', help='max_tokens range')
   args = p.parse_args(argv)
   if bool(args.workdir) == bool(args.hf):
     raise SystemExit('pass --workdir=DIR or --hf=HF_DIR')
-  bodies = workload(args.requests, ignore_eos=not args.no_ignore_eos)
+  pair = lambda text: tuple(int(x) for x in text.split(','))
+  bodies = workload(args.requests, ignore_eos=not args.no_ignore_eos, words=pair(args.words),
+                    tokens=pair(args.tokens))
   proc, url = start_server(args)
   try:
     # Warm-up: compiles the prefill buckets (alone and 8 at a time) and the decode row buckets.

@@ -26,7 +26,12 @@ sequence's token t is drawn with `fold_in(fold_in(key(seed), request_id), t)`: t
 whatever else runs and whichever slot it lands in.
 
 The HTTP side never touches the device: `submit` and `cancel` only put items in a queue, and
-`emit` callbacks run on this thread (the API layer hands them over to its event loop).
+each step's Deltas leave this thread in one `deliver` call (the API layer's hands them to its
+event loop), or through each sequence's `emit` without one.
+
+Not done: chunked prefill (a long prompt is prefilled in one call, stalling the running
+decodes meanwhile; `engine.prefill` starts every prompt at slot 0, so chunks need a prefill
+that continues a row) and prefix caching.
 """
 
 import dataclasses
