@@ -261,6 +261,27 @@ def test_models_health_and_metrics(live):
   assert 1 <= _metric(live, 'llmjax_generation_tokens_total') - before <= 7
 
 
+# --- the CLI
+
+def test_cli_help_and_one_line_flag_errors(capsys):
+  assert serve_cli.main(['--help']) == 0
+  out = capsys.readouterr().out
+  assert all(f'--{f.name}' in out for f in serve_cli.FLAGS)
+  for argv, message in ((['--workdir=W', '--max_batch=0'], '--max_batch=0'),
+                        ([], 'exactly one of --workdir'),
+                        (['--workdir=W', '--peft=P'], '--peft'),
+                        (['--workdir=W', '--max_bacth=4'], "Did you mean 'max_batch'")):
+    assert serve_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count('\n') == 1, err
+  with socket.socket() as taken:
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    assert serve_cli.main(['--workdir=/nonexistent', f'--port={port}']) == 2
+    assert f'--port={port}' in capsys.readouterr().err  # before the (missing) model loads
+
+
 # --- bad requests
 
 BAD = [

@@ -114,7 +114,7 @@ def _main(argv: list[str]) -> int:
   # switch interval it waits up to that long each time the HTTP thread is busy writing
   # streams (a convoy that made a 32-stream step ~3x slower on 2 CPU cores).
   sys.setswitchinterval(SWITCH_INTERVAL_S)
-  served = load_served(flags)
+  # The port first: one taken fails in one line before the model loads.
   sock = socket.socket(socket.AF_INET6 if ':' in flags['host'] else socket.AF_INET)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   try:
@@ -122,6 +122,7 @@ def _main(argv: list[str]) -> int:
   except OSError as e:
     raise UserError(f"--host={flags['host']} --port={flags['port']}: cannot listen there ({e});"
                     " pick another --port.") from None
+  served = load_served(flags)
   print(f"llmjax.serve: '{served.name}' on http://{flags['host']}:{sock.getsockname()[1]}"
         f" (max_batch={flags['max_batch']}, context {served.max_len})", flush=True)
   server = uvicorn_server(api.create_app(served), host=flags['host'], port=flags['port'],
