@@ -261,6 +261,9 @@ class EngineLoop:
             Sampling.of([SamplingParams(max_new_tokens=0)] * n, [0] * n, [0] * n), cfg=self.cfg)
     rows = sorted({row_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
     spans = sorted({span_bucket(n, cache_len) for n in range(1, cache_len + 1)})
+    if full:
+      log.info('compiling %d prefill and %d decode programs before serving (--warmup=false:'
+               ' each on first use instead)', 2 * len(buckets), len(rows) * len(spans))
     for r in (rows if full else rows[:1]):
       for span in (spans if full else spans[:1]):
         self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
