@@ -87,7 +87,7 @@ class Live:
 
 @pytest.fixture(scope='module')
 def live(workdir):
-  s = Live(workdir, max_batch=32)
+  s = Live(workdir, max_batch=32, prefill_chunk=32)  # the chat prompts are chunked
   yield s
   s.stop()
 
@@ -210,6 +210,26 @@ def test_streamed_text_equals_the_non_streamed_and_usage_is_exact(live, kw):
     assert whole.choices[0].finish_reason == 'stop' and 'e' not in text
   elif whole.choices[0].finish_reason == 'length':
     assert usage.completion_tokens == 40
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_with_generates_tokens(live, monkeypatch):
+  from llmjax.serve import engine_loop
+  calls, real = [], engine_loop._prefill_chunk
+  monkeypatch.setattr(engine_loop, '_prefill_chunk',
+                      lambda *a, **k: calls.append(int(a[4])) or real(*a, **k))
+  ids = [1] + [(7 * i) % 200 + 3 for i in range(90)]  # 91 tokens: chunks at 0, 32, 64
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    short = pool.submit(live.client.completions.create, model=live.model, prompt=[1, 2, 3],
+                        max_tokens=30, temperature=0)
+    r = live.client.completions.create(model=live.model, prompt=ids, max_tokens=12,
+                                       temperature=0, logprobs=0)
+    short.result()
+  assert calls == [0, 32, 64]
+  want = engine.generate(live.served.engine.cfg, live.served.engine.params, [ids],
+                         SamplingParams(12, temperature=0),
+                         eos_id=generate.stop_ids(live.served.tokenizer))[0]
+  assert r.choices[0].logprobs.tokens == _tokens(live.served, want.ids)
+  assert r.usage.prompt_tokens == 91
 
 
 def test_token_id_prompts_and_completion_logprobs(live):

@@ -32,6 +32,8 @@ FLAGS = (
              ' with Retry-After'),
     cli.Flag('max_model_len', 0, 'the context of one sequence (prompt + output) that each slot'
              " holds; 0: the model's max_seq_len"),
+    cli.Flag('prefill_chunk', 512, 'prompts longer than this are prefilled this many tokens at a'
+             ' time between decode steps (running sequences keep decoding); 0: in one call'),
     cli.Flag('max_logprobs', 20, 'the largest logprobs / top_logprobs a request may ask for'
              ' (the top-K log-probs are computed at every step)'),
     cli.Flag('warmup', True, 'compile every batch and length bucket before serving (minutes on a'
@@ -54,7 +56,7 @@ def parse_flags(argv: list[str]) -> dict:
     raise UserError("--peft=ADAPTER_DIR needs its base as --hf=BASE_DIR (a LoRA run's --workdir"
                     " holds its adapters already).")
   for name, low in (('max_batch', 1), ('max_queue', 0), ('max_model_len', 0),
-                    ('max_logprobs', 0)):
+                    ('max_logprobs', 0), ('prefill_chunk', 0)):
     if flags[name] < low:
       raise UserError(f"--{name}={flags[name]}: must be >= {low}.")
   if not 0 <= flags['port'] < 65536:
@@ -85,7 +87,8 @@ def load_served(flags):
                       decode=tokenizer.decode if tokenizer is not None else None,
                       max_batch=flags['max_batch'], max_queue=flags['max_queue'],
                       max_len=flags['max_model_len'], max_logprobs=flags['max_logprobs'],
-                      metrics=m, warmup_all=flags.get('warmup', False))
+                      metrics=m, warmup_all=flags.get('warmup', False),
+                      prefill_chunk=flags['prefill_chunk'])
   where = (flags['hf'] or flags['workdir']).rstrip('/')
   name = flags.get('served_model_name') or os.path.basename(where) or where
   return api.Served(engine, tokenizer, template, name, no_chat,

@@ -9,10 +9,11 @@ number of KV-cache slots with the generation engine's `prefill` and `decode_step
 Each loop iteration (vLLM's scheduler step, simplified):
   1. take new sequences and cancellations from the inbox (blocking only when idle);
   2. free the slots of cancelled sequences;
-  3. admit waiting sequences into free slots: prompts are right-padded to a bucket length
+  3. admit waiting sequences into free slots (a long prompt: chunked, step 3b): prompts are right-padded to a bucket length
      (powers of two from 16), sequences of one bucket are prefilled PREFILL_BATCH at a time
      (padding rows write a scratch row), so prefills compile twice per bucket whatever the
      prompts; their first tokens are emitted at once;
+  3b. one chunk of the oldest chunked prefill;
   4. one `decode_step` for the slots in use (the lowest ones: a new sequence takes the lowest
      free slot, and the step runs the first 1, 2, 4, ... rows that cover them and the first
      64, 128, ... cache positions that cover the longest, so its cost follows the load and the
@@ -29,9 +30,9 @@ The HTTP side never touches the device: `submit` and `cancel` only put items in 
 each step's Deltas leave this thread in one `deliver` call (the API layer's hands them to its
 event loop), or through each sequence's `emit` without one.
 
-Not done: chunked prefill (a long prompt is prefilled in one call, stalling the running
-decodes meanwhile; `engine.prefill` starts every prompt at slot 0, so chunks need a prefill
-that continues a row) and prefix caching.
+A prompt longer than `prefill_chunk` is prefilled one chunk per iteration between decode
+steps (`_prefill_chunk`: positions [0, L - 1) of its row), and its last token goes through the
+first decode step, which samples its first output token (`_begin`). Not done: prefix caching.
 """
 
 import dataclasses
@@ -48,6 +49,7 @@ import numpy as np
 
 from llmjax.infer import engine
 from llmjax.infer.engine import DecodeState, Sampling, SamplingParams
+from llmjax.models.transformer import Transformer
 
 log = logging.getLogger('llmjax.serve')
 
@@ -92,6 +94,7 @@ class Sequence:
   sampled: int = 0
   text: str = ''  # decoded ids (cut at a stop string once one appears)
   sent: int = 0  # characters of `text` emitted
+  chunked: int = -1  # >= 0: prompt positions written so far by chunked prefill (not decoding yet)
 
 
 def bucket(n: int, cap: int) -> int:
@@ -179,6 +182,33 @@ def span_bucket(n: int, cache_len: int) -> int:
   return min(max(_pow2(n), MIN_SPAN), cache_len)
 
 
+@functools.partial(jax.jit, static_argnames=('cfg',), donate_argnames=('cache',))
+def _prefill_chunk(params, cache, tokens, row, start, end, *, cfg):
+  """Chunked prefill: writes the keys and values of prompt positions [start, end) of cache row
+  `row` (tokens [1, C], right-padded past end - start); the row's cache length becomes `end`.
+  Nothing is sampled: the prompt's last token goes through the model at the row's first decode
+  step (`_begin`), which samples the first output token as `engine.prefill` would (its key:
+  step 0)."""
+  c = tokens.shape[1]
+  sub = type(cache)(cache.k[:, row][:, None], cache.v[:, row][:, None], start[None])
+  # Padding repeats the chunk's last position, as `engine.prefill` pads.
+  positions = jnp.minimum(start + jnp.arange(c), end - 1)[None]  # [1, C]
+  _, sub = Transformer(cfg).apply({'params': params}, tokens, positions=positions, cache=sub)
+  return type(cache)(cache.k.at[:, row].set(sub.k[:, 0]), cache.v.at[:, row].set(sub.v[:, 0]),
+                     cache.lengths.at[row].set(end))
+
+
+@functools.partial(jax.jit, donate_argnames=('state',))
+def _begin(state: DecodeState, row, prompt, length, sampling: Sampling) -> DecodeState:
+  """Row `row` of the state as `engine.prefill` leaves it, minus the first sampled token: its
+  prompt [S] of `length` tokens, whose last one the next decode step runs and samples after
+  (the cache holds the other length - 1, written by `_prefill_chunk`)."""
+  return state.replace(
+      tokens=state.tokens.at[row].set(prompt), length=state.length.at[row].set(length),
+      prompt_len=state.prompt_len.at[row].set(length), done=state.done.at[row].set(False),
+      sampling=jax.tree.map(lambda a, b: a.at[row].set(b[0]), state.sampling, sampling))
+
+
 @jax.jit
 def _mark_done(state: DecodeState, rows) -> DecodeState:
   """Rows [B] bool become done (a stop string or a cancel ended them on the host)."""
@@ -202,12 +232,15 @@ class EngineLoop:
       (the HTTP side wakes its event loop once per step, not once per sequence); None: each
       sequence's `emit`.
     warmup_all: `warmup()` compiles every bucket (else the smallest ones only).
+    prefill_chunk: prompts longer than this are prefilled this many tokens per loop iteration,
+      between decode steps, so that a long prompt does not stall the running sequences for its
+      whole prefill; 0: off.
   """
 
   def __init__(self, cfg, params, *, eos_ids: Seq[int], decode: Callable[[list[int]], str] | None,
                max_batch: int = 32, max_queue: int = 256, max_len: int = 0,
                max_logprobs: int = 20, metrics=None, warmup_all: bool = False,
-               deliver: Callable[[list], None] | None = None):
+               deliver: Callable[[list], None] | None = None, prefill_chunk: int = 512):
     self.cfg, self.params, self.decode = cfg, params, decode
     self.eos_ids = engine.eos_tuple(list(eos_ids))
     self.max_batch, self.max_queue = max_batch, max_queue
@@ -216,6 +249,8 @@ class EngineLoop:
     self.metrics = metrics
     self.warmup_all = warmup_all  # what `warmup()` compiles by default
     self.deliver = deliver
+    self.prefill_chunk = prefill_chunk  # 0: every prompt in one prefill call
+    self.chunking: list[int] = []  # slots whose prompts are being prefilled chunk by chunk
     from llmjax.kernels import dispatch
     cache_len = dispatch.cache_length(self.max_len, cfg)  # whole decode-kernel blocks
     # One more row than slots: a scratch row that the padding rows of a prefill batch write
@@ -268,6 +303,14 @@ class EngineLoop:
       for span in (spans if full else spans[:1]):
         self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
                                                       cfg=self.cfg, rows=r, span=span)
+    if full and self.prefill_chunk and self.max_len > self.prefill_chunk:
+      scratch = np.int32(self.scratch)
+      self.cache = _prefill_chunk(self.params, self.cache,
+                                  np.zeros((1, self.prefill_chunk), np.int32), scratch,
+                                  np.int32(0), np.int32(1), cfg=self.cfg)
+      self.state = _begin(self.state, scratch, np.zeros((self.state.tokens.shape[1],), np.int32),
+                          np.int32(1), Sampling.of([SamplingParams()], [0], [0]))
+      self.state = _mark_done(self.state, np.arange(self.max_batch + 1) == self.scratch)
     jax.block_until_ready((latest, _jit_latest(self.state)))
 
   def alive(self) -> bool:
@@ -313,7 +356,8 @@ class EngineLoop:
         self._take_inbox(block=not busy)
         self._retire_cancelled()
         self._admit()
-        if any(self.slots):
+        self._chunk()
+        if any(s is not None and s.chunked < 0 for s in self.slots):
           self._decode()
     except BaseException as e:  # the server's /health reports it; requests in flight end
       self.error = e
@@ -358,11 +402,36 @@ class EngineLoop:
     groups: dict[int, list[tuple[int, Sequence]]] = {}
     for slot, s in zip(free, take):
       self.slots[slot] = s
+      if self.prefill_chunk and len(s.prompt) > self.prefill_chunk:
+        s.chunked = 0  # its row stays done (skipped by decode steps) until `_begin`
+        self.chunking.append(slot)
+        continue
       groups.setdefault(bucket(len(s.prompt), self.max_len), []).append((slot, s))
     for t, group in sorted(groups.items()):
       for i in range(0, len(group), PREFILL_BATCH):
         self._prefill(t, group[i:i + PREFILL_BATCH])
-    self._emit_new(free[:len(take)])
+    self._emit_new([slot for group in groups.values() for slot, _ in group])
+
+  def _chunk(self):
+    """One chunk of the oldest chunked prefill; after its last, the row starts decoding."""
+    if not self.chunking:
+      return
+    slot = self.chunking[0]
+    s = self.slots[slot]
+    c, start = self.prefill_chunk, s.chunked
+    end = min(start + c, len(s.prompt) - 1)  # the last token: the first decode step's
+    tokens = np.zeros((1, c), np.int32)
+    tokens[0, :end - start] = s.prompt[start:end]
+    self.cache = _prefill_chunk(self.params, self.cache, tokens, np.int32(slot), np.int32(start),
+                                np.int32(end), cfg=self.cfg)
+    s.chunked = end
+    if end == len(s.prompt) - 1:
+      prompt = np.zeros((self.state.tokens.shape[1],), np.int32)
+      prompt[:len(s.prompt)] = s.prompt
+      self.state = _begin(self.state, np.int32(slot), prompt, np.int32(len(s.prompt)),
+                          Sampling.of([s.sampling], [s.seed], [s.request_id]))
+      s.chunked = -1
+      self.chunking.pop(0)
 
   def _prefill(self, t: int, group: list[tuple[int, Sequence]]):
     n = 1 if len(group) == 1 else PREFILL_BATCH
@@ -380,10 +449,13 @@ class EngineLoop:
         Sampling.of(params, seeds, rids), cfg=self.cfg)
 
   def _decode(self):
-    active = [i for i, s in enumerate(self.slots) if s is not None]
+    active = [i for i, s in enumerate(self.slots) if s is not None and s.chunked < 0]
     rows = row_bucket(active[-1] + 1, self.max_batch)  # new sequences take the lowest free slots
-    # This step writes each row's last token at position length - 1 (prompt + sampled - 1).
-    longest = max(len(self.slots[i].prompt) + self.slots[i].sampled for i in active)
+    # This step writes each row's last token at position length - 1 (prompt + sampled - 1),
+    # and (unread) at cache position `chunked` of a row being chunk-prefilled: the span covers
+    # both, or the clamped write would land on that row's prompt.
+    longest = max([len(self.slots[i].prompt) + self.slots[i].sampled for i in active]
+                  + [self.slots[i].chunked + 1 for i in self.chunking if i < rows])
     span = span_bucket(longest, self.cache.k.shape[2])
     start = time.perf_counter()
     self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
@@ -465,6 +537,8 @@ class EngineLoop:
     """Frees `slot`; sends the sequence its last Delta unless `emitted` already did."""
     s = self.slots[slot]
     self.slots[slot] = None
+    if slot in self.chunking:  # cancelled mid-prefill
+      self.chunking.remove(slot)
     with self.lock:
       self.num_running -= 1
     if not emitted:
