@@ -102,11 +102,14 @@ def test_quantized_logits_equal_the_float_model_on_dequantized_weights(method, b
   flat = traverse_util.flatten_dict(qparams)
   assert not any(p[-1] == 'kernel' and p[0] != 'head' for p in flat)  # only the head is float
   tokens = jnp.arange(16).reshape(2, 8) % 32
-  got = Transformer(qcfg).apply({'params': qparams}, tokens)[0]
-  want = Transformer(float_cfg).apply({'params': lora.dequantize_base(qparams, qcfg)}, tokens)[0]
+  # Jitted, one compile a config (op by op, the dequantization dispatches hundreds of ops).
+  forward = lambda cfg: jax.jit(lambda p, t: Transformer(cfg).apply({'params': p}, t)[0])
+  float_forward = forward(float_cfg)
+  got = forward(qcfg)(qparams, tokens)
+  want = float_forward(lora.dequantize_base(qparams, qcfg), tokens)
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   # and the quantized model is close to the float one it came from
-  ref = Transformer(float_cfg).apply({'params': params}, tokens)[0]
+  ref = float_forward(params, tokens)
   assert float(jnp.max(jnp.abs(got - ref))) < 0.5 * float(jnp.max(jnp.abs(ref)))
   # the store's init (fresh weights) has the same leaves as quantize_base
   init = jax.eval_shape(lambda: llmjax.models.init_params(qcfg, jax.random.key(0)))
@@ -140,8 +143,11 @@ def _run(module, capsys, *argv):
 GEN = ('--prompt_ids=3,14,15,92,65', '--json', '--temperature=0', '--max_new_tokens=8')
 
 
-@pytest.mark.parametrize('method, group', [('int8', ''), ('int4', '--group_size=32'),
-                                           ('nf4', '')])
+# int8 (one scale a channel, default flags) and int4 (--group_size, scanned int4 leaves, eval):
+# quantize, the workdir and generate do not branch on the method past quantize_kernel; nf4's
+# model is the dequantized one in test_quantized_logits_equal_..., and its quantize_workdir
+# (default block 64) in test_quantize_workdir_defaults_to_the_methods_group_size.
+@pytest.mark.parametrize('method, group', [('int8', ''), ('int4', '--group_size=32')])
 def test_cli_quantizes_and_generate_eval_run_the_quantized_workdir(src, tmp_path, capsys, method,
                                                                    group):
   dst = str(tmp_path / 'q')
