@@ -102,14 +102,11 @@ def test_quantized_logits_equal_the_float_model_on_dequantized_weights(method, b
   flat = traverse_util.flatten_dict(qparams)
   assert not any(p[-1] == 'kernel' and p[0] != 'head' for p in flat)  # only the head is float
   tokens = jnp.arange(16).reshape(2, 8) % 32
-  # Jitted, one compile a config (op by op, the dequantization dispatches hundreds of ops).
-  forward = lambda cfg: jax.jit(lambda p, t: Transformer(cfg).apply({'params': p}, t)[0])
-  float_forward = forward(float_cfg)
-  got = forward(qcfg)(qparams, tokens)
-  want = float_forward(lora.dequantize_base(qparams, qcfg), tokens)
+  got = Transformer(qcfg).apply({'params': qparams}, tokens)[0]
+  want = Transformer(float_cfg).apply({'params': lora.dequantize_base(qparams, qcfg)}, tokens)[0]
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   # and the quantized model is close to the float one it came from
-  ref = float_forward(params, tokens)
+  ref = Transformer(float_cfg).apply({'params': params}, tokens)[0]
   assert float(jnp.max(jnp.abs(got - ref))) < 0.5 * float(jnp.max(jnp.abs(ref)))
   # the store's init (fresh weights) has the same leaves as quantize_base
   init = jax.eval_shape(lambda: llmjax.models.init_params(qcfg, jax.random.key(0)))
