@@ -139,11 +139,8 @@ def _train(mesh, trainer, batches, state=None, rules=()):
 def scenario_equivalence():
   import jax
   batches = _batches(STEPS)
-  # One mesh per rules table and axis: pure data parallel, fsdp (here with data, as HSDP: the
-  # batch split over both axes, one row a device, as fsdp=8 would), fsdp x tensor. fsdp=8
-  # alone is trained in scenario_restore.
   meshes = {'single': dict(rules='fsdp'), 'data=8': dict(rules='data', data=8),
-            'data=2,fsdp=4': dict(data=2, fsdp=4),
+            'fsdp=8': dict(fsdp=8), 'data=2,fsdp=4': dict(data=2, fsdp=4),
             'fsdp=4,tensor=2': dict(rules='fsdp_tensor', fsdp=4, tensor=2)}
   out = {}
   for name, kw in meshes.items():
@@ -227,9 +224,7 @@ def scenario_sequence():
     c.data.seq_len = 32
     devices = jax.devices()[:1] if name == 'single' else None
     mesh, tr = _trainer(c, devices)
-    # The interpreted kernel is slow on a CPU: 2 steps (step 2's loss checks step 1's
-    # gradients through the kernel's backward) instead of STEPS.
-    n = 2 if attention == 'pallas' else STEPS
+    n = 3 if attention == 'pallas' else STEPS  # the interpreted kernel is slow on a CPU
     out[name] = _train(mesh, tr, batches[:n], rules=sharding.rules_from_config(c))[1]
   return out
 
