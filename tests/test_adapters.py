@@ -136,19 +136,22 @@ def test_init_is_the_base_and_merge_is_the_adapted_model(method, scan_layers):
   assert lora.count(params) == (cfg.num_lora_params, cfg.num_params)
   _, base = lora.split(params)
   tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
-  want, _ = Transformer(lora.without_lora(cfg)).apply({'params': base}, tokens)
-  got, _ = Transformer(cfg).apply({'params': params}, tokens)
+  # Jitted, one compile a config, reused below: op by op, each forward spends seconds.
+  forward = lambda c: jax.jit(lambda p: Transformer(c).apply({'params': p}, tokens)[0])
+  adapted_forward = forward(cfg)
+  want = forward(lora.without_lora(cfg))(base)
+  got = adapted_forward(params)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)  # fresh adapters: the base model
 
   params = _randomise(params)
-  adapted, _ = Transformer(cfg).apply({'params': params}, tokens)
+  adapted = adapted_forward(params)
   assert float(jnp.max(jnp.abs(adapted - want))) > 1e-2
   merged, merged_cfg = lora.merge(params, cfg)
   assert jax.tree.structure(merged) == jax.tree.structure(base)
-  got, _ = Transformer(merged_cfg).apply({'params': merged}, tokens)
+  got = forward(merged_cfg)(merged)
   np.testing.assert_allclose(got, adapted, atol=2e-5, rtol=1e-5)
   # disable: the base again (DPO's reference), DoRA's magnitudes reset with B.
-  off, _ = Transformer(cfg).apply({'params': lora.disable(params)}, tokens)
+  off = adapted_forward(lora.disable(params))
   np.testing.assert_allclose(off, want, atol=1e-5, rtol=0)
 
 

@@ -91,10 +91,11 @@ def test_scores_are_the_length_penalised_sum_of_log_probs(model):
   import numpy as np
   p = SamplingParams(6, temperature=0.0, num_beams=4, num_return_sequences=4, length_penalty=0.6)
   row = beam.generate(cfg, params, [PROMPTS[0]], p, eos_id=-1)[0]
-  apply_fn = llmjax.models.Transformer(cfg).apply
+  # Jitted: op by op, each forward spends seconds compiling its primitives.
+  forward = jax.jit(lambda p, x: llmjax.models.Transformer(cfg).apply({'params': p}, x)[0])
   for c in row:
     seq = PROMPTS[0] + c.ids
-    logits, _ = apply_fn({'params': params}, jnp.array([seq[:-1]]))
+    logits = forward(params, jnp.array([seq[:-1]]))
     logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)))
     n = len(PROMPTS[0])
     total = sum(logp[n - 1 + i, t] for i, t in enumerate(c.ids))

@@ -262,10 +262,15 @@ def step_metrics(run, kw, models, pairs_per_row, loss_chunk=0, batch=None):
   return dpo.derived_metrics(cfg, losses.reduce_output(out)), out
 
 
-# Every run unpacked (P=1) and packed (P=2); P=3 (one slot empty) for a paired and an
+# Every run packed (P=2); unpacked (P=1) once per TRL trainer (DPO: sigmoid, KTO: kto,
+# CPO: simpo and orpo): packing is the loss-independent sequence_logprobs layout, so P=1 of the
+# other DPO losses would check the same layout again. P=3 (one slot empty) for a paired and an
 # unpaired loss (test_masked_pair_slots_contribute_nothing covers more with P=3).
-@pytest.mark.parametrize('name,pairs_per_row', [(n, p) for n in RUNS for p in (1, 2)]
-                         + [('sigmoid', 3), ('kto_swapped', 3)])
+UNPACKED = ('sigmoid', 'kto', 'simpo', 'orpo')
+
+
+@pytest.mark.parametrize('name,pairs_per_row', [(n, 2) for n in RUNS]
+                         + [(n, 1) for n in UNPACKED] + [('sigmoid', 3), ('kto_swapped', 3)])
 def test_step1_metrics_equal_trl(golden, models, name, pairs_per_row):
   run = golden['runs'][name]
   got, out = step_metrics(run, RUNS[name], models, pairs_per_row)

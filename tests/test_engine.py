@@ -184,13 +184,16 @@ def test_logprobs_equal_the_trainers_log_softmax_on_the_generated_sequence(model
   prompts = [[1, 5, 7, 2, 9], [4, 4, 6]]
   out = engine.generate(cfg, params, prompts, sp, eos_id=-1, seeds=3, logprobs=4)
   apply_fn = llmjax.models.Transformer(cfg).apply
+  # Jitted (op by op, each forward spends seconds compiling primitives).
+  token_logprobs = jax.jit(lambda b: losses.token_logprobs({'params': params}, b, apply_fn))
+  forward = jax.jit(lambda x: apply_fn({'params': params}, x)[0])
   for prompt, c in zip(prompts, out):
     seq = prompt + c.ids
     batch = {'inputs': jnp.array([seq[:-1]]), 'targets': jnp.array([seq[1:]]),
              'positions': jnp.arange(len(seq) - 1)[None], 'segment_ids': jnp.ones((1, len(seq) - 1), jnp.int32)}
-    want = np.asarray(losses.token_logprobs({'params': params}, batch, apply_fn))[0, len(prompt) - 1:]
+    want = np.asarray(token_logprobs(batch))[0, len(prompt) - 1:]
     np.testing.assert_allclose(c.logprobs, want, atol=2e-5)
-    logits, _ = apply_fn({'params': params}, jnp.array([seq[:-1]]))
+    logits = forward(jnp.array([seq[:-1]]))
     logp = np.asarray(jax.nn.log_softmax(logits[0, len(prompt) - 1:]))
     for i, top in enumerate(c.top_logprobs):
       ids = [t for t, _ in top]

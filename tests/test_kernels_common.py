@@ -52,17 +52,30 @@ class Case:
     return self.name
 
 
+# The mask branches (causal, window, segments, offsets/kv_lengths) are independent `if`s in
+# the kernels, so no case needs all combinations. Where each axis value is covered: f32 strict
+# tolerance: mha/causal/d64 and t = 2 blocks ('f32-causal-mha-d64'), window + d128 + GQA 2
+# ('f32-window-gqa2-d128-t200'), no causal mask + segments + GQA 4 + a ragged tail
+# ('f32-segments-gqa4-t130'), offsets + kv_lengths + MQA + s != t ('f32-offsets-mqa-t100-s300');
+# bf16: causal + d128 + GQA 4, and causal + window + segments + GQA 8. (Cases dropped as
+# covered: 'f32-causal-segments-gqa8' = causal + segments + GQA 8, all in the last case;
+# 'f32-full-gqa2-t129' = no causal mask + GQA 2 + a tail past one block, in the t130 and t200
+# cases.) The batch is a grid axis like any other: batch=1 wherever nothing is per row; the
+# per-row index maps (q_offset, kv_lengths, segment ids) are checked by the batch-2 cases
+# 'f32-causal-mha-d64', 'f32-segments-gqa4-t130' and 'f32-offsets-mqa-t100-s300'.
 CASES = [
     Case('f32-causal-mha-d64'),
-    Case('f32-window-gqa2-d128-t200', t=200, head_dim=128, heads=4, kv_heads=2, window=64),
+    Case('f32-window-gqa2-d128-t200', t=200, head_dim=128, heads=4, kv_heads=2, window=64,
+         batch=1),
     Case('f32-segments-gqa4-t130', t=130, heads=8, kv_heads=2, causal=False, segments=True),
-    Case('f32-causal-segments-gqa8', heads=8, kv_heads=1, segments=True),
     Case('f32-offsets-mqa-t100-s300', t=100, s=300, heads=2, kv_heads=1, offsets=True),
-    Case('f32-full-gqa2-t129', t=129, heads=4, kv_heads=2, causal=False),
-    Case('bf16-causal-gqa4-d128', dtype='bfloat16', head_dim=128, heads=4, kv_heads=1),
+    Case('bf16-causal-gqa4-d128', dtype='bfloat16', head_dim=128, heads=4, kv_heads=1, batch=1),
     Case('bf16-window-segments-gqa8-t200', dtype='bfloat16', t=200, heads=8, kv_heads=1,
-         window=48, segments=True),
+         window=48, segments=True, batch=1),
 ]
+
+# Not in the kernel grid (see above), but the dispatch test's packed GQA case.
+CAUSAL_SEGMENTS_GQA8 = Case('f32-causal-segments-gqa8', heads=8, kv_heads=1, segments=True)
 
 
 def make(case: Case, seed: int = 0):

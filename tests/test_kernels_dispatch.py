@@ -12,7 +12,7 @@ from llmjax import config as config_lib
 from llmjax import plan as plan_lib
 from llmjax.errors import ConfigError
 from llmjax.models.attention import IMPLEMENTATIONS, Mask, attention, xla_attention
-from test_kernels_common import CASES, make
+from test_kernels_common import CASES, CAUSAL_SEGMENTS_GQA8, make
 
 
 def test_registry_has_the_kernels():
@@ -33,7 +33,7 @@ def test_auto_on_cpu_is_xla():
 
 
 def test_pallas_entry_point_matches_xla_with_the_kernel_interpreted_on_cpu():
-  q, k, v, mask, _ = make(CASES[3])
+  q, k, v, mask, _ = make(CAUSAL_SEGMENTS_GQA8)
   out = jax.jit(lambda q, k, v: attention(q, k, v, mask, implementation='pallas'))(q, k, v)
   np.testing.assert_allclose(out, xla_attention(q, k, v, mask), atol=1e-5)
 

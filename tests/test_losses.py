@@ -127,7 +127,8 @@ def test_grad_accum_4_gives_the_grad_accum_1_update(loss_fn):
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   if loss_fn is _per_sequence_loss:  # the metrics are means over their own units
-    out = loss_fn(p1, _batch(0), _apply(ModelConfig.from_dict(_config(1).model)))
+    apply_fn = _apply(ModelConfig.from_dict(_config(1).model))
+    out = jax.jit(lambda p, b: loss_fn(p, b, apply_fn))(p1, _batch(0))  # eager: seconds of dispatch
     assert 0.0 <= float(out.metrics['high']) <= float(out.weight)
     assert set(m1[0]) == {'loss', 'weight', 'grad_norm', 'high', 'logp_per_token'}
 
@@ -143,21 +144,23 @@ def test_token_stats_equal_numpy_and_their_logprobs_token_logprobs(chunk):
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:],
            'segment_ids': np.ones((2, 16), np.int32),
            'positions': np.tile(np.arange(16, dtype=np.int32), (2, 1))}
-  stats = losses.token_stats(params, batch, apply_fn, chunk)
-  logits, _ = apply_fn(params, jnp.asarray(batch['inputs']), positions=batch['positions'],
-                       segment_ids=batch['segment_ids'])
+  # Jitted (one compile each instead of op-by-op dispatch of the forwards and backwards).
+  token_stats = jax.jit(lambda p, b: losses.token_stats(p, b, apply_fn, chunk))
+  stats = token_stats(params, batch)
+  logits, _ = jax.jit(apply_fn)(params, jnp.asarray(batch['inputs']),
+                                positions=batch['positions'], segment_ids=batch['segment_ids'])
   logits = np.asarray(logits, np.float64)
   logp = _log_softmax(logits)
   np.testing.assert_allclose(stats['entropy'], -(np.exp(logp) * logp).sum(-1), rtol=1e-5)
   np.testing.assert_allclose(stats['mean_logit'], logits.mean(-1), rtol=1e-5, atol=1e-7)
   targets = batch['targets'].copy()
   targets[1, :8] = logits[1, :8].argmax(-1)  # half of row 1 predicted right
-  stats = losses.token_stats(params, dict(batch, targets=targets), apply_fn, chunk)
+  stats = token_stats(params, dict(batch, targets=targets))
   np.testing.assert_array_equal(stats['is_top1'], logits.argmax(-1) == targets)
   assert stats['is_top1'][1, :8].all()
   want = np.take_along_axis(logp, targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(stats['logprobs'], want, rtol=1e-5)
   b = dict(batch, targets=targets)
-  g1 = jax.grad(lambda p: jnp.sum(losses.token_stats(p, b, apply_fn, chunk)['logprobs']))(params)
-  g0 = jax.grad(lambda p: jnp.sum(losses.token_logprobs(p, b, apply_fn)))(params)
+  g1 = jax.jit(jax.grad(lambda p: jnp.sum(token_stats(p, b)['logprobs'])))(params)
+  g0 = jax.jit(jax.grad(lambda p: jnp.sum(losses.token_logprobs(p, b, apply_fn))))(params)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), g1, g0)

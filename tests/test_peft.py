@@ -50,14 +50,21 @@ def imported(name, **overrides):
   return cfg, lora.combine(peft.read_adapters(adapter_dir(name), cfg, family), params)
 
 
+def _forward(cfg):
+  """The jitted logits of `cfg` (one compile, reused for the disabled adapters; op by op, each
+  forward spends seconds compiling primitives)."""
+  return jax.jit(lambda params, tokens: Transformer(cfg).apply({'params': params}, tokens)[0])
+
+
 @pytest.mark.parametrize('name,scan_layers', [(NAMES[0], True), (NAMES[1], False)])
 def test_imported_adapter_gives_peft_logits(name, scan_layers):
   cfg, params = imported(name, scan_layers=scan_layers)
   g = np.load(os.path.join(adapter_dir(name), 'logits.npz'))
-  logits, _ = Transformer(cfg).apply({'params': params}, jnp.asarray(g['tokens']))
+  forward = _forward(cfg)
+  logits = forward(params, jnp.asarray(g['tokens']))
   np.testing.assert_allclose(np.asarray(logits), g['logits'], atol=1e-4, rtol=0)
   # The adapter matters: without it the logits are far from PEFT's.
-  base, _ = Transformer(cfg).apply({'params': lora.disable(params)}, jnp.asarray(g['tokens']))
+  base = forward(lora.disable(params), jnp.asarray(g['tokens']))
   assert np.abs(np.asarray(base) - g['logits']).max() > 1e-2
 
 
@@ -119,13 +126,14 @@ def test_dora_and_rslora_adapters_give_peft_logits_and_merge(adapter, scan_layer
   cfg, params = imported_variant(adapter, scan_layers=scan_layers)
   g = np.load(os.path.join(adapter_dir(adapter), 'logits.npz'))
   tokens = jnp.asarray(g['tokens'])
-  logits, _ = Transformer(cfg).apply({'params': params}, tokens)
+  forward = _forward(cfg)
+  logits = forward(params, tokens)
   np.testing.assert_allclose(np.asarray(logits), g['logits'], atol=1e-4, rtol=0)
-  base, _ = Transformer(cfg).apply({'params': lora.disable(params)}, tokens)
+  base = forward(lora.disable(params), tokens)
   assert np.abs(np.asarray(base) - g['logits']).max() > 1e-2
   # The merged weights are the adapted model: PEFT's logits without any adapter.
   merged, merged_cfg = lora.merge(params, cfg)
-  got, _ = Transformer(merged_cfg).apply({'params': merged}, tokens)
+  got = _forward(merged_cfg)(merged, tokens)
   np.testing.assert_allclose(np.asarray(got), g['logits'], atol=1e-4, rtol=0)
 
 

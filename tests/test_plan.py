@@ -70,21 +70,25 @@ def test_plan_reports_the_compiled_steps_memory_analysis():
   assert 'data=1 x fsdp=4 x sequence=1 x tensor=1' in text and 'fits' in text
 
 
+@pytest.fixture(scope='module')
+def tiny_report():
+  """The plan of tiny_config on v5e:2x2 (one AOT compile shared by the tests below)."""
+  return plan_lib.plan(tiny_config(), 'v5e:2x2')[0]
+
+
 @pytest.mark.slow
-def test_twice_the_batch_adds_exactly_the_batchs_bytes_to_the_arguments():
+def test_twice_the_batch_adds_exactly_the_batchs_bytes_to_the_arguments(tiny_report):
   c = tiny_config()
-  small, _ = plan_lib.plan(c, 'v5e:2x2')
   c.train.batch_size *= 2
   large, _ = plan_lib.plan(c, 'v5e:2x2')
   added = 5 * (c.train.batch_size // 2) * c.data.seq_len * 4 / 4  # 5 [b, t] int32/f32 arrays
-  assert large.argument_bytes - small.argument_bytes == added
+  assert large.argument_bytes - tiny_report.argument_bytes == added
 
 
-def test_fit_verdict_is_against_the_chips_hbm():
-  report, _ = plan_lib.plan(tiny_config(), 'v5e:2x2')
-  for hbm, fits in ((report.total_bytes, True), (report.total_bytes - 1, False)):
-    assert dataclasses.replace(report, hbm_bytes=hbm).fits == fits
-  assert plan_lib.CHIPS['v5e']['hbm_gib'] * 2**30 == report.hbm_bytes
+def test_fit_verdict_is_against_the_chips_hbm(tiny_report):
+  for hbm, fits in ((tiny_report.total_bytes, True), (tiny_report.total_bytes - 1, False)):
+    assert dataclasses.replace(tiny_report, hbm_bytes=hbm).fits == fits
+  assert plan_lib.CHIPS['v5e']['hbm_gib'] * 2**30 == tiny_report.hbm_bytes
 
 
 # --- FLOPs and the MFU ceiling -----------------------------------------------------------------

@@ -12,6 +12,7 @@ non-zero values) give PEFT's logits within 1e-4, and `convert --to=peft` writes 
 """
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -47,8 +48,16 @@ def prompted(cfg, kind='prompt', n=V):
   return dataclasses.replace(cfg, virtual_tokens=kind, num_virtual_tokens=n)
 
 
+@functools.cache
+def _jitted_apply(cfg):
+  return jax.jit(lambda params, tokens, **kw: Transformer(cfg).apply({'params': params}, tokens,
+                                                                     **kw))
+
+
 def apply(cfg, params, tokens, **kw):
-  return Transformer(cfg).apply({'params': params}, tokens, **kw)
+  # Jitted (one compile a config and shape, reused by the decode steps): op by op, each new
+  # shape spends seconds compiling every primitive.
+  return _jitted_apply(cfg)(params, tokens, **kw)
 
 
 def tokens_of(seed, b, t, vocab=97):
@@ -219,11 +228,11 @@ def test_peft_prompt_tuning_adapter_gives_peft_logits(scan_layers):
   cfg, params = prompt_imported(scan_layers=scan_layers)
   assert (cfg.virtual_tokens, cfg.num_virtual_tokens) == ('prompt', 4)
   g = np.load(os.path.join(PROMPT_ADAPTER, 'logits.npz'))
-  logits, _ = Transformer(cfg).apply({'params': params}, jnp.asarray(g['tokens']))
+  logits, _ = apply(cfg, params, jnp.asarray(g['tokens']))
   np.testing.assert_allclose(np.asarray(logits), g['logits'], atol=1e-4, rtol=0)
   # The prompt matters: the base alone is far from PEFT's logits.
   base_cfg, base, _ = load_hf(PROMPT_BASE)
-  plain, _ = Transformer(base_cfg).apply({'params': base}, jnp.asarray(g['tokens']))
+  plain, _ = apply(base_cfg, base, jnp.asarray(g['tokens']))
   assert np.abs(np.asarray(plain) - g['logits']).max() > 1e-2
 
 
@@ -349,12 +358,13 @@ def test_greedy_sampling_continues_as_the_full_forward_argmax(kind):
   prompts = [[5, 9, 11], [7, 3, 2, 8, 4]]
   outs = sampler.generate(cfg, params, prompts, sampler.SamplingParams(max_new_tokens=4, temperature=0.0),
                           eos_id=-1)
+  # One forward over prompt + generated tokens (causal: position i's logits are those of the
+  # first i + 1 tokens alone, as in test_train's greedy test): the argmax at the prompt's end
+  # and at each generated position must be the next generated token.
   for p, o in zip(prompts, outs):
-    seq = list(p)
-    for _ in range(4):
-      logits, _ = apply(cfg, params, jnp.asarray([seq]))
-      seq.append(int(jnp.argmax(logits[0, -1])))
-    assert o == seq[len(p):]
+    assert len(o) == 4
+    logits, _ = apply(cfg, params, jnp.asarray([p + o]))
+    assert o == [int(t) for t in jnp.argmax(logits[0, len(p) - 1:-1], axis=-1)]
 
 
 PREFIX_ADAPTER = os.path.join(GOLDEN, 'peft', 'llama_gqa_llama3_prefix')  # make_peft_goldens.py
@@ -369,10 +379,10 @@ def test_peft_prefix_tuning_adapter_gives_peft_logits(scan_layers):
   # The leaves read are exactly the ones the model declares.
   assert jax.tree.structure(params) == jax.tree.structure(init_params(cfg, jax.random.key(0)))
   g = np.load(os.path.join(PREFIX_ADAPTER, 'logits.npz'))
-  logits, _ = Transformer(cfg).apply({'params': params}, jnp.asarray(g['tokens']))
+  logits, _ = apply(cfg, params, jnp.asarray(g['tokens']))
   np.testing.assert_allclose(np.asarray(logits), g['logits'], atol=1e-4, rtol=0)
   base_cfg, base, _ = load_hf(PROMPT_BASE)
-  plain, _ = Transformer(base_cfg).apply({'params': base}, jnp.asarray(g['tokens']))
+  plain, _ = apply(base_cfg, base, jnp.asarray(g['tokens']))
   assert np.abs(np.asarray(plain) - g['logits']).max() > 1e-2
 
 

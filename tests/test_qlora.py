@@ -5,6 +5,7 @@ bitsandbytes goldens) for the stored values; the float-base LoRA model for the n
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,14 @@ def _cfg(**kw):
   return ModelConfig(**{**TINY, **kw})
 
 
+@functools.cache
+def _forward(cfg):
+  return jax.jit(lambda params, tokens: Transformer(cfg).apply({'params': params}, tokens)[0])
+
+
 def _logits(cfg, params, tokens):
-  return np.asarray(Transformer(cfg).apply({'params': params}, tokens)[0])
+  # Jitted, one compile a config (op by op, the dequantization alone dispatches hundreds of ops).
+  return np.asarray(_forward(cfg)(params, tokens))
 
 
 @pytest.mark.parametrize('double', [False, True])

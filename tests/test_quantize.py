@@ -140,8 +140,11 @@ def _run(module, capsys, *argv):
 GEN = ('--prompt_ids=3,14,15,92,65', '--json', '--temperature=0', '--max_new_tokens=8')
 
 
-@pytest.mark.parametrize('method, group', [('int8', ''), ('int4', '--group_size=32'),
-                                           ('nf4', '')])
+# int8 (one scale a channel, default flags) and int4 (--group_size, scanned int4 leaves, eval):
+# quantize, the workdir and generate do not branch on the method past quantize_kernel; nf4's
+# model is the dequantized one in test_quantized_logits_equal_..., and its quantize_workdir
+# (default block 64) in test_quantize_workdir_defaults_to_the_methods_group_size.
+@pytest.mark.parametrize('method, group', [('int8', ''), ('int4', '--group_size=32')])
 def test_cli_quantizes_and_generate_eval_run_the_quantized_workdir(src, tmp_path, capsys, method,
                                                                    group):
   dst = str(tmp_path / 'q')

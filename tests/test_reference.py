@@ -22,9 +22,10 @@ from test_dpo_run import (DPO, ROOT, SHORT, _close, _dpo, _rows,  # noqa: F401
 @pytest.mark.slow
 def test_precomputed_reference_gives_trls_step_1_metrics(tmp_path, pairs):
   path, golden = pairs
-  _dpo(tmp_path / 'w', path, f'--config.dpo.ref_hf_dir={DPO}/ref', '--config.dpo.loss=robust',
-       '--config.dpo.label_smoothing=0.1', '--config.dpo.beta=0.3', '--config.train.steps=1',
-       '--config.train.lr=0', '--config.dpo.precompute_ref=True')
+  # SHORT: the same pairs, untruncated, in rows a quarter as long (packing changes no metric).
+  _dpo(tmp_path / 'w', path, SHORT, f'--config.dpo.ref_hf_dir={DPO}/ref',
+       '--config.dpo.loss=robust', '--config.dpo.label_smoothing=0.1', '--config.dpo.beta=0.3',
+       '--config.train.steps=1', '--config.train.lr=0', '--config.dpo.precompute_ref=True')
   want = golden['runs']['robust']['metrics']
   _close(_rows(tmp_path / 'w')[0], want, want)
   saved = glob.glob(str(tmp_path / 'w' / reference.DIR / '*.npz'))
@@ -177,8 +178,9 @@ def test_a_bf16_runs_reference_holds_its_kernels_in_bf16_and_computes_the_same()
   batch = {'inputs': x[:, :-1], 'targets': x[:, 1:], 'positions': np.tile(np.arange(32), (2, 1)),
            'segment_ids': np.ones((2, 32), np.int32), 'loss_mask': np.ones((2, 32), np.float32)}
   apply_fn = lambda p, t, **kw: trainer.model.apply({'params': p}, t, **kw)
-  a, _ = losses.sequence_logprobs(policy, batch, apply_fn)
-  b, _ = losses.sequence_logprobs(ref, batch, apply_fn)
+  # Jitted, as the train step computes them (op by op, each forward spends seconds).
+  logprobs = jax.jit(lambda p: losses.sequence_logprobs(p, batch, apply_fn)[0])
+  a, b = logprobs(policy), logprobs(ref)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -115,7 +115,8 @@ def test_top_k_1_is_greedy_and_eos_stops():
 def test_top_p_keeps_the_nucleus():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   p = sampler.SamplingParams(temperature=1.0, top_p=0.7)
-  draws = {int(sampler.sample_logits(logits, jax.random.key(i), p)[0]) for i in range(200)}
+  draw = jax.jit(lambda key: sampler.sample_logits(logits, key, p))  # one compile, 200 draws
+  draws = {int(draw(jax.random.key(i))[0]) for i in range(200)}
   assert draws == {0, 1}
 
 
@@ -138,9 +139,10 @@ def test_chunked_loss_equals_whole_logits_loss_and_gradients(tie):
   batch = batch_of(rows)
   batch['loss_mask'] = batch['loss_mask'].at[0, :5].set(0.0)  # some masked targets
   apply_fn = lambda p, x, **kw: model.apply({'params': p}, x, **kw)
-  whole = jax.value_and_grad(lambda p: losses.next_token_loss(p, batch, apply_fn).total)
-  chunked = jax.value_and_grad(
-      lambda p: losses.next_token_loss(p, batch, apply_fn, loss_chunk=8).total)
+  # Jitted, as in the train step (op by op, each backward spends seconds compiling primitives).
+  whole = jax.jit(jax.value_and_grad(lambda p: losses.next_token_loss(p, batch, apply_fn).total))
+  chunked = jax.jit(jax.value_and_grad(
+      lambda p: losses.next_token_loss(p, batch, apply_fn, loss_chunk=8).total))
   (lw, gw), (lc, gc) = whole(params), chunked(params)
   np.testing.assert_allclose(lc, lw, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), gc, gw)
