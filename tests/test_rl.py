@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from llmjax import main as main_lib
-from llmjax.errors import ConfigError, DataError, UserError
+from llmjax.errors import DataError, UserError
 from llmjax.rl import rewards as rewards_lib
 
 HF = os.path.join(os.path.dirname(__file__), 'golden', 'llama_gqa_llama3')  # BPE, vocab 256

@@ -206,7 +206,6 @@ def test_sampler_correction_weights_each_token():
     ('top_p', 1.5, r'rl.top_p=1.5 must be in \(0, 1\]'),
 ])
 def test_bad_rl_settings_are_one_line_errors(key, value, match):
-  import ml_collections
   from llmjax import config as config_lib
   rl = config_lib.base_config().rl
   rl[key] = value

@@ -74,7 +74,7 @@ def best_of_n(cfg, params, tokenizer, records: list[dict], fns, weights, *, n: i
   """The best of n sampled completions of each record's prompt, as SFT records."""
   from llmjax.eval.harness import eos_ids, prompt_ids
   from llmjax.rl import rollout, rewards as rewards_lib
-  from llmjax.rl.loop import _columns
+  from llmjax.rl.loop import columns
   ids = prompt_ids(tokenizer, [r['prompt'] for r in records])
   room = cfg.max_seq_len - sampling.max_new_tokens
   per = max(batch_size // n, 1)
@@ -88,7 +88,7 @@ def best_of_n(cfg, params, tokenizer, records: list[dict], fns, weights, *, n: i
     roll = rollout.sample(cfg, params, batch_ids, num_generations=n, sampling=sampling,
                           eos_ids=eos_ids(tokenizer), decode=tokenizer.decode, seed=seed + start)
     prompts = [r['prompt'] for r in recs for _ in range(n)]
-    scores = rewards_lib.score(fns, prompts, roll.texts, _columns(recs, n)) @ weights
+    scores = rewards_lib.score(fns, prompts, roll.texts, columns(recs, n)) @ weights
     # A completion that never ended (cut at max_new_tokens) is no example of where to stop.
     if not keep_truncated:
       scores = np.where(roll.truncated, -np.inf, scores)

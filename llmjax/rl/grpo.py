@@ -155,7 +155,8 @@ def make_loss_fn(cfg: RLConfig):
     logp = stats['logprobs']  # [B, T]
     mask = batch['completion_mask'].astype(jnp.float32)
     adv = batch['advantages'].astype(jnp.float32).reshape(-1, 1)  # [B, 1]
-    old = batch['old_logps'] if cfg.uses_old_logps and cfg.num_iterations > 1 else None
+    # One update per batch: the old policy is this one (detached), whatever the batch holds.
+    old = batch['old_logps'] if cfg.num_iterations > 1 else None
     old = jax.lax.stop_gradient(logp) if old is None else old
     log_ratio = logp - old
     ntok = jnp.maximum(mask.sum(-1), 1.0)  # [B]

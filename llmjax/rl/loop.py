@@ -98,14 +98,16 @@ def tokenize_prompts(records, tokenizer, room: int, say) -> tuple[list[dict], li
 
 def prompt_indices(k: int, per_batch: int, n: int, seed: int) -> list[int]:
   """Indices of rollout batch k's prompts: the next per_batch of a fresh shuffle per epoch."""
-  out = []
+  perms, out = {}, []  # one shuffle per epoch the batch touches (at most two)
   for g in range(k * per_batch, (k + 1) * per_batch):
     epoch, pos = divmod(g, n)
-    out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[pos]))
+    if epoch not in perms:
+      perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+    out.append(int(perms[epoch][pos]))
   return out
 
 
-def _columns(records: list[dict], num_generations: int) -> dict:
+def columns(records: list[dict], num_generations: int) -> dict:
   """Every field but the prompt, as lists repeated for each prompt's completions."""
   keys = sorted({k for r in records for k in r if k != 'prompt'})
   return {k: [r.get(k) for r in records for _ in range(num_generations)] for k in keys}
@@ -133,7 +135,7 @@ def make_rollout_batch(k: int, *, config, cfg: grpo.RLConfig, model_cfg, params,
                             seed=int(jax.random.randint(jax.random.fold_in(
                                 jax.random.key(t.seed), k), (), 0, 2**31 - 1)))
   prompts = [r['prompt'] for r in recs for _ in range(cfg.num_generations)]
-  per_func = rewards_lib.score(fns, prompts, roll.texts, _columns(recs, cfg.num_generations))
+  per_func = rewards_lib.score(fns, prompts, roll.texts, columns(recs, cfg.num_generations))
   batch = rollout_lib.to_batch(roll, np.zeros(len(prompts)), config.data.seq_len)
   logps = lambda p: np.asarray(jax.device_get(logps_fn(p, _global_batch(batch, batch_sharding))),
                                np.float32)
