@@ -80,8 +80,9 @@ def attention_with_prefix(q, k, v, mask: Mask, prefix_k, prefix_v, positions=Non
 class Attention(nn.Module):
   """Multi-head attention with GQA/MQA, optional qkv bias, RoPE and a KV cache.
 
-  The cache is an explicit value, (k, v) each [batch, max_len, kv_heads, head_dim], passed in
-  and returned; `write_index` [batch] says where this call's keys go.
+  The cache is an explicit value passed in and returned: all layers', (k, v) each
+  [layers, batch, max_len, kv_heads, head_dim], of which this is layer `layer` (an int or a
+  traced int32); `write_index` [batch] says where this call's keys go.
   `prefix` (k, v) [1, V, kv_heads, head_dim] each, or None: virtual-token keys every query
   attends to before its own (prompt tuning's, computed by `Transformer`); with
   cfg.virtual_tokens='prefix' they are this layer's params `prefix_k` / `prefix_v` instead.
@@ -90,7 +91,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask: Mask, kv_cache=None, write_index=None,
-               deterministic: bool = True, prefix=None):
+               deterministic: bool = True, prefix=None, layer=0):
     cfg = self.cfg
     if cfg.virtual_tokens == 'prefix':
       # PEFT's PrefixEncoder without projection is an nn.Embedding: N(0, 1) init.
@@ -124,15 +125,24 @@ class Attention(nn.Module):
     v = checkpoint_name(v, 'value_proj')
 
     if kv_cache is not None:
-      cache_k, cache_v = kv_cache
-      write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new, i, axis=0))
-      cache_k = write(cache_k, k.astype(cache_k.dtype), write_index)
-      cache_v = write(cache_v, v.astype(cache_v.dtype), write_index)
+      cache_k, cache_v = kv_cache  # [layers, batch, max_len, kv_heads, head_dim]
+      # Row b's T entries go to [layer, b, write_index[b] + t]: one scatter into the stacked
+      # cache in its own layout, so nothing else of it is copied (slots past max_len are
+      # dropped, never clamped onto valid ones).
+      b, t = k.shape[:2]
+      rows = jnp.arange(b)[:, None]  # [batch, 1]
+      slots = write_index[:, None] + jnp.arange(t)[None, :]  # [batch, length]
+      write = lambda c, new: c.at[layer, rows, slots].set(new.astype(c.dtype), mode='drop')
       # The cache keeps its own layout (`transformer.CACHE_AXES`): batch, kv heads and, for
       # long contexts, its slots split over the mesh as the rules say, never gathered.
-      cache_k = nn.with_logical_constraint(cache_k, CACHE_LAYER_AXES)
-      cache_v = nn.with_logical_constraint(cache_v, CACHE_LAYER_AXES)
-      k, v, kv_cache = cache_k, cache_v, (cache_k, cache_v)
+      constrain = lambda c: nn.with_logical_constraint(c, (axes.LAYERS,) + CACHE_LAYER_AXES)
+      cache_k = constrain(write(cache_k, k))
+      cache_v = constrain(write(cache_v, v))
+      kv_cache = (cache_k, cache_v)
+      k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+      v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
+      k = nn.with_logical_constraint(k, CACHE_LAYER_AXES)
+      v = nn.with_logical_constraint(v, CACHE_LAYER_AXES)
 
     if prefix is None:
       out = attention(q, k, v, mask, implementation=cfg.attention)  # [batch, length, heads, head_dim]

@@ -58,20 +58,29 @@ CACHE_AXES = (axes.LAYERS,) + CACHE_LAYER_AXES
 
 
 class Block(nn.Module):
-  """One pre-norm Transformer block. Signature fits `nn.scan`: (x, *broadcast, xs) -> (x, ys)."""
+  """One pre-norm Transformer block. Signature fits `nn.scan`: (carry, *broadcast, xs) ->
+  (carry, None), carry = (x [B, T, embed], kv): kv is the whole stacked cache ((k, v) each
+  [layers, B, S, kv_heads, head_dim]) or None, and `layer` says which of its layers is this one.
+
+  The cache rides in the carry, not in the scanned xs/ys, so a decode step writes only its new
+  entries into the one buffer (in place: XLA aliases a while loop's carry), where per-layer
+  slices in and a restacked cache out would copy the whole cache every step.
+  """
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x, positions, mask, write_index, kv_cache, prefix=None,
+  def __call__(self, carry, positions, mask, write_index, layer, prefix=None,
                deterministic: bool = True):
     cfg = self.cfg
+    x, kv_cache = carry
     norm = NORMS[cfg.norm]
     h, kv_cache = Attention(cfg, name='attn')(norm(cfg, name='attn_norm')(x), positions, mask,
-                                              kv_cache, write_index, deterministic, prefix)
+                                              kv_cache, write_index, deterministic, prefix,
+                                              layer=layer)
     x = x + h
     x = x + MLPS[cfg.mlp](cfg, name='mlp')(norm(cfg, name='mlp_norm')(x), deterministic)
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
-    return x, kv_cache
+    return (x, kv_cache), None
 
 
 class Transformer(nn.Module):
@@ -112,6 +121,7 @@ class Transformer(nn.Module):
       self.layers = nn.scan(
           # Each layer its own init and dropout keys.
           block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
+          # positions, mask, write_index, layer, prefix, deterministic
           in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name='layers')
@@ -173,14 +183,13 @@ class Transformer(nn.Module):
       x = x + jnp.take(self.pos_embed, positions, axis=0).astype(x.dtype)
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
     if cfg.scan_layers:
-      return self.layers(x, positions, mask, write_index, kv, prefix, deterministic)
-    new_kv = []
+      layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+      (x, kv), _ = self.layers((x, kv), positions, mask, write_index, layers, prefix,
+                               deterministic)
+      return x, kv
     for i, blk in enumerate(self.blocks):
-      layer = lambda pair: None if pair is None else (pair[0][i], pair[1][i])
-      x, layer_kv = blk(x, positions, mask, write_index, layer(kv), layer(prefix), deterministic)
-      new_kv.append(layer_kv)
-    if kv is not None:
-      kv = (jnp.stack([a for a, _ in new_kv]), jnp.stack([b_ for _, b_ in new_kv]))
+      layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
+      (x, kv), _ = blk((x, kv), positions, mask, write_index, i, layer_prefix, deterministic)
     return x, kv
 
   def prompt_kv(self, deterministic: bool = True):
