@@ -70,13 +70,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry, positions, mask, write_index, layer, prefix=None,
-               deterministic: bool = True):
+               deterministic: bool = True, kv_span: int | None = None):
     cfg = self.cfg
     x, kv_cache = carry
     norm = NORMS[cfg.norm]
     h, kv_cache = Attention(cfg, name='attn')(norm(cfg, name='attn_norm')(x), positions, mask,
                                               kv_cache, write_index, deterministic, prefix,
-                                              layer=layer)
+                                              layer=layer, kv_span=kv_span)
     x = x + h
     x = x + MLPS[cfg.mlp](cfg, name='mlp')(norm(cfg, name='mlp_norm')(x), deterministic)
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
@@ -114,15 +114,16 @@ class Transformer(nn.Module):
           (cfg.max_seq_len, cfg.embed_dim), jnp.dtype(cfg.param_dtype))
     block = Block
     if cfg.remat != 'none':
-      # deterministic (argument 7, counting self) is a Python bool: static, not traced.
+      # deterministic and kv_span (arguments 7 and 8, counting self) are Python values:
+      # static, not traced.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
-                       static_argnums=(7,))
+                       static_argnums=(7, 8))
     if cfg.scan_layers:
       self.layers = nn.scan(
           # Each layer its own init and dropout keys.
           block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-          # positions, mask, write_index, layer, prefix, deterministic
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+          # positions, mask, write_index, layer, prefix, deterministic, kv_span
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name='layers')
     else:
@@ -143,10 +144,16 @@ class Transformer(nn.Module):
                                adapter=adapters.for_target(cfg, 'head'))
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
-               return_hidden: bool = False, deterministic: bool = True):
+               return_hidden: bool = False, deterministic: bool = True,
+               kv_span: int | None = None):
     """return_hidden: return the final-norm output [B, T, embed] instead of the logits, for
     losses that apply the head themselves in chunks (`logits`). deterministic=False: training,
-    with model.lora_dropout on the adapters' inputs (needs a 'dropout' rng)."""
+    with model.lora_dropout on the adapters' inputs (needs a 'dropout' rng).
+
+    Decoding with a cache of more rows than `tokens` has runs the batch in the cache's first B
+    rows (the others are neither read nor written); kv_span (static) reads only the first
+    kv_span slots of each row, which the caller guarantees hold all of it (lengths + T <=
+    kv_span): a step's work then follows the rows and lengths in use, not the cache's size."""
     cfg = self.cfg
     b, t = tokens.shape
     offset = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
@@ -165,7 +172,7 @@ class Transformer(nn.Module):
 
     x = self.embed.encode(tokens)  # [batch, length, embed]
     kv = (cache.k, cache.v) if cache is not None else None
-    x, kv = self._stack(x, positions, mask, offset, kv, prefix, deterministic)
+    x, kv = self._stack(x, positions, mask, offset, kv, prefix, deterministic, kv_span)
     x = self.final_norm(x)
     if cache is not None:
       cache = Cache(kv[0], kv[1], cache.lengths + t)
@@ -175,7 +182,7 @@ class Transformer(nn.Module):
       return self.scores(x), cache
     return self.logits(x, deterministic), cache
 
-  def _stack(self, x, positions, mask, write_index, kv, prefix, deterministic):
+  def _stack(self, x, positions, mask, write_index, kv, prefix, deterministic, kv_span=None):
     """Position embedding and all layers: x [B, T, embed] -> (x, kv); kv and prefix are
     (k, v) pairs with a leading [layers] dim, or None."""
     cfg = self.cfg
@@ -185,11 +192,12 @@ class Transformer(nn.Module):
     if cfg.scan_layers:
       layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
       (x, kv), _ = self.layers((x, kv), positions, mask, write_index, layers, prefix,
-                               deterministic)
+                               deterministic, kv_span)
       return x, kv
     for i, blk in enumerate(self.blocks):
       layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
-      (x, kv), _ = blk((x, kv), positions, mask, write_index, i, layer_prefix, deterministic)
+      (x, kv), _ = blk((x, kv), positions, mask, write_index, i, layer_prefix, deterministic,
+                       kv_span)
     return x, kv
 
   def prompt_kv(self, deterministic: bool = True):
