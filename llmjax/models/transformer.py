@@ -142,6 +142,10 @@ class Transformer(nn.Module):
     elif not cfg.tie_embeddings:
       self.head = DenseGeneral(cfg.vocab_size, (axes.EMBED, axes.VOCAB), cfg, out_dtype=jnp.float32,
                                adapter=adapters.for_target(cfg, 'head'))
+    if cfg.value_head:
+      # TRL's ValueHead: nn.Linear(hidden, 1) with a bias (values are not centred on zero).
+      self.value_head = DenseGeneral(1, (axes.EMBED, axes.SCORE), cfg, use_bias=True,
+                                     out_dtype=jnp.float32)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
                return_hidden: bool = False, deterministic: bool = True,
@@ -176,6 +180,8 @@ class Transformer(nn.Module):
     x = self.final_norm(x)
     if cache is not None:
       cache = Cache(kv[0], kv[1], cache.lengths + t)
+    if cfg.value_head and self.is_initializing():
+      self.values(x)  # a head no output below reads would get no params
     if return_hidden:
       return x, cache
     if cfg.head == 'score':
@@ -219,6 +225,12 @@ class Transformer(nn.Module):
     """The score head (cfg.head='score'): x [B, T, embed] -> scores [B, T] float32."""
     scores = self.score(x)[..., 0]  # [batch, length]
     return nn.with_logical_constraint(scores, (axes.BATCH, axes.LENGTH))
+
+  def values(self, x):
+    """PPO's value head (cfg.value_head): x [B, T, embed] -> values [B, T] float32, the value
+    of the state at each position (before its target token is emitted)."""
+    values = self.value_head(x)[..., 0]  # [batch, length]
+    return nn.with_logical_constraint(values, (axes.BATCH, axes.LENGTH))
 
   def logits(self, x, deterministic: bool = True):
     """The LM head: final-norm output x [B, T, embed] -> logits [B, T, vocab] float32."""
