@@ -20,6 +20,7 @@ from llmjax.rl import grpo, ppo
 from llmjax.train import state as state_lib
 
 HF = os.path.join(os.path.dirname(__file__), 'golden', 'llama_gqa_llama3')
+RM = os.path.join(os.path.dirname(__file__), 'golden', 'reward')  # TRL-trained score model
 
 
 def test_gae_equals_a_hand_computed_trajectory():
@@ -210,7 +211,8 @@ def data(tmp_path_factory):
 def _args(workdir, data, *extra):
   return ['--config=experiments/ppo.py:batch=8,epochs=2,steps=4', f'--workdir={workdir}',
           f'--config.init.hf_dir={HF}', f"--config.data.path={data / 'prompts.jsonl'}",
-          '--config.rl.reward_fns=ppo_test_rewards:count_o', '--config.rl.max_completion_length=8',
+          f'--config.rl.reward_fns=ppo_test_rewards:count_o,{RM}',
+          '--config.rl.max_completion_length=8',
           '--config.data.seq_len=32', '--config.model.dtype=float32', '--config.train.lr=1e-3',
           '--config.train.log_every=1', *extra]
 
@@ -225,7 +227,8 @@ def test_a_ppo_run_from_an_hf_trunk_logs_trls_names_and_exports_without_its_head
   for name in ('loss/policy_avg', 'loss/value_avg', 'policy/clipfrac_avg', 'val/clipfrac_avg',
                'policy/approxkl_avg', 'policy/entropy_avg', 'objective/kl', 'objective/scores',
                'objective/non_score_reward', 'objective/rlhf_reward', 'reward', 'kl',
-               'rewards/ppo_test_rewards.count_o/mean', 'completions/clipped_ratio'):
+               'rewards/ppo_test_rewards.count_o/mean', 'rewards/reward/mean',
+               'completions/clipped_ratio'):
     assert np.isfinite(last[name]), name
   # The first update of each rollout batch: whitened advantages average 0 and the ratio is 1,
   # so the policy loss is 0 up to rounding.
@@ -233,6 +236,34 @@ def test_a_ppo_run_from_an_hf_trunk_logs_trls_names_and_exports_without_its_head
   assert convert.main(['--to=hf', f"--src={tmp_path / 'w'}", f"--dst={tmp_path / 'hf'}"]) == 0
   ours = set(Reader(str(tmp_path / 'hf')).shapes)
   assert ours == set(Reader(HF).shapes)  # the exported LM has the source's tensors, no more
+
+
+def test_a_reward_model_dir_is_a_reward_function_equal_to_transformers_scores():
+  """rl.reward_fns may name a reward model's dir (TRL takes a model id): each prompt +
+  completion scored as transformers scored its TRL tokenization (tests/golden/reward)."""
+  from llmjax.data.preference import PreferenceTokenizer
+  from llmjax.errors import ConfigError
+  from llmjax.interop import load_hf
+  from llmjax.rl import rewards
+  golden = json.load(open(os.path.join(RM, 'golden.json')))['runs']['plain']
+  rows = [tuple(i for i, m in zip(ids, am) if m)
+          for ids, am in zip(golden['input_ids'], golden['attention_mask'])]
+  tok = PreferenceTokenizer(load_hf(RM)[2])
+  prompts, completions, want = [], [], []
+  for line in open(os.path.join(RM, 'pairs.jsonl')):
+    rec = json.loads(line)
+    for c in (rec['chosen'], rec['rejected']):
+      ids = tuple(tok.plain_with_eos(rec['prompt'], c))
+      if ids in rows:  # TRL's rows, as its tokenizer made them
+        prompts.append(rec['prompt'])
+        completions.append(c)
+        want.append(golden['rewards'][rows.index(ids)])
+  assert len(want) == 16
+  (name, fn), = rewards.load([RM])[0]
+  assert name == 'reward'
+  np.testing.assert_allclose(fn(prompts, completions), want, atol=1e-5)
+  with pytest.raises(ConfigError, match='is a language model'):
+    rewards.load([HF])
 
 
 def test_ppo_without_a_value_head_is_a_config_error(tmp_path, data, capsys):
