@@ -209,7 +209,7 @@ def data(tmp_path_factory):
 
 
 def _args(workdir, data, *extra):
-  return ['--config=experiments/ppo.py:batch=8,epochs=2,steps=4', f'--workdir={workdir}',
+  return ['--config=experiments/ppo.py:batch=8,epochs=2,steps=2', f'--workdir={workdir}',
           f'--config.init.hf_dir={HF}', f"--config.data.path={data / 'prompts.jsonl'}",
           f'--config.rl.reward_fns=ppo_test_rewards:count_o,{RM}',
           '--config.rl.max_completion_length=8',
