@@ -147,7 +147,7 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = 
   model = Transformer(model_cfg)
   optimizer = make_optimizer(config.train)
   if loss_fn is None:
-    loss_fn = objectives.make_loss(config, pad_id)
+    loss_fn = objectives.make_loss(config, pad_id, model_cfg)
   else:
     loss_fn = functools.partial(loss_fn, loss_chunk=config.train.get('loss_chunk', 0))
   reference = ''
@@ -395,7 +395,8 @@ def train_loop(config, model_cfg, trainer: Trainer, state: TrainState, data: Inp
           tps = tokens_per_step * window_steps / max(time.time() - window_start - paused, 1e-9)
           row = {'loss': m['loss'], 'grad_norm': m['grad_norm'], 'tokens_per_s': tps,
                  'lr': float(schedule(step - 1)),  # the rate this step's update used
-                 **{k: v for k, v in m.items() if k not in ('loss', 'grad_norm', 'weight')}}
+                 **{k: v for k, v in m.items() if k not in ('loss', 'grad_norm', 'weight')
+                    and not k.startswith(losses.EVAL_ONLY_PREFIX)}}
           if peak:
             row['mfu'] = tps * flops_per_token / peak
           window_start, window_steps, paused = time.time(), 0, 0.0
