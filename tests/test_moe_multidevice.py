@@ -36,7 +36,7 @@ def test_expert_parallel_meshes_give_the_single_device_losses():
       np.testing.assert_allclose(out[mesh][key], ref[key], rtol=2e-5, err_msg=f'{mesh} {key}')
   # [expert, embed, mlp]: experts over `expert`, embed over fsdp (ZeRO-3), as the rules say.
   assert out['expert=4,fsdp=2']['gate_spec'] == ['expert', 'fsdp', None]
-  assert out['expert=4,tensor=2']['gate_spec'] == ['expert', None, 'tensor']
+  assert out['expert=4,tensor=2']['gate_spec'] == ['expert', 'fsdp', 'tensor']  # fsdp=1 here
   assert out['expert=4,data=2']['gate_spec'] == ['expert', None, None]
   assert out['expert=4,fsdp=2']['gate_mu_spec'] == ['expert', 'fsdp', None]
 
