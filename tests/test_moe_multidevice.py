@@ -80,11 +80,11 @@ def _main():
     out = {k: [] for k in ('loss', 'aux_loss', 'router_z_loss', 'grad_norm')}
     with jax.set_mesh(m), nn.logical_axis_rules(rules_):
       state = tr.init(jax.random.key(0))
-      gate = state.params['layers']['moe']['gate']
+      gate = state.params['layers']['moe']['gate']['kernel']
       spec = lambda a: [s if s is None or isinstance(s, str) else list(s) for s in
                         list(a.sharding.spec) + [None] * (a.ndim - len(a.sharding.spec))]
       out['gate_spec'] = spec(gate)[1:]  # after the stacked layers dim
-      out['gate_mu_spec'] = spec(state.opt_state[1][0].mu['layers']['moe']['gate'])[1:]
+      out['gate_mu_spec'] = spec(state.opt_state[1][0].mu['layers']['moe']['gate']['kernel'])[1:]
       for b in batches:
         state, metrics = tr.train_step(state, {k: jax.device_put(v, tr.batch_sharding)
                                                for k, v in b.items()})

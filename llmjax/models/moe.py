@@ -127,11 +127,27 @@ def with_capacity(x, idx, gates, w_gate, w_up, w_down, capacity_factor: float):
   return y, jnp.sum(~keep).astype(jnp.float32)
 
 
+class ExpertKernel(nn.Module):
+  """The stacked kernels [experts, in, out] of one projection of all experts, as one 'kernel'
+  leaf (so weight decay, checkpoints and the HF maps treat it as every projection kernel)."""
+  shape: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  cfg: ModelConfig
+  out_proj: bool = False
+
+  @nn.compact
+  def __call__(self):
+    return self.param('kernel', nn.with_logical_partitioning(_init(self.cfg, self.out_proj),
+                                                             self.kernel_axes),
+                      self.shape, jnp.dtype(self.cfg.param_dtype))
+
+
 class MoE(nn.Module):
   """The sparse feed-forward block: x [batch, length, embed] -> [batch, length, embed].
 
   Params: router/kernel [embed, experts] (float32 logits; never quantized, replicated: it is
-  small), gate, up [experts, embed, moe_mlp] and down [experts, moe_mlp, embed] (logical axes
+  small), gate/kernel, up/kernel [experts, embed, moe_mlp] and down/kernel [experts, moe_mlp,
+  embed] (logical axes
   'expert', 'embed', 'mlp': the experts split over mesh.expert), and with
   model.shared_expert_mlp_dim > 0 `shared_expert` (a SwiGLU) and shared_gate/kernel [embed, 1].
   The stacked layout maps to Hugging Face's per-expert tensors by indexing the first axis.
@@ -151,12 +167,10 @@ class MoE(nn.Module):
     logits = logits.reshape(b * t, e)
     idx, gates, probs = route(logits, k, cfg.norm_topk_prob)
 
-    pd = jnp.dtype(cfg.param_dtype)
-    param = lambda name, shape, names, out_proj=False: self.param(
-        name, nn.with_logical_partitioning(_init(cfg, out_proj), names), shape, pd)
-    w_gate = param('gate', (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP))
-    w_up = param('up', (e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP))
-    w_down = param('down', (e, f, d), (axes.EXPERT, axes.MLP, axes.EMBED), out_proj=True)
+    w_gate = ExpertKernel((e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP), cfg, name='gate')()
+    w_up = ExpertKernel((e, d, f), (axes.EXPERT, axes.EMBED, axes.MLP), cfg, name='up')()
+    w_down = ExpertKernel((e, f, d), (axes.EXPERT, axes.MLP, axes.EMBED), cfg, out_proj=True,
+                          name='down')()
     xs = x.reshape(b * t, d).astype(cfg.dtype)
     if cfg.moe_capacity_factor > 0:
       y, dropped = with_capacity(xs, idx, gates, w_gate, w_up, w_down, cfg.moe_capacity_factor)

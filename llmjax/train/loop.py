@@ -350,7 +350,9 @@ def report_start(config, model_cfg, mesh, data: Input, log, start_step: int,
               f" {model_cfg.num_virtual_params:,} parameters, base frozen")
   preset = config.model.get('preset') or ('from init.hf_dir' if config.init.get('hf_dir')
                                            else 'custom')
-  log.print(f"llmjax: {model_cfg.num_params:,} parameters ({preset}),"
+  active = (f" ({model_cfg.num_active_params:,} active: top-{model_cfg.num_experts_per_tok} of"
+            f" {model_cfg.num_experts} experts)" if model_cfg.num_experts else '')
+  log.print(f"llmjax: {model_cfg.num_params:,} parameters{active} ({preset}),"
             f" {model_cfg.flops_per_token(config.data.seq_len) / 1e6:.1f} MFLOPs/token, mesh"
             f" {dict(mesh.shape)}, {jax.device_count()} x {jax.devices()[0].device_kind}"
             + (f", resuming at step {start_step}" if resumed else ""))
