@@ -201,7 +201,7 @@ def test_param_count_matches_the_params(kw):
 
 
 @pytest.mark.parametrize('kw', [
-    dict(scan_layers=True), dict(MIXED, scan_layers=True),
+    pytest.param(dict(scan_layers=True), marks=pytest.mark.slow), dict(MIXED, scan_layers=True),
     pytest.param(dict(MIXED, scan_layers=False), marks=pytest.mark.slow)])
 def test_kv_cache_decode_equals_full_forward(kw):
   cfg = _small(**kw)
