@@ -360,7 +360,7 @@ def format_report(config, report: Report) -> str:
       f"topology {r.topology}" + (f" x {r.slices} slices" if r.slices > 1 else "")
       + f": {r.num_devices} devices, mesh {mesh}, rules '{config.sharding.rules}'",
       f"model {config.model.get('preset', 'custom')}: batch {config.train.batch_size} x"
-      f" {config.data.seq_len} tokens ({r.per_device_batch:g} per data x fsdp rank),"
+      f" {config.data.seq_len} tokens ({r.per_device_batch:g} per data x fsdp x expert rank),"
       f" remat '{config.model.remat}', dtype {config.model.dtype}, params {config.model.param_dtype}",
       f"trainable parameters: {r.trainable_params:,} of {r.total_params:,}"
       f" ({100 * r.trainable_params / max(r.total_params, 1):.2f}%)"
