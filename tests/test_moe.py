@@ -304,6 +304,9 @@ def test_bad_moe_input_is_a_one_line_error():
     get_preset('tiny-moe', mlp_only_layers=(7,))
   with pytest.raises(ConfigError, match='shared_expert_mlp_dim is set but model.num_experts=0'):
     get_preset('tiny', shared_expert_mlp_dim=8)
+  from llmjax.interop import hf
+  with pytest.raises(ConfigError, match=r'export of this model \(model.num_experts=8'):
+    hf.config_to_hf(get_preset('tiny-moe'))
   c = _config()
   c.mesh.update(fsdp=1, expert=3)
   with pytest.raises(ConfigError, match=r'mesh.expert=3 does not divide model.num_experts=8'):
