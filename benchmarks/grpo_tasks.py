@@ -1,14 +1,15 @@
-"""GRPO (or RLOO: --arg=algo=rloo) from the tiny SFT model on the built-in arithmetic task:
+"""GRPO (or RLOO: --arg=algo=rloo; PPO: --experiment=ppo) from the tiny SFT model on the built-in arithmetic task:
 held-out exact match before and after (by `llmjax.eval`), the share of the SFT model's held-out errors fixed, the reward curve,
 and the wall time (issue 14's end-to-end proof).
 
     python -m llmjax.main --config=experiments/quickstart.py --workdir=/tmp/quickstart
     python -m llmjax.main --config=experiments/sft.py:tiny --workdir=/tmp/sft_tiny
     python benchmarks/grpo_tasks.py --sft=/tmp/sft_tiny [--root=/tmp/grpo_bench] [--arg=steps=200]
+    python benchmarks/grpo_tasks.py --sft=/tmp/sft_tiny --experiment=ppo --root=/tmp/ppo_bench
 
 1. Scores the SFT model on the arithmetic held-out split (200 sums; `python -m llmjax.eval
    --task=generate`, greedy, stopped at the answer line's end, as the train loop scores them).
-2. Runs `experiments/grpo.py:tiny,params_dir=SFT[,ARG]`, timed from the command's start to its
+2. Runs `experiments/EXPERIMENT.py:tiny,params_dir=SFT[,ARG]` (grpo or ppo), timed from the command's start to its
    exit (compilation, rollouts, evals and checkpoints included).
 3. Scores the GRPO run the same way; prints a Markdown table and the logged reward per
    log step, and writes ROOT/results.json and ROOT/grpo/reward_curve.png (the run's).
@@ -38,7 +39,9 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--sft', default='/tmp/sft_tiny', help='the tiny SFT run (workdir)')
   p.add_argument('--root', default='/tmp/grpo_bench')
-  p.add_argument('--arg', default='', help='more experiments/grpo.py:tiny arguments (k=v,...)')
+  p.add_argument('--experiment', default='grpo', choices=('grpo', 'ppo'),
+                 help='experiments/grpo.py:tiny (GRPO, RLOO) or experiments/ppo.py:tiny')
+  p.add_argument('--arg', default='', help='more EXPERIMENT.py:tiny arguments (k=v,...)')
   p.add_argument('--reuse', action='store_true',
                  help='keep a run already finished under ROOT (its recorded time)')
   args = p.parse_args()
@@ -47,10 +50,11 @@ def main():
     sys.exit(f"{sft} holds no SFT run: run experiments/sft.py:tiny first (or pass --sft).")
   os.makedirs(root, exist_ok=True)
   before = heldout(sft, root, 'sft')
-  experiment = f'grpo.py:tiny,params_dir={sft}' + (f',{args.arg}' if args.arg else '')
-  seconds = timed_train(root, 'grpo', experiment, args.reuse)
-  work = os.path.join(root, 'grpo')
-  after = heldout(work, root, 'grpo')
+  experiment = (f'{args.experiment}.py:tiny,params_dir={sft}'
+                + (f',{args.arg}' if args.arg else ''))
+  seconds = timed_train(root, args.experiment, experiment, args.reuse)
+  work = os.path.join(root, args.experiment)
+  after = heldout(work, root, args.experiment)
   rows = [json.loads(l) for l in open(os.path.join(work, 'metrics.jsonl'))]
   curve = [(r['step'], r['reward']) for r in rows if 'reward' in r]
   evals = [(r['step'], r[f'eval_{TASK}_exact_match']) for r in rows

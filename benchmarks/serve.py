@@ -98,6 +98,31 @@ def summarize(results: list[dict], wall: float) -> dict:
           'tpot_p50_ms': ms(tpot, 50), 'tpot_p99_ms': ms(tpot, 99)}
 
 
+def engine_seconds(url: str) -> dict:
+  """The server's cumulative decode-step time so far (device, host) and step count, from its
+  /metrics: where a run's wall time went."""
+  out = {}
+  for line in httpx.get(url + '/metrics', timeout=10).text.splitlines():
+    for name, key in (('llmjax_decode_step_seconds_sum', 'device_s'),
+                      ('llmjax_decode_host_seconds_sum', 'host_s'),
+                      ('llmjax_decode_step_seconds_count', 'steps')):
+      if line.startswith(name + ' '):
+        out[key] = float(line.split()[1])
+  return out
+
+
+def timed(url: str, bodies: list[dict], concurrency: int) -> dict:
+  """`run`, plus the decode steps it took and their device and host seconds (the rest of the
+  wall time is prefills and the HTTP side)."""
+  before = engine_seconds(url)
+  res = asyncio.run(run(url, bodies, concurrency))
+  after = engine_seconds(url)
+  delta = {k: after[k] - before.get(k, 0.0) for k in after}
+  return dict(res, decode_steps=int(delta.get('steps', 0)),
+              decode_device_s=round(delta.get('device_s', 0.0), 2),
+              decode_host_s=round(delta.get('host_s', 0.0), 2))
+
+
 def start_server(args) -> tuple[subprocess.Popen, str]:
   sock = socket.socket()
   sock.bind(('127.0.0.1', 0))
@@ -147,8 +172,8 @@ def main(argv=None) -> dict:
     # Warm-up: compiles the prefill buckets (alone and 8 at a time) and the decode row buckets.
     asyncio.run(run(url, [dict(b, max_tokens=4) for b in bodies], args.concurrency))
     asyncio.run(run(url, [dict(b, max_tokens=4) for b in bodies[:8]], 1))
-    concurrent = asyncio.run(run(url, bodies, args.concurrency))
-    serial = asyncio.run(run(url, bodies, 1))
+    concurrent = timed(url, bodies, args.concurrency)
+    serial = timed(url, bodies, 1)
   finally:
     proc.terminate()
     proc.wait(60)
@@ -158,7 +183,7 @@ def main(argv=None) -> dict:
          'speedup_output_tok_per_s': round(concurrent['output_tok_per_s']
                                            / serial['output_tok_per_s'], 2)}
   keys = ['requests_per_s', 'output_tok_per_s', 'ttft_p50_ms', 'ttft_p99_ms', 'tpot_p50_ms',
-          'tpot_p99_ms']
+          'tpot_p99_ms', 'wall_s', 'decode_device_s', 'decode_host_s']
   print(f"{'run':<16}" + ''.join(f'{k:>18}' for k in keys))
   for name in ('concurrent', 'one_at_a_time'):
     print(f'{name:<16}' + ''.join(f'{res[name][k]:>18}' for k in keys))

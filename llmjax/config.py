@@ -385,7 +385,8 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # What the run optimises (llmjax.train.objectives): 'lm' = next-token loss (pretraining, SFT);
   # 'dpo' = the DPO family (dpo.*) on data.format='preference' (KTO: 'unpaired_preference');
   # 'reward' = a Bradley-Terry reward model (model.head='score') on 'preference' pairs;
-  # 'grpo' / 'rloo' = online RL (rl.*) from prompts and reward functions (llmjax/rl).
+  # 'grpo' / 'rloo' / 'ppo' = online RL (rl.*) from prompts and reward functions (llmjax/rl;
+  # 'ppo' also needs model.value_head=True, its critic).
   c.train.objective = 'lm'
   c.train.seed = 0  # initialisation and data order
   c.train.lr = 3e-4
@@ -485,8 +486,9 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.reward = ml_collections.ConfigDict()
   c.reward.center_coef = 0.0  # TRL's center_rewards_coefficient: + coef x mean((r_c + r_r)^2)
 
-  # train.objective='grpo' or 'rloo' (llmjax/rl: online RL on the trainer's own mesh; formulas,
-  # names and defaults as TRL 1.16's GRPOTrainer / RLOOTrainer). train.batch_size counts completions: batch_size //
+  # train.objective='grpo', 'rloo' or 'ppo' (llmjax/rl: online RL on the trainer's own mesh;
+  # formulas, names and defaults as TRL 1.16's GRPOTrainer / RLOOTrainer, PPO as TRL's last
+  # PPOTrainer). train.batch_size counts completions: batch_size //
   # num_generations prompts per rollout batch.
   c.rl = ml_collections.ConfigDict()
   c.rl.num_generations = 8  # completions sampled per prompt (a group)
@@ -512,6 +514,14 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.rl.reward_fns = ('exact_match',)
   c.rl.reward_weights = ()
   c.rl.normalize_advantages = False  # RLOO: standardise the advantages over the batch
+  # PPO (llmjax/rl/ppo.py; rl.beta is its KL coefficient, rl.epsilon_* its clip range,
+  # rl.num_iterations its ppo_epochs): discount and GAE lambda, the value loss's weight and
+  # clip range around the rollout's values, whitened advantages (TRL's PPOConfig defaults).
+  c.rl.gamma = 1.0
+  c.rl.lam = 0.95
+  c.rl.vf_coef = 0.1
+  c.rl.cliprange_value = 0.2
+  c.rl.whiten_advantages = True
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompts = ()  # printed with their continuations at every eval

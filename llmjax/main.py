@@ -25,7 +25,8 @@ def _main(argv: list[str]) -> int:
   # run before anything touches a JAX backend, so no jax.process_count() before it.
   if os.environ.get('LLMJAX_DISTRIBUTED') == '1' or 'TPU_WORKER_HOSTNAMES' in os.environ:
     jax.distributed.initialize()
-  if config.train.get('objective', 'lm') in ('grpo', 'rloo'):  # sample, score, update
+  from llmjax.train import objectives
+  if objectives.objective(config) in objectives.RL_OBJECTIVES:  # sample, score, update
     from llmjax.rl.loop import train_rl as run
   else:
     from llmjax.train.loop import train_and_evaluate as run

@@ -238,14 +238,18 @@ def prefill(params, cache: Cache, tokens, slots, state: DecodeState, lengths, sa
   return cache, _append(state, slots, *out, sampling.max_new_tokens > 0)
 
 
-def decode_step(params, cache: Cache, state: DecodeState, *, cfg
+def decode_step(params, cache: Cache, state: DecodeState, *, cfg, kv_span: int | None = None
                 ) -> tuple[Cache, DecodeState, jax.Array]:
   """One token for every row that is not done: its last token goes through the model, the next
-  is sampled. Returns (cache, state, ids [batch]) (ids of done rows are meaningless)."""
+  is sampled. Returns (cache, state, ids [batch]) (ids of done rows are meaningless).
+
+  The state may have fewer rows than the cache (cache.lengths then has the state's rows): the
+  step runs in the cache's first rows and leaves the others alone; kv_span (static) bounds the
+  cache slots read, as `Transformer` says (no row's length may reach past it)."""
   b = state.tokens.shape[0]
   rows = jnp.arange(b)
   last = jnp.take_along_axis(state.tokens, (state.length - 1)[:, None], axis=1)  # [batch, 1]
-  logits, new = Transformer(cfg).apply({'params': params}, last, cache=cache)
+  logits, new = Transformer(cfg).apply({'params': params}, last, cache=cache, kv_span=kv_span)
   active = ~state.done
   # A finished row's cache does not grow (what the step wrote at its length is never read).
   cache = Cache(new.k, new.v, jnp.where(active, new.lengths, cache.lengths)).constrain()

@@ -82,7 +82,8 @@ class Attention(nn.Module):
 
   The cache is an explicit value passed in and returned: all layers', (k, v) each
   [layers, batch, max_len, kv_heads, head_dim], of which this is layer `layer` (an int or a
-  traced int32); `write_index` [batch] says where this call's keys go.
+  traced int32); `write_index` [batch] says where this call's keys go. The batch is the
+  cache's first `batch` rows; attention reads their first `kv_span` slots (None: all).
   `prefix` (k, v) [1, V, kv_heads, head_dim] each, or None: virtual-token keys every query
   attends to before its own (prompt tuning's, computed by `Transformer`); with
   cfg.virtual_tokens='prefix' they are this layer's params `prefix_k` / `prefix_v` instead.
@@ -91,7 +92,8 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x, positions, mask: Mask, kv_cache=None, write_index=None,
-               deterministic: bool = True, prefix=None, layer=0):
+               deterministic: bool = True, prefix=None, layer=0,
+               kv_span: int | None = None):
     cfg = self.cfg
     if cfg.virtual_tokens == 'prefix':
       # PEFT's PrefixEncoder without projection is an nn.Embedding: N(0, 1) init.
@@ -142,8 +144,9 @@ class Attention(nn.Module):
       cache_k = constrain(write(cache_k, k))
       cache_v = constrain(write(cache_v, v))
       kv_cache = (cache_k, cache_v)
-      k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
-      v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
+      span = kv_span or cache_k.shape[2]
+      k = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)[:b, :span]
+      v = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)[:b, :span]
       k = nn.with_logical_constraint(k, CACHE_LAYER_AXES)
       v = nn.with_logical_constraint(v, CACHE_LAYER_AXES)
 

@@ -118,6 +118,11 @@ class ModelConfig:
   # reward model's scalar head (HF's `score` Linear). An architecture field: an LM checkpoint
   # can initialise a score model (the head is the one new leaf), not the other way round.
   head: str = 'lm'
+  # PPO's critic on the policy trunk (TRL's AutoModelForCausalLMWithValueHead): a [embed, 1]
+  # projection with a bias from the final-norm output, one value per position, beside the LM
+  # head. A training-time leaf: a source checkpoint without it gets a fresh one, and merging
+  # (generate, convert, quantize) drops it.
+  value_head: bool = False
   # LoRA (Hu et al. 2021): rank > 0 adds adapters A [in, rank] (random) and B [rank, out]
   # (zeros) to each projection named in lora_targets, scaled by lora_alpha / lora_rank, and
   # training updates only them (`llmjax.models.lora`). The adapters stay float32 whatever
@@ -598,6 +603,8 @@ RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', '
                   'use_rslora', 'use_dora', 'base_quant', 'quant_block_size', 'quant_double')
 # Virtual tokens too are added on top of a source's weights.
 RUNTIME_FIELDS += ('virtual_tokens', 'num_virtual_tokens')
+# So is PPO's value head (`value_head`): no checkpoint format but llmjax's holds one.
+RUNTIME_FIELDS += ('value_head',)
 # The MoE loss coefficients and the capacity factor size no parameter: a checkpoint can be
 # trained on with others.
 RUNTIME_FIELDS += ('router_aux_loss_coef', 'router_z_loss_coef', 'moe_capacity_factor')

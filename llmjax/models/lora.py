@@ -54,7 +54,7 @@ def without_lora(cfg: ModelConfig) -> ModelConfig:
   float base: `merge` dequantizes a QLoRA base first)."""
   return dataclasses.replace(cfg, lora_rank=0, lora_ranks={}, lora_dropout=0.0,
                              use_rslora=False, use_dora=False, base_quant='',
-                             virtual_tokens='', num_virtual_tokens=0)
+                             virtual_tokens='', num_virtual_tokens=0, value_head=False)
 
 
 # ------------------------------------------------------------- a quantized base (QLoRA)
@@ -190,8 +190,11 @@ def merge(params, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
   LoRA: kernel [s..., in..., out...] += s * (lora_a [s..., in..., r] @ lora_b [s..., r,
   out...]); DoRA: kernel = m / ||W + s A B||_c * (W + s A B) (PEFT's merge). In float32, cast
   back to the kernel's dtype; s... is the optional stacked [layers] dim of scanned params. The
-  merged model computes what the adapted one did.
+  merged model computes what the adapted one did. PPO's value head (training only) is dropped.
   """
+  if cfg.value_head:
+    params = {k: v for k, v in params.items() if k != 'value_head'}
+    cfg = dataclasses.replace(cfg, value_head=False)
   if not cfg.lora_rank:
     return params, cfg
   # QLoRA: the adapters fold into the dequantized kernels (what the quantized model computes).

@@ -72,13 +72,13 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, carry, positions, mask, write_index, layer, prefix=None,
-               deterministic: bool = True):
+               deterministic: bool = True, kv_span: int | None = None):
     cfg = self.cfg
     x, kv_cache = carry
     norm = NORMS[cfg.norm]
     h, kv_cache = Attention(cfg, name='attn')(norm(cfg, name='attn_norm')(x), positions, mask,
                                               kv_cache, write_index, deterministic, prefix,
-                                              layer=layer)
+                                              layer=layer, kv_span=kv_span)
     x = x + h
     h = norm(cfg, name='mlp_norm')(x)
     if self.moe:
@@ -103,11 +103,11 @@ class Period(nn.Module):
 
   @nn.compact
   def __call__(self, carry, positions, mask, write_index, layer, prefix=None,
-               deterministic: bool = True):
+               deterministic: bool = True, kv_span: int | None = None):
     for i, moe in enumerate(self.kinds):
       block_prefix = None if prefix is None else jax.tree.map(lambda a: a[i], prefix)
       carry, _ = self.block(self.cfg, moe=moe, name=f'block_{i}')(
-          carry, positions, mask, write_index, layer + i, block_prefix, deterministic)
+          carry, positions, mask, write_index, layer + i, block_prefix, deterministic, kv_span)
     return carry, None
 
 
@@ -142,9 +142,10 @@ class Transformer(nn.Module):
           (cfg.max_seq_len, cfg.embed_dim), jnp.dtype(cfg.param_dtype))
     block = Block
     if cfg.remat != 'none':
-      # deterministic (argument 7, counting self) is a Python bool: static, not traced.
+      # deterministic and kv_span (arguments 7 and 8, counting self) are Python values:
+      # static, not traced.
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
-                       static_argnums=(7,))
+                       static_argnums=(7, 8))
     if cfg.scan_layers:
       # One scan per group of `cfg.layer_groups()` (a dense or every-layer-sparse model: one,
       # named 'layers'); a group's step is one Block, or one `Period` of a mixed pattern.
@@ -159,8 +160,8 @@ class Transformer(nn.Module):
             # collection) stacked per layer like the params.
             target, variable_axes={'params': 0, 'aux': 0},
             split_rngs={'params': True, 'dropout': True},
-            # positions, mask, write_index, layer, prefix, deterministic
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast),
+            # positions, mask, write_index, layer, prefix, deterministic, kv_span
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast),
             length=repeats,
             metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name=name, **kw))
       self.scans = scans
@@ -181,12 +182,22 @@ class Transformer(nn.Module):
     elif not cfg.tie_embeddings:
       self.head = DenseGeneral(cfg.vocab_size, (axes.EMBED, axes.VOCAB), cfg, out_dtype=jnp.float32,
                                adapter=adapters.for_target(cfg, 'head'))
+    if cfg.value_head:
+      # TRL's ValueHead: nn.Linear(hidden, 1) with a bias (values are not centred on zero).
+      self.value_head = DenseGeneral(1, (axes.EMBED, axes.SCORE), cfg, use_bias=True,
+                                     out_dtype=jnp.float32)
 
   def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None,
-               return_hidden: bool = False, deterministic: bool = True):
+               return_hidden: bool = False, deterministic: bool = True,
+               kv_span: int | None = None):
     """return_hidden: return the final-norm output [B, T, embed] instead of the logits, for
     losses that apply the head themselves in chunks (`logits`). deterministic=False: training,
-    with model.lora_dropout on the adapters' inputs (needs a 'dropout' rng)."""
+    with model.lora_dropout on the adapters' inputs (needs a 'dropout' rng).
+
+    Decoding with a cache of more rows than `tokens` has runs the batch in the cache's first B
+    rows (the others are neither read nor written); kv_span (static) reads only the first
+    kv_span slots of each row, which the caller guarantees hold all of it (lengths + T <=
+    kv_span): a step's work then follows the rows and lengths in use, not the cache's size."""
     cfg = self.cfg
     b, t = tokens.shape
     offset = cache.lengths if cache is not None else jnp.zeros((b,), jnp.int32)
@@ -205,17 +216,19 @@ class Transformer(nn.Module):
 
     x = self.embed.encode(tokens)  # [batch, length, embed]
     kv = (cache.k, cache.v) if cache is not None else None
-    x, kv = self._stack(x, positions, mask, offset, kv, prefix, deterministic)
+    x, kv = self._stack(x, positions, mask, offset, kv, prefix, deterministic, kv_span)
     x = self.final_norm(x)
     if cache is not None:
       cache = Cache(kv[0], kv[1], cache.lengths + t)
+    if cfg.value_head and self.is_initializing():
+      self.values(x)  # a head no output below reads would get no params
     if return_hidden:
       return x, cache
     if cfg.head == 'score':
       return self.scores(x), cache
     return self.logits(x, deterministic), cache
 
-  def _stack(self, x, positions, mask, write_index, kv, prefix, deterministic):
+  def _stack(self, x, positions, mask, write_index, kv, prefix, deterministic, kv_span=None):
     """Position embedding and all layers: x [B, T, embed] -> (x, kv); kv and prefix are
     (k, v) pairs with a leading [layers] dim, or None."""
     cfg = self.cfg
@@ -231,11 +244,12 @@ class Transformer(nn.Module):
             lambda a: a[first:first + repeats * p].reshape(repeats, *((p,) if p > 1 else ()),
                                                            *a.shape[1:]), prefix)
         (x, kv), _ = scan((x, kv), positions, mask, write_index, layers, group_prefix,
-                          deterministic)
+                          deterministic, kv_span)
       return x, kv
     for i, blk in enumerate(self.blocks):
       layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])
-      (x, kv), _ = blk((x, kv), positions, mask, write_index, i, layer_prefix, deterministic)
+      (x, kv), _ = blk((x, kv), positions, mask, write_index, i, layer_prefix, deterministic,
+                       kv_span)
     return x, kv
 
   def prompt_kv(self, deterministic: bool = True):
@@ -257,6 +271,12 @@ class Transformer(nn.Module):
     """The score head (cfg.head='score'): x [B, T, embed] -> scores [B, T] float32."""
     scores = self.score(x)[..., 0]  # [batch, length]
     return nn.with_logical_constraint(scores, (axes.BATCH, axes.LENGTH))
+
+  def values(self, x):
+    """PPO's value head (cfg.value_head): x [B, T, embed] -> values [B, T] float32, the value
+    of the state at each position (before its target token is emitted)."""
+    values = self.value_head(x)[..., 0]  # [batch, length]
+    return nn.with_logical_constraint(values, (axes.BATCH, axes.LENGTH))
 
   def logits(self, x, deterministic: bool = True):
     """The LM head: final-norm output x [B, T, embed] -> logits [B, T, vocab] float32."""

@@ -76,6 +76,13 @@ class RLConfig:
   sampler_is: str = ''
   sampler_is_cap: float = 3.0
   normalize_advantages: bool = False  # RLOO: advantages standardised over the batch
+  # PPO (`llmjax.rl.ppo`), TRL's PPOConfig defaults: discount and GAE lambda, the value loss's
+  # weight and clip range, whitened advantages.
+  gamma: float = 1.0
+  lam: float = 0.95
+  vf_coef: float = 0.1
+  cliprange_value: float = 0.2
+  whiten_advantages: bool = True
 
   @classmethod
   def from_config(cls, rl) -> 'RLConfig':
@@ -101,6 +108,12 @@ class RLConfig:
                         " sampled completions (greedy groups are identical).")
     if not 0 < cfg.top_p <= 1:
       raise ConfigError(f"rl.top_p={cfg.top_p} must be in (0, 1].")
+    for key in ('gamma', 'lam'):
+      if not 0 <= getattr(cfg, key) <= 1:
+        raise ConfigError(f"rl.{key}={getattr(cfg, key)} must be in [0, 1].")
+    if cfg.vf_coef < 0 or cfg.cliprange_value <= 0:
+      raise ConfigError(f"rl.vf_coef={cfg.vf_coef} must be >= 0 and rl.cliprange_value="
+                        f"{cfg.cliprange_value} > 0.")
     if cfg.epsilon_low < 0 or cfg.epsilon_high < 0 or cfg.beta < 0:
       raise ConfigError("rl.epsilon_low, rl.epsilon_high and rl.beta must be >= 0.")
     if cfg.sampler_is and cfg.temperature != 1.0:

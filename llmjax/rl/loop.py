@@ -1,12 +1,13 @@
-"""The online-RL job (train.objective 'grpo' or 'rloo'): sample, score, update, on one mesh.
+"""The online-RL job (train.objective 'grpo', 'rloo' or 'ppo'): sample, score, update, on one
+mesh.
 
     python -m llmjax.main --config=experiments/grpo.py:tiny --workdir=/tmp/grpo_tiny
 
 Each rollout batch: train.batch_size // rl.num_generations prompts (the next ones of a
 per-epoch shuffle of the prompt records), rl.num_generations completions each from the
 generation engine on the policy's own params (`llmjax.rl.rollout`), rewards from rl.reward_fns
-(`llmjax.rl.rewards`), advantages (GRPO's group-relative ones, `llmjax.rl.grpo`, or RLOO's
-leave-one-out ones, `llmjax.rl.rloo`), then rl.num_iterations optimizer steps of the one train
+(`llmjax.rl.rewards`), advantages (GRPO's group-relative ones, `llmjax.rl.grpo`, RLOO's
+leave-one-out ones, `llmjax.rl.rloo`, or PPO's GAE from the value head, `llmjax.rl.ppo`), then rl.num_iterations optimizer steps of the one train
 step (`llmjax.train.step`, the objective's loss from `objectives.make_loss`) on that batch. train.steps
 counts optimizer steps, as in every other run.
 
@@ -30,7 +31,7 @@ import numpy as np
 from llmjax import files, sharding
 from llmjax.errors import ConfigError, DataError
 from llmjax.infer import engine
-from llmjax.rl import grpo, rloo, rewards as rewards_lib, rollout as rollout_lib
+from llmjax.rl import grpo, ppo, rloo, rewards as rewards_lib, rollout as rollout_lib
 from llmjax.train import checkpoint, metrics as metrics_lib, objectives
 from llmjax.train import state as state_lib
 from llmjax.train.loop import _global_batch, _Preemption, make_trainer, setup_workdir
@@ -119,8 +120,9 @@ def make_rollout_batch(k: int, *, config, cfg: grpo.RLConfig, model_cfg, params,
   """(host batch dict, rollout metrics, rollout) of rollout batch k.
 
   logps_fn: (params, batch) -> [B, T] log-probs at rl.temperature: the rollout-time policy's
-    (old_logps) when the loss needs them; with ref_params (RLOO with rl.beta > 0) the
-    reference's too, whose summed log-ratio to the policy is subtracted from the reward."""
+    (old_logps) when the loss needs them; with ref_params (RLOO or PPO with rl.beta > 0) the
+    reference's too, whose log-ratio to the policy is subtracted from the reward. PPO's gives
+    {'logps', 'values'}: the critic's values at rollout time too."""
   t = config.train
   algo = objectives.objective(config)
   per = t.batch_size // cfg.num_generations
@@ -137,12 +139,25 @@ def make_rollout_batch(k: int, *, config, cfg: grpo.RLConfig, model_cfg, params,
   prompts = [r['prompt'] for r in recs for _ in range(cfg.num_generations)]
   per_func = rewards_lib.score(fns, prompts, roll.texts, columns(recs, cfg.num_generations))
   batch = rollout_lib.to_batch(roll, np.zeros(len(prompts)), config.data.seq_len)
-  logps = lambda p: np.asarray(jax.device_get(logps_fn(p, _global_batch(batch, batch_sharding))),
-                               np.float32)
-  # Without logps_fn the loss reads logp itself (detached); zeros keep the batch's structure.
-  batch['old_logps'] = logps(params) if logps_fn is not None else np.zeros_like(
-      batch['sampler_logps'])
+  forward = lambda p: jax.tree.map(lambda x: np.asarray(x, np.float32), jax.device_get(
+      logps_fn(p, _global_batch(batch, batch_sharding))))
+  # PPO's logps_fn gives the critic's values too (`ppo.make_rollout_fn`), from one trunk pass.
+  logps = lambda p: forward(p)['logps'] if algo == 'ppo' else forward(p)
   metrics = {}
+  if algo == 'ppo':
+    old = forward(params)
+    batch['old_logps'] = old['logps']
+    ref = logps(ref_params) if ref_params is not None else None
+    columns_, m = ppo.rollout_targets(per_func @ weights, old['logps'], old['values'],
+                                      batch['completion_mask'], cfg, ref_logps=ref)
+    batch.update(columns_)
+    metrics.update(m)
+    _, m = grpo.advantages(per_func, weights, cfg.num_generations, 'none')  # reward metrics
+    m.pop('frac_reward_zero_std')  # about groups, which PPO does not sample
+  else:
+    # Without logps_fn the loss reads logp itself (detached); zeros keep the batch's structure.
+    batch['old_logps'] = logps(params) if logps_fn is not None else np.zeros_like(
+        batch['sampler_logps'])
   if algo == 'rloo':
     kl = None
     if ref_params is not None:
@@ -152,13 +167,15 @@ def make_rollout_batch(k: int, *, config, cfg: grpo.RLConfig, model_cfg, params,
       metrics['kl'] = float(per_token.sum() / max(mask.sum(), 1.0))
     adv, m = rloo.advantages(per_func, weights, cfg.num_generations, kl=kl, beta=cfg.beta,
                              normalize=cfg.normalize_advantages)
-  else:
+  elif algo == 'grpo':
     adv, m = grpo.advantages(per_func, weights, cfg.num_generations, cfg.scale_rewards)
   metrics.update(m)
-  batch['advantages'] = adv.astype(np.float32)[:, None]
+  if algo != 'ppo':  # PPO's are per token, from rollout_targets
+    batch['advantages'] = adv.astype(np.float32)[:, None]
   for j, (name, _) in enumerate(fns):
     metrics[f'rewards/{name}/mean'] = float(per_func[:, j].mean())
-    metrics[f'rewards/{name}/std'] = float(np.std(per_func[:, j], ddof=1)) if len(adv) > 1 else 0.0
+    metrics[f'rewards/{name}/std'] = (float(np.std(per_func[:, j], ddof=1))
+                                      if len(per_func) > 1 else 0.0)
   lengths = np.asarray([len(c) for c in roll.completion_ids])
   metrics.update({'completions/mean_length': float(lengths.mean()),
                   'completions/min_length': float(lengths.min()),
@@ -168,7 +185,7 @@ def make_rollout_batch(k: int, *, config, cfg: grpo.RLConfig, model_cfg, params,
 
 
 def train_rl(config, workdir: str) -> dict:
-  """Trains `config` (train.objective 'grpo' or 'rloo') in `workdir`, resuming from its latest
+  """Trains `config` (train.objective 'grpo', 'rloo' or 'ppo') in `workdir`, resuming from its latest
   checkpoint. Returns the final metrics."""
   model_cfg, workdir = setup_workdir(config, workdir)
   cfg = grpo.RLConfig.from_config(config.rl)
@@ -198,16 +215,19 @@ def train_rl(config, workdir: str) -> dict:
     step = int(state.step)
     log = metrics_lib.MetricsLogger(workdir, t.steps, step)
     algo = objectives.objective(config)
-    loss = f"loss {cfg.loss_type}" if algo == 'grpo' else 'leave-one-out baseline'
+    loss = {'grpo': f"loss {cfg.loss_type}", 'rloo': 'leave-one-out baseline',
+            'ppo': f"GAE (gamma {cfg.gamma}, lambda {cfg.lam}) from the value head"}[algo]
     log.print(f"llmjax {algo.upper()}: {model_cfg.num_params:,} parameters, {len(records)}"
               f" prompts, {t.batch_size // cfg.num_generations} x {cfg.num_generations}"
               f" completions per rollout, {cfg.num_iterations} update(s) each, {loss}, mesh"
               f" {dict(mesh.shape)}" + (f", resuming at step {step}" if resumed else ""))
     logps_fn, rollout_ref = None, None
-    if cfg.uses_old_logps or algo == 'rloo':  # RLOO's ratio is always against them
-      apply = lambda p, x, **kw: trainer.model.apply({'params': p}, x, **kw)
+    apply = lambda p, x, **kw: trainer.model.apply({'params': p}, x, **kw)
+    if algo == 'ppo':  # the old policy's log-probs and the critic's values, every rollout
+      logps_fn = jax.jit(ppo.make_rollout_fn(cfg, apply, t.get('loss_chunk', 0)))
+    elif cfg.uses_old_logps or algo == 'rloo':  # RLOO's ratio is always against them
       logps_fn = jax.jit(grpo.make_logps_fn(cfg, apply, t.get('loss_chunk', 0)))
-    if algo == 'rloo' and cfg.beta:
+    if algo in ('rloo', 'ppo') and cfg.beta:
       # The reference whose log-ratio joins the reward: the frozen copy, or a LoRA policy's
       # base with its adapters off (computed from the current params at each rollout).
       from llmjax.models import lora

@@ -3,8 +3,9 @@
 A reward function is TRL's: `fn(prompts, completions, **columns) -> list[float]`, one reward
 per completion, where `columns` are the prompt records' other fields as lists (a built-in
 task's `answer`, a JSONL file's own keys), each repeated for the completions of its prompt.
-`rl.reward_fns` names them: a built-in (`BUILTIN`) or `module:function` / `module.function`
-imported from the Python path (an experiment file's directory is on it). `rl.reward_weights`
+`rl.reward_fns` names them: a built-in (`BUILTIN`), `module:function` / `module.function`
+imported from the Python path (an experiment file's directory is on it), or the directory of
+a trained reward model (`RewardModel`: an llmjax reward run or an HF sequence classifier). `rl.reward_weights`
 (default all 1) weighs their sum, TRL's `sum_then_normalize`.
 
 `score` runs them and checks each result: a function that raises, returns the wrong number of
@@ -14,6 +15,7 @@ rewards, or a NaN / non-number, is a one-line UserError naming the function and 
 import importlib
 import json
 import math
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -74,6 +76,10 @@ def load(names: Sequence[str], weights: Sequence[float] = ()) -> tuple[list, np.
     if name in BUILTIN:
       fns.append((name, BUILTIN[name]))
       continue
+    if os.path.isdir(name):  # a reward model's dir, as TRL takes a model id
+      model = RewardModel(name)
+      fns.append((model.__name__, model))
+      continue
     module, sep, attr = name.partition(':') if ':' in name else name.rpartition('.')
     if not module or not attr:
       raise ConfigError(f"rl.reward_fns entry '{name}' is neither a built-in reward"
@@ -115,3 +121,75 @@ def score(fns, prompts: list[str], completions: list[str], columns: dict) -> np.
                         " finite numbers.")
       out[i, j] = float(v)
   return out
+
+
+class RewardModel:
+  """A trained score model as a reward function (TRL's `reward_funcs` entry that names a
+  model): an llmjax reward run's workdir (train.objective='reward', model.head='score') or a
+  Hugging Face *ForSequenceClassification dir, named in rl.reward_fns by its path.
+
+  Each prompt + completion is tokenized by the reward model's own tokenizer as its training
+  pairs were (`PreferenceTokenizer.plain_with_eos`: BOS, the text, EOS), and the reward is its
+  score at the last token (`llmjax.train.reward.sequence_rewards`). The config is checked when
+  the run starts; the weights load at the first rollout, onto the first local device, in
+  batches of `batch_size` rows padded to a multiple of 64 tokens (few shapes, few compiles).
+  """
+
+  def __init__(self, path: str, batch_size: int = 64):
+    self.path, self.batch_size, self._loaded = path, batch_size, None
+    self.__name__ = os.path.basename(os.path.normpath(path))  # TRL's name: the model's
+    from llmjax.train import checkpoint
+    if os.path.exists(os.path.join(path, 'model_config.json')):
+      head = checkpoint.read_model_config(path).head
+    else:
+      from llmjax.interop import families, hf
+      config = os.path.join(path, 'config.json')
+      head = families.family_of(hf.read_hf_config(path), config).head
+    if head != 'score':
+      raise ConfigError(f"rl.reward_fns entry '{path}' is a language model (model.head="
+                        f"'{head}'), not a reward model; name a reward run's workdir"
+                        " (train.objective='reward') or a *ForSequenceClassification dir.")
+
+  def _load(self):
+    import flax.linen as nn
+    import jax
+    from llmjax import generate
+    from llmjax.data.preference import PreferenceTokenizer
+    from llmjax.models.transformer import Transformer
+    from llmjax.train import reward
+    hf = not os.path.exists(os.path.join(self.path, 'model_config.json'))
+    device = jax.local_devices()[0]
+    # Its own one-device mesh, whatever the trainer's: no logical rule places it.
+    mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=[device])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(()):
+      cfg, params, tokenizer = generate.load({'hf': self.path if hf else '',
+                                              'workdir': '' if hf else self.path, 'peft': ''})
+      params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    model = Transformer(cfg)
+    apply = lambda p, x, **kw: model.apply({'params': p}, x, **kw)
+    fn = jax.jit(lambda p, b: reward.sequence_rewards(p, b, apply, 1)[0][:, 0])
+    self._loaded = (mesh, params, fn, PreferenceTokenizer(tokenizer), cfg.max_seq_len)
+
+  def __call__(self, prompts, completions, **_) -> list[float]:
+    import flax.linen as nn
+    import jax
+    if self._loaded is None:
+      self._load()
+    mesh, params, fn, tok, max_len = self._loaded
+    rows = [tok.plain_with_eos(p, c)[-max_len:] for p, c in zip(prompts, completions)]
+    out = []
+    for i in range(0, len(rows), self.batch_size):
+      chunk = rows[i:i + self.batch_size]
+      t = min(-(-max(map(len, chunk)) // 64) * 64, max_len)
+      n = self.batch_size
+      inputs = np.zeros((n, t), np.int32)
+      segments = np.zeros((n, t), np.int32)
+      for j, r in enumerate(chunk):
+        inputs[j, :len(r)], segments[j, :len(r)] = r, 1
+      batch = {'inputs': inputs, 'segment_ids': segments,
+               'positions': np.tile(np.arange(t, dtype=np.int32), (n, 1))}
+      with jax.set_mesh(mesh), nn.logical_axis_rules(()):
+        scores = np.asarray(jax.device_get(fn(params, batch)))
+      out += [float(s) for s in scores[:len(chunk)]]
+    return out

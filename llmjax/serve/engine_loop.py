@@ -144,22 +144,21 @@ def _decode_rows(params, cache, state: DecodeState, *, cfg, rows: int, span: int
   """`engine.decode_step` on the first `rows` rows and the first `span` cache positions only
   (the other rows are free slots; no active row reaches past `span`): a step's work follows
   the load and the sequences' lengths, not --max_batch and the context. On a CPU the step is
-  bound by reading (and writing) the KV cache, so this is most of serving's throughput.
-  Rows are independent in the step, and positions past a row's length are masked, so each
-  row's token is what the whole-cache step gives it. The slices are written back inside the
-  one program, which updates the donated buffers in place. Also returns `_latest`."""
-  sub_cache = type(cache)(cache.k[:, :rows, :span], cache.v[:, :rows, :span],
-                          cache.lengths[:rows])
+  bound by reading the KV cache, so this is most of serving's throughput. Rows are independent
+  in the step, and positions past a row's length are masked, so each row's token is what the
+  whole-cache step gives it. The model writes each row's new entries into the donated cache in
+  place and reads only the rows and span in use, so nothing of the cache is copied. Also
+  returns `_latest`."""
   eos = state.eos  # [E]: not per row
   no_eos = lambda n: jnp.zeros((n,), eos.dtype)
   sub_state = jax.tree.map(lambda x: x[:rows], state.replace(eos=no_eos(state.tokens.shape[0])))
-  sub_cache, sub_state, _ = engine.decode_step(params, sub_cache, sub_state.replace(eos=eos),
-                                               cfg=cfg)
+  sub_cache = type(cache)(cache.k, cache.v, cache.lengths[:rows])
+  new, sub_state, _ = engine.decode_step(params, sub_cache, sub_state.replace(eos=eos), cfg=cfg,
+                                         kv_span=span)
   # dynamic_update_slice at a constant offset: XLA updates the donated buffer in place (a
-  # scatter, which `.at[:, :rows, :span].set` lowers to, copied the whole cache every step).
+  # scatter, which `.at[:rows].set` lowers to, would copy it).
   put = lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim)
-  cache = type(cache)(put(cache.k, sub_cache.k), put(cache.v, sub_cache.v),
-                      put(cache.lengths, sub_cache.lengths))
+  cache = type(cache)(new.k, new.v, put(cache.lengths, new.lengths))
   state = jax.tree.map(put,
                        state.replace(eos=no_eos(state.tokens.shape[0])),
                        sub_state.replace(eos=no_eos(rows)))

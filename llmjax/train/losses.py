@@ -160,13 +160,26 @@ def token_stats(params, batch, apply_fn, loss_chunk: int = 0, temperature: float
   draws from (RL's policy, as TRL's GRPO scores it).
   """
   kw = dict(positions=batch['positions'], segment_ids=batch['segment_ids'])
-  scale = lambda logits: logits.astype(jnp.float32) / temperature if temperature != 1.0 else logits
   if not loss_chunk:
     logits, _ = apply_fn(params, batch['inputs'], **kw)
-    return logit_stats(scale(logits), batch['targets'])
+    return logit_stats(_at_temperature(logits, temperature), batch['targets'])
   hidden, _ = apply_fn(params, batch['inputs'], return_hidden=True, **kw)
-  head = lambda x: scale(apply_fn(params, x, method=Transformer.logits))
-  return _per_chunk(logit_stats, head, hidden, batch['targets'], loss_chunk)
+  return hidden_stats(params, hidden, batch['targets'], apply_fn, loss_chunk, temperature)
+
+
+def _at_temperature(logits, temperature: float):
+  return logits.astype(jnp.float32) / temperature if temperature != 1.0 else logits
+
+
+def hidden_stats(params, hidden: jax.Array, targets: jax.Array, apply_fn, loss_chunk: int = 0,
+                 temperature: float = 1.0) -> dict:
+  """`token_stats` from the trunk's final-norm output hidden [B, T, embed] (for a loss that
+  reads another head of the same trunk too, PPO's values): the LM head applied here, whole or
+  loss_chunk positions at a time."""
+  head = lambda x: _at_temperature(apply_fn(params, x, method=Transformer.logits), temperature)
+  if not loss_chunk:
+    return logit_stats(head(hidden), targets)
+  return _per_chunk(logit_stats, head, hidden, targets, loss_chunk)
 
 
 def segment_sums(values: jax.Array, segment_ids: jax.Array, num_segments: int) -> jax.Array:

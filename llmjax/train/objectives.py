@@ -12,6 +12,9 @@ the config checks that go with it. Every objective runs through the one train st
               a frozen reference only when rl.beta > 0
     'rloo'    the same loop with RLOO's leave-one-out advantages and sequence-level loss
               (`llmjax.rl.rloo`); rl.beta > 0 folds the KL to the reference into the reward
+    'ppo'     the same loop with PPO (`llmjax.rl.ppo`): per-token KL-penalised rewards, GAE
+              from a value head on the policy trunk (model.value_head), clipped policy and
+              value losses
 """
 
 import functools
@@ -20,8 +23,8 @@ from typing import Callable
 from llmjax.errors import ConfigError, closest
 from llmjax.train import losses
 
-OBJECTIVES = ('lm', 'dpo', 'reward', 'grpo', 'rloo')
-RL_OBJECTIVES = ('grpo', 'rloo')  # the online-RL loop (llmjax.rl.loop)
+OBJECTIVES = ('lm', 'dpo', 'reward', 'grpo', 'rloo', 'ppo')
+RL_OBJECTIVES = ('grpo', 'rloo', 'ppo')  # the online-RL loop (llmjax.rl.loop)
 PREFERENCE_FORMATS = ('preference', 'unpaired_preference')
 
 
@@ -82,6 +85,9 @@ def check(config, model_cfg) -> None:
     if head != 'lm':
       raise ConfigError(f"train.objective='{obj}' trains a language model, but model.head="
                         f"'{head}'; set model.head='lm'.")
+    if obj == 'ppo' and not getattr(model_cfg, 'value_head', False):
+      raise ConfigError("train.objective='ppo' trains a critic on the policy trunk: set"
+                        " model.value_head=True (experiments/ppo.py does).")
     if obj == 'rloo' and cfg.num_generations < 2:
       raise ConfigError(f"train.objective='rloo' needs rl.num_generations >= 2: the baseline of"
                         f" a completion is the mean of the others of its prompt (it is"
@@ -148,8 +154,8 @@ def make_loss(config, pad_id: int = -1, model_cfg=None) -> Callable:
     from llmjax.train import dpo
     return dpo.make_loss_fn(dpo.DPOConfig.from_config(config.dpo), pairs, chunk)
   if obj in RL_OBJECTIVES:
-    from llmjax.rl import grpo, rloo
-    make = rloo.make_loss_fn if obj == 'rloo' else grpo.make_loss_fn
+    from llmjax.rl import grpo, ppo, rloo
+    make = {'grpo': grpo.make_loss_fn, 'rloo': rloo.make_loss_fn, 'ppo': ppo.make_loss_fn}[obj]
     return functools.partial(make(grpo.RLConfig.from_config(config.rl)), loss_chunk=chunk)
   if obj == 'reward':
     from llmjax.train import reward

@@ -4,8 +4,9 @@ besides the data iterator; and which of its params are trained.
 Trainable and frozen parameters are one mechanism: a pytree of bools shaped like the params
 (`trainable_mask`) splits them (`split`) into the leaves the step differentiates and updates
 (and keeps optimizer state for) and the constants it only reads; `combine` puts them back.
-LoRA trains its adapters only, plus a reward model's score head (a fresh head cannot be a
-frozen constant; TRL's advice for LoRA reward models is the same: modules_to_save=["score"]).
+LoRA trains its adapters only, plus a reward model's score head and PPO's value head (a fresh
+head cannot be a frozen constant; TRL's advice for LoRA reward models is the same:
+modules_to_save=["score"]).
 """
 
 import dataclasses
@@ -19,6 +20,10 @@ from flax import traverse_util
 from llmjax.models import axes as axes_lib
 from llmjax.models import lora
 from llmjax.models.config import ModelConfig
+
+
+# Top-level heads a run may add to its source's trunk: trained even when the base is frozen.
+NEW_HEADS = ('score', 'value_head')
 
 
 @flax.struct.dataclass
@@ -39,12 +44,13 @@ class TrainState:
 
 def trainable_mask(cfg: ModelConfig, params):
   """Which leaves of `params` (any params-shaped pytree: arrays, structs, specs) are trained:
-  with LoRA only the adapters (and a score model's `score` head), otherwise all; None when all
+  with LoRA only the adapters (and a `score` or `value_head` head), otherwise all; None when all
   are (no split needed)."""
   if not cfg.frozen_base:  # LoRA, DoRA or virtual tokens (`lora.ADAPTER_LEAVES`)
     return None
   flat = traverse_util.flatten_dict(params)
-  return traverse_util.unflatten_dict({p: lora.is_adapter(p) or p[0] == 'score' for p in flat})
+  return traverse_util.unflatten_dict({p: lora.is_adapter(p) or p[0] in NEW_HEADS
+                                       for p in flat})
 
 
 def split(params, mask) -> tuple[dict, dict]:
@@ -98,6 +104,10 @@ def source_params(abstract_params, model_cfg: ModelConfig, *, hf_dir: str = '',
   and dtype of `abstract_params`; with `peft_dir` (over hf_dir) the adapters too, from that
   PEFT LoRA adapter dir (checked by `config.validate`)."""
   adapters_abstract, base_abstract = lora.split(abstract_params)
+  if model_cfg.value_head and not (params_dir and checkpoint_has_value_head(params_dir)):
+    # PPO's value head is new on an SFT or HF trunk: initialised by the caller, not read.
+    base_abstract = {k: v for k, v in base_abstract.items() if k != 'value_head'}
+    model_cfg = dataclasses.replace(model_cfg, value_head=False)
   if model_cfg.base_quant:
     # QLoRA: the source's float kernels are read (from an HF dir into host memory where the
     # platform has it) and quantized one leaf at a time on the devices.
@@ -129,6 +139,11 @@ def source_params(abstract_params, model_cfg: ModelConfig, *, hf_dir: str = '',
                                                 lambda index: x.astype(a.dtype)[index]),
       adapters, adapters_abstract)
   return lora.combine(adapters, base)
+
+
+def checkpoint_has_value_head(workdir: str) -> bool:
+  from llmjax.train import checkpoint
+  return checkpoint.read_model_config(workdir).value_head
 
 
 def _float_base_abstract(base_abstract, model_cfg: ModelConfig, host: bool = False):
