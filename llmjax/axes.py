@@ -18,4 +18,5 @@ VOCAB = 'vocab'
 LAYERS = 'layers'        # the stacked axis of scanned layers
 LORA = 'lora'            # the rank of LoRA adapters: small, so no rule maps it (replicated)
 POSITIONS = 'positions'  # learned absolute position table (GPT-2)
+EXPERT = 'expert'       # the stacked experts of an MoE layer (mesh.expert: expert parallelism)
 SCORE = 'score'          # the reward head's one output (model.head='score'): no rule maps it

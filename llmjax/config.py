@@ -411,12 +411,16 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # Context parallelism: each row's positions split over `sequence` devices (every rule set
   # maps `length` there); for rows too long for one chip's activations. Within a host.
   c.mesh.sequence = 1
+  # Expert parallelism (MoE models): expert weights split over it, and the batch too.
+  # It must divide model.num_experts.
+  c.mesh.expert = 1
   c.mesh.tensor = 1  # >1 needs sharding.rules='fsdp_tensor'; keep it within a host's chips
   # Slices along each axis (multi-slice over DCN); their product is the number of slices.
   # Only gradients' all-reduce should cross DCN, so slices normally go to dcn_data.
   c.mesh.dcn_data = 1
   c.mesh.dcn_fsdp = 1
   c.mesh.dcn_sequence = 1
+  c.mesh.dcn_expert = 1
   c.mesh.dcn_tensor = 1
   c.sharding = ml_collections.ConfigDict()
   c.sharding.rules = 'fsdp'  # a key of llmjax.sharding.RULES: 'data', 'fsdp', 'fsdp_tensor'

@@ -238,7 +238,7 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
           f" {state / GiB:.2f} GiB of train state"
           + (f" and {reference_bytes / GiB:.2f} GiB of frozen reference" if reference_bytes
              else "") + f", but a {topology.split(':')[0]} device has"
-          f" {found.group(2)}; " + advice(config, sizes, b / (sizes['data'] * sizes['fsdp']),
+          f" {found.group(2)}; " + advice(config, sizes, b / math.prod(sizes[a] for a in sharding.DATA_AXES),
                                            len(devices)) + ".") from None
 
   mem = compiled.memory_analysis()
@@ -280,7 +280,7 @@ def plan(config, topology: str, slices: int | None = None) -> tuple[Report, obje
   adapters = model_cfg.num_lora_params + model_cfg.num_virtual_params
   report = Report(
       topology=topology, slices=slices, num_devices=n, devices_per_chip=per_chip, mesh=sizes,
-      per_device_batch=b / (sizes['data'] * sizes['fsdp']),
+      per_device_batch=b / math.prod(sizes[a] for a in sharding.DATA_AXES),
       hbm_bytes=chip['hbm_gib'] * GiB / per_chip,
       argument_bytes=mem.argument_size_in_bytes, output_bytes=mem.output_size_in_bytes,
       alias_bytes=mem.alias_size_in_bytes, temp_bytes=mem.temp_size_in_bytes,
@@ -360,7 +360,7 @@ def format_report(config, report: Report) -> str:
       f"topology {r.topology}" + (f" x {r.slices} slices" if r.slices > 1 else "")
       + f": {r.num_devices} devices, mesh {mesh}, rules '{config.sharding.rules}'",
       f"model {config.model.get('preset', 'custom')}: batch {config.train.batch_size} x"
-      f" {config.data.seq_len} tokens ({r.per_device_batch:g} per data x fsdp rank),"
+      f" {config.data.seq_len} tokens ({r.per_device_batch:g} per data x fsdp x expert rank),"
       f" remat '{config.model.remat}', dtype {config.model.dtype}, params {config.model.param_dtype}",
       f"trainable parameters: {r.trainable_params:,} of {r.total_params:,}"
       f" ({100 * r.trainable_params / max(r.total_params, 1):.2f}%)"

@@ -3,11 +3,17 @@
 Layers name their dimensions logically (`llmjax.models.axes`); `config.sharding.rules` maps
 those names to mesh axes. Nothing outside this module (and the config) knows about the mesh.
 
-The mesh has three named axes, outermost first:
+The mesh has five named axes, outermost first:
     data    pure data parallelism: params replicated, batch split (across slices: only the
             gradient all-reduce crosses the slow data-centre network)
     fsdp    data parallelism with params and optimizer state split too (ZeRO-3): weights are
             all-gathered layer by layer in the forward/backward pass
+    sequence  context parallelism: each row's positions split
+    expert  expert parallelism for MoE models: the stacked expert weights (logical 'expert')
+            and their optimizer state split over it, and the batch too, so its devices do
+            data-parallel work on the rest of the model (for a dense model it is one more
+            data-parallel axis). How the experts' compute is partitioned is GSPMD's: see
+            the README's MoE section.
     tensor  Megatron-style model parallelism: heads and the MLP width split, activations
             all-reduced twice per block; innermost, so it rides the fastest ICI links
 `mesh.<axis>` is the size within one slice (ICI); `mesh.dcn_<axis>` the number of slices along
@@ -24,8 +30,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llmjax.errors import ConfigError
 
-MESH_AXES = ('data', 'fsdp', 'sequence', 'tensor')
-DATA_AXES = ('data', 'fsdp')  # the axes the global batch is split over
+MESH_AXES = ('data', 'fsdp', 'sequence', 'expert', 'tensor')
+# The axes the global batch is split over (expert too: an expert-parallel device computes the
+# attention and dense layers of its own rows).
+DATA_AXES = ('data', 'fsdp', 'expert')
 
 # Logical -> mesh rules. A logical name maps to a mesh axis (or a tuple of them, or None:
 # replicated). Flax takes, per dimension, the first rule whose mesh axes are not already used by
@@ -38,15 +46,20 @@ SEQUENCE = ('length', 'sequence')
 # The KV cache's slots go where the activations' length goes: a long context's cache is split
 # too, and decoding attends to each device's slots in place (`kernels.sharded`).
 KV_SEQUENCE = ('kv_length', 'sequence')
+# MoE expert weights [expert, embed, mlp] split by expert over `expert` in every rule set
+# (mesh.expert=1: a no-op); their embed / mlp dims then follow the set's other rules.
+EXPERT = ('expert', 'expert')
 DATA_PARALLEL = (
     ('batch', DATA_AXES),  # everything else replicated: the mesh's fsdp axis is data parallel too
     SEQUENCE,
     KV_SEQUENCE,
+    EXPERT,
 )
 FSDP = (
     ('batch', DATA_AXES),
     SEQUENCE,
     KV_SEQUENCE,
+    EXPERT,
     ('embed', 'fsdp'),  # ZeRO-3: every weight (and its Adam moments) split along the model width
     ('vocab', 'tensor'),  # only the embedding/LM head use tensor here (mesh.tensor is usually 1)
 )
@@ -54,6 +67,7 @@ FSDP_TENSOR = (
     ('batch', DATA_AXES),
     SEQUENCE,
     KV_SEQUENCE,
+    EXPERT,
     ('heads', 'tensor'),  # Megatron-style: attention heads and the MLP width split over tensor,
     ('kv_heads', 'tensor'),  # so each block needs one all-reduce forward, one backward
     ('mlp', 'tensor'),
@@ -65,7 +79,7 @@ RULES = {'data': DATA_PARALLEL, 'fsdp': FSDP, 'fsdp_tensor': FSDP_TENSOR}
 # Which model key sizes each logical parameter dimension, for divisibility messages.
 _MODEL_DIMS = {'embed': 'embed_dim', 'heads': 'num_heads', 'kv_heads': 'num_kv_heads',
                'mlp': 'mlp_dim', 'vocab': 'vocab_size', 'head_dim': 'head_dim',
-               'layers': 'num_layers'}
+               'layers': 'num_layers', 'expert': 'num_experts'}
 
 
 def _sizes(mesh_cfg, prefix: str) -> dict[str, int]:
@@ -90,7 +104,7 @@ def mesh_shape(mesh_cfg, num_devices: int, slices: int | None = None) -> dict[st
   n_slices = num_slices(mesh_cfg)
   if slices is not None and slices != n_slices:
     raise ConfigError(
-        f"mesh: dcn_data x dcn_fsdp x dcn_tensor = {n_slices} but the devices form {slices}"
+        f"mesh: the product of mesh.dcn_* = {n_slices} but the devices form {slices}"
         f" slice(s); set mesh.dcn_data={slices} (data parallel across slices).")
   if num_devices % n_slices:
     raise ConfigError(f"mesh: {num_devices} devices do not split into {n_slices} slices;"
@@ -122,7 +136,8 @@ def _slice_count(devices) -> int:
 
 
 def make_mesh(mesh_cfg, devices=None) -> Mesh:
-  """A Mesh with axes ('data', 'fsdp', 'sequence', 'tensor') in GSPMD (Auto) mode.
+  """A Mesh with axes MESH_AXES ('data', 'fsdp', 'sequence', 'expert', 'tensor') in GSPMD
+  (Auto) mode.
 
   `devices`: default all devices; `llmjax.plan` passes a TPU topology's compile-only devices.
   Within a slice the device order follows the physical torus (mesh_utils), so the innermost
@@ -200,7 +215,7 @@ def check_mesh_fits(config, model_cfg, sizes: dict[str, int]) -> None:
   t = config.train
   data_parallel = math.prod(sizes[a] for a in DATA_AXES)
   if t.batch_size % (data_parallel * t.grad_accum):
-    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by data x fsdp ="
+    raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by data x fsdp x expert ="
                       f" {data_parallel} times train.grad_accum={t.grad_accum}; use a multiple"
                       f" of {data_parallel * t.grad_accum}.")
 

@@ -95,8 +95,8 @@ def test_a_cache_split_along_its_slots_compiles_for_tpu_without_gathering_it():
   from llmjax import sharding
   from llmjax.kernels import sharded
   topo = topologies.get_topology_desc(platform='tpu', topology_name='v5e:2x2')
-  mesh = Mesh(np.array(topo.devices).reshape(1, 1, 4, 1), sharding.MESH_AXES,
-              axis_types=(AxisType.Auto,) * 4)
+  mesh = Mesh(np.array(topo.devices).reshape(1, 1, 4, 1, 1), sharding.MESH_AXES,
+              axis_types=(AxisType.Auto,) * 5)
   batch, max_len, heads, kv_heads, head_dim = 2, 8192, 32, 8, 128
 
   def step(q, k, v, lengths):

@@ -47,7 +47,7 @@ def test_plan_reports_the_compiled_steps_memory_analysis():
   c = _aligned_config()
   report, compiled = plan_lib.plan(c, 'v5e:2x2')
   mem = compiled.memory_analysis()
-  assert report.num_devices == 4 and report.mesh == {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1}
+  assert report.num_devices == 4 and report.mesh == {'data': 1, 'fsdp': 4, 'sequence': 1, 'expert': 1, 'tensor': 1}
   assert (report.argument_bytes, report.output_bytes, report.alias_bytes, report.temp_bytes,
           report.code_bytes) == (mem.argument_size_in_bytes, mem.output_size_in_bytes,
                                  mem.alias_size_in_bytes, mem.temp_size_in_bytes,
@@ -67,7 +67,7 @@ def test_plan_reports_the_compiled_steps_memory_analysis():
                                 + report.output_bytes - report.alias_bytes)
   assert report.hbm_bytes == 15.75 * 2**30 and report.fits
   text = plan_lib.format_report(c, report)
-  assert 'data=1 x fsdp=4 x sequence=1 x tensor=1' in text and 'fits' in text
+  assert 'data=1 x fsdp=4 x sequence=1 x expert=1 x tensor=1' in text and 'fits' in text
 
 
 @pytest.fixture(scope='module')
@@ -176,7 +176,7 @@ def test_lora_model_flops_are_4n_plus_6_per_adapter_parameter(scan):
 def test_plan_over_two_slices_puts_data_across_them():
   c = tiny_config(data=1, fsdp=4, dcn_data=2)
   report, _ = plan_lib.plan(c, 'v5e:2x2', slices=2)
-  assert report.mesh == {'data': 2, 'fsdp': 4, 'sequence': 1, 'tensor': 1} and report.num_devices == 8
+  assert report.mesh == {'data': 2, 'fsdp': 4, 'sequence': 1, 'expert': 1, 'tensor': 1} and report.num_devices == 8
 
 
 @pytest.mark.parametrize('topology, message', [
@@ -287,7 +287,7 @@ def test_reward_model_plans():
 
 
 def test_advice_for_a_dpo_step_that_does_not_fit_offers_to_precompute_the_reference():
-  sizes = {'data': 1, 'fsdp': 4, 'sequence': 1, 'tensor': 1}
+  sizes = {'data': 1, 'fsdp': 4, 'sequence': 1, 'expert': 1, 'tensor': 1}
   tip = '--config.dpo.precompute_ref=True'
   assert tip in plan_lib.advice(_dpo(tiny_config()), sizes, 2, 4)
   assert tip not in plan_lib.advice(_dpo(tiny_config(), precompute_ref=True), sizes, 2, 4)

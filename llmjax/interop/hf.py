@@ -263,6 +263,10 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None,
 
 
 def _family(cfg: ModelConfig, architecture: str | None) -> Family:
+  if cfg.num_experts or cfg.qk_norm:
+    what = f"model.num_experts={cfg.num_experts}" if cfg.num_experts else "model.qk_norm=True"
+    raise ConfigError(f"Hugging Face export of this model ({what}: Mixtral / Qwen2-MoE /"
+                      " Qwen3 layers) is not supported yet; keep it as an llmjax workdir.")
   if architecture is None:
     return families.family_for(cfg)
   if architecture not in ARCHITECTURES:

@@ -20,7 +20,7 @@ from llmjax.kernels.mask import Mask
 from llmjax.kernels.reference import reference_attention, xla_attention  # noqa: F401
 from llmjax.models import adapters, axes
 from llmjax.models.config import ModelConfig
-from llmjax.models.layers import DenseGeneral
+from llmjax.models.layers import DenseGeneral, RMSNorm
 from llmjax.models.rope import apply_rope, inv_frequencies
 
 # One layer's KV cache [batch, max_len, kv_heads, head_dim].
@@ -114,6 +114,9 @@ class Attention(nn.Module):
               cfg.qkv_bias)(x, deterministic)
     v = dense((cfg.num_kv_heads, cfg.head_dim), (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM), 'v',
               cfg.qkv_bias)(x, deterministic)
+    if cfg.qk_norm:  # Qwen3: per-head RMSNorm of queries and keys, before RoPE
+      q = RMSNorm(cfg, axis_name=axes.HEAD_DIM, name='q_norm')(q)
+      k = RMSNorm(cfg, axis_name=axes.HEAD_DIM, name='k_norm')(k)
     if cfg.position == 'rope':
       # Dynamic scaling sizes the base by the sequence so far, as transformers does per call.
       inv_freq = inv_frequencies(cfg, seq_len=jnp.max(positions, axis=-1) + 1)  # [batch] lengths

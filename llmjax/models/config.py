@@ -167,6 +167,34 @@ class ModelConfig:
   virtual_tokens: str = ''
   num_virtual_tokens: int = 0
 
+  # Mixture of experts (`llmjax.models.moe`): num_experts > 0 replaces the SwiGLU of the sparse
+  # layers by `num_experts` SwiGLU experts of width moe_mlp_dim, num_experts_per_tok of them per
+  # token. The names are transformers' (MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig).
+  num_experts: int = 0  # 0: a dense model
+  num_experts_per_tok: int = 2  # top-k
+  moe_mlp_dim: int = 0  # each expert's hidden width; 0: mlp_dim (Mixtral's experts are its MLP)
+  # Qwen2-MoE: a dense SwiGLU of this width on every token, scaled by sigmoid(shared_gate(x));
+  # 0: none.
+  shared_expert_mlp_dim: int = 0
+  # Renormalise the top-k probabilities to sum to 1 (Mixtral: always, it is its softmax over
+  # the top-k logits; Qwen3-MoE: True; Qwen1.5-MoE: False).
+  norm_topk_prob: bool = True
+  # Layer i (0-based) is sparse iff (i + 1) % decoder_sparse_step == 0 and i is not in
+  # mlp_only_layers (transformers' Qwen2-MoE rule); the others keep the dense mlp_dim SwiGLU.
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
+  # Loss coefficients (`llmjax.train.losses.moe_losses`): the load-balancing loss as
+  # transformers' load_balancing_loss_func (Switch Transformer, Fedus et al. 2021, eq. 4) and the
+  # router z-loss (ST-MoE, Zoph et al. 2022, eq. 5).
+  router_aux_loss_coef: float = 0.001
+  router_z_loss_coef: float = 0.0
+  # 0: dropless (grouped matmuls over tokens sorted by expert, every token gets its k experts);
+  # > 0: fixed shapes, each expert takes ceil(factor * tokens * k / experts) token copies and the
+  # rest are dropped (counted in the `moe_dropped` metric).
+  moe_capacity_factor: float = 0.0
+  # Qwen3: an RMSNorm over head_dim on every query and key head before RoPE.
+  qk_norm: bool = False
+
   @classmethod
   def from_dict(cls, d: Any) -> 'ModelConfig':
     """Builds and validates a config from a dict/ConfigDict; unknown keys name the closest."""
@@ -174,6 +202,8 @@ class ModelConfig:
     d.pop('preset', None)
     if 'lora_targets' in d:  # a list in ConfigDicts and JSON; a hashable tuple here
       d['lora_targets'] = tuple(d['lora_targets'])
+    if 'mlp_only_layers' in d:
+      d['mlp_only_layers'] = tuple(int(i) for i in d['mlp_only_layers'])
     if 'lora_ranks' in d:  # a ConfigDict or dict (or None: none)
       ranks = d['lora_ranks'] or {}
       if not hasattr(ranks, 'items'):
@@ -197,6 +227,10 @@ class ModelConfig:
       object.__setattr__(self, 'lora_ranks', LoraRanks(self.lora_ranks or {}))
     if self.head_dim == 0 and self.num_heads > 0 and self.embed_dim % self.num_heads == 0:
       object.__setattr__(self, 'head_dim', self.embed_dim // self.num_heads)
+    if not isinstance(self.mlp_only_layers, tuple):
+      object.__setattr__(self, 'mlp_only_layers', tuple(self.mlp_only_layers))
+    if self.num_experts and self.moe_mlp_dim == 0:
+      object.__setattr__(self, 'moe_mlp_dim', self.mlp_dim)
 
   def validate(self) -> None:
     """Raises ConfigError naming the key and the fix."""
@@ -241,8 +275,84 @@ class ModelConfig:
     self._validate_lora_options()
     self._validate_virtual_tokens()
     self._validate_base_quant()
+    self._validate_moe()
     if self.sliding_window < 0:
       raise ConfigError(f"model.sliding_window={self.sliding_window} must be >= 0 (0: none).")
+
+  def _validate_moe(self) -> None:
+    e, k = self.num_experts, self.num_experts_per_tok
+    if e < 0:
+      raise ConfigError(f"model.num_experts={e} must be >= 0 (0: a dense model).")
+    if not e:
+      used = [key for key in ('shared_expert_mlp_dim', 'moe_mlp_dim', 'mlp_only_layers')
+              if getattr(self, key)]
+      if used or self.decoder_sparse_step != 1 or self.moe_capacity_factor:
+        key = used[0] if used else ('decoder_sparse_step' if self.decoder_sparse_step != 1
+                                    else 'moe_capacity_factor')
+        raise ConfigError(f"model.{key} is set but model.num_experts=0 (a dense model); set"
+                          " model.num_experts > 0 or drop it.")
+      return
+    if not 1 <= k <= e:
+      raise ConfigError(f"model.num_experts_per_tok={k} must be between 1 and model.num_experts"
+                        f"={e}; use at most {e}.")
+    if self.mlp != 'swiglu':
+      raise ConfigError(f"model.num_experts={e} needs model.mlp='swiglu' (the experts are"
+                        f" SwiGLUs); it is '{self.mlp}'.")
+    if self.moe_mlp_dim <= 0 or self.shared_expert_mlp_dim < 0:
+      raise ConfigError(f"model.moe_mlp_dim={self.moe_mlp_dim} must be positive and"
+                        f" model.shared_expert_mlp_dim={self.shared_expert_mlp_dim} >= 0.")
+    if self.decoder_sparse_step < 1:
+      raise ConfigError(f"model.decoder_sparse_step={self.decoder_sparse_step} must be >= 1"
+                        " (1: every layer sparse).")
+    bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_layers]
+    if bad:
+      raise ConfigError(f"model.mlp_only_layers names layer {bad[0]}, outside 0.."
+                        f"{self.num_layers - 1}; list 0-based layer indices.")
+    for key in ('router_aux_loss_coef', 'router_z_loss_coef', 'moe_capacity_factor'):
+      if getattr(self, key) < 0:
+        raise ConfigError(f"model.{key}={getattr(self, key)} must be >= 0.")
+    if not any(self.moe_layers):
+      raise ConfigError(f"model.num_experts={e} but no layer is sparse (decoder_sparse_step="
+                        f"{self.decoder_sparse_step}, mlp_only_layers={list(self.mlp_only_layers)});"
+                        " set model.num_experts=0 for a dense model.")
+    mlp_targets = [t for t in self.lora_targets if t in ('gate', 'up', 'down')]
+    if self.lora_rank and mlp_targets:
+      raise ConfigError(f"model.lora_targets names '{mlp_targets[0]}' but model.num_experts={e}:"
+                        " LoRA on MoE experts is not supported; target the attention"
+                        " projections, model.lora_targets=['q', 'k', 'v', 'o'].")
+    if self.base_quant:
+      raise ConfigError(f"model.base_quant={self.base_quant!r} with model.num_experts={e}: the"
+                        " stacked expert weights cannot be stored quantized yet; use"
+                        " base_quant=''.")
+
+  @property
+  def moe_layers(self) -> tuple[bool, ...]:
+    """Per layer: True where it is an MoE layer (transformers' Qwen2-MoE rule, which Mixtral's
+    every-layer-sparse is the decoder_sparse_step=1 case of)."""
+    step, skip = self.decoder_sparse_step, set(self.mlp_only_layers)
+    return tuple(bool(self.num_experts) and (i + 1) % step == 0 and i not in skip
+                 for i in range(self.num_layers))
+
+  @property
+  def scan_period(self) -> int:
+    """Layers per scanned step: decoder_sparse_step for an MoE model (its repeating pattern,
+    e.g. [dense, moe] for 2), else 1."""
+    return self.decoder_sparse_step if self.num_experts else 1
+
+  def layer_groups(self) -> tuple[tuple[int, int, tuple[bool, ...]], ...]:
+    """The layer stack as scan groups (first layer, repeats, kinds of one period): runs of
+    consecutive periods of the same pattern are one group (one `nn.scan`); an mlp_only layer
+    breaks a run, and layers past the last whole period are a group of their own. A dense or
+    an every-layer-sparse model is one group ((0, num_layers, (kind,)))."""
+    p, kinds = self.scan_period, self.moe_layers
+    periods = [(i, kinds[i:i + p]) for i in range(0, self.num_layers, p)]
+    groups = []
+    for first, pattern in periods:
+      if groups and groups[-1][2] == pattern:
+        groups[-1][1] += 1
+      else:
+        groups.append([first, 1, pattern])
+    return tuple((first, n, pattern) for first, n, pattern in groups)
 
   def _validate_base_quant(self) -> None:
     if self.base_quant not in BASE_QUANTS:
@@ -340,14 +450,31 @@ class ModelConfig:
   @property
   def num_params(self) -> int:
     """Exact parameter count from the shapes, adapters excluded (`num_lora_params`)."""
+    return self._count_params(active=False)
+
+  @property
+  def num_active_params(self) -> int:
+    """Parameters one token runs through: an MoE layer counts its router, k experts and the
+    shared expert; equals num_params for a dense model."""
+    return self._count_params(active=True)
+
+  def _moe_params(self, active: bool) -> int:
+    """One MoE layer's feed-forward: router, experts (k of them when `active`), shared expert
+    and its gate."""
+    d, fs = self.embed_dim, self.shared_expert_mlp_dim
+    experts = self.num_experts_per_tok if active else self.num_experts
+    return d * self.num_experts + experts * 3 * d * self.moe_mlp_dim + (3 * d * fs + d) * (fs > 0)
+
+  def _count_params(self, active: bool) -> int:
     d, h, kv, hd, f, v = (self.embed_dim, self.num_heads, self.num_kv_heads, self.head_dim,
                           self.mlp_dim, self.vocab_size)
     norm = d * (2 if self.norm == 'layernorm' else 1)
     attn = d * h * hd + 2 * d * kv * hd + h * hd * d
     attn += (h * hd + 2 * kv * hd) * self.qkv_bias + d * self.out_bias
+    attn += 2 * hd * self.qk_norm
     mlp = (3 if self.mlp == 'swiglu' else 2) * d * f + (f + d) * self.mlp_bias
-    block = attn + mlp + 2 * norm
-    total = self.num_layers * block + v * d + norm
+    total = sum(attn + 2 * norm + (self._moe_params(active) if sparse else mlp)
+                for sparse in self.moe_layers) + v * d + norm
     if self.head == 'score':
       total += d  # the [embed, 1] score head; no LM head
     else:
@@ -356,7 +483,8 @@ class ModelConfig:
     return total
 
   def flops_per_token(self, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*d_attn*T
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12*L*d_attn*T,
+    N the active parameters (an MoE token's k experts, `num_active_params`)
     (with LoRA: 4N + 6 x adapter parameters + the same attention term).
 
     N excludes the input embedding (a gather, not a matmul); attention is counted over the
@@ -364,7 +492,8 @@ class ModelConfig:
     """
     # The input embedding is a gather unless it is also the (tied) LM head.
     embed_is_head = self.tie_embeddings and self.head == 'lm'
-    n_matmul = self.num_params - self.vocab_size * self.embed_dim * (not embed_is_head)
+    # An MoE token runs through its k experts only: the active parameters (Switch Transformer).
+    n_matmul = self.num_active_params - self.vocab_size * self.embed_dim * (not embed_is_head)
     if self.position == 'learned':
       n_matmul -= self.max_seq_len * self.embed_dim
     attention = 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
@@ -403,6 +532,15 @@ def _qwen25(layers, dim, heads, kv_heads, mlp, vocab, tie):
       norm_eps=1e-6, rope_theta=1_000_000.0, qkv_bias=True, tie_embeddings=tie)
 
 
+def _qwen_moe(layers, dim, heads, kv_heads, head_dim, mlp, moe_mlp, shared, experts, k,
+              norm_topk, max_len, **kw):
+  return ModelConfig(
+      vocab_size=151936, num_layers=layers, embed_dim=dim, num_heads=heads,
+      num_kv_heads=kv_heads, head_dim=head_dim, mlp_dim=mlp, max_seq_len=max_len, norm_eps=1e-6,
+      rope_theta=1_000_000.0, num_experts=experts, num_experts_per_tok=k, moe_mlp_dim=moe_mlp,
+      shared_expert_mlp_dim=shared, norm_topk_prob=norm_topk, router_aux_loss_coef=0.001, **kw)
+
+
 # Published shapes. `tiny` and `small` are the CPU benchmark sizes (the same as the Hugging Face
 # peer in benchmarks/), Llama-style; their vocab is replaced by the tokenizer's.
 PRESETS: dict[str, ModelConfig] = {
@@ -424,6 +562,23 @@ PRESETS: dict[str, ModelConfig] = {
     'qwen2.5-0.5b': _qwen25(24, 896, 14, 2, 4864, 151936, tie=True),
     'qwen2.5-1.5b': _qwen25(28, 1536, 12, 2, 8960, 151936, tie=True),
     'qwen2.5-7b': _qwen25(28, 3584, 28, 4, 18944, 152064, tie=False),
+    # Mixture of experts. `tiny-moe` matches `tiny`'s active parameters (top-2 of 8 experts of
+    # half tiny's MLP width, plus the router): benchmarks/moe.py trains the two side by side.
+    'tiny-moe': ModelConfig(vocab_size=8192, num_layers=4, embed_dim=256, num_heads=4,
+                            num_kv_heads=2, head_dim=64, mlp_dim=704, max_seq_len=1024,
+                            num_experts=8, num_experts_per_tok=2, moe_mlp_dim=352,
+                            router_aux_loss_coef=0.01, scan_layers=False),
+    # mistralai/Mixtral-8x7B-v0.1: 46.7B parameters, 12.9B active.
+    'mixtral-8x7b': ModelConfig(
+        vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8,
+        head_dim=128, mlp_dim=14336, max_seq_len=32768, rope_theta=1_000_000.0, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True, router_aux_loss_coef=0.02),
+    # Qwen/Qwen1.5-MoE-A2.7B (Qwen2MoeForCausalLM): 14.3B, 2.7B active; 60 experts + a shared one.
+    'qwen1.5-moe-a2.7b': _qwen_moe(24, 2048, 16, 16, 128, 5632, 1408, 5632, 60, 4,
+                                   norm_topk=False, max_len=8192, qkv_bias=True),
+    # Qwen/Qwen3-30B-A3B (Qwen3MoeForCausalLM): 30.5B, 3.3B active; q/k norms, no biases.
+    'qwen3-30b-a3b': _qwen_moe(48, 2048, 32, 4, 128, 6144, 768, 0, 128, 8, norm_topk=True,
+                               max_len=40960, qk_norm=True),
     'mistral-7b': ModelConfig(
         vocab_size=32000, num_layers=32, embed_dim=4096, num_heads=32, num_kv_heads=8,
         head_dim=128, mlp_dim=14336, max_seq_len=32768, sliding_window=4096),
@@ -450,6 +605,9 @@ RUNTIME_FIELDS = ('dtype', 'param_dtype', 'attention', 'remat', 'scan_layers', '
 RUNTIME_FIELDS += ('virtual_tokens', 'num_virtual_tokens')
 # So is PPO's value head (`value_head`): no checkpoint format but llmjax's holds one.
 RUNTIME_FIELDS += ('value_head',)
+# The MoE loss coefficients and the capacity factor size no parameter: a checkpoint can be
+# trained on with others.
+RUNTIME_FIELDS += ('router_aux_loss_coef', 'router_z_loss_coef', 'moe_capacity_factor')
 
 
 def architecture_diffs(source: ModelConfig, target: ModelConfig,

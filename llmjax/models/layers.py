@@ -234,12 +234,14 @@ class DenseGeneral(nn.Module):
 
 
 class RMSNorm(nn.Module):
-  """x / rms(x) * scale (Zhang & Sennrich 2019); statistics in float32."""
+  """x / rms(x) * scale (Zhang & Sennrich 2019) over the last dim; statistics in float32.
+  axis_name: the logical name of that dim (Qwen3's q/k norms run over head_dim)."""
   cfg: ModelConfig
+  axis_name: str = axes.EMBED
 
   @nn.compact
   def __call__(self, x):
-    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (axes.EMBED,)),
+    scale = self.param('scale', nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
                        (x.shape[-1],), jnp.dtype(self.cfg.param_dtype))
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.cfg.norm_eps)
@@ -292,15 +294,18 @@ class Embed(nn.Module):
 
 
 class SwiGLU(nn.Module):
-  """down(silu(gate(x)) * up(x)) (Shazeer 2020), as in Llama, Qwen2 and Mistral."""
+  """down(silu(gate(x)) * up(x)) (Shazeer 2020), as in Llama, Qwen2 and Mistral.
+  mlp_dim: the hidden width, 0 = model.mlp_dim (an MoE's shared expert has its own)."""
   cfg: ModelConfig
+  mlp_dim: int = 0
 
   @nn.compact
   def __call__(self, x, deterministic: bool = True):
     cfg = self.cfg
-    gate = DenseGeneral(cfg.mlp_dim, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias,
+    width = self.mlp_dim or cfg.mlp_dim
+    gate = DenseGeneral(width, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias,
                         adapter=adapters.for_target(cfg, 'gate'), name='gate')(x, deterministic)
-    up = DenseGeneral(cfg.mlp_dim, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias,
+    up = DenseGeneral(width, (axes.EMBED, axes.MLP), cfg, use_bias=cfg.mlp_bias,
                       adapter=adapters.for_target(cfg, 'up'), name='up')(x, deterministic)
     h = nn.silu(gate) * up  # [batch, length, mlp]
     h = nn.with_logical_constraint(h, (axes.BATCH, axes.LENGTH, axes.MLP))

@@ -1,7 +1,7 @@
 """The decoder-only Transformer: embeddings, a stack of pre-norm blocks, the LM head.
 
     x = embed(tokens) (+ learned positions)
-    for each layer:  x = x + attn(norm(x));  x = x + mlp(norm(x))
+    for each layer:  x = x + attn(norm(x));  x = x + mlp(norm(x))   (mlp: dense or MoE)
     logits = head(norm(x))            (model.head='lm')
     scores = score(norm(x))[..., 0]   (model.head='score': a reward model, one scalar per position)
 
@@ -18,6 +18,7 @@ from llmjax.models import adapters, axes
 from llmjax.models.attention import CACHE_LAYER_AXES, Attention, Mask
 from llmjax.models.config import ModelConfig
 from llmjax.models.layers import MLPS, NORMS, DenseGeneral, Embed
+from llmjax.models.moe import MoE
 
 # What the backward pass may keep from the forward pass instead of recomputing it.
 REMAT_POLICIES = {
@@ -67,6 +68,7 @@ class Block(nn.Module):
   slices in and a restacked cache out would copy the whole cache every step.
   """
   cfg: ModelConfig
+  moe: bool = False  # the feed-forward is an MoE layer (`llmjax.models.moe.MoE`), not cfg.mlp
 
   @nn.compact
   def __call__(self, carry, positions, mask, write_index, layer, prefix=None,
@@ -78,9 +80,35 @@ class Block(nn.Module):
                                               kv_cache, write_index, deterministic, prefix,
                                               layer=layer, kv_span=kv_span)
     x = x + h
-    x = x + MLPS[cfg.mlp](cfg, name='mlp')(norm(cfg, name='mlp_norm')(x), deterministic)
+    h = norm(cfg, name='mlp_norm')(x)
+    if self.moe:
+      # Router statistics count real tokens only: padding (segment id 0) is routed but not
+      # counted; decoding (no segment ids) counts every token.
+      valid = None if mask.q_segment_ids is None else mask.q_segment_ids != 0
+      x = x + MoE(cfg, name='moe')(h, valid, deterministic)
+    else:
+      x = x + MLPS[cfg.mlp](cfg, name='mlp')(h, deterministic)
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
     return (x, kv_cache), None
+
+
+class Period(nn.Module):
+  """One period of a layer pattern that mixes dense and MoE blocks (model.decoder_sparse_step:
+  e.g. [dense, moe] for 2), as one step of the layer scan; `Block`'s signature, `layer` the
+  index of the period's first layer and prefix leaves [period, ...] (or None). kinds[i]: block
+  i is an MoE block. `block`: the (maybe rematerialised) Block class."""
+  cfg: ModelConfig
+  kinds: tuple[bool, ...]
+  block: type = Block
+
+  @nn.compact
+  def __call__(self, carry, positions, mask, write_index, layer, prefix=None,
+               deterministic: bool = True, kv_span: int | None = None):
+    for i, moe in enumerate(self.kinds):
+      block_prefix = None if prefix is None else jax.tree.map(lambda a: a[i], prefix)
+      carry, _ = self.block(self.cfg, moe=moe, name=f'block_{i}')(
+          carry, positions, mask, write_index, layer + i, block_prefix, deterministic, kv_span)
+    return carry, None
 
 
 class Transformer(nn.Module):
@@ -119,15 +147,27 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers,
                        static_argnums=(7, 8))
     if cfg.scan_layers:
-      self.layers = nn.scan(
-          # Each layer its own init and dropout keys.
-          block, variable_axes={'params': 0}, split_rngs={'params': True, 'dropout': True},
-          # positions, mask, write_index, layer, prefix, deterministic, kv_span
-          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast),
-          length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name='layers')
+      # One scan per group of `cfg.layer_groups()` (a dense or every-layer-sparse model: one,
+      # named 'layers'); a group's step is one Block, or one `Period` of a mixed pattern.
+      groups = cfg.layer_groups()
+      scans = []
+      for g, (_, repeats, kinds) in enumerate(groups):
+        name = 'layers' if len(groups) == 1 else f'layers_{g}'
+        target, kw = (block, dict(moe=kinds[0])) if len(kinds) == 1 else (
+            Period, dict(kinds=kinds, block=block))
+        scans.append(nn.scan(
+            # Each layer its own init and dropout keys; the MoE router statistics (the 'aux'
+            # collection) stacked per layer like the params.
+            target, variable_axes={'params': 0, 'aux': 0},
+            split_rngs={'params': True, 'dropout': True},
+            # positions, mask, write_index, layer, prefix, deterministic, kv_span
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast, nn.broadcast),
+            length=repeats,
+            metadata_params={nn.PARTITION_NAME: axes.LAYERS})(cfg, name=name, **kw))
+      self.scans = scans
     else:
-      self.blocks = [block(cfg, name=f'layer_{i}') for i in range(cfg.num_layers)]
+      kinds = cfg.moe_layers
+      self.blocks = [block(cfg, moe=kinds[i], name=f'layer_{i}') for i in range(cfg.num_layers)]
     self.final_norm = NORMS[cfg.norm](cfg)
     if cfg.virtual_tokens == 'prompt':
       # PEFT's PromptEmbedding is an nn.Embedding: N(0, 1) for a random init; a text init
@@ -196,9 +236,15 @@ class Transformer(nn.Module):
       x = x + jnp.take(self.pos_embed, positions, axis=0).astype(x.dtype)
     x = nn.with_logical_constraint(x, (axes.BATCH, axes.LENGTH, axes.EMBED))
     if cfg.scan_layers:
-      layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-      (x, kv), _ = self.layers((x, kv), positions, mask, write_index, layers, prefix,
-                               deterministic, kv_span)
+      for (first, repeats, kinds), scan in zip(cfg.layer_groups(), self.scans):
+        p = len(kinds)
+        # Each step's first layer: its index into the stacked cache and prefix.
+        layers = first + p * jnp.arange(repeats, dtype=jnp.int32)
+        group_prefix = None if prefix is None else jax.tree.map(
+            lambda a: a[first:first + repeats * p].reshape(repeats, *((p,) if p > 1 else ()),
+                                                           *a.shape[1:]), prefix)
+        (x, kv), _ = scan((x, kv), positions, mask, write_index, layers, group_prefix,
+                          deterministic, kv_span)
       return x, kv
     for i, blk in enumerate(self.blocks):
       layer_prefix = None if prefix is None else (prefix[0][i], prefix[1][i])

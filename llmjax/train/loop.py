@@ -147,7 +147,7 @@ def make_trainer(config, model_cfg, mesh, rules, loss_fn=None, *, pad_id: int = 
   model = Transformer(model_cfg)
   optimizer = make_optimizer(config.train)
   if loss_fn is None:
-    loss_fn = objectives.make_loss(config, pad_id)
+    loss_fn = objectives.make_loss(config, pad_id, model_cfg)
   else:
     loss_fn = functools.partial(loss_fn, loss_chunk=config.train.get('loss_chunk', 0))
   reference = ''
@@ -350,7 +350,9 @@ def report_start(config, model_cfg, mesh, data: Input, log, start_step: int,
               f" {model_cfg.num_virtual_params:,} parameters, base frozen")
   preset = config.model.get('preset') or ('from init.hf_dir' if config.init.get('hf_dir')
                                            else 'custom')
-  log.print(f"llmjax: {model_cfg.num_params:,} parameters ({preset}),"
+  active = (f" ({model_cfg.num_active_params:,} active: top-{model_cfg.num_experts_per_tok} of"
+            f" {model_cfg.num_experts} experts)" if model_cfg.num_experts else '')
+  log.print(f"llmjax: {model_cfg.num_params:,} parameters{active} ({preset}),"
             f" {model_cfg.flops_per_token(config.data.seq_len) / 1e6:.1f} MFLOPs/token, mesh"
             f" {dict(mesh.shape)}, {jax.device_count()} x {jax.devices()[0].device_kind}"
             + (f", resuming at step {start_step}" if resumed else ""))
@@ -395,7 +397,8 @@ def train_loop(config, model_cfg, trainer: Trainer, state: TrainState, data: Inp
           tps = tokens_per_step * window_steps / max(time.time() - window_start - paused, 1e-9)
           row = {'loss': m['loss'], 'grad_norm': m['grad_norm'], 'tokens_per_s': tps,
                  'lr': float(schedule(step - 1)),  # the rate this step's update used
-                 **{k: v for k, v in m.items() if k not in ('loss', 'grad_norm', 'weight')}}
+                 **{k: v for k, v in m.items() if k not in ('loss', 'grad_norm', 'weight')
+                    and not k.startswith(losses.EVAL_ONLY_PREFIX)}}
           if peak:
             row['mfu'] = tps * flops_per_token / peak
           window_start, window_steps, paused = time.time(), 0, 0.0

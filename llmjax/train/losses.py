@@ -210,13 +210,105 @@ def sequence_logprobs(params, batch, apply_fn, num_segments: int = 1,
   return (segment_sums(lp * mask, seg, num_segments), segment_sums(mask, seg, num_segments))
 
 
-def next_token_loss(params, batch, apply_fn, loss_chunk: int = 0) -> LossOutput:
+def next_token_loss(params, batch, apply_fn, loss_chunk: int = 0,
+                    router: 'RouterLoss | None' = None) -> LossOutput:
   """Next-token cross-entropy averaged over the batch's weighted target tokens.
 
   batch: inputs/targets/segment_ids/positions [batch, length] int32, loss_mask [batch, length].
   loss_chunk: 0 = one [batch, length, vocab] logits tensor; otherwise the head over pieces of
     loss_chunk positions (which must divide length). Same value and gradients.
+  router: an MoE model's loss coefficients (`RouterLoss.from_model`): the load-balancing and
+    z-losses are added (`moe_losses`) and logged. None: a dense model's plain cross-entropy.
   """
-  lp = token_logprobs(params, batch, apply_fn, loss_chunk)
   weights = batch['loss_mask'].astype(jnp.float32)
-  return LossOutput(total=-jnp.sum(lp * weights), weight=jnp.sum(weights))
+  if router is None:
+    lp = token_logprobs(params, batch, apply_fn, loss_chunk)
+    return LossOutput(total=-jnp.sum(lp * weights), weight=jnp.sum(weights))
+  lp, stats = token_logprobs_and_router(params, batch, apply_fn, loss_chunk)
+  extra, metrics = moe_losses(stats, jnp.sum(weights, axis=1), router, batch['inputs'].size)
+  return LossOutput(total=-jnp.sum(lp * weights) + extra, weight=jnp.sum(weights),
+                    metrics=metrics)
+
+
+# ------------------------------------------------------------------- mixture-of-experts losses
+
+# Metrics under this prefix are per-expert and reported at evals only (the train log would get
+# one column per expert every log step).
+EVAL_ONLY_PREFIX = 'expert_load/'
+
+
+@flax.struct.dataclass
+class RouterLoss:
+  """The MoE loss coefficients (model.router_aux_loss_coef, model.router_z_loss_coef) and the
+  routing shape the load-balancing loss needs."""
+  aux_coef: float = flax.struct.field(pytree_node=False)
+  z_coef: float = flax.struct.field(pytree_node=False)
+  num_experts: int = flax.struct.field(pytree_node=False)
+  top_k: int = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def from_model(cls, cfg) -> 'RouterLoss | None':
+    """None for a dense model."""
+    if not cfg.num_experts:
+      return None
+    return cls(cfg.router_aux_loss_coef, cfg.router_z_loss_coef, cfg.num_experts,
+               cfg.num_experts_per_tok)
+
+
+def token_logprobs_and_router(params, batch, apply_fn, loss_chunk: int = 0):
+  """`token_logprobs` and the MoE layers' router statistics of the same forward pass.
+
+  The model sows a `moe.RouterStats` per MoE layer into its 'aux' collection; this applies it
+  with mutable=['aux'] and returns (logprobs [batch, length] float32, `moe.router_stats` of the
+  collection: stacked over the MoE layers, or None for a dense model). The statistics travel
+  with the loss's value, through the loss contract, never through a global.
+  """
+  from llmjax.models import moe
+  kw = dict(positions=batch['positions'], segment_ids=batch['segment_ids'], mutable=['aux'])
+  if loss_chunk:
+    (hidden, _), aux = apply_fn(params, batch['inputs'], return_hidden=True, **kw)
+    head = lambda x: apply_fn(params, x, method=Transformer.logits)
+    lp = chunked_logprobs(head, hidden, batch['targets'], loss_chunk)
+  else:
+    (logits, _), aux = apply_fn(params, batch['inputs'], **kw)
+    lp = target_logprobs(logits, batch['targets'])
+  return lp, moe.router_stats(aux)
+
+
+def moe_losses(stats, row_weight: jax.Array, router: RouterLoss, num_tokens: int):
+  """The MoE auxiliary losses as sums for a LossOutput: (extra total [], metrics).
+
+  Load balancing (Switch Transformer eq. 4), exactly transformers' load_balancing_loss_func on
+  one row: with every MoE layer's router logits of the row's valid tokens concatenated (as HF
+  concatenates its per-layer tuple), f_e = the fraction of (layer, token) pairs whose top k
+  includes e, P_e = the mean router probability of e, aux = num_experts * sum_e f_e P_e.
+  z-loss (ST-MoE eq. 5): the mean over the same pairs of logsumexp(router logits)^2.
+  Each row's values count `row_weight[b]` times (its loss tokens), so total / weight adds
+  coef * (the weighted mean of the rows' aux): at batch 1 that is HF's `loss + coef * aux_loss`,
+  and the sum does not depend on how rows are split into micro-batches (grad_accum).
+
+  stats: `moe.RouterStats` stacked [moe_layers, batch, ...]; row_weight [batch];
+  num_tokens: batch x length, for the dropped fraction.
+  metrics: aux_loss, router_z_loss (weighted like the loss), moe_dropped (the fraction of
+  token copies dropped by the capacity) and expert_load/<e> (the fraction of routed copies
+  that went to expert e; 1 / num_experts when balanced).
+  """
+  if stats is None:
+    raise ValueError("moe_losses: the model sowed no router statistics; it has no MoE layer"
+                     " (model.num_experts=0).")
+  denom = jnp.sum(stats.tokens, axis=0)  # [batch] (layer, valid token) pairs
+  safe = jnp.maximum(denom, 1.0)
+  f = jnp.sum(stats.counts, axis=0) / safe[:, None]  # [batch, experts]
+  p = jnp.sum(stats.probs, axis=0) / safe[:, None]
+  aux = router.num_experts * jnp.sum(f * p, axis=-1)  # [batch]
+  z = jnp.sum(stats.z, axis=0) / safe  # [batch]
+  w = row_weight.astype(jnp.float32)
+  aux_sum, z_sum = jnp.sum(aux * w), jnp.sum(z * w)
+  copies = jnp.float32(router.top_k * num_tokens * stats.dropped.shape[0])
+  load = jnp.sum(stats.counts, axis=(0, 1))  # [experts]
+  total_load = jnp.maximum(jnp.sum(load), 1.0)
+  metrics = {'aux_loss': aux_sum, 'router_z_loss': z_sum,
+             'moe_dropped': (jnp.sum(stats.dropped), copies),
+             **{f'{EVAL_ONLY_PREFIX}{e}': (load[e], total_load)
+                for e in range(router.num_experts)}}
+  return router.aux_coef * aux_sum + router.z_coef * z_sum, metrics

@@ -142,10 +142,11 @@ def precomputes_reference(config) -> bool:
           and bool(config.dpo.get('precompute_ref', False)))
 
 
-def make_loss(config, pad_id: int = -1) -> Callable:
+def make_loss(config, pad_id: int = -1, model_cfg=None) -> Callable:
   """loss_fn(params, batch, apply_fn[, ref_params]) -> LossOutput for the run's objective,
   with train.loss_chunk applied. pad_id: the tokenizer's pad id (a reward is never read at it,
-  as transformers' *ForSequenceClassification)."""
+  as transformers' *ForSequenceClassification). model_cfg: the model; an MoE model's 'lm'
+  loss adds the router losses (`losses.RouterLoss`)."""
   chunk = config.train.get('loss_chunk', 0)
   obj = objective(config)
   pairs = config.data.get('pairs_per_row', 1)
@@ -161,7 +162,8 @@ def make_loss(config, pad_id: int = -1) -> Callable:
     return functools.partial(reward.reward_loss, num_pairs=pairs,
                              center_coef=config.reward.get('center_coef', 0.0), pad_id=pad_id,
                              loss_chunk=chunk)
-  return functools.partial(losses.next_token_loss, loss_chunk=chunk)
+  router = losses.RouterLoss.from_model(model_cfg) if model_cfg is not None else None
+  return functools.partial(losses.next_token_loss, loss_chunk=chunk, router=router)
 
 
 def finish_metrics(config, reduced: dict) -> dict:
