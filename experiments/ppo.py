@@ -69,17 +69,8 @@ def _tiny(arg: str) -> ml_collections.ConfigDict:
   """The tiny SFT model on the built-in arithmetic prompts, on a laptop CPU."""
   a = config_lib.parse_arg(arg, batch=64, lr=1e-4, beta=0.05, epochs=2, vf_coef=0.1,
                            params_dir='/tmp/sft_tiny', steps=200, tasks='arithmetic')
-  c = config_lib.base_config('tiny', vocab_size=1024, max_seq_len=1024)  # the quickstart's
-  c.init.params_dir = a.params_dir  # its tokenizer comes with it
+  c = config_lib.tiny_rl_config(a.params_dir, a.tasks)
   _ppo(c, a)
-  tasks = tuple(a.tasks.split('+'))
-  c.data.builtin_tasks = tasks
-  c.eval.tasks = tasks  # held-out exact match (greedy) at every eval
-  c.eval.max_new_tokens = 8
-  # Answers are at most 7 tokens and EOS (experiments/sft.py:tiny's eval.max_new_tokens).
-  c.rl.max_completion_length = 8
-  c.data.seq_len = 32  # a ~12-token prompt + 8
-  c.rl.reward_fns = ('exact_match',)
   return c
 
 

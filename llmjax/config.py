@@ -541,3 +541,20 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.sample.length_penalty = 1.0  # beam score = sum log-prob / generated length ** this
   c.sample.early_stopping = 'false'  # 'true', 'false' or 'never', as transformers defines them
   return c
+
+
+def tiny_rl_config(params_dir: str, tasks: str) -> ml_collections.ConfigDict:
+  """The base of the CPU online-RL experiments (`grpo.py:tiny`, `ppo.py:tiny`): the
+  quickstart's architecture continued from the tiny SFT run `params_dir` on the train prompts
+  of the built-in `tasks` ('a+b') with the exact-match reward, held-out exact match at evals."""
+  c = base_config('tiny', vocab_size=1024, max_seq_len=1024)  # the quickstart's
+  c.init.params_dir = params_dir  # its tokenizer comes with it
+  names = tuple(tasks.split('+'))
+  c.data.builtin_tasks = names
+  c.eval.tasks = names  # held-out exact match (greedy) at every eval
+  c.eval.max_new_tokens = 8
+  # Answers are at most 7 tokens and EOS (experiments/sft.py:tiny's eval.max_new_tokens).
+  c.rl.max_completion_length = 8
+  c.data.seq_len = 32  # a ~12-token prompt + 8
+  c.rl.reward_fns = ('exact_match',)
+  return c
