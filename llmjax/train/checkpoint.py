@@ -26,7 +26,7 @@ from llmjax.models.config import ModelConfig, check_architecture
 # trained adapters mean (their scale): a resumed run must keep them.
 _RESUME_FIELDS = ('scan_layers', 'lora_rank', 'lora_alpha', 'lora_targets', 'lora_ranks',
                   'use_dora', 'use_rslora', 'virtual_tokens', 'num_virtual_tokens', 'base_quant',
-                  'quant_block_size', 'quant_double')
+                  'quant_block_size', 'quant_double', 'value_head')
 
 
 def checkpoint_dir(workdir: str) -> str:
