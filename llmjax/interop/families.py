@@ -167,9 +167,7 @@ def _dense_only(cfg: ModelConfig, arch: str) -> None:
                       " (Qwen3ForCausalLM) export is not supported, Qwen3MoeForCausalLM is.")
 
 
-def _llama_like_to_hf(cfg: ModelConfig, arch: str, model_type: str, moe: bool = False) -> dict:
-  if not moe:
-    _dense_only(cfg, arch)
+def _llama_like_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> dict:
   if (cfg.norm, cfg.mlp, cfg.position) != ('rmsnorm', 'swiglu', 'rope'):
     raise ConfigError(f"{arch} needs norm='rmsnorm', mlp='swiglu', position='rope'; this model"
                       f" has {cfg.norm!r}, {cfg.mlp!r}, {cfg.position!r}: export it as GPT-2.")
@@ -194,6 +192,7 @@ def _llama_from_hf(hf, path):
 
 
 def _llama_to_hf(cfg):
+  _dense_only(cfg, 'LlamaForCausalLM')
   if cfg.sliding_window:
     raise ConfigError("LlamaForCausalLM has no sliding window; export this model as Mistral.")
   if cfg.qkv_bias != cfg.out_bias:
@@ -220,10 +219,11 @@ def _qwen2_window(hf: dict, path: str, moe: bool = False) -> int:
   if all(t == 'sliding_attention' for t in types):
     return _size(hf, 'sliding_window', path)
   n = sum(t == 'sliding_attention' for t in types)
+  fix = "layer_types to all 'sliding_attention'" if moe else 'max_window_layers=0'
   raise ConfigError(
       f"{path}: use_sliding_window=true with max_window_layers={hf.get('max_window_layers')}"
       f" (layer_types) slides {n} of {layers} layers; llmjax applies one sliding_window to all"
-      " layers: set max_window_layers=0 (all slide) or use_sliding_window=false (none).")
+      f" layers: set {fix} (all slide) or use_sliding_window=false (none).")
 
 
 def _qwen2_from_hf(hf, path):
@@ -232,6 +232,7 @@ def _qwen2_from_hf(hf, path):
 
 
 def _qwen2_to_hf(cfg):
+  _dense_only(cfg, 'Qwen2ForCausalLM')
   if not cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
     raise ConfigError("Qwen2ForCausalLM has biases on q/k/v only; this model has"
                       f" qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}, mlp_bias={cfg.mlp_bias}.")
@@ -250,6 +251,7 @@ def _mistral_from_hf(hf, path, arch='MistralForCausalLM'):
 
 
 def _mistral_to_hf(cfg):
+  _dense_only(cfg, 'MistralForCausalLM')
   if cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
     raise ConfigError("MistralForCausalLM has no biases; export a model with qkv_bias as Qwen2.")
   return dict(_llama_like_to_hf(cfg, 'MistralForCausalLM', 'mistral'),
@@ -357,7 +359,7 @@ def _mixtral_to_hf(cfg):
   _moe_export_checks(cfg, arch, dict(
       qkv_bias=False, out_bias=False, mlp_bias=False, qk_norm=False, shared_expert_mlp_dim=0,
       norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=()))
-  out = _llama_like_to_hf(cfg, arch, 'mixtral', moe=True)
+  out = _llama_like_to_hf(cfg, arch, 'mixtral')
   return dict(out, intermediate_size=cfg.moe_mlp_dim, sliding_window=cfg.sliding_window or None,
               router_jitter_noise=0.0, **_experts_to_hf(cfg, 'num_local_experts'))
 
@@ -386,7 +388,7 @@ def _qwen2_moe_to_hf(cfg):
   kind = 'sliding_attention' if cfg.sliding_window else 'full_attention'
   window = {'use_sliding_window': bool(cfg.sliding_window), 'max_window_layers': cfg.num_layers,
             'sliding_window': cfg.sliding_window or None, 'layer_types': [kind] * cfg.num_layers}
-  return dict(_llama_like_to_hf(cfg, arch, 'qwen2_moe', moe=True), qkv_bias=cfg.qkv_bias,
+  return dict(_llama_like_to_hf(cfg, arch, 'qwen2_moe'), qkv_bias=cfg.qkv_bias,
               shared_expert_intermediate_size=cfg.shared_expert_mlp_dim, **window,
               **_experts_to_hf(cfg, 'num_experts'), **_sparse_layers_to_hf(cfg))
 
@@ -409,7 +411,7 @@ def _qwen3_moe_to_hf(cfg):
                                      out_bias=cfg.qkv_bias))
   window = {'use_sliding_window': bool(cfg.sliding_window),
             'sliding_window': cfg.sliding_window or None}
-  return dict(_llama_like_to_hf(cfg, arch, 'qwen3_moe', moe=True), attention_bias=cfg.qkv_bias,
+  return dict(_llama_like_to_hf(cfg, arch, 'qwen3_moe'), attention_bias=cfg.qkv_bias,
               **window, **_experts_to_hf(cfg, 'num_experts'), **_sparse_layers_to_hf(cfg))
 
 
