@@ -24,6 +24,7 @@ from llmjax import sharding
 from llmjax.errors import CheckpointError, ConfigError
 from llmjax.interop import config_from_hf, config_to_hf, load_hf, save_hf
 from llmjax.interop.families import MOE_ARCHITECTURES
+from llmjax.models.config import architecture_diffs, get_preset
 from llmjax.models import lora
 from llmjax.models.config import ModelConfig
 
@@ -107,6 +108,49 @@ def test_config_fields_map_both_ways():
     assert config_from_hf(config_to_hf(cfg)) == cfg
 
 
+# The config.json files of the published checkpoints (architecture fields as on the Hub, written
+# by transformers 4.x): each maps onto llmjax's preset, whose parameter counts test_moe checks
+# against the published ones.
+PUBLISHED = {
+    'mixtral-8x7b': {
+        'architectures': ['MixtralForCausalLM'], 'hidden_act': 'silu', 'hidden_size': 4096,
+        'intermediate_size': 14336, 'max_position_embeddings': 32768, 'model_type': 'mixtral',
+        'num_attention_heads': 32, 'num_experts_per_tok': 2, 'num_hidden_layers': 32,
+        'num_key_value_heads': 8, 'num_local_experts': 8, 'output_router_logits': False,
+        'rms_norm_eps': 1e-05, 'rope_theta': 1000000.0, 'router_aux_loss_coef': 0.02,
+        'sliding_window': None, 'tie_word_embeddings': False, 'torch_dtype': 'bfloat16',
+        'vocab_size': 32000},
+    'qwen1.5-moe-a2.7b': {
+        'architectures': ['Qwen2MoeForCausalLM'], 'hidden_act': 'silu', 'hidden_size': 2048,
+        'intermediate_size': 5632, 'max_position_embeddings': 8192, 'max_window_layers': 21,
+        'model_type': 'qwen2_moe', 'num_attention_heads': 16, 'num_hidden_layers': 24,
+        'num_key_value_heads': 16, 'rms_norm_eps': 1e-06, 'rope_theta': 1000000.0,
+        'sliding_window': 32768, 'tie_word_embeddings': False, 'torch_dtype': 'bfloat16',
+        'use_sliding_window': False, 'vocab_size': 151936, 'decoder_sparse_step': 1,
+        'moe_intermediate_size': 1408, 'shared_expert_intermediate_size': 5632,
+        'num_experts_per_tok': 4, 'num_experts': 60, 'norm_topk_prob': False,
+        'output_router_logits': False, 'router_aux_loss_coef': 0.001},
+    'qwen3-30b-a3b': {
+        'architectures': ['Qwen3MoeForCausalLM'], 'attention_bias': False,
+        'decoder_sparse_step': 1, 'head_dim': 128, 'hidden_act': 'silu', 'hidden_size': 2048,
+        'intermediate_size': 6144, 'max_position_embeddings': 40960, 'max_window_layers': 48,
+        'mlp_only_layers': [], 'model_type': 'qwen3_moe', 'moe_intermediate_size': 768,
+        'norm_topk_prob': True, 'num_attention_heads': 32, 'num_experts': 128,
+        'num_experts_per_tok': 8, 'num_hidden_layers': 48, 'num_key_value_heads': 4,
+        'output_router_logits': False, 'rms_norm_eps': 1e-06, 'rope_scaling': None,
+        'rope_theta': 1000000.0, 'router_aux_loss_coef': 0.001, 'sliding_window': None,
+        'tie_word_embeddings': False, 'torch_dtype': 'bfloat16', 'use_sliding_window': False,
+        'vocab_size': 151936},
+}
+
+
+@pytest.mark.parametrize('preset', list(PUBLISHED))
+def test_published_configs_map_to_the_presets(preset):
+  cfg = config_from_hf(PUBLISHED[preset])
+  assert architecture_diffs(get_preset(preset), cfg) == []
+  assert cfg.param_dtype == 'bfloat16'
+
+
 def test_transformers4_and_5_spellings():
   # transformers 5 writes Qwen3-MoE's expert count as num_local_experts, 4.x as num_experts.
   hf = hf_config('qwen3_moe_mlp_only')
@@ -187,6 +231,7 @@ def test_export_refuses_what_a_family_cannot_hold():
     config_to_hf(dense_qwen3)
 
 
+@pytest.mark.slow  # compiles a train step: ~10 s on 2 shared cores
 def test_lora_on_the_attention_of_an_imported_moe_model_trains(tmp_path):
   from llmjax.train.loop import make_trainer
   from llmjax.train.state import build_state
