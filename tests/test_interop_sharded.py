@@ -60,11 +60,57 @@ print('OK', len(sharded_reads), 'reads, max logit diff', diff)
 '''
 
 
-def test_sharded_placement_on_8_cpu_devices():
+# An MoE checkpoint on fsdp=2 x expert=4: the stacked experts [layers, experts, ...] split by
+# expert, each device reading only its 2 of the 8 experts' tensors (and half of each, by fsdp).
+# qwen2_moe_sparse_step scans a [dense, moe] period: the leaves sit under layers/block_{0,1}.
+MOE_SCRIPT = r'''
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
+
+from llmjax import sharding
+from llmjax.interop import load_hf, safetensors_io
+
+assert jax.device_count() == 8, jax.devices()
+GOLDEN = 'tests/golden/qwen2_moe_sparse_step'
+reads = []
+read = safetensors_io.Reader.read
+def spy(self, name, index=None):
+  out = read(self, name, index)
+  reads.append((name, out.shape))
+  return out
+safetensors_io.Reader.read = spy
+
+mesh = Mesh(np.array(jax.devices()).reshape(1, 2, 1, 4, 1), sharding.MESH_AXES)
+cfg, params, _ = load_hf(GOLDEN, mesh=mesh, rules=sharding.FSDP)
+sharded_reads = list(reads)
+_, plain, _ = load_hf(GOLDEN)
+jax.tree.map(lambda x, p: np.testing.assert_array_equal(np.asarray(x), np.asarray(p)), params, plain)
+gate = params['layers']['block_1']['moe']['gate']['kernel']  # [layers, experts, embed, mlp]
+assert gate.sharding.spec == P(None, 'expert', 'fsdp', None), gate.sharding
+assert gate.sharding.shard_shape(gate.shape) == (2, 2, 16, 16)  # 2 of 8 experts, half the embed
+# Each expert tensor [moe_mlp 16, embed 32] is read as two [16, 16] halves (one per fsdp block),
+# each half once per host (blocks replicated over nothing else): 2 reads per expert and layer.
+expert_reads = [s for n, s in sharded_reads if '.experts.' in n and n.endswith('gate_proj.weight')]
+assert sorted(expert_reads) == [(16, 16)] * (2 * 8 * 2), expert_reads
+print('OK', len(sharded_reads), 'reads')
+'''
+
+
+def _run(script):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=root,
              XLA_FLAGS=os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8')
-  result = subprocess.run([sys.executable, '-c', SCRIPT], cwd=root, env=env, capture_output=True,
+  result = subprocess.run([sys.executable, '-c', script], cwd=root, env=env, capture_output=True,
                           text=True, timeout=120)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'OK' in result.stdout
+
+
+def test_sharded_placement_on_8_cpu_devices():
+  _run(SCRIPT)
+
+
+def test_moe_experts_sharded_over_fsdp_and_expert():
+  _run(MOE_SCRIPT)

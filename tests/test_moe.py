@@ -305,8 +305,8 @@ def test_bad_moe_input_is_a_one_line_error():
   with pytest.raises(ConfigError, match='shared_expert_mlp_dim is set but model.num_experts=0'):
     get_preset('tiny', shared_expert_mlp_dim=8)
   from llmjax.interop import hf
-  with pytest.raises(ConfigError, match=r'export of this model \(model.num_experts=8'):
-    hf.config_to_hf(get_preset('tiny-moe'))
+  with pytest.raises(ConfigError, match='LlamaForCausalLM has no experts but model.num_experts=8'):
+    hf.config_to_hf(get_preset('tiny-moe'), 'LlamaForCausalLM')
   c = _config()
   c.mesh.update(fsdp=1, expert=3)
   with pytest.raises(ConfigError, match=r'mesh.expert=3 does not divide model.num_experts=8'):

@@ -11,7 +11,7 @@ import re
 from typing import Callable
 
 from llmjax.errors import ConfigError
-from llmjax.interop.layout import Layout, conv1d, linear, table, vector
+from llmjax.interop.layout import Layout, conv1d, experts, linear, table, vector
 from llmjax.models.config import ModelConfig
 
 Path = tuple[str, ...]  # keys into the params pytree
@@ -28,6 +28,19 @@ class Family:
   ignored: str = r'$^'  # stored tensors that are not parameters (buffers), a regex
   rename: Callable[[str], str] = lambda name: name  # stored name -> canonical name
   head: str = 'lm'  # ModelConfig.head of the class: 'score' for *ForSequenceClassification
+  # MoE families: an MoE layer's tensors ('{i}' the layer, '{e}' the expert), beside the dense
+  # layers' `block_tensors`; None: the family has no MoE layers.
+  sparse_tensors: Callable[[ModelConfig], dict[Path, Layout]] | None = None
+
+  def layer_tensors(self, cfg: ModelConfig, layer: int) -> dict[Path, Layout]:
+    """Layer `layer`'s tensors: the MoE layout where cfg.moe_layers says it is sparse
+    (decoder_sparse_step, mlp_only_layers), else the dense one."""
+    if cfg.moe_layers[layer]:
+      if self.sparse_tensors is None:
+        raise ConfigError(f"{self.architecture} has no MoE layers but model.num_experts="
+                          f"{cfg.num_experts}; export it as one of {', '.join(MOE_ARCHITECTURES)}.")
+      return self.sparse_tensors(cfg)
+    return self.block_tensors(cfg)
 
 
 # ----------------------------------------------------------------------------- config.json
@@ -144,6 +157,16 @@ def _llama_like(hf: dict, path: str, arch: str) -> dict:
       **_rope(hf, path))
 
 
+def _dense_only(cfg: ModelConfig, arch: str) -> None:
+  """The dense families hold neither experts nor Qwen3's q/k norms."""
+  if cfg.num_experts:
+    raise ConfigError(f"{arch} has no experts but model.num_experts={cfg.num_experts}; export"
+                      f" it as one of {', '.join(MOE_ARCHITECTURES)}.")
+  if cfg.qk_norm:
+    raise ConfigError(f"{arch} has no q/k norms but model.qk_norm=True; a dense Qwen3"
+                      " (Qwen3ForCausalLM) export is not supported, Qwen3MoeForCausalLM is.")
+
+
 def _llama_like_to_hf(cfg: ModelConfig, arch: str, model_type: str) -> dict:
   if (cfg.norm, cfg.mlp, cfg.position) != ('rmsnorm', 'swiglu', 'rope'):
     raise ConfigError(f"{arch} needs norm='rmsnorm', mlp='swiglu', position='rope'; this model"
@@ -169,6 +192,7 @@ def _llama_from_hf(hf, path):
 
 
 def _llama_to_hf(cfg):
+  _dense_only(cfg, 'LlamaForCausalLM')
   if cfg.sliding_window:
     raise ConfigError("LlamaForCausalLM has no sliding window; export this model as Mistral.")
   if cfg.qkv_bias != cfg.out_bias:
@@ -178,24 +202,28 @@ def _llama_to_hf(cfg):
               mlp_bias=cfg.mlp_bias, pretraining_tp=1)
 
 
-def _qwen2_window(hf: dict, path: str) -> int:
+def _qwen2_window(hf: dict, path: str, moe: bool = False) -> int:
   """Qwen2 slides the window only in layers >= max_window_layers, and only with
-  use_sliding_window (transformers' Qwen2Config.layer_types); llmjax has one window for all."""
+  use_sliding_window (transformers' Qwen2Config.layer_types; Qwen2MoeConfig's default is every
+  other layer below max_window_layers); llmjax has one window for all."""
   if not hf.get('use_sliding_window') or not hf.get('sliding_window'):
     return 0
   layers = _size(hf, 'num_hidden_layers', path)
+  window_layers = hf.get('max_window_layers', 28 if moe else layers)
+  slides = ((lambda i: (i + 1) % 2 == 1 and i < window_layers) if moe
+            else (lambda i: i >= window_layers))
   types = hf.get('layer_types') or [
-      'sliding_attention' if i >= hf.get('max_window_layers', layers) else 'full_attention'
-      for i in range(layers)]
+      'sliding_attention' if slides(i) else 'full_attention' for i in range(layers)]
   if all(t == 'full_attention' for t in types):
     return 0
   if all(t == 'sliding_attention' for t in types):
     return _size(hf, 'sliding_window', path)
   n = sum(t == 'sliding_attention' for t in types)
+  fix = "layer_types to all 'sliding_attention'" if moe else 'max_window_layers=0'
   raise ConfigError(
       f"{path}: use_sliding_window=true with max_window_layers={hf.get('max_window_layers')}"
       f" (layer_types) slides {n} of {layers} layers; llmjax applies one sliding_window to all"
-      " layers: set max_window_layers=0 (all slide) or use_sliding_window=false (none).")
+      f" layers: set {fix} (all slide) or use_sliding_window=false (none).")
 
 
 def _qwen2_from_hf(hf, path):
@@ -204,6 +232,7 @@ def _qwen2_from_hf(hf, path):
 
 
 def _qwen2_to_hf(cfg):
+  _dense_only(cfg, 'Qwen2ForCausalLM')
   if not cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
     raise ConfigError("Qwen2ForCausalLM has biases on q/k/v only; this model has"
                       f" qkv_bias={cfg.qkv_bias}, out_bias={cfg.out_bias}, mlp_bias={cfg.mlp_bias}.")
@@ -215,13 +244,14 @@ def _qwen2_to_hf(cfg):
   return dict(_llama_like_to_hf(cfg, 'Qwen2ForCausalLM', 'qwen2'), **window)
 
 
-def _mistral_from_hf(hf, path):
-  fields = _llama_like(hf, path, 'MistralForCausalLM')
+def _mistral_from_hf(hf, path, arch='MistralForCausalLM'):
+  fields = _llama_like(hf, path, arch)
   window = hf.get('sliding_window') or 0
   return dict(fields, sliding_window=_number(window, 'sliding_window', path, int) if window else 0)
 
 
 def _mistral_to_hf(cfg):
+  _dense_only(cfg, 'MistralForCausalLM')
   if cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias:
     raise ConfigError("MistralForCausalLM has no biases; export a model with qkv_bias as Qwen2.")
   return dict(_llama_like_to_hf(cfg, 'MistralForCausalLM', 'mistral'),
@@ -247,6 +277,7 @@ def _gpt2_from_hf(hf, path):
 
 
 def _gpt2_to_hf(cfg):
+  _dense_only(cfg, 'GPT2LMHeadModel')
   want = dict(norm='layernorm', mlp='gelu', position='learned', qkv_bias=True, out_bias=True,
               mlp_bias=True, sliding_window=0, num_kv_heads=cfg.num_heads,
               head_dim=cfg.embed_dim // cfg.num_heads)
@@ -260,6 +291,128 @@ def _gpt2_to_hf(cfg):
       'activation_function': 'gelu_new', 'layer_norm_epsilon': cfg.norm_eps,
       'tie_word_embeddings': cfg.tie_embeddings, 'scale_attn_weights': True,
       'resid_pdrop': 0.0, 'embd_pdrop': 0.0, 'attn_pdrop': 0.0, 'use_cache': True}
+
+
+# ----------------------------------------------------------------------------- MoE config.json
+
+
+def _experts_from_hf(hf: dict, path: str, arch: str, experts_key: str, expert_width: str) -> dict:
+  """The MoE fields every family shares. transformers adds the load-balancing loss to the
+  training loss only with output_router_logits=true, so without it the coefficient is 0."""
+  if hf.get(experts_key) is None and hf.get('num_local_experts') is not None:
+    experts_key = 'num_local_experts'  # transformers 5 writes Qwen3-MoE's under this name
+  e = _size(hf, experts_key, path)
+  k = _size(hf, 'num_experts_per_tok', path)
+  if k > e:
+    raise ConfigError(f"{path}: num_experts_per_tok={k} is larger than {experts_key}={e};"
+                      " fix the config.json.")
+  # Noise on the router logits in training only (Mixtral's router_jitter_noise): not
+  # implemented, so a checkpoint that trains with it is refused rather than trained without.
+  _only(hf, path, arch, {'router_jitter_noise': (0, 0.0)})
+  coef = _number(hf.get('router_aux_loss_coef', 0.001), 'router_aux_loss_coef', path)
+  return dict(num_experts=e, num_experts_per_tok=k, moe_mlp_dim=_size(hf, expert_width, path),
+              router_aux_loss_coef=coef if hf.get('output_router_logits') else 0.0)
+
+
+def _experts_to_hf(cfg: ModelConfig, experts_key: str) -> dict:
+  return {experts_key: cfg.num_experts, 'num_experts_per_tok': cfg.num_experts_per_tok,
+          'output_router_logits': cfg.router_aux_loss_coef > 0,
+          'router_aux_loss_coef': cfg.router_aux_loss_coef or 0.001}
+
+
+def _sparse_layers_from_hf(hf: dict, path: str) -> dict:
+  """Qwen2-MoE / Qwen3-MoE: which layers are sparse, and the top-k renormalisation."""
+  only = hf.get('mlp_only_layers') or []
+  if not isinstance(only, list):
+    raise ConfigError(f"{path}: mlp_only_layers={only!r} must be a list of layer indices.")
+  return dict(decoder_sparse_step=_size(hf, 'decoder_sparse_step', path, 1),
+              mlp_only_layers=tuple(_number(i, 'mlp_only_layers', path, int) for i in only),
+              norm_topk_prob=bool(hf.get('norm_topk_prob', False)))
+
+
+def _sparse_layers_to_hf(cfg: ModelConfig) -> dict:
+  return {'decoder_sparse_step': cfg.decoder_sparse_step,
+          'mlp_only_layers': list(cfg.mlp_only_layers), 'norm_topk_prob': cfg.norm_topk_prob,
+          'moe_intermediate_size': cfg.moe_mlp_dim}
+
+
+def _moe_export_checks(cfg: ModelConfig, arch: str, want: dict) -> None:
+  if not cfg.num_experts:
+    raise ConfigError(f"{arch} is a mixture of experts but model.num_experts=0; export this"
+                      " dense model as Llama, Mistral or Qwen2.")
+  wrong = {k: getattr(cfg, k) for k, v in want.items() if getattr(cfg, k) != v}
+  if wrong:
+    raise ConfigError(f"{arch} cannot hold a model with {wrong}; it needs {want}.")
+
+
+def _mixtral_from_hf(hf, path):
+  fields = _mistral_from_hf(hf, path, 'MixtralForCausalLM')
+  # Every layer is sparse and each expert is as wide as intermediate_size; the gates are a
+  # softmax over the top-k logits, which is the renormalised top-k of the full softmax.
+  return dict(fields, norm_topk_prob=True,
+              **_experts_from_hf(hf, path, 'MixtralForCausalLM', 'num_local_experts',
+                                 'intermediate_size'))
+
+
+def _mixtral_to_hf(cfg):
+  arch = 'MixtralForCausalLM'
+  _moe_export_checks(cfg, arch, dict(
+      qkv_bias=False, out_bias=False, mlp_bias=False, qk_norm=False, shared_expert_mlp_dim=0,
+      norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=()))
+  out = _llama_like_to_hf(cfg, arch, 'mixtral')
+  return dict(out, intermediate_size=cfg.moe_mlp_dim, sliding_window=cfg.sliding_window or None,
+              router_jitter_noise=0.0, **_experts_to_hf(cfg, 'num_local_experts'))
+
+
+def _qwen2_moe_from_hf(hf, path):
+  arch = 'Qwen2MoeForCausalLM'
+  fields = _llama_like(hf, path, arch)
+  shared = _size(hf, 'shared_expert_intermediate_size', path)
+  # transformers 5 spells the q/k/v bias `qkv_bias` (default true); 4.x always has it.
+  return dict(fields, qkv_bias=bool(hf.get('qkv_bias', True)),
+              sliding_window=_qwen2_window(hf, path, moe=True), shared_expert_mlp_dim=shared,
+              **_experts_from_hf(hf, path, arch, 'num_experts', 'moe_intermediate_size'),
+              **_sparse_layers_from_hf(hf, path))
+
+
+def _qwen2_moe_to_hf(cfg):
+  arch = 'Qwen2MoeForCausalLM'
+  _moe_export_checks(cfg, arch, dict(out_bias=False, mlp_bias=False, qk_norm=False))
+  if not cfg.shared_expert_mlp_dim:
+    raise ConfigError(f"{arch} always has a shared expert but model.shared_expert_mlp_dim=0;"
+                      " set model.qk_norm=True for Qwen3MoeForCausalLM or model.qkv_bias=False"
+                      " for Mixtral.")
+  if cfg.head_dim * cfg.num_heads != cfg.embed_dim:
+    raise ConfigError(f"{arch} needs head_dim * num_heads == embed_dim"
+                      f" ({cfg.head_dim} * {cfg.num_heads} != {cfg.embed_dim}).")
+  kind = 'sliding_attention' if cfg.sliding_window else 'full_attention'
+  window = {'use_sliding_window': bool(cfg.sliding_window), 'max_window_layers': cfg.num_layers,
+            'sliding_window': cfg.sliding_window or None, 'layer_types': [kind] * cfg.num_layers}
+  return dict(_llama_like_to_hf(cfg, arch, 'qwen2_moe'), qkv_bias=cfg.qkv_bias,
+              shared_expert_intermediate_size=cfg.shared_expert_mlp_dim, **window,
+              **_experts_to_hf(cfg, 'num_experts'), **_sparse_layers_to_hf(cfg))
+
+
+def _qwen3_moe_from_hf(hf, path):
+  arch = 'Qwen3MoeForCausalLM'
+  fields = _llama_like(hf, path, arch)
+  bias = bool(hf.get('attention_bias', False))  # on q, k, v and o alike
+  # transformers' Qwen3-MoE slides every layer's window when use_sliding_window is set.
+  window = hf.get('sliding_window') if hf.get('use_sliding_window') else 0
+  return dict(fields, qkv_bias=bias, out_bias=bias, qk_norm=True,
+              sliding_window=_number(window, 'sliding_window', path, int) if window else 0,
+              **_experts_from_hf(hf, path, arch, 'num_experts', 'moe_intermediate_size'),
+              **_sparse_layers_from_hf(hf, path))
+
+
+def _qwen3_moe_to_hf(cfg):
+  arch = 'Qwen3MoeForCausalLM'
+  _moe_export_checks(cfg, arch, dict(qk_norm=True, shared_expert_mlp_dim=0, mlp_bias=False,
+                                     out_bias=cfg.qkv_bias))
+  window = {'use_sliding_window': bool(cfg.sliding_window),
+            'sliding_window': cfg.sliding_window or None}
+  return dict(_llama_like_to_hf(cfg, arch, 'qwen3_moe'), attention_bias=cfg.qkv_bias,
+              **window, **_experts_to_hf(cfg, 'num_experts'), **_sparse_layers_to_hf(cfg))
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -276,8 +429,9 @@ def _llama_top(cfg: ModelConfig) -> dict[Path, Layout]:
   return out
 
 
-def _llama_block(cfg: ModelConfig) -> dict[Path, Layout]:
-  d, h, k, hd, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+def _llama_attention(cfg: ModelConfig) -> dict[Path, Layout]:
+  """A llama-like layer's attention and its two norms (the part dense and MoE layers share)."""
+  d, h, k, hd = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
   p = 'model.layers.{i}.'
   out = {
       ('attn_norm', 'scale'): vector(p + 'input_layernorm.weight', (d,)),
@@ -286,9 +440,6 @@ def _llama_block(cfg: ModelConfig) -> dict[Path, Layout]:
       ('attn', 'v', 'kernel'): linear(p + 'self_attn.v_proj.weight', (d,), (k, hd)),
       ('attn', 'o', 'kernel'): linear(p + 'self_attn.o_proj.weight', (h, hd), (d,)),
       ('mlp_norm', 'scale'): vector(p + 'post_attention_layernorm.weight', (d,)),
-      ('mlp', 'gate', 'kernel'): linear(p + 'mlp.gate_proj.weight', (d,), (f,)),
-      ('mlp', 'up', 'kernel'): linear(p + 'mlp.up_proj.weight', (d,), (f,)),
-      ('mlp', 'down', 'kernel'): linear(p + 'mlp.down_proj.weight', (f,), (d,)),
   }
   if cfg.qkv_bias:
     out[('attn', 'q', 'bias')] = vector(p + 'self_attn.q_proj.bias', (h, hd))
@@ -296,11 +447,50 @@ def _llama_block(cfg: ModelConfig) -> dict[Path, Layout]:
     out[('attn', 'v', 'bias')] = vector(p + 'self_attn.v_proj.bias', (k, hd))
   if cfg.out_bias:
     out[('attn', 'o', 'bias')] = vector(p + 'self_attn.o_proj.bias', (d,))
-  if cfg.mlp_bias:
-    out[('mlp', 'gate', 'bias')] = vector(p + 'mlp.gate_proj.bias', (f,))
-    out[('mlp', 'up', 'bias')] = vector(p + 'mlp.up_proj.bias', (f,))
-    out[('mlp', 'down', 'bias')] = vector(p + 'mlp.down_proj.bias', (d,))
+  if cfg.qk_norm:  # Qwen3: RMSNorm scales [head_dim], shared by all heads
+    out[('attn', 'q_norm', 'scale')] = vector(p + 'self_attn.q_norm.weight', (hd,))
+    out[('attn', 'k_norm', 'scale')] = vector(p + 'self_attn.k_norm.weight', (hd,))
   return out
+
+
+def _swiglu(prefix: Path, hf: str, d: int, f: int, bias: bool = False,
+            names=('gate_proj', 'up_proj', 'down_proj')) -> dict[Path, Layout]:
+  """A SwiGLU's three projections under params path `prefix`, HF module `hf` (its `names`)."""
+  gate, up, down = (f'{hf}.{n}' for n in names)
+  out = {prefix + ('gate', 'kernel'): linear(gate + '.weight', (d,), (f,)),
+         prefix + ('up', 'kernel'): linear(up + '.weight', (d,), (f,)),
+         prefix + ('down', 'kernel'): linear(down + '.weight', (f,), (d,))}
+  if bias:
+    out[prefix + ('gate', 'bias')] = vector(gate + '.bias', (f,))
+    out[prefix + ('up', 'bias')] = vector(up + '.bias', (f,))
+    out[prefix + ('down', 'bias')] = vector(down + '.bias', (d,))
+  return out
+
+
+def _llama_block(cfg: ModelConfig) -> dict[Path, Layout]:
+  """A dense llama-like layer (also Qwen2-MoE's / Qwen3-MoE's dense layers)."""
+  return {**_llama_attention(cfg),
+          **_swiglu(('mlp',), 'model.layers.{i}.mlp', cfg.embed_dim, cfg.mlp_dim, cfg.mlp_bias)}
+
+
+def _moe_block(module: str, expert_names: tuple[str, str, str]) -> Callable:
+  """An MoE layer's tensors: attention as `_llama_attention`; the router `{module}.gate`
+  [experts, embed]; each expert e's SwiGLU at `{module}.experts.{e}.<expert_names>` (gate, up,
+  down), stacked into moe/{gate,up,down}/kernel [experts, ...]; and with
+  model.shared_expert_mlp_dim (Qwen2-MoE) `{module}.shared_expert.*` and
+  `{module}.shared_expert_gate` [1, embed]."""
+  def tensors(cfg: ModelConfig) -> dict[Path, Layout]:
+    d, e, f, fs = cfg.embed_dim, cfg.num_experts, cfg.moe_mlp_dim, cfg.shared_expert_mlp_dim
+    m = 'model.layers.{i}.' + module
+    out = _llama_attention(cfg)
+    out[('moe', 'router', 'kernel')] = linear(m + '.gate.weight', (d,), (e,))
+    for path, layout in _swiglu(('moe',), m + '.experts.{e}', d, f, names=expert_names).items():
+      out[path] = experts(layout, e)
+    if fs:
+      out.update(_swiglu(('moe', 'shared_expert'), m + '.shared_expert', d, fs))
+      out[('moe', 'shared_gate', 'kernel')] = linear(m + '.shared_expert_gate.weight', (d,), (1,))
+    return out
+  return tensors
 
 
 def _gpt2_top(cfg: ModelConfig) -> dict[Path, Layout]:
@@ -385,6 +575,23 @@ ARCHITECTURES: dict[str, Family] = {
                               _gpt2_block, ignored=r'\.attn\.(masked_)?bias$',
                               rename=_gpt2_rename),
 }
+# Mixtures of experts: their dense layers (Qwen's decoder_sparse_step, mlp_only_layers) are
+# `_llama_block`s, their sparse ones `sparse_tensors`.
+MOE_ARCHITECTURES: dict[str, Family] = {
+    'MixtralForCausalLM': Family(
+        'MixtralForCausalLM', 'mixtral', _mixtral_from_hf, _mixtral_to_hf, _llama_top,
+        _llama_block, ignored=r'\.rotary_emb\.inv_freq$',
+        sparse_tensors=_moe_block('block_sparse_moe', ('w1', 'w3', 'w2'))),
+    'Qwen2MoeForCausalLM': Family(
+        'Qwen2MoeForCausalLM', 'qwen2_moe', _qwen2_moe_from_hf, _qwen2_moe_to_hf, _llama_top,
+        _llama_block, ignored=r'\.rotary_emb\.inv_freq$',
+        sparse_tensors=_moe_block('mlp', ('gate_proj', 'up_proj', 'down_proj'))),
+    'Qwen3MoeForCausalLM': Family(
+        'Qwen3MoeForCausalLM', 'qwen3_moe', _qwen3_moe_from_hf, _qwen3_moe_to_hf, _llama_top,
+        _llama_block, ignored=r'\.rotary_emb\.inv_freq$',
+        sparse_tensors=_moe_block('mlp', ('gate_proj', 'up_proj', 'down_proj'))),
+}
+ARCHITECTURES.update(MOE_ARCHITECTURES)
 # Reward models: the same trunk tensors, `score.weight` [1, hidden] instead of lm_head.weight.
 for _lm, _score in (('LlamaForCausalLM', 'LlamaForSequenceClassification'),
                     ('Qwen2ForCausalLM', 'Qwen2ForSequenceClassification'),
@@ -412,7 +619,16 @@ def family_of(hf: dict, path: str) -> Family:
 def family_for(cfg: ModelConfig) -> Family:
   """The family an llmjax model exports as, from the features it uses (a score model as the
   *ForSequenceClassification of that family)."""
-  if cfg.position == 'learned':
+  if cfg.num_experts:
+    # Qwen3-MoE is the one with q/k norms, Qwen2-MoE the one with a shared expert (and q/k/v
+    # biases); Mixtral has neither, nor dense layers.
+    if cfg.qk_norm:
+      name = 'Qwen3MoeForCausalLM'
+    elif cfg.shared_expert_mlp_dim or cfg.qkv_bias:
+      name = 'Qwen2MoeForCausalLM'
+    else:
+      name = 'MixtralForCausalLM'
+  elif cfg.position == 'learned':
     name = 'GPT2LMHeadModel'
   elif cfg.qkv_bias and not cfg.out_bias:
     name = 'Qwen2ForCausalLM'

@@ -13,6 +13,7 @@ the layers of the block.
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import flax.linen as nn
@@ -103,11 +104,34 @@ def _top_tensors(family: Family, cfg: ModelConfig) -> dict:
   return top
 
 
+def layer_slots(cfg: ModelConfig) -> list[tuple[tuple[str, ...], int | tuple[int, ...]]]:
+  """Where each layer's params live: (params path prefix, layer) for unscanned layers, or
+  (prefix, layers) for a scanned stack whose leaves are [len(layers), ...], entry r being layer
+  layers[r]. Follows `Transformer.setup`: one scan per `cfg.layer_groups()` group ('layers',
+  or 'layers_{g}' when there are several), a mixed period's blocks under 'block_{j}'."""
+  if not cfg.scan_layers:
+    return [((f'layer_{i}',), i) for i in range(cfg.num_layers)]
+  groups = cfg.layer_groups()
+  slots = []
+  for g, (first, repeats, kinds) in enumerate(groups):
+    name = 'layers' if len(groups) == 1 else f'layers_{g}'
+    p = len(kinds)
+    for j in range(p):
+      prefix = (name,) if p == 1 else (name, f'block_{j}')
+      slots.append((prefix, tuple(first + r * p + j for r in range(repeats))))
+  return slots
+
+
+def _first(layers: int | tuple[int, ...]) -> int:
+  return layers if isinstance(layers, int) else layers[0]
+
+
 def _expected(family: Family, cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
   """HF tensor name -> shape for every tensor the model needs."""
   out = {l.hf_name: l.hf_shape for l in _top_tensors(family, cfg).values()}
-  for layout in family.block_tensors(cfg).values():
-    out.update({layout.name(i): layout.hf_shape for i in range(cfg.num_layers)})
+  for i in range(cfg.num_layers):
+    for layout in family.layer_tensors(cfg, i).values():
+      out.update({name: layout.hf_shape for name in layout.names(i)})
   return out
 
 
@@ -118,6 +142,12 @@ def _listing(names: list[str], limit: int = 8) -> str:
 
 def check_tensors(reader: Reader, family: Family, cfg: ModelConfig) -> None:
   """Missing, unexpected and mis-shaped tensors, all reported before anything is read."""
+  fused = sorted(n for n in reader.shapes if re.search(r'\.experts\.(gate_up_proj|down_proj)$', n))
+  if fused:
+    raise CheckpointError(f"{reader.hf_dir}: {fused[0]} holds all experts fused in one tensor"
+                          " (the in-memory layout of transformers 5, as some exporters write it);"
+                          " llmjax reads the per-expert tensors (experts.{e}.gate_proj.weight ...)"
+                          " that save_pretrained writes: re-save the model with transformers.")
   expected = _expected(family, cfg)
   stored = {n: s for n, s in reader.shapes.items() if not families.is_ignored(family, n, cfg)}
   missing = sorted(set(expected) - set(stored))
@@ -147,20 +177,21 @@ def _set(tree: dict, path, value) -> None:
   tree[path[-1]] = value
 
 
-def _placed(reader: Reader, layout: Layout, shape, dtype, sharding, layer: int | None,
-            stacked: bool) -> jax.Array:
-  """One parameter, read block by block straight into `sharding` (or one device)."""
+def _placed(reader: Reader, layout: Layout, shape, dtype, sharding,
+            layers: int | tuple[int, ...] | None) -> jax.Array:
+  """One parameter, read block by block straight into `sharding` (or one device). layers:
+  None (a top-level tensor), a layer index, or the layers of a stacked leaf [len(layers), ...]."""
   cache = {}  # replicated blocks: read once per host, not once per device
 
   def block(index: tuple[slice, ...]) -> np.ndarray:
     index = tuple(index) + (slice(None),) * (len(shape) - len(index))
     key = tuple(sl.indices(n) for sl, n in zip(index, shape))
     if key not in cache:
-      if stacked:  # [layers, ...]: only the layers of this block
-        layers = range(*index[0].indices(shape[0]))
-        data = np.stack([layout.read_block(reader.read, i, index[1:]) for i in layers])
+      if isinstance(layers, tuple):  # [layers, ...]: only the layers of this block
+        rows = range(*index[0].indices(shape[0]))
+        data = np.stack([layout.read_block(reader.read, layers[r], index[1:]) for r in rows])
       else:
-        data = layout.read_block(reader.read, layer, index)
+        data = layout.read_block(reader.read, layers, index)
       cache[key] = np.asarray(data, dtype=dtype)
     return cache[key]
 
@@ -183,23 +214,18 @@ def read_params(hf_dir: str, cfg: ModelConfig, family: Family, *, shardings=None
   abstract = _abstract_params(cfg)
   if new_score_head(family, cfg):
     abstract = {k: v for k, v in abstract.items() if k != 'score'}
-  entries = [((), path, layout, None) for path, layout in _top_tensors(family, cfg).items()]
-  blocks = family.block_tensors(cfg).items()
-  if cfg.scan_layers:
-    entries += [(('layers',), path, layout, None) for path, layout in blocks]
-  else:
-    entries += [((f'layer_{i}',), path, layout, i)
-                for i in range(cfg.num_layers) for path, layout in blocks]
-  _check_mapped(abstract, [prefix + path for prefix, path, _, _ in entries], family, hf_dir)
+  entries = [(path, layout, None) for path, layout in _top_tensors(family, cfg).items()]
+  for prefix, layers in layer_slots(cfg):
+    entries += [(prefix + path, layout, layers)
+                for path, layout in family.layer_tensors(cfg, _first(layers)).items()]
+  _check_mapped(abstract, [path for path, _, _ in entries], family, hf_dir)
   reader = Reader(hf_dir, rename=family.rename)
   check_tensors(reader, family, cfg)
   params = {}
-  for prefix, path, layout, layer in entries:
-    full = prefix + path
-    spec = _get(abstract, full)
-    sharding = _get(shardings, full) if shardings is not None else None
-    stacked = prefix == ('layers',)
-    _set(params, full, _placed(reader, layout, spec.shape, spec.dtype, sharding, layer, stacked))
+  for path, layout, layers in entries:
+    spec = _get(abstract, path)
+    sharding = _get(shardings, path) if shardings is not None else None
+    _set(params, path, _placed(reader, layout, spec.shape, spec.dtype, sharding, layers))
   reader.close()
   return params
 
@@ -263,10 +289,6 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None,
 
 
 def _family(cfg: ModelConfig, architecture: str | None) -> Family:
-  if cfg.num_experts or cfg.qk_norm:
-    what = f"model.num_experts={cfg.num_experts}" if cfg.num_experts else "model.qk_norm=True"
-    raise ConfigError(f"Hugging Face export of this model ({what}: Mixtral / Qwen2-MoE /"
-                      " Qwen3 layers) is not supported yet; keep it as an llmjax workdir.")
   if architecture is None:
     return families.family_for(cfg)
   if architecture not in ARCHITECTURES:
@@ -281,25 +303,28 @@ def _family(cfg: ModelConfig, architecture: str | None) -> Family:
 
 
 def _hf_tensors(family: Family, cfg: ModelConfig, params):
-  """(HF name, numpy array) pairs, one layer at a time (fused tensors assembled from parts)."""
+  """(HF name, numpy array) pairs, one layer at a time (fused tensors assembled from parts,
+  stacked experts split into one tensor each)."""
   def to_numpy(x):
     return np.asarray(jax.device_get(x))
 
   def group(layouts_and_leaves, layer):
     out = {}
     for layout, leaf in layouts_and_leaves:
-      name = layout.name(layer)
-      out[name] = layout.to_hf(to_numpy(leaf), out.get(name))
+      layout.write(to_numpy(leaf), layer, out)
     return out.items()
 
   yield from group([(l, _get(params, p)) for p, l in family.top_tensors(cfg).items()], None)
-  blocks = family.block_tensors(cfg).items()
-  for i in range(cfg.num_layers):
-    if cfg.scan_layers:
-      leaves = [(l, _get(params, ('layers',) + p)[i]) for p, l in blocks]
+  where = {}  # layer -> (params prefix, its row in a stacked leaf or None)
+  for prefix, layers in layer_slots(cfg):
+    if isinstance(layers, int):
+      where[layers] = (prefix, None)
     else:
-      leaves = [(l, _get(params, (f'layer_{i}',) + p)) for p, l in blocks]
-    yield from group(leaves, i)
+      where.update({i: (prefix, r) for r, i in enumerate(layers)})
+  for i in range(cfg.num_layers):
+    prefix, row = where[i]
+    leaves = [(l, _get(params, prefix + p)) for p, l in family.layer_tensors(cfg, i).items()]
+    yield from group([(l, x if row is None else x[row]) for l, x in leaves], i)
 
 
 def _special_of(tokenizer) -> dict:

@@ -8,6 +8,11 @@
 
 `read_block` maps a block of the llmjax leaf (what one device holds under a sharding) back to
 the HF region that contains it, so a sharded load reads only that region from disk.
+
+An MoE layer's experts are one llmjax leaf [experts, ...] but one HF tensor per expert
+(`experts.{e}.gate_proj.weight`): a Layout with `experts` > 0 stacks them on read (only the
+experts of the block: an expert-sharded load reads only its experts' files) and splits them on
+write (`write`).
 """
 
 import dataclasses
@@ -23,18 +28,37 @@ class Layout:
   split: tuple[tuple[int, ...], ...]  # per HF axis (after narrowing): the dims it holds
   perm: tuple[int, ...]  # llmjax axis j = axis perm[j] of the split tensor
   narrow: tuple[int, int, int] | None = None  # (hf axis, start, stop) of a fused tensor
+  # > 0: the leaf is [experts, *shape of one expert], one HF tensor per expert ('{e}' in
+  # hf_name; hf_shape, split, perm and narrow describe one expert's tensor).
+  experts: int = 0
 
   @property
   def shape(self) -> tuple[int, ...]:
     """The llmjax leaf's shape (per layer)."""
     dims = [d for group in self.split for d in group]
-    return tuple(dims[p] for p in self.perm)
+    return (self.experts,) * (self.experts > 0) + tuple(dims[p] for p in self.perm)
 
-  def name(self, layer: int | None) -> str:
-    return self.hf_name.format(i=layer) if layer is not None else self.hf_name
+  def name(self, layer: int | None, expert: int | None = None) -> str:
+    return self.hf_name.format_map({'i': layer, 'e': expert})
+
+  def names(self, layer: int | None) -> list[str]:
+    """Every HF tensor this leaf lives in (one per expert for stacked experts)."""
+    if self.experts:
+      return [self.name(layer, e) for e in range(self.experts)]
+    return [self.name(layer)]
 
   def read_block(self, read, layer: int | None, index: tuple[slice, ...]) -> np.ndarray:
     """The block `index` (slices of the llmjax leaf) read through `read(name, hf_slices)`.
+    Stacked experts: index[0] picks the experts, each read from its own tensor.
+    """
+    if not self.experts:
+      return self._read(read, self.name(layer), index)
+    index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+    experts = range(*index[0].indices(self.experts))
+    return np.stack([self._read(read, self.name(layer, e), index[1:]) for e in experts])
+
+  def _read(self, read, name: str, index: tuple[slice, ...]) -> np.ndarray:
+    """One HF tensor's part of the leaf (one expert's, for stacked experts).
 
     Along an HF axis split into (outer, inner...), only the outer dim's range is narrowed on
     disk; inner dims (head_dim) are read whole and cut in memory, which keeps the read one
@@ -56,11 +80,21 @@ class Layout:
       shape += [len(outer), *group[1:]]
       inner += [slice(None)] + [slice(r.start, r.stop) for r in ranges[pos + 1:pos + len(group)]]
       pos += len(group)
-    block = read(self.name(layer), tuple(hf_index)).reshape(shape)[tuple(inner)]
+    block = read(name, tuple(hf_index)).reshape(shape)[tuple(inner)]
     return block.transpose(self.perm)
 
+  def write(self, leaf: np.ndarray, layer: int | None, out: dict[str, np.ndarray]) -> None:
+    """Writes the llmjax leaf (one layer) into the HF tensors of `out` (name -> array),
+    one per expert for stacked experts; fused tensors are assembled in place."""
+    if not self.experts:
+      out[self.name(layer)] = self.to_hf(leaf, out.get(self.name(layer)))
+      return
+    for e in range(self.experts):
+      out[self.name(layer, e)] = self.to_hf(leaf[e], out.get(self.name(layer, e)))
+
   def to_hf(self, leaf: np.ndarray, out: np.ndarray | None) -> np.ndarray:
-    """Writes the llmjax leaf (one layer) into its HF tensor `out` (allocated when None)."""
+    """Writes the llmjax leaf (one layer; one expert's part for stacked experts) into its HF
+    tensor `out` (allocated when None)."""
     x = leaf.transpose(np.argsort(self.perm))
     x = x.reshape([math.prod(group) for group in self.split])
     if self.narrow is None:
@@ -79,6 +113,11 @@ def linear(hf_name: str, in_dims: tuple[int, ...], out_dims: tuple[int, ...]) ->
   n_out = len(out_dims)
   perm = tuple(range(n_out, n_out + len(in_dims))) + tuple(range(n_out))
   return Layout(hf_name, (math.prod(out_dims), math.prod(in_dims)), (out_dims, in_dims), perm)
+
+
+def experts(layout: Layout, num_experts: int) -> Layout:
+  """`layout` of one expert's tensor ('{e}' in its name) -> the leaf [experts, ...] of all."""
+  return dataclasses.replace(layout, experts=num_experts)
 
 
 def conv1d(hf_name: str, in_dims: tuple[int, ...], out_dims: tuple[int, ...],
