@@ -13,7 +13,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(ROOT, 'colab')
-NAMES = ('finetune', 'quickstart', 'rl')
+NAMES = ('finetune', 'quickstart', 'rl', 'scaling')
 # Seconds one cell may run in the small setting before the test fails (each notebook takes
 # well under a minute on 2 CPU cores; a hung cell must not hang CI).
 CELL_TIMEOUT = 240
