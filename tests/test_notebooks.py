@@ -63,6 +63,14 @@ def test_badge_is_the_repository_and_no_outputs(name):
       assert cell['outputs'] == [] and cell['execution_count'] is None, cell['source'][:1]
 
 
+def test_readme_lists_every_notebook_with_its_badge():
+  gen = _generator()
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    readme = f.read()
+  for name in NAMES:
+    assert f'{gen.badge(name)} `colab/{name}.ipynb`' in readme, name
+
+
 def test_generator_rejects_text_outside_cells(tmp_path):
   gen = _generator()
   with pytest.raises(SystemExit, match=r'x\.py:1: text outside a cell'):
