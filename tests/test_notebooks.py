@@ -14,8 +14,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(ROOT, 'colab')
 NAMES = ('finetune', 'quickstart', 'rl', 'scaling')
-# Seconds one cell may run in the small setting before the test fails (each notebook takes
-# well under a minute on 2 CPU cores; a hung cell must not hang CI).
+# Seconds one cell may run in the small setting before the test fails: the slowest cell (a
+# training run) takes under 30 s on 2 busy CPU cores; a hung cell must not hang CI.
 CELL_TIMEOUT = 240
 
 
