@@ -1,0 +1,46 @@
+"""Character-level Tiny Shakespeare: nanoGPT's shakespeare_char benchmark in llmjax.
+
+Characters are the tokens (data.tokenizer_type='char'), the last 10% of the file's characters
+are the validation split (data.split='tail', nanoGPT's split), and the run ends by scoring
+the whole validation split in windows of data.seq_len (eval.full_split), logging eval_loss
+(nats per character) and eval_bits_per_char in metrics.jsonl.
+
+    python -m llmjax.main --config=experiments/shakespeare_char.py --workdir=W \\
+        --config.data.path=../shared/data/tinyshakespeare.txt
+
+Variants (after ':'): none = the 53-second budget of nanoGPT's CPU recipe; 'long' = the
+3-minute budget. Keys: steps=N, batch=N, seq_len=N, lr=F (override the variant's).
+"""
+
+from llmjax import config as config_lib
+
+# name -> the variant's defaults
+VARIANTS = {
+    '': dict(steps=2000, batch=12, seq_len=64, lr=1e-3, width=128, layers=4, heads=4),
+    'long': dict(steps=2000, batch=12, seq_len=64, lr=1e-3, width=128, layers=4, heads=4),
+}
+
+
+def get_config(arg=None):
+  name, rest = config_lib.split_variant(arg, VARIANTS)
+  a = config_lib.parse_arg(rest, **VARIANTS[name])
+  c = config_lib.base_config('tiny', vocab_size=128, max_seq_len=a.seq_len, num_layers=a.layers,
+                             embed_dim=a.width, num_heads=a.heads, num_kv_heads=a.heads,
+                             head_dim=a.width // a.heads, mlp_dim=4 * a.width)
+  c.data.tokenizer_type = 'char'
+  c.data.split = 'tail'
+  c.data.val_fraction = 0.1
+  c.data.seq_len = a.seq_len
+  c.eval.full_split = True
+  c.train.steps = a.steps
+  c.train.batch_size = a.batch
+  c.train.lr = a.lr
+  c.train.warmup_steps = 100
+  c.train.weight_decay = 0.1
+  c.train.b2 = 0.99
+  c.train.log_every = 100
+  c.train.eval_every = a.steps
+  c.train.checkpoint_every = a.steps
+  c.train.unigram_baseline_batches = 0
+  c.data.eval_batches = 1
+  return c
