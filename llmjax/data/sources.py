@@ -151,9 +151,13 @@ def check_data_format(data_cfg, *, data_files: bool = True) -> str:
     raise ConfigError(f"data.split='{split}' is not one of {list(SPLITS)}.{closest(split, SPLITS)}")
   if split == 'tail':
     fraction = data_cfg.get('val_fraction', 0.1)
-    if fmt != 'text' or (data_files and not data_cfg.get('path', '')):
-      raise ConfigError("data.split='tail' holds out the end of one continuous text: it needs"
-                        f" data.format='text' (this run's is '{fmt}') and data.path .txt files.")
+    if fmt != 'text':
+      raise ConfigError(f"data.split='tail' holds out the end of one continuous text: it needs"
+                        f" data.format='text' (this run's is '{fmt}'); use data.split="
+                        "'documents'.")
+    if data_files and not data_cfg.get('path', ''):
+      raise ConfigError("data.split='tail' needs data.path: the .txt file(s) whose last"
+                        " data.val_fraction of characters is held out.")
     if not 0 < fraction < 1:
       raise ConfigError(f"data.val_fraction={fraction} must be in (0, 1), e.g. 0.1 (the last"
                         " 10% of the characters).")
