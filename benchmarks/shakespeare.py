@@ -15,7 +15,7 @@ the full-split scoring (fullval.py) excluded. llmjax's is the whole command, the
 full-split evaluation and checkpoint included.
 
 --torch_python: a Python with torch and numpy for nanoGPT; default: a venv made on first use
-at ~/.cache/llmjax/nanogpt-venv with python3.11 (pip install torch numpy).
+at ~/.cache/llmjax/nanogpt-venv with python3.11 (pip install torch==2.13.0 numpy).
 """
 
 import argparse
@@ -39,7 +39,7 @@ def torch_python(given: str) -> str:
   if not os.path.exists(py):
     print(f'creating {venv} (torch, numpy) for nanoGPT ...', flush=True)
     subprocess.run(['python3.11', '-m', 'venv', venv], check=True)
-    subprocess.run([py, '-m', 'pip', 'install', '-q', 'torch', 'numpy'], check=True)
+    subprocess.run([py, '-m', 'pip', 'install', '-q', 'torch==2.13.0', 'numpy'], check=True)
   return py
 
 

@@ -30,25 +30,36 @@ VARIANTS = {
 def get_config(arg=None):
   name, rest = config_lib.split_variant(arg, VARIANTS)
   a = config_lib.parse_arg(rest, **VARIANTS[name])
+  # Llama-style blocks (RMSNorm, RoPE, SwiGLU), full multi-head attention. vocab_size 128
+  # covers any ASCII text's characters plus padding (Tiny Shakespeare has 65 + 1); SwiGLU's
+  # mlp=512 at width 192 is ~8/3 x width, the FLOPs of a 4 x width GELU MLP.
   c = config_lib.base_config('tiny', vocab_size=128, max_seq_len=a.seq_len, num_layers=a.layers,
                              embed_dim=a.width, num_heads=a.heads, num_kv_heads=a.heads,
                              head_dim=a.width // a.heads, mlp_dim=a.mlp,
+                             # bfloat16 matmuls, float32 params, softmax, norms and loss:
+                             # the TPU/GPU setting, and faster on CPU too.
                              dtype=a.dtype)
-  c.data.tokenizer_type = 'char'
-  c.data.split = 'tail'
+  c.data.tokenizer_type = 'char'  # characters are the tokens; built in milliseconds
+  c.data.split = 'tail'  # nanoGPT's split: the last 10% of the characters validate
   c.data.val_fraction = 0.1
+  # Context 128 (nanoGPT's recipe: 64): the target fixes the data and the metric, and the final
+  # whole-split eval scores windows of this length, so each character sees more context.
   c.data.seq_len = a.seq_len
-  c.eval.full_split = True
+  c.eval.full_split = True  # the run's last eval: every window of the validation split
   c.train.steps = a.steps
-  c.train.batch_size = a.batch
+  c.train.batch_size = a.batch  # 12 x 128 = 1,536 characters a step
+  # 3x nanoGPT's 1e-3: a model this small tolerates it, and a short run needs it; a short
+  # warmup, and cosine to 5% so the last steps anneal.
   c.train.lr = a.lr
   c.train.warmup_steps = a.warmup
   c.train.min_lr_ratio = a.min_lr
   c.train.weight_decay = 0.1
-  c.train.b2 = 0.99
-  c.train.log_every = 100
+  c.train.b2 = 0.99  # nanoGPT's: few tokens per step, so a longer second-moment average
+  c.train.log_every = 100  # each log is a host sync
+  # No intermediate evals and one checkpoint, at the end: only the final whole-split eval
+  # counts, and each eval or save costs wall time.
   c.train.eval_every = a.steps
   c.train.checkpoint_every = a.steps
-  c.train.unigram_baseline_batches = 0
-  c.data.eval_batches = 1
+  c.train.unigram_baseline_batches = 0  # skips a pass over train batches at start-up
+  c.data.eval_batches = 1  # unused by the final eval (full_split); any intermediate eval
   return c
