@@ -71,7 +71,8 @@ def main() -> None:
   p.add_argument('--nanogpt_dir', default=os.path.join(ROOT, '..', 'shared', 'bench', 'nanogpt'))
   p.add_argument('--rounds', type=int, default=1)
   p.add_argument('--variants', default=',long',
-                 help="experiments/shakespeare_char.py variants, comma-separated ('' = default)")
+                 help="the config args to run, comma-separated: variant names ('' = the default) or"
+                      " one key=value each (e.g. steps=20, a smoke test)")
   a = p.parse_args()
   if not os.path.isfile(a.data):
     raise SystemExit(f'--data={a.data} is not a file; pass the Tiny Shakespeare text.')
