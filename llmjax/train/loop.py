@@ -440,7 +440,7 @@ def train_loop(config, model_cfg, trainer: Trainer, state: TrainState, data: Inp
           window_start, window_steps, paused = time.time(), 0, 0.0
         if step % t.eval_every == 0 or step == t.steps:
           began = time.time()
-          if step == t.steps and config.eval.get('full_split', False):  # an LM (validate)
+          if step == t.steps and config.get('eval', {}).get('full_split', False):  # LM only
             row.update(evaluate_full_split(trainer.eval_step, state.params,
                                            full_split_batches(data), trainer.batch_sharding,
                                            data.tokenizer, finish))
