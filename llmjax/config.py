@@ -202,6 +202,11 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
                       f"{model.max_seq_len} (learned positions); lower one of them.")
   from llmjax.data import sources  # imported here: `llmjax.data` pulls in Grain
   sources.check_data_format(config.data, data_files=data_files)
+  from llmjax.data.tokenizer import TOKENIZER_TYPES
+  kind = config.data.get('tokenizer_type', 'bpe')
+  if kind not in TOKENIZER_TYPES:
+    raise ConfigError(f"data.tokenizer_type='{kind}' is not one of {list(TOKENIZER_TYPES)}."
+                      f"{closest(kind, TOKENIZER_TYPES)}")
   path = config.data.get('path', '') if data_files else ''
   if path:
     import glob
@@ -249,6 +254,10 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
     peft.check_adapter(init.peft_dir, model)
   from llmjax.train import objectives  # the loss fits the data and the model
   objectives.check(config, model)
+  if config.get('eval', {}).get('full_split', False) and objectives.objective(config) != 'lm':
+    raise ConfigError(f"eval.full_split=True scores a language model's validation split; this"
+                      f" run's train.objective is '{objectives.objective(config)}': set"
+                      " eval.full_split=False.")
   dpo = config.get('dpo', {})
   if dpo.get('ref_hf_dir'):
     from llmjax.interop import hf  # the reference runs the policy's program: same architecture
@@ -364,7 +373,15 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.data.seq_len = 256  # tokens per packed row
   c.data.tokenizer_path = ''  # a sentencepiece .model; '' = train one into WORKDIR/tokenizer.model
   c.data.vocab_size = 8192  # size of a trained tokenizer
-  c.data.tokenizer_type = 'bpe'  # 'bpe' or 'unigram'
+  # 'bpe' or 'unigram' (a trained sentencepiece model), or 'char': the characters of the train
+  # split are the tokens (llmjax.data.tokenizer.CharTokenizer; no BOS/EOS, unseen characters
+  # are an error), for character-level LMs on plain text.
+  c.data.tokenizer_type = 'bpe'
+  # How data.path becomes train/validation (llmjax.data.sources.SPLITS): 'documents' = every
+  # 20th document held out; 'tail' = the .txt files as one text, its last data.val_fraction of
+  # characters held out (nanoGPT's split), both cut into windows of data.seq_len + 1 chars.
+  c.data.split = 'documents'
+  c.data.val_fraction = 0.1
   c.data.eval_batches = 8  # batches of the validation split per evaluation
   # Built-in instruction tasks to train on instead of data.path (llmjax.data.tasks: 'arithmetic',
   # 'facts', 'strings', 'format'), with data.format='prompt_completion' or 'messages': their
@@ -462,6 +479,10 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   c.eval.chat = False  # generate files: prompts as user turns of the run's chat template
   c.eval.batch_size = 32  # sequences per forward pass or generate call
   c.eval.max_examples = 0  # >0: only the first N records of each task (a quicker, noisier eval)
+  # True: the run's last eval scores the whole validation split (every window, the last batch
+  # padded) instead of its first data.eval_batches batches, and also logs eval_bits_per_char
+  # (the summed NLL in bits over the characters of the scored targets); train.objective='lm'.
+  c.eval.full_split = False
 
   # train.objective='dpo' (llmjax/train/dpo.py, formulas and defaults as TRL 1.16).
   c.dpo = ml_collections.ConfigDict()

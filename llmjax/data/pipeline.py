@@ -94,11 +94,19 @@ Config keys (`config.data`, read by `build_data`):
                   WORKDIR/tokenizer.model, or reuse it there, so a restarted run gets the
                   same token ids.
   vocab_size      pieces of a trained tokenizer (a soft limit: a small corpus gives fewer).
-  tokenizer_type  'bpe' or 'unigram', for a trained tokenizer.
+  split           how data.path files become train and validation (`sources.SPLITS`):
+                  'documents' (every 20th document held out) or 'tail' (the .txt files as one
+                  text, its last val_fraction of characters held out, both cut into windows
+                  of seq_len + 1 characters: `sources.tail_split_source`).
+  val_fraction    for split='tail': the held-out fraction (0.1, nanoGPT's).
+  tokenizer_type  'bpe' or 'unigram' for a trained sentencepiece tokenizer, 'char' for
+                  characters as tokens (`tokenizer.CharTokenizer`: no BOS/EOS, an unseen
+                  character is an error).
   eval_batches    batches per evaluation: the first eval_batches of the validation split,
                   the same at every evaluation so losses are comparable across steps.
 """
 
+import functools
 import logging
 import os
 from typing import NamedTuple
@@ -109,7 +117,8 @@ import numpy as np
 
 from llmjax import files
 from llmjax.data import chat, corpus, sources
-from llmjax.data.tokenizer import SentencePieceTokenizer, Tokenizer
+from llmjax.data.tokenizer import (CHAR_TOKENIZER_FILE, CharTokenizer, SentencePieceTokenizer,
+                                   Tokenizer, load_file)
 from llmjax.errors import ConfigError, DataError
 
 # Enough documents to learn a subword vocabulary; more only slows tokenizer training.
@@ -253,11 +262,19 @@ def _finish_row(row: dict) -> dict:
           'loss_mask': row['weights'].astype(np.float32)}
 
 
+def _stack_padded(rows: int, batch: list[dict]) -> dict:
+  """The rows of `batch` stacked, then zero rows (empty: segment 0, loss_mask 0) up to `rows`."""
+  out = {k: np.stack([r[k] for r in batch]) for k in batch[0]}
+  return {k: np.concatenate([v, np.zeros((rows - len(v),) + v.shape[1:], v.dtype)])
+          for k, v in out.items()}
+
+
 def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int, seed: int,
                  shuffle: bool = True, repeat: bool = True, process_index: int = 0,
                  process_count: int = 1, chat_template: chat.ChatTemplate | None = None,
                  loss_on: str = 'assistant', where: str = '',
-                 pairs_per_row: int = 1, ref_logps=None) -> grain.IterDataset:
+                 pairs_per_row: int = 1, ref_logps=None,
+                 pad_remainder: bool = False) -> grain.IterDataset:
   """Packed batches of `source`'s documents for this host.
 
   Args:
@@ -268,7 +285,10 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
     batch_size: the global batch; this host yields batch_size // process_count rows.
     seed: document shuffle (a new permutation each epoch) and packed-row shuffle.
     shuffle: False keeps file order (evaluation).
-    repeat: loop forever (training) or make one pass (the last partial batch is dropped).
+    repeat: loop forever (training) or make one pass (the last partial batch is dropped,
+      unless pad_remainder).
+    pad_remainder: with repeat=False, the last partial batch is kept and filled up with empty
+      rows (segment_ids and loss_mask 0), so a pass scores every token at one batch shape.
     process_index, process_count: this host reads documents process_index, process_index +
       process_count, ...: whole documents, disjoint across hosts.
     chat_template: renders `sources.Conversation` documents (bound to `tokenizer`).
@@ -326,7 +346,8 @@ def make_dataset(source, tokenizer: Tokenizer, *, seq_len: int, batch_size: int,
       it, length_struct={'inputs': seq_len, 'targets': seq_len, 'weights': seq_len},
       num_packing_bins=max(local_batch, 16), seed=seed, shuffle_bins=shuffle)
   it = it.map(_finish_row)
-  it = it.batch(local_batch, drop_remainder=True)
+  it = it.batch(local_batch, drop_remainder=not pad_remainder,
+                batch_fn=functools.partial(_stack_padded, local_batch) if pad_remainder else None)
   it.dropped_examples = dropped
   return it
 
@@ -342,6 +363,10 @@ def get_sources(data_cfg, workdir: str) -> dict:
     return tasks.builtin_sources(data_cfg.builtin_tasks, data_format,
                                  data_cfg.get('builtin_seed', 0),
                                  conversational=bool(data_cfg.get('chat_template', '')))
+  if data_cfg.path and data_cfg.get('split', 'documents') == 'tail':
+    files.check_local('data.path', data_cfg.path)
+    return sources.tail_split_source(data_cfg.path, data_cfg.get('val_fraction', 0.1),
+                                     data_cfg.seq_len)
   if data_cfg.path:
     files.check_local('data.path', data_cfg.path)  # read by glob and TFDS on each host
     return sources.local_files_source(
@@ -383,18 +408,22 @@ def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
   """The run's tokenizer, always stored in the workdir (where `generate` reads it back).
 
   data.tokenizer_path is copied there: a sentencepiece .model to WORKDIR/tokenizer.model, a
-  Hugging Face checkpoint dir's tokenizer files to WORKDIR/hf_tokenizer/. Otherwise one is
-  trained into WORKDIR/tokenizer.model on up to TOKENIZER_TRAINING_DOCUMENTS documents spread
-  evenly over `train_source` (a prompt/completion example gives both texts: the model reads
-  prompts too; a conversation gives its messages' contents, whatever their role). What the
-  workdir holds is reused, so a resumed run keeps its ids.
+  char tokenizer's .json to WORKDIR/char_tokenizer.json, a Hugging Face checkpoint dir's
+  tokenizer files to WORKDIR/hf_tokenizer/. Otherwise one is built there: for
+  data.tokenizer_type='char', the characters of the whole train split (a set: cheap even for a
+  large text); for 'bpe' / 'unigram', a sentencepiece model trained into WORKDIR/tokenizer.model
+  on up to TOKENIZER_TRAINING_DOCUMENTS documents spread evenly over `train_source` (a
+  prompt/completion example gives both texts: the model reads prompts too; a conversation
+  gives its messages' contents, whatever their role). What the workdir holds is reused, so a
+  resumed run keeps its ids.
   """
   given = data_cfg.tokenizer_path
   if given and files.isdir(given):
     return _copy_hf_tokenizer(given, workdir)
-  path = files.join(workdir, 'tokenizer.model')
+  char = given.endswith('.json') if given else data_cfg.tokenizer_type == 'char'
+  path = files.join(workdir, CHAR_TOKENIZER_FILE if char else 'tokenizer.model')
   if given:
-    tokenizer = SentencePieceTokenizer.load(given)  # validates before copying
+    tokenizer = load_file(given)  # validates before copying
     if not files.exists(path):
       files.copy_file(given, path)
     elif not files.same_bytes(given, path):
@@ -402,7 +431,10 @@ def build_tokenizer(data_cfg, workdir: str, train_source) -> Tokenizer:
                       " tokenizer: use a new workdir.")
     return tokenizer
   if files.exists(path):
-    return SentencePieceTokenizer.load(path)
+    return load_file(path)
+  if char:
+    return CharTokenizer.train((text for i in range(len(train_source))
+                                for text in _texts(train_source[i])), path)
   n = len(train_source)
   stride = max(1, n // TOKENIZER_TRAINING_DOCUMENTS)
   texts = (text for i in range(0, n, stride) for text in _texts(train_source[i]))
@@ -451,20 +483,25 @@ def _load_hf_tokenizer(hf_dir: str) -> Tokenizer | None:
 
 def run_tokenizer_path(workdir: str) -> str:
   """The tokenizer `build_tokenizer` stored in an llmjax workdir, as a data.tokenizer_path
-  (its hf_tokenizer/ dir or its tokenizer.model); '' when it holds neither."""
+  (its hf_tokenizer/ dir, its tokenizer.model or its char_tokenizer.json); '' when it holds
+  none."""
   hf_dir = files.join(workdir, HF_TOKENIZER_DIR)
   if files.isdir(hf_dir):
     return hf_dir
-  path = files.join(workdir, 'tokenizer.model')
-  return path if files.exists(path) else ''
+  for name in ('tokenizer.model', CHAR_TOKENIZER_FILE):
+    path = files.join(workdir, name)
+    if files.exists(path):
+      return path
+  return ''
 
 
 def load_run_tokenizer(workdir: str) -> Tokenizer:
   """The tokenizer `build_tokenizer` stored in `workdir`, local or gs:// (for generate)."""
-  hf_dir = files.join(workdir, HF_TOKENIZER_DIR)
-  if files.isdir(hf_dir):
-    return _load_hf_tokenizer(hf_dir)
-  return SentencePieceTokenizer.load(files.join(workdir, 'tokenizer.model'))
+  path = run_tokenizer_path(workdir)
+  if path and files.isdir(path):
+    return _load_hf_tokenizer(path)
+  # No tokenizer at all: the sentencepiece loader's error names the file a run writes.
+  return load_file(path or files.join(workdir, 'tokenizer.model'))
 
 
 class Prepared(NamedTuple):
@@ -506,7 +543,8 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
   Returns:
     (tokenizer, train, eval_batches): `train` an infinite shuffled IterDataset of batches
     (checkpoint `iter(train)`); `eval_batches()` the list of the first data.eval_batches
-    batches of the validation split, computed once and cached.
+    batches of the validation split, computed once and cached; `eval_batches(full=True)` every
+    batch of one pass over it, the last padded with empty rows (for eval.full_split).
   """
   srcs, tokenizer, template, loss_on = prepare(data_cfg, workdir, process_index)
   ref_logps = ref_logps or {}
@@ -523,9 +561,13 @@ def build_data(data_cfg, workdir: str, *, seed: int, batch_size: int, process_in
                          **common) if len(srcs['validation']) else None
   cache = []
 
-  def eval_batches() -> list[dict]:
+  def eval_batches(full: bool = False) -> list[dict]:
     if eval_ds is None:
       return []
+    if full:  # one pass, not kept: the caller iterates it once
+      return list(make_dataset(srcs['validation'], tokenizer, seed=seed, shuffle=False,
+                               repeat=False, pad_remainder=True, where='validation split',
+                               ref_logps=ref_logps.get('validation'), **common))
     if not cache:
       it = iter(eval_ds)
       cache.extend(next(it) for _ in range(data_cfg.eval_batches))

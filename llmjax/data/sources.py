@@ -60,6 +60,12 @@ ROLES = ('system', 'user', 'assistant')
 BUILTIN_FORMATS = ('prompt_completion', 'messages', 'preference', 'unpaired_preference')
 # The formats whose records may be conversations rendered by data.chat_template.
 TEMPLATE_FORMATS = ('messages', 'preference', 'unpaired_preference')
+# The values of data.split: how files become train and validation splits. 'documents': every
+# VALIDATION_EVERY-th document (in file order) is held out. 'tail': the .txt files are one
+# continuous text and its last data.val_fraction of characters are held out (nanoGPT's split:
+# train = data[:int(n * 0.9)]); both parts are cut into windows of data.seq_len + 1 characters
+# (`text_windows`), so a char tokenizer makes one row of each.
+SPLITS = ('documents', 'tail')
 # The JSONL record of each format that reads only local files, for error messages.
 _RECORDS = {'prompt_completion': '{"prompt": ..., "completion": ...}',
             'alpaca': '{"instruction": ..., "input": ..., "output": ...}',
@@ -140,6 +146,21 @@ def check_data_format(data_cfg, *, data_files: bool = True) -> str:
   if not isinstance(pairs_per_row, int) or pairs_per_row < 1:
     raise ConfigError(f"data.pairs_per_row={pairs_per_row!r} must be an integer >= 1 (1: one"
                       " pair per row, as TRL batches).")
+  split = data_cfg.get('split', 'documents')
+  if split not in SPLITS:
+    raise ConfigError(f"data.split='{split}' is not one of {list(SPLITS)}.{closest(split, SPLITS)}")
+  if split == 'tail':
+    fraction = data_cfg.get('val_fraction', 0.1)
+    if fmt != 'text':
+      raise ConfigError(f"data.split='tail' holds out the end of one continuous text: it needs"
+                        f" data.format='text' (this run's is '{fmt}'); use data.split="
+                        "'documents'.")
+    if data_files and not data_cfg.get('path', ''):
+      raise ConfigError("data.split='tail' needs data.path: the .txt file(s) whose last"
+                        " data.val_fraction of characters is held out.")
+    if not 0 < fraction < 1:
+      raise ConfigError(f"data.val_fraction={fraction} must be in (0, 1), e.g. 0.1 (the last"
+                        " 10% of the characters).")
   loss_on = data_cfg.get('loss_on', 'assistant')
   check_loss_on(loss_on)
   if loss_on != 'assistant' and fmt != 'messages':
@@ -745,6 +766,32 @@ def local_files_source(pattern: str, text_key: str, data_dir: str, *,
     builder.download_and_prepare()
   return {split: wrap(builder.as_data_source(split) if split in builder.info.splits else [])
           for split in ('train', 'validation')}
+
+
+def text_windows(text: str, n: int) -> list[str]:
+  """`text` cut into windows of n + 1 characters that overlap by one, starting every n: each
+  character after the first is predicted once, with up to n - 1 characters of its window before
+  it (nanoGPT's fullval.py windows); the last window is shorter."""
+  return [text[s:s + n + 1] for s in range(0, len(text) - 1, n)]
+
+
+def tail_split_source(pattern: str, val_fraction: float, window: int) -> dict[str, TextSource]:
+  """{'train', 'validation'} of data.split='tail': the .txt files (sorted, concatenated) as one
+  text whose first int(n * (1 - val_fraction)) characters train and the rest validate, each
+  cut into `text_windows` of `window` + 1 characters. Read into memory (no TFDS copy): the
+  split is meant for small single-text corpora such as Tiny Shakespeare (1 MB)."""
+  paths = resolve_files(pattern)
+  bad = next((f for f in paths if not f.endswith('.txt')), None)
+  if bad:
+    raise DataError(f"{bad}: data.split='tail' reads .txt files as one text; use"
+                    " data.split='documents' for .jsonl files.")
+  text = ''.join(line for f in paths for _, line in _lines(f))
+  cut = int(len(text) * (1 - val_fraction))
+  if cut < 2 or len(text) - cut < 2:
+    raise DataError(f"data.path: {', '.join(paths)} hold {len(text)} characters, too few to"
+                    f" split at data.val_fraction={val_fraction}; add text.")
+  return {'train': TextSource(text_windows(text[:cut], window)),
+          'validation': TextSource(text_windows(text[cut:], window))}
 
 
 # --- TFDS catalog ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Face) implement the same members.
 """
 
 import io
+import json
 import os
 import random
 from typing import Iterable
@@ -142,3 +143,82 @@ class SentencePieceTokenizer(Tokenizer):
     sp = spm.SentencePieceProcessor()
     sp.load_from_serialized_proto(state['proto'])
     self.__init__(sp, state['path'])
+
+
+class CharTokenizer(Tokenizer):
+  """Characters as tokens (data.tokenizer_type='char'): id 0 is padding, then the sorted set of
+  the characters of the training text, as nanoGPT's shakespeare_char prepares it.
+
+  No BOS or EOS (bos_id = eos_id = -1): a character LM reads one continuous text, and the
+  pipeline then puts nothing between documents (segment ids still separate packed ones), as
+  for checkpoints without BOS (Qwen2). Encoding a character the training text never had
+  raises DataError naming it (there is no unk id: a model could not have learned one); decode
+  drops padding and ids past the vocabulary.
+
+  Stored as JSON {"type": "char", "chars": "..."} (CHAR_TOKENIZER_FILE in a workdir).
+  """
+
+  PAD = 0
+
+  def __init__(self, chars: str, path: str = ''):
+    self.chars, self.path = chars, path
+    self.vocab_size = len(chars) + 1
+    self.bos_id = self.eos_id = -1
+    self.pad_id = self.PAD
+    self._ids = {c: i for i, c in enumerate(chars, 1)}
+
+  @classmethod
+  def train(cls, texts: Iterable[str], path: str) -> 'CharTokenizer':
+    """The characters of `texts`, sorted, written to `path` (local or gs://) atomically."""
+    chars = set()
+    for text in texts:
+      chars.update(text)
+    if not chars:
+      raise DataError("cannot build a char tokenizer from an empty corpus; check data.path.")
+    tokenizer = cls(''.join(sorted(chars)), path)
+    files.write_text(path, json.dumps({'type': 'char', 'chars': tokenizer.chars}))
+    return tokenizer
+
+  @classmethod
+  def load(cls, path: str) -> 'CharTokenizer':
+    """Reads a char tokenizer's JSON file; DataError naming `path` if missing or not one."""
+    if not files.exists(path):
+      raise DataError(f"tokenizer {path} does not exist; pass a char tokenizer .json file.")
+    try:
+      d = json.loads(files.read_text(path))
+      chars = d['chars'] if d.get('type') == 'char' else None
+    except (ValueError, AttributeError, KeyError):
+      chars = None
+    if not isinstance(chars, str) or len(set(chars)) != len(chars):
+      raise DataError(f"tokenizer {path} is not a char tokenizer file (JSON {{\"type\": \"char\","
+                      " \"chars\": ...}} with distinct characters).")
+    return cls(chars, path)
+
+  def encode(self, text: str) -> list[int]:
+    try:
+      return [self._ids[c] for c in text]
+    except KeyError as e:
+      c = e.args[0]
+      raise DataError(f"character {c!r} (U+{ord(c):04X}) is not in the char tokenizer"
+                      f" {self.path or ''} (it has the {len(self.chars)} characters of the"
+                      " training text); remove it from the text or build the tokenizer on a"
+                      " text that has it.") from None
+
+  def decode(self, ids: Iterable[int]) -> str:
+    n = len(self.chars)
+    return ''.join(self.chars[i - 1] for i in map(int, ids) if 1 <= i <= n)
+
+  def special_text(self, i: int) -> str:
+    return ''  # padding is the only special id, and has no text
+
+
+# data.tokenizer_type values: the sentencepiece model types, and characters.
+TOKENIZER_TYPES = ('bpe', 'unigram', 'char')
+CHAR_TOKENIZER_FILE = 'char_tokenizer.json'  # a char tokenizer in a workdir
+
+
+def load_file(path: str) -> Tokenizer:
+  """A tokenizer file: a char tokenizer's .json, else a sentencepiece .model."""
+  if path.endswith('.json'):
+    return CharTokenizer.load(path)
+  return SentencePieceTokenizer.load(path)

@@ -227,7 +227,7 @@ class Input:
   tokenizer: object
   train_ds: object  # an IterDataset of host-local batches
   train_iter: object  # its checkpointable iterator
-  eval_batches: Callable  # () -> list of host-local batches (cached)
+  eval_batches: Callable  # () -> list of host-local batches (cached); (full=True): all of them
   eval_tasks: list = dataclasses.field(default_factory=list)  # llmjax.eval.suite.Task, checked
 
 
@@ -321,6 +321,42 @@ def evaluate(eval_step, params, batches, batch_sharding, ref_params=None,
   return {**out, **{f'eval_{k}': v for k, v in reduced.items()}}
 
 
+def evaluate_full_split(eval_step, params, batches, batch_sharding, tokenizer,
+                        finish: Callable = lambda m: m) -> dict:
+  """`evaluate` over every batch of the validation split (eval.full_split), plus
+  eval_bits_per_char: the summed NLL in bits over the characters of the targets it scored,
+  i.e. eval_loss / ln 2 x tokens / characters (= eval_loss / ln 2 for a char tokenizer).
+
+  batches: host-local, the same number on every host (the last ones padded with empty rows).
+  """
+  counts = np.zeros(2, np.int64)  # [scored tokens, their characters] on this host
+
+  def counted():
+    for b in batches:
+      scored = b['loss_mask'] > 0
+      counts[0] += scored.sum()
+      counts[1] += sum(len(tokenizer.decode(t[w])) for t, w in zip(b['targets'], scored))
+      yield b
+
+  out = evaluate(eval_step, params, counted(), batch_sharding, finish=finish)
+  if jax.process_count() > 1:
+    counts = multihost_utils.process_allgather(counts).reshape(-1, 2).sum(0)
+  tokens, chars = int(counts[0]), int(counts[1])
+  out['eval_bits_per_char'] = out['eval_loss'] * tokens / max(chars, 1) / math.log(2)
+  return out
+
+
+def full_split_batches(data: 'Input') -> list[dict]:
+  """Every batch of the validation split, padded with empty batches to the count of the host
+  that has most, so all hosts run the same eval steps."""
+  batches = data.eval_batches(full=True)
+  if jax.process_count() > 1 and batches:
+    most = int(np.max(multihost_utils.process_allgather(np.int32(len(batches)))))
+    empty = jax.tree.map(np.zeros_like, batches[0])
+    batches = batches + [empty] * (most - len(batches))
+  return batches
+
+
 def print_samples(config, model_cfg, params, tokenizer, log) -> None:
   """Continuations of config.sample.prompts, printed at each eval."""
   prompts = list(config.sample.prompts)
@@ -404,11 +440,18 @@ def train_loop(config, model_cfg, trainer: Trainer, state: TrainState, data: Inp
           window_start, window_steps, paused = time.time(), 0, 0.0
         if step % t.eval_every == 0 or step == t.steps:
           began = time.time()
-          row.update(evaluate(trainer.eval_step, state.params, data.eval_batches(),
-                              trainer.batch_sharding, ref_params, finish, perplexity=is_lm))
+          if step == t.steps and config.get('eval', {}).get('full_split', False):  # LM only
+            row.update(evaluate_full_split(trainer.eval_step, state.params,
+                                           full_split_batches(data), trainer.batch_sharding,
+                                           data.tokenizer, finish))
+          else:
+            row.update(evaluate(trainer.eval_step, state.params, data.eval_batches(),
+                                trainer.batch_sharding, ref_params, finish, perplexity=is_lm))
           shown = (f" eval_ppl {row['eval_perplexity']:.2f}" if is_lm else
                    ''.join(f" eval_{k} {row['eval_' + k]:.3f}" for k in
                            ('rewards/accuracies', 'accuracy') if 'eval_' + k in row))
+          if 'eval_bits_per_char' in row:
+            shown += f" eval_bits_per_char {row['eval_bits_per_char']:.4f} (whole split)"
           log.print(f"step {step}: loss {row.get('loss', latest.get('loss', float('nan'))):.4f}"
                     f" eval_loss {row['eval_loss']:.4f}{shown}")
           if data.eval_tasks:
