@@ -53,15 +53,19 @@ for i in range(steps + 3):  # 3 untimed: compile and warm
                                                   span=span)
   jax.block_until_ready(latest)
   times.append(time.perf_counter() - t)
-print(json.dumps({'ms': float(np.median(times[3:])) * 1000}))
+import llmjax
+print(json.dumps({'ms': float(np.median(times[3:])) * 1000, 'llmjax': llmjax.__file__}))
 '''
 
 
 def _side(path: str, args) -> float:
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'), PYTHONPATH=path)
   out = subprocess.run([sys.executable, '-c', _CHILD, args.workdir, str(args.rows), str(args.span),
-                        str(args.steps)], env=env, check=True, capture_output=True, text=True)
-  return json.loads(out.stdout.strip().splitlines()[-1])['ms']
+                        str(args.steps)], env=env, check=True, capture_output=True, text=True,
+                       cwd=tempfile.gettempdir())  # not a checkout: '' on sys.path would win
+  res = json.loads(out.stdout.strip().splitlines()[-1])
+  assert res['llmjax'].startswith(path), f"imported {res['llmjax']}, not {path}'s llmjax"
+  return res['ms']
 
 
 def main(argv=None) -> dict:
