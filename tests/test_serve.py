@@ -185,8 +185,7 @@ def test_a_seed_samples_the_same_text_whatever_else_runs(live, workdir, capsys):
 
 # --- prefix caching
 
-SYSTEM = ('You are a careful assistant. Answer in one short sentence, plainly, without lists.'
-          ' Examples: the cat sat; a dog ran; seven blue birds. Now:')
+SYSTEM = ('You are a careful assistant. Be brief. Now:')
 
 
 def test_a_shared_prefix_is_reused_and_gives_generates_tokens(live, workdir, capsys):

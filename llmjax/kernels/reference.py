@@ -40,7 +40,7 @@ def xla_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Arr
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   scale = h ** -0.5 if scale is None else scale
-  if t == 1:
+  if t == 1 and b > 1:
     return _one_query(q, k, v, mask, scale)
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
   logits = jnp.einsum('btkgh,bskh->bkgts', q, k, preferred_element_type=jnp.float32) * scale
@@ -63,6 +63,9 @@ def _one_query(q, k, v, mask: Mask, scale: float) -> jax.Array:
   [B, K, ...] layout (on CPU the keys transposed to [B, K, H, S]): more than half a 32-row
   serving step went to those copies. Reduced elementwise, with the slicing (`kv_span`) fused
   in, each entry is read once where it lies. float32 accumulation and softmax as above.
+  One row keeps the einsums: its copy is small, and the reductions' fixed cost made a 1-row
+  step slower (`benchmarks/decode_step.py` on CPU, quickstart model, 256 positions: 32 rows
+  19.1 -> 14.2 ms, 8 rows 4.0 -> 3.6, 4 rows 2.4 -> 2.2, but 1 row 1.2 -> 2.1).
   Args: q [B, 1, N, H], k/v [B, S, K, H]. Returns [B, 1, N, H] in q's dtype.
   """
   b, _, n, h = q.shape
