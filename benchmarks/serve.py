@@ -139,7 +139,7 @@ def timed(url: str, bodies: list[dict], concurrency: int) -> dict:
               prefix_hit_rate=round(delta.get('prefix_hits', 0.0) / queries, 3) if queries else 0.0)
 
 
-def start_server(args, prefix_caching: bool = True) -> tuple[subprocess.Popen, str]:
+def start_server(args, prefix_caching: bool = False) -> tuple[subprocess.Popen, str]:
   sock = socket.socket()
   sock.bind(('127.0.0.1', 0))
   port = sock.getsockname()[1]
@@ -200,7 +200,7 @@ def main(argv=None) -> dict:
   return res
 
 
-def measure(args, bodies: list[dict], prefix_caching: bool = True) -> dict:
+def measure(args, bodies: list[dict], prefix_caching: bool = False) -> dict:
   """Starts a server, warms it, and runs `bodies` concurrently then one at a time."""
   proc, url = start_server(args, prefix_caching)
   try:

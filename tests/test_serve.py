@@ -188,27 +188,35 @@ def test_a_seed_samples_the_same_text_whatever_else_runs(live, workdir, capsys):
 SYSTEM = ('You are a careful assistant. Be brief. Now:')
 
 
-def test_a_shared_prefix_is_reused_and_gives_generates_tokens(live, workdir, capsys):
+@pytest.fixture(scope='module')
+def prefix_live(workdir):
+  s = Live(workdir, max_batch=2, max_model_len=128, prefix_caching='true')
+  yield s
+  s.stop()
+
+
+def test_a_shared_prefix_is_reused_and_gives_generates_tokens(prefix_live, workdir, capsys):
   """Prompts that share a system prompt: after the first, each reuses a free slot's cached
   entries (the hit counter grows by whole blocks), and greedy and seeded replies are still
   `llmjax.generate`'s, token for token (generate prefills every prompt whole)."""
   prompts = [SYSTEM + ' ' + w for w in WORDS[:4]]
-  ids = [api.text_prompt_ids(live.served.tokenizer, p) for p in prompts]
+  ids = [api.text_prompt_ids(prefix_live.served.tokenizer, p) for p in prompts]
   assert min(len(i) for i in ids) > 2 * 16 and len(ids[0]) + 16 <= 128
   greedy = _generate_cli(capsys, workdir, prompts, '--temperature=0', '--max_new_tokens=16')
   sampled = _generate_cli(capsys, workdir, prompts[:1], '--temperature=1.0', '--seed=7',
                           '--max_new_tokens=16')[0]
-  hits = _metric(live, 'llmjax_prefix_cache_hits_total')
-  queries = _metric(live, 'llmjax_prefix_cache_queries_total')
+  hits = _metric(prefix_live, 'llmjax_prefix_cache_hits_total')
+  queries = _metric(prefix_live, 'llmjax_prefix_cache_queries_total')
   for p, w in zip(prompts, greedy):  # one at a time: each finds the last one's slot free
-    c = live.client.completions.create(model=live.model, prompt=p, max_tokens=16,
-                                       temperature=0, logprobs=0).choices[0]
-    assert c.logprobs.tokens == _tokens(live.served, w['ids']), p
-  text = live.client.completions.create(model=live.model, prompt=prompts[0], max_tokens=16,
-                                        temperature=1.0, seed=7).choices[0].text
+    c = prefix_live.client.completions.create(model=prefix_live.model, prompt=p, max_tokens=16,
+                                              temperature=0, logprobs=0).choices[0]
+    assert c.logprobs.tokens == _tokens(prefix_live.served, w['ids']), p
+  text = prefix_live.client.completions.create(model=prefix_live.model, prompt=prompts[0],
+                                               max_tokens=16, temperature=1.0,
+                                               seed=7).choices[0].text
   assert text == sampled['text']
-  gained = _metric(live, 'llmjax_prefix_cache_hits_total') - hits
-  assert _metric(live, 'llmjax_prefix_cache_queries_total') - queries == sum(
+  gained = _metric(prefix_live, 'llmjax_prefix_cache_hits_total') - hits
+  assert _metric(prefix_live, 'llmjax_prefix_cache_queries_total') - queries == sum(
       len(i) for i in ids) + len(ids[0])
   # The common prefix, in whole blocks, for each of the last four (the first may hit an
   # earlier test's slot or not).

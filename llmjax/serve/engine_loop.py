@@ -267,7 +267,7 @@ class EngineLoop:
                max_batch: int = 32, max_queue: int = 256, max_len: int = 0,
                max_logprobs: int = 20, metrics=None, warmup_all: bool = False,
                deliver: Callable[[list], None] | None = None, prefill_chunk: int = 512,
-               prefix_caching: bool = True):
+               prefix_caching: bool = False):
     self.cfg, self.params, self.decode = cfg, params, decode
     self.eos_ids = engine.eos_tuple(list(eos_ids))
     self.max_batch, self.max_queue = max_batch, max_queue
