@@ -3,6 +3,7 @@ N concurrent clients against the same requests one at a time.
 
     python benchmarks/serve.py --workdir=/tmp/quickstart        # or --hf=HF_DIR
     python benchmarks/serve.py --workdir=W --requests=64 --concurrency=32 --max_batch=32
+    python benchmarks/serve.py --workdir=W --shared_prefix=100   # with and without prefix caching
 
 The server runs as a subprocess (its own cores, as in use); the client is one asyncio process
 with httpx, streaming every request (server-sent events) to time its tokens. Workload: prompts
@@ -18,6 +19,11 @@ Metrics, as vLLM's benchmark (benchmarks/benchmark_serving.py) defines them:
   TTFT                      request sent -> first streamed token
   TPOT                      (latency - TTFT) / (output tokens - 1): the first token excluded
 p50 and p99 of TTFT and TPOT over requests. Prints a table and one JSON line.
+
+--shared_prefix=N puts the same N words (a held-out document's: a system prompt or few-shot
+examples) before every prompt, and runs the whole benchmark twice, the server with
+--prefix_caching=true and =false, reporting both and the prefix cache's hit rate (hit tokens /
+prompt tokens looked up, from /metrics).
 """
 
 import argparse
@@ -35,17 +41,23 @@ import numpy as np
 
 
 def workload(n: int, seed: int = 0, ignore_eos: bool = True, words=(8, 48),
-             tokens=(32, 128)) -> list[dict]:
+             tokens=(32, 128), shared_prefix: int = 0) -> list[dict]:
   """n request bodies (without `model`/`stream`), from held-out corpus documents: prompts of
-  `words` (low, high) words, max_tokens uniform in `tokens` (low, high)."""
+  `words` (low, high) words, max_tokens uniform in `tokens` (low, high), each after the same
+  `shared_prefix` words (another document's, repeated as needed)."""
   from llmjax.data.corpus import default_corpus
   rng = random.Random(seed)
   docs = default_corpus('validation')
+  prefix = ''
+  if shared_prefix:
+    words_ = ' '.join(random.Random(seed + 1).sample(docs, 8)).split()
+    prefix = ' '.join((words_ * (shared_prefix // len(words_) + 1))[:shared_prefix]) + '\n\n'
   out = []
   for i in range(n):
     doc = rng.choice(docs).split()
-    out.append({'prompt': ' '.join(doc[:rng.randint(*words)]), 'max_tokens': rng.randint(*tokens),
-                'temperature': 0.8, 'seed': i, 'ignore_eos': ignore_eos})
+    out.append({'prompt': prefix + ' '.join(doc[:rng.randint(*words)]),
+                'max_tokens': rng.randint(*tokens), 'temperature': 0.8, 'seed': i,
+                'ignore_eos': ignore_eos})
   return out
 
 
@@ -105,7 +117,9 @@ def engine_seconds(url: str) -> dict:
   for line in httpx.get(url + '/metrics', timeout=10).text.splitlines():
     for name, key in (('llmjax_decode_step_seconds_sum', 'device_s'),
                       ('llmjax_decode_host_seconds_sum', 'host_s'),
-                      ('llmjax_decode_step_seconds_count', 'steps')):
+                      ('llmjax_decode_step_seconds_count', 'steps'),
+                      ('llmjax_prefix_cache_hits_total', 'prefix_hits'),
+                      ('llmjax_prefix_cache_queries_total', 'prefix_queries')):
       if line.startswith(name + ' '):
         out[key] = float(line.split()[1])
   return out
@@ -118,12 +132,14 @@ def timed(url: str, bodies: list[dict], concurrency: int) -> dict:
   res = asyncio.run(run(url, bodies, concurrency))
   after = engine_seconds(url)
   delta = {k: after[k] - before.get(k, 0.0) for k in after}
+  queries = delta.get('prefix_queries', 0.0)
   return dict(res, decode_steps=int(delta.get('steps', 0)),
               decode_device_s=round(delta.get('device_s', 0.0), 2),
-              decode_host_s=round(delta.get('host_s', 0.0), 2))
+              decode_host_s=round(delta.get('host_s', 0.0), 2),
+              prefix_hit_rate=round(delta.get('prefix_hits', 0.0) / queries, 3) if queries else 0.0)
 
 
-def start_server(args) -> tuple[subprocess.Popen, str]:
+def start_server(args, prefix_caching: bool = False) -> tuple[subprocess.Popen, str]:
   sock = socket.socket()
   sock.bind(('127.0.0.1', 0))
   port = sock.getsockname()[1]
@@ -131,7 +147,8 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
   source = [f'--workdir={args.workdir}'] if args.workdir else [f'--hf={args.hf}']
   cmd = [sys.executable, '-m', 'llmjax.serve', *source, f'--port={port}',
          f'--max_batch={args.max_batch}', f'--max_model_len={args.max_model_len}',
-         '--max_logprobs=0', '--log_level=warning']
+         '--max_logprobs=0', '--log_level=warning',
+         f'--prefix_caching={str(prefix_caching).lower()}']
   proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f'http://127.0.0.1:{port}'
   deadline = time.time() + 600
@@ -161,13 +178,31 @@ def main(argv=None) -> dict:
   p.add_argument('--no_ignore_eos', action='store_true', help='stop requests at EOS')
   p.add_argument('--words', default='8,48', help='prompt length range in corpus words')
   p.add_argument('--tokens', default='32,128', help='max_tokens range')
+  p.add_argument('--shared_prefix', type=int, default=0,
+                 help='words of one common prefix before every prompt; runs with and without'
+                 ' prefix caching')
   args = p.parse_args(argv)
   if bool(args.workdir) == bool(args.hf):
     raise SystemExit('pass --workdir=DIR or --hf=HF_DIR')
   pair = lambda text: tuple(int(x) for x in text.split(','))
   bodies = workload(args.requests, ignore_eos=not args.no_ignore_eos, words=pair(args.words),
-                    tokens=pair(args.tokens))
-  proc, url = start_server(args)
+                    tokens=pair(args.tokens), shared_prefix=args.shared_prefix)
+  if not args.shared_prefix:
+    return measure(args, bodies)
+  res = {'prefix_caching': measure(args, bodies, True), 'no_prefix_caching':
+         measure(args, bodies, False)}
+  for run in ('concurrent', 'one_at_a_time'):
+    on, off = res['prefix_caching'][run], res['no_prefix_caching'][run]
+    print(f"{run}: TTFT p50 {on['ttft_p50_ms']} ms with prefix caching (hit rate"
+          f" {on['prefix_hit_rate']}), {off['ttft_p50_ms']} ms without; output tok/s"
+          f" {on['output_tok_per_s']} vs {off['output_tok_per_s']}")
+  print(json.dumps(res))
+  return res
+
+
+def measure(args, bodies: list[dict], prefix_caching: bool = False) -> dict:
+  """Starts a server, warms it, and runs `bodies` concurrently then one at a time."""
+  proc, url = start_server(args, prefix_caching)
   try:
     # Warm-up: compiles the prefill buckets (alone and 8 at a time) and the decode row buckets.
     asyncio.run(run(url, [dict(b, max_tokens=4) for b in bodies], args.concurrency))
@@ -183,7 +218,7 @@ def main(argv=None) -> dict:
          'speedup_output_tok_per_s': round(concurrent['output_tok_per_s']
                                            / serial['output_tok_per_s'], 2)}
   keys = ['requests_per_s', 'output_tok_per_s', 'ttft_p50_ms', 'ttft_p99_ms', 'tpot_p50_ms',
-          'tpot_p99_ms', 'wall_s', 'decode_device_s', 'decode_host_s']
+          'tpot_p99_ms', 'wall_s', 'decode_device_s', 'decode_host_s', 'prefix_hit_rate']
   print(f"{'run':<16}" + ''.join(f'{k:>18}' for k in keys))
   for name in ('concurrent', 'one_at_a_time'):
     print(f'{name:<16}' + ''.join(f'{res[name][k]:>18}' for k in keys))

@@ -202,3 +202,25 @@ def test_dispatch_cache_length_rounds_only_where_the_decode_kernel_runs():
   assert dispatch.cache_length(n, cfg('auto', head_dim=192), 'tpu') == n  # auto -> XLA there
   assert dispatch.cache_length(n, cfg('xla'), 'tpu') == n
   assert dispatch.cache_length(n, cfg('pallas'), 'gpu') == n
+
+
+@pytest.mark.parametrize('dtype, heads, kv_heads', [('float32', 4, 2), ('float32', 8, 1),
+                                                    ('bfloat16', 4, 4)])
+def test_xla_one_query_matches_reference(dtype, heads, kv_heads):
+  # `xla_attention`'s decode form (one query, several rows: multiply-reduces over the cache),
+  # with an empty row (zero output), a sliding window and a fully visible cache.
+  batch, head_dim, s = 4, 32, 96
+  kq, kk, kv = jax.random.split(jax.random.PRNGKey(2), 3)
+  q = jax.random.normal(kq, (batch, 1, heads, head_dim)).astype(dtype)
+  k = jax.random.normal(kk, (batch, s, kv_heads, head_dim)).astype(dtype)
+  v = jax.random.normal(kv, (batch, s, kv_heads, head_dim)).astype(dtype)
+  lengths = jnp.array([0, 5, 70, s], jnp.int32)
+  for window in (0, 16):
+    mask = Mask(causal=True, sliding_window=window, q_offset=jnp.maximum(lengths - 1, 0),
+                kv_lengths=lengths)
+    out = jax.jit(xla_attention)(q, k, v, mask)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    f32 = lambda x: x.astype(jnp.float32)
+    ref = reference_attention(f32(q), f32(k), f32(v), mask)
+    np.testing.assert_allclose(f32(out), ref, atol=1e-5 if dtype == 'float32' else 2e-2)
+    assert not np.any(np.asarray(out[0]))  # the empty row

@@ -30,6 +30,7 @@ from llmjax.infer import engine
 from llmjax.infer.engine import SamplingParams
 from llmjax.serve import __main__ as serve_cli
 from llmjax.serve import api
+from llmjax.serve import engine_loop
 
 HERE = os.path.dirname(__file__)
 QWEN = os.path.join(HERE, 'golden', 'qwen2_bias_tied')  # byte-level BPE, BOS 1, EOS 2, context 128
@@ -180,6 +181,56 @@ def test_a_seed_samples_the_same_text_whatever_else_runs(live, workdir, capsys):
   assert two.choices[1].text != alone
   other = live.client.completions.create(**as_extra(dict(kw, seed=99))).choices[0].text
   assert other != alone
+
+
+# --- prefix caching
+
+SYSTEM = ('You are a careful assistant. Be brief. Now:')
+
+
+@pytest.fixture(scope='module')
+def prefix_live(workdir):
+  s = Live(workdir, max_batch=2, max_model_len=128, prefix_caching='true')
+  yield s
+  s.stop()
+
+
+def test_a_shared_prefix_is_reused_and_gives_generates_tokens(prefix_live, workdir, capsys):
+  """Prompts that share a system prompt: after the first, each reuses a free slot's cached
+  entries (the hit counter grows by whole blocks), and greedy and seeded replies are still
+  `llmjax.generate`'s, token for token (generate prefills every prompt whole)."""
+  prompts = [SYSTEM + ' ' + w for w in WORDS[:4]]
+  ids = [api.text_prompt_ids(prefix_live.served.tokenizer, p) for p in prompts]
+  assert min(len(i) for i in ids) > 2 * 16 and len(ids[0]) + 16 <= 128
+  greedy = _generate_cli(capsys, workdir, prompts, '--temperature=0', '--max_new_tokens=16')
+  sampled = _generate_cli(capsys, workdir, prompts[:1], '--temperature=1.0', '--seed=7',
+                          '--max_new_tokens=16')[0]
+  hits = _metric(prefix_live, 'llmjax_prefix_cache_hits_total')
+  queries = _metric(prefix_live, 'llmjax_prefix_cache_queries_total')
+  for p, w in zip(prompts, greedy):  # one at a time: each finds the last one's slot free
+    c = prefix_live.client.completions.create(model=prefix_live.model, prompt=p, max_tokens=16,
+                                              temperature=0, logprobs=0).choices[0]
+    assert c.logprobs.tokens == _tokens(prefix_live.served, w['ids']), p
+  text = prefix_live.client.completions.create(model=prefix_live.model, prompt=prompts[0],
+                                               max_tokens=16, temperature=1.0,
+                                               seed=7).choices[0].text
+  assert text == sampled['text']
+  gained = _metric(prefix_live, 'llmjax_prefix_cache_hits_total') - hits
+  assert _metric(prefix_live, 'llmjax_prefix_cache_queries_total') - queries == sum(
+      len(i) for i in ids) + len(ids[0])
+  # The common prefix, in whole blocks, for each of the last four (the first may hit an
+  # earlier test's slot or not).
+  common = min(engine_loop.shared_prefix(ids[0], i) for i in ids[1:])
+  assert common >= 32 and gained >= 4 * common
+
+
+def test_shared_prefix_counts_whole_blocks_short_of_the_last_token():
+  cached = list(range(40))
+  assert engine_loop.shared_prefix(cached, list(range(40)) + [99]) == 32
+  assert engine_loop.shared_prefix(cached, list(range(33))) == 32  # 32 kept, 1 to run
+  assert engine_loop.shared_prefix(cached, list(range(32))) == 16  # the last token must run
+  assert engine_loop.shared_prefix(cached, list(range(15)) + [99] * 30) == 0
+  assert engine_loop.shared_prefix([], list(range(40))) == 0
 
 
 # --- streaming, usage, chat

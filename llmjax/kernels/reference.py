@@ -40,6 +40,8 @@ def xla_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Arr
   b, t, n, h = q.shape
   kv_heads = k.shape[2]
   scale = h ** -0.5 if scale is None else scale
+  if t == 1 and b > 1:
+    return _one_query(q, k, v, mask, scale)
   q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
   logits = jnp.einsum('btkgh,bskh->bkgts', q, k, preferred_element_type=jnp.float32) * scale
   m = mask.dense(t, k.shape[1])[:, None, None]  # [B, 1, 1, T, S]
@@ -49,3 +51,31 @@ def xla_attention(q, k, v, mask: Mask, *, scale: float | None = None) -> jax.Arr
   probs = jnp.where(m, probs, 0.0).astype(v.dtype)  # fully masked rows -> zero output
   out = jnp.einsum('bkgts,bskh->btkgh', probs, v, preferred_element_type=jnp.float32)
   return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def _one_query(q, k, v, mask: Mask, scale: float) -> jax.Array:
+  """`xla_attention` for one query per row (a decode step), as multiply-reduces over the cache
+  in its own [B, S, K, H] layout.
+
+  A decode step's attention is a batched matrix-vector product (G = N / K query heads per KV
+  head), bound by reading K and V, not by FLOPs. As einsums its dots batch over (B, K), which
+  are not the cache's leading dims, so XLA first copies the keys and values into a
+  [B, K, ...] layout (on CPU the keys transposed to [B, K, H, S]): more than half a 32-row
+  serving step went to those copies. Reduced elementwise, with the slicing (`kv_span`) fused
+  in, each entry is read once where it lies. float32 accumulation and softmax as above.
+  One row keeps the einsums: its copy is small, and the reductions' fixed cost made a 1-row
+  step slower (`benchmarks/decode_step.py` on CPU, quickstart model, 256 positions: 32 rows
+  19.1 -> 14.2 ms, 8 rows 4.0 -> 3.6, 4 rows 2.4 -> 2.2, but 1 row 1.2 -> 2.1).
+  Args: q [B, 1, N, H], k/v [B, S, K, H]. Returns [B, 1, N, H] in q's dtype.
+  """
+  b, _, n, h = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  q32 = q.reshape(b, 1, kv_heads, n // kv_heads, h).astype(jnp.float32)  # [B, 1, K, G, H]
+  # [B, S, K, G]: a row's keys along S, as the cache holds them.
+  logits = jnp.sum(q32 * k.astype(jnp.float32)[:, :, :, None, :], axis=-1) * scale
+  m = mask.dense(1, s)[:, 0, :, None, None]  # [B or 1, S, 1, 1]
+  logits = jnp.where(m, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=1)
+  probs = jnp.where(m, probs, 0.0)  # a fully masked row -> zero output
+  out = jnp.sum(probs[..., None] * v.astype(jnp.float32)[:, :, :, None, :], axis=1)  # [B, K, G, H]
+  return out.reshape(b, 1, n, h).astype(q.dtype)

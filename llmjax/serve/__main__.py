@@ -34,6 +34,9 @@ FLAGS = (
              " holds; 0: the model's max_seq_len"),
     cli.Flag('prefill_chunk', 512, 'prompts longer than this are prefilled this many tokens at a'
              ' time between decode steps (running sequences keep decoding); 0: in one call'),
+    cli.Flag('prefix_caching', False, "reuse the KV entries of a free slot's cached prompt that"
+             ' shares a prefix (system prompt, few-shot examples) with a new prompt, in blocks'
+             ' of 16 tokens; only the rest is prefilled (off by default until measured faster)'),
     cli.Flag('max_logprobs', 20, 'the largest logprobs / top_logprobs a request may ask for'
              ' (the top-K log-probs are computed at every step)'),
     cli.Flag('warmup', True, 'compile every batch and length bucket before serving (minutes on a'
@@ -88,7 +91,8 @@ def load_served(flags):
                       max_batch=flags['max_batch'], max_queue=flags['max_queue'],
                       max_len=flags['max_model_len'], max_logprobs=flags['max_logprobs'],
                       metrics=m, warmup_all=flags.get('warmup', False),
-                      prefill_chunk=flags['prefill_chunk'])
+                      prefill_chunk=flags['prefill_chunk'],
+                      prefix_caching=flags['prefix_caching'])
   where = (flags['hf'] or flags['workdir']).rstrip('/')
   name = flags.get('served_model_name') or os.path.basename(where) or where
   return api.Served(engine, tokenizer, template, name, no_chat,

@@ -32,7 +32,18 @@ event loop), or through each sequence's `emit` without one.
 
 A prompt longer than `prefill_chunk` is prefilled one chunk per iteration between decode
 steps (`_prefill_chunk`: positions [0, L - 1) of its row), and its last token goes through the
-first decode step, which samples its first output token (`_begin`). Not done: prefix caching.
+first decode step, which samples its first output token (`_begin`).
+
+Prefix caching (`prefix_caching`): each slot remembers the prompt tokens whose keys and values
+its cache row holds (`cached`), and keeps them after its sequence ends, until the slot is
+reused. A new sequence takes the free slot whose cached tokens share its longest prefix, in
+whole blocks of PREFIX_BLOCK tokens (at least one, and short of its last token, which the
+first decode step runs): the row's first `shared` entries are kept and only positions
+[shared, L - 1) are prefilled (`_prefill_chunk`, as chunked prefill does), then `_begin`. A
+position's keys and values depend only on the tokens up to it, so the kept entries are what
+a prefill of the whole prompt writes there (up to float rounding, as chunked prefill). Off for
+dynamic RoPE, whose keys depend on the whole prompt's length. Not done: copying a prefix from a
+busy slot's row (a hit needs a free slot that held it).
 """
 
 import dataclasses
@@ -54,6 +65,9 @@ from llmjax.models.transformer import Transformer
 log = logging.getLogger('llmjax.serve')
 
 MIN_BUCKET = 16  # the shortest padded prompt (as `engine.shapes` rounds up to 16)
+# Prefix caching reuses whole blocks of this many tokens (vLLM's default block size): a shorter
+# match saves less than the call it costs.
+PREFIX_BLOCK = 16
 
 
 class QueueFull(Exception):
@@ -103,6 +117,17 @@ def bucket(n: int, cap: int) -> int:
   while b < n:
     b *= 2
   return min(b, cap)
+
+
+def shared_prefix(cached: Seq[int], prompt: Seq[int]) -> int:
+  """How many of `prompt`'s first tokens a cache row holding `cached` can keep: their common
+  prefix in whole PREFIX_BLOCKs, short of the prompt's last token (which must go through the
+  model to sample the first output); 0 below one block."""
+  n = 0
+  limit = min(len(cached), len(prompt) - 1)
+  while n < limit and cached[n] == prompt[n]:
+    n += 1
+  return n // PREFIX_BLOCK * PREFIX_BLOCK
 
 
 def _pow2(n: int) -> int:
@@ -234,12 +259,15 @@ class EngineLoop:
     prefill_chunk: prompts longer than this are prefilled this many tokens per loop iteration,
       between decode steps, so that a long prompt does not stall the running sequences for its
       whole prefill; 0: off.
+    prefix_caching: reuse a free slot's cached prompt prefix (module docstring); forced off for
+      dynamic RoPE.
   """
 
   def __init__(self, cfg, params, *, eos_ids: Seq[int], decode: Callable[[list[int]], str] | None,
                max_batch: int = 32, max_queue: int = 256, max_len: int = 0,
                max_logprobs: int = 20, metrics=None, warmup_all: bool = False,
-               deliver: Callable[[list], None] | None = None, prefill_chunk: int = 512):
+               deliver: Callable[[list], None] | None = None, prefill_chunk: int = 512,
+               prefix_caching: bool = False):
     self.cfg, self.params, self.decode = cfg, params, decode
     self.eos_ids = engine.eos_tuple(list(eos_ids))
     self.max_batch, self.max_queue = max_batch, max_queue
@@ -250,6 +278,9 @@ class EngineLoop:
     self.deliver = deliver
     self.prefill_chunk = prefill_chunk  # 0: every prompt in one prefill call
     self.chunking: list[int] = []  # slots whose prompts are being prefilled chunk by chunk
+    # Dynamic RoPE rescales every key by the prompt's length: a prefix's keys are not reusable.
+    self.prefix_caching = prefix_caching and cfg.rope_scaling != 'dynamic'
+    self.cached: list[list[int]] = [[] for _ in range(max_batch)]  # slot -> tokens its row holds
     from llmjax.kernels import dispatch
     cache_len = dispatch.cache_length(self.max_len, cfg)  # whole decode-kernel blocks
     # One more row than slots: a scratch row that the padding rows of a prefill batch write
@@ -302,11 +333,16 @@ class EngineLoop:
       for span in (spans if full else spans[:1]):
         self.cache, self.state, latest = _decode_rows(self.params, self.cache, self.state,
                                                       cfg=self.cfg, rows=r, span=span)
-    if full and self.prefill_chunk and self.max_len > self.prefill_chunk:
+    chunks = set()
+    if self.prefill_chunk and self.max_len > self.prefill_chunk:
+      chunks.add(self.prefill_chunk)
+    if self.prefix_caching:  # a hit prefills its rest in a prompt bucket
+      chunks |= {b for b in buckets if b <= (self.prefill_chunk or self.max_len)}
+    if full and chunks:
       scratch = np.int32(self.scratch)
-      self.cache = _prefill_chunk(self.params, self.cache,
-                                  np.zeros((1, self.prefill_chunk), np.int32), scratch,
-                                  np.int32(0), np.int32(1), cfg=self.cfg)
+      for c in sorted(chunks):
+        self.cache = _prefill_chunk(self.params, self.cache, np.zeros((1, c), np.int32), scratch,
+                                    np.int32(0), np.int32(1), cfg=self.cfg)
       self.state = _begin(self.state, scratch, np.zeros((self.state.tokens.shape[1],), np.int32),
                           np.int32(1), Sampling.of([SamplingParams()], [0], [0]))
       self.state = _mark_done(self.state, np.arange(self.max_batch + 1) == self.scratch)
@@ -399,25 +435,67 @@ class EngineLoop:
       self.num_running += len(take)
       self.peak_running = max(self.peak_running, self.num_running)
     groups: dict[int, list[tuple[int, Sequence]]] = {}
-    for slot, s in zip(free, take):
+    for slot, s, shared in self._place(free, take):
       self.slots[slot] = s
+      if shared:
+        self._count_prefix(s, shared)
+        self._resume(slot, s, shared)
+        continue
+      self._count_prefix(s, 0)
       if self.prefill_chunk and len(s.prompt) > self.prefill_chunk:
         s.chunked = 0  # its row stays done (skipped by decode steps) until `_begin`
         self.chunking.append(slot)
+        self.cached[slot] = s.prompt[:-1]  # the last token's entries: its first decode step's
         continue
+      self.cached[slot] = list(s.prompt)
       groups.setdefault(bucket(len(s.prompt), self.max_len), []).append((slot, s))
     for t, group in sorted(groups.items()):
       for i in range(0, len(group), PREFILL_BATCH):
         self._prefill(t, group[i:i + PREFILL_BATCH])
     self._emit_new([slot for group in groups.values() for slot, _ in group])
 
-  def _chunk(self):
-    """One chunk of the oldest chunked prefill; after its last, the row starts decoding."""
-    if not self.chunking:
+  def _place(self, free: list[int], take: list[Sequence]):
+    """(slot, sequence, shared prefix tokens) for each sequence taken: with prefix caching the
+    free slot whose cached tokens share its longest prefix (`shared_prefix`, 0: none), the
+    others the lowest free slots left."""
+    if not self.prefix_caching:
+      return [(slot, s, 0) for slot, s in zip(free, take)]
+    free, out, misses = list(free), [], []
+    for s in take:
+      best, slot = max(((shared_prefix(self.cached[f], s.prompt), f) for f in free),
+                       key=lambda x: (x[0], -x[1]))
+      if best:
+        free.remove(slot)
+        out.append((slot, s, best))
+      else:
+        misses.append(s)
+    return out + [(slot, s, 0) for slot, s in zip(free, misses)]
+
+  def _resume(self, slot: int, s: Sequence, shared: int):
+    """A prefix-cache hit: keeps the row's first `shared` entries and prefills the rest of the
+    prompt but its last token (in one call of a prompt bucket's length, or chunk by chunk when
+    longer than prefill_chunk), then `_begin`s the row."""
+    s.chunked = shared
+    self.cached[slot] = s.prompt[:-1]
+    rest = len(s.prompt) - 1 - shared
+    if self.prefill_chunk and rest > self.prefill_chunk:
+      self.chunking.append(slot)
       return
-    slot = self.chunking[0]
+    self._chunk(slot, bucket(max(rest, 1), self.max_len))
+
+  def _count_prefix(self, s: Sequence, shared: int):
+    if self.metrics is not None and self.prefix_caching:
+      self.metrics.prefix_cache(len(s.prompt), shared)
+
+  def _chunk(self, slot: int | None = None, c: int = 0):
+    """One chunk of the oldest chunked prefill (or of `slot`'s, `c` tokens long: default
+    prefill_chunk); after its last, the row starts decoding."""
+    if slot is None:
+      if not self.chunking:
+        return
+      slot = self.chunking[0]
     s = self.slots[slot]
-    c, start = self.prefill_chunk, s.chunked
+    c, start = c or self.prefill_chunk, s.chunked
     end = min(start + c, len(s.prompt) - 1)  # the last token: the first decode step's
     tokens = np.zeros((1, c), np.int32)
     tokens[0, :end - start] = s.prompt[start:end]
@@ -430,7 +508,8 @@ class EngineLoop:
       self.state = _begin(self.state, np.int32(slot), prompt, np.int32(len(s.prompt)),
                           Sampling.of([s.sampling], [s.seed], [s.request_id]))
       s.chunked = -1
-      self.chunking.pop(0)
+      if slot in self.chunking:
+        self.chunking.remove(slot)
 
   def _prefill(self, t: int, group: list[tuple[int, Sequence]]):
     n = 1 if len(group) == 1 else PREFILL_BATCH
@@ -536,7 +615,9 @@ class EngineLoop:
     """Frees `slot`; sends the sequence its last Delta unless `emitted` already did."""
     s = self.slots[slot]
     self.slots[slot] = None
-    if slot in self.chunking:  # cancelled mid-prefill
+    if s.chunked >= 0:  # cancelled mid-prefill: the row holds the positions written so far
+      self.cached[slot] = s.prompt[:s.chunked]
+    if slot in self.chunking:
       self.chunking.remove(slot)
     with self.lock:
       self.num_running -= 1

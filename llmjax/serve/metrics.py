@@ -11,7 +11,11 @@
     llmjax_decode_step_seconds                     one decode step on the device
     llmjax_decode_host_seconds                     the host's work after it (tokens, text, hand-over)
     llmjax_decode_batch_size                       sequences per decode step
+    llmjax_prefix_cache_queries_total              prompt tokens looked up in the prefix cache
+    llmjax_prefix_cache_hits_total                 of those, tokens whose cached KV was reused
 
+The prefix-cache counters count tokens, as vLLM's prefix_cache_queries / prefix_cache_hits
+do (hit rate = hits / queries); they stay 0 with --prefix_caching=false.
 TPOT excludes the first token, as vLLM's benchmark defines it. Each server has its own
 registry, so two servers in one process (tests) count apart.
 """
@@ -52,12 +56,21 @@ class Metrics:
                                     ' decode step', registry=r, buckets=_LATENCY_BUCKETS)
     self.batch = prom.Histogram('llmjax_decode_batch_size', 'sequences per decode step',
                                 registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+    self.prefix_queries = prom.Counter('llmjax_prefix_cache_queries', 'prompt tokens looked up'
+                                       ' in the prefix cache', registry=r)
+    self.prefix_hits = prom.Counter('llmjax_prefix_cache_hits', 'prompt tokens whose cached'
+                                    ' keys and values were reused', registry=r)
 
   def step(self, device_s: float, host_s: float, batch: int) -> None:
     """One decode step: its device and host seconds and how many sequences it decoded."""
     self.step_device.observe(device_s)
     self.step_host.observe(host_s)
     self.batch.observe(batch)
+
+  def prefix_cache(self, queried: int, hit: int) -> None:
+    """One admitted sequence: its prompt tokens and how many of them the prefix cache held."""
+    self.prefix_queries.inc(queried)
+    self.prefix_hits.inc(hit)
 
   def finished(self, seq, reason: str) -> None:
     """Counts one finished sequence (`engine_loop.Sequence`), on the engine thread."""
