@@ -5,7 +5,6 @@ training, a replacement kernel store composes with the adapters, and bad LoRA ke
 one-line ConfigErrors. PEFT parity of the same math: tests/test_peft.py."""
 
 import dataclasses
-import functools
 import json
 import math
 
@@ -35,20 +34,6 @@ METHODS = {'lora': {}, 'rslora': dict(use_rslora=True, lora_ranks={'q': 8, 'down
 
 def _cfg(**kw):
   return get_preset('tiny', **{**CFG, 'lora_rank': 4, 'lora_alpha': 6.0, **kw})
-
-
-# Jitted, one compile a config: op by op, an init or a forward compiles each of its primitives
-# (seconds a call).
-_init = jax.jit(init_params, static_argnums=0)
-
-
-@functools.cache
-def _forward(cfg):
-  """(params, tokens, deterministic=True, rngs=None) -> logits of Transformer(cfg), jitted."""
-  def forward(p, tokens, deterministic=True, rngs=None):
-    return Transformer(cfg).apply({'params': p}, tokens, deterministic=deterministic,
-                                  rngs=rngs)[0]
-  return jax.jit(forward, static_argnames='deterministic')
 
 
 def _randomise(params, seed=1):
@@ -147,35 +132,38 @@ def test_dora_weight_norm_gets_no_gradient():
                                                 ('dora', False)])
 def test_init_is_the_base_and_merge_is_the_adapted_model(method, scan_layers):
   cfg = _cfg(lora_targets=ALL, scan_layers=scan_layers, **METHODS[method])
-  params = _init(cfg, jax.random.key(0))
+  params = init_params(cfg, jax.random.key(0))
   assert lora.count(params) == (cfg.num_lora_params, cfg.num_params)
   _, base = lora.split(params)
   tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
-  want = _forward(lora.without_lora(cfg))(base, tokens)
-  got = _forward(cfg)(params, tokens)
+  # Jitted, one compile a config, reused below: op by op, each forward spends seconds.
+  forward = lambda c: jax.jit(lambda p: Transformer(c).apply({'params': p}, tokens)[0])
+  adapted_forward = forward(cfg)
+  want = forward(lora.without_lora(cfg))(base)
+  got = adapted_forward(params)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)  # fresh adapters: the base model
 
   params = _randomise(params)
-  adapted = _forward(cfg)(params, tokens)
+  adapted = adapted_forward(params)
   assert float(jnp.max(jnp.abs(adapted - want))) > 1e-2
   merged, merged_cfg = lora.merge(params, cfg)
   assert jax.tree.structure(merged) == jax.tree.structure(base)
-  got = _forward(merged_cfg)(merged, tokens)
+  got = forward(merged_cfg)(merged)
   np.testing.assert_allclose(got, adapted, atol=2e-5, rtol=1e-5)
   # disable: the base again (DPO's reference), DoRA's magnitudes reset with B.
-  off = _forward(cfg)(lora.disable(params), tokens)
+  off = adapted_forward(lora.disable(params))
   np.testing.assert_allclose(off, want, atol=1e-5, rtol=0)
 
 
 def test_dora_over_a_new_base_starts_at_that_base():
   cfg = _cfg(use_dora=True, scan_layers=False)
-  fresh = _init(cfg, jax.random.key(0))
-  _, other = lora.split(_init(cfg, jax.random.key(7)))  # a "pretrained" base
+  fresh = init_params(cfg, jax.random.key(0))
+  _, other = lora.split(init_params(cfg, jax.random.key(7)))  # a "pretrained" base
   tokens = jnp.arange(10)[None] % cfg.vocab_size
-  want = _forward(lora.without_lora(cfg))(other, tokens)
-  got = _forward(cfg)(lora.with_base(fresh, other), tokens)
+  want, _ = Transformer(lora.without_lora(cfg)).apply({'params': other}, tokens)
+  got, _ = Transformer(cfg).apply({'params': lora.with_base(fresh, other)}, tokens)
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-  stale = _forward(cfg)(lora.combine(lora.split(fresh)[0], other), tokens)
+  stale, _ = Transformer(cfg).apply({'params': lora.combine(lora.split(fresh)[0], other)}, tokens)
   assert float(jnp.max(jnp.abs(stale - want))) > 1e-3  # the init norms are the base's own
 
 
@@ -204,13 +192,14 @@ def test_dropout_only_when_training(method):
 
 def test_dropout_in_the_model_differs_per_layer_and_off_by_default():
   cfg = _cfg(lora_targets=('q',), lora_dropout=0.3, scan_layers=True)
-  params = _randomise(_init(cfg, jax.random.key(0)))
+  params = _randomise(init_params(cfg, jax.random.key(0)))
   tokens = jnp.arange(10)[None] % cfg.vocab_size
-  eval_a = _forward(cfg)(params, tokens)
-  eval_b = _forward(dataclasses.replace(cfg, lora_dropout=0.0))(params, tokens)
+  eval_a, _ = Transformer(cfg).apply({'params': params}, tokens)
+  eval_b, _ = Transformer(dataclasses.replace(cfg, lora_dropout=0.0)).apply({'params': params},
+                                                                            tokens)
   np.testing.assert_array_equal(eval_a, eval_b)
-  run = lambda c: _forward(c)(params, tokens, deterministic=False,
-                              rngs={'dropout': jax.random.key(2)})
+  run = lambda c: Transformer(c).apply({'params': params}, tokens, deterministic=False,
+                                       rngs={'dropout': jax.random.key(2)})[0]
   assert float(jnp.max(jnp.abs(run(cfg) - eval_a))) > 1e-3
   np.testing.assert_array_equal(run(cfg), run(cfg))  # a function of the key
 
