@@ -26,11 +26,15 @@ if (os.environ.get('LLMJAX_TEST_XLA_O1', '1') != '0'
 # directory is made fresh for the run and removed at its end, so nothing carries over between
 # runs and a clean checkout never depends on it. Entries are keyed by the HLO, the compile
 # options and the backend, so a test can only ever load the executable of its own program.
-# A max size turns on JAX's file lock around reads and writes (without one, a worker could
-# read an entry another is still writing); its eviction pass lists the whole directory on
-# every write, and eager op-by-op code compiles thousands of trivial programs, so only
-# compiles over 0.1 s are stored (storing all made an eager-heavy test 1.5x slower).
-# LLMJAX_TEST_JAX_CACHE=0 turns it off.
+# No max size (-1): with one, JAX takes a file lock around every read and write and, on every
+# write, lists and stats the whole directory under that lock to find what to evict. The
+# directory only grows during a run, so each write gets slower as the run goes on (0.4 s a
+# write at 6,000 entries) and holds up every other worker's and subprocess's compiles.
+# Nothing here needs eviction (the directory lives for one run). Without the lock
+# a process may read an entry another is still writing; JAX then fails to decompress it,
+# warns and compiles the program itself (compiler._cache_read), so a torn read costs one
+# compile, never a wrong executable. Eager op-by-op code compiles thousands of trivial
+# programs, so only compiles over 0.1 s are stored. LLMJAX_TEST_JAX_CACHE=0 turns it off.
 _OWN_CACHE_DIR = None
 if (os.environ.get('LLMJAX_TEST_JAX_CACHE', '1') != '0'
     and 'JAX_COMPILATION_CACHE_DIR' not in os.environ):
@@ -38,7 +42,7 @@ if (os.environ.get('LLMJAX_TEST_JAX_CACHE', '1') != '0'
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE_DIR
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.1')
   os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-  os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(8 << 30))
+  os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', '-1')
 
 
 def pytest_unconfigure(config):

@@ -545,7 +545,7 @@ def test_next_token_loss_ignores_system_and_user_targets(chat_files, tmp_path):
   model_cfg = get_preset('tiny', num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2,
                          head_dim=16, mlp_dim=64, vocab_size=tok.vocab_size)
   model = Transformer(model_cfg)
-  params = model.init(jax.random.key(0), jnp.asarray(batch['inputs']))
+  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(batch['inputs']))  # one compile
   from sft_checks import assert_loss_ignores_unweighted_targets
   assert_loss_ignores_unweighted_targets(params, model.apply, batch, tok.vocab_size)
 

@@ -363,7 +363,7 @@ def test_next_token_loss_ignores_prompt_targets(sft_jsonl, tmp_path):
   cfg = get_preset('tiny', num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2, head_dim=16,
                    mlp_dim=64, vocab_size=tok.vocab_size)
   model = Transformer(cfg)
-  params = model.init(jax.random.key(0), jnp.asarray(batch['inputs']))
+  params = jax.jit(model.init)(jax.random.key(0), jnp.asarray(batch['inputs']))  # one compile
   mask = batch['loss_mask']
   assert 0 < mask.sum() < (batch['segment_ids'] > 0).sum()  # prompts present and masked
   from sft_checks import assert_loss_ignores_unweighted_targets

@@ -39,11 +39,12 @@ MODELS = {
 @pytest.mark.parametrize('name', MODELS)
 def test_zero_gradient_step_decays_every_kernel_and_no_norm_or_bias(name):
   cfg = MODELS[name]
-  params = init_params(cfg, jax.random.key(0))
-  params = jax.tree.map(lambda p: p + 0.5, params)  # no zeros: decay must show on every leaf
+  # Jitted, one compile: op by op, the init and each per-leaf op compile every primitive.
+  params = jax.jit(lambda key: jax.tree.map(  # no zeros: decay must show on every leaf
+      lambda p: p + 0.5, init_params(cfg, key)))(jax.random.key(0))
   opt = make_optimizer(_train_cfg())
-  state = opt.init(params)
-  grads = jax.tree.map(jnp.zeros_like, params)
+  state = jax.jit(opt.init)(params)
+  grads = jax.jit(lambda p: jax.tree.map(jnp.zeros_like, p))(params)
   update = jax.jit(opt.update)
   for _ in range(2):  # step 0 has lr 0 (warmup starts at 0); step 1 has lr > 0
     updates, state = update(grads, state, params)

@@ -48,6 +48,11 @@ def prompted(cfg, kind='prompt', n=V):
   return dataclasses.replace(cfg, virtual_tokens=kind, num_virtual_tokens=n)
 
 
+# Jitted, one compile a config (several tests share one): op by op, an init compiles each of
+# its primitives.
+_init = jax.jit(init_params, static_argnums=0)
+
+
 @functools.cache
 def _jitted_apply(cfg):
   return jax.jit(lambda params, tokens, **kw: Transformer(cfg).apply({'params': params}, tokens,
@@ -73,7 +78,7 @@ VARIANTS = {'scan': {}, 'unrolled': dict(scan_layers=False), 'learned_pos': dict
 def test_prompt_of_token_embeddings_is_the_base_on_those_tokens(variant):
   base_cfg = tiny(**VARIANTS[variant])
   cfg = prompted(base_cfg)
-  base = init_params(base_cfg, jax.random.key(0))
+  base = _init(base_cfg, jax.random.key(0))
   virtual, toks = tokens_of(1, 1, V), tokens_of(2, 2, 7)
   params = init_prompt_from_tokens({**base, 'prompt_embedding': jnp.zeros((V, 64))}, virtual[0])
   got, _ = apply(cfg, params, toks)
@@ -86,10 +91,10 @@ def test_prompt_of_token_embeddings_is_the_base_on_those_tokens(variant):
 def test_prefix_of_cached_keys_is_the_base_continuing_after_them(variant):
   base_cfg = tiny(**VARIANTS[variant])
   cfg = prompted(base_cfg, 'prefix')
-  base = init_params(base_cfg, jax.random.key(0))
+  base = _init(base_cfg, jax.random.key(0))
   virtual, toks = tokens_of(1, 1, V), tokens_of(2, 2, 7)
   _, cache = apply(base_cfg, base, virtual, cache=Cache.zeros(base_cfg, 1, V))
-  params = init_params(cfg, jax.random.key(5))
+  params = _init(cfg, jax.random.key(5))
   flat = traverse_util.flatten_dict(params)
   for path in flat:
     if path[-1] in ('prefix_k', 'prefix_v'):
@@ -105,7 +110,7 @@ def test_prefix_of_cached_keys_is_the_base_continuing_after_them(variant):
 @pytest.mark.parametrize('kind', ['prompt', 'prefix'])
 def test_decode_with_cache_is_the_full_forward(kind):
   cfg = prompted(tiny(), kind)
-  params = init_params(cfg, jax.random.key(0))
+  params = _init(cfg, jax.random.key(0))
   toks = tokens_of(3, 2, 9)
   full, _ = apply(cfg, params, toks)
   cache = Cache.zeros(cfg, 2, 16)
@@ -121,7 +126,7 @@ def test_decode_with_cache_is_the_full_forward(kind):
 @pytest.mark.parametrize('kind', ['prompt', 'prefix'])
 def test_each_packed_document_sees_the_virtual_tokens(kind):
   cfg = prompted(tiny(), kind)
-  params = init_params(cfg, jax.random.key(0))
+  params = _init(cfg, jax.random.key(0))
   a, b = tokens_of(4, 1, 5), tokens_of(5, 1, 4)
   row = jnp.concatenate([a, b], 1)
   seg = jnp.array([[1] * 5 + [2] * 4])
@@ -137,19 +142,19 @@ def test_virtual_tokens_change_the_logits():
   # The tests above could pass with the virtual tokens ignored if the base were also given
   # nothing: here a random prompt must move the output.
   base_cfg = tiny()
-  base = init_params(base_cfg, jax.random.key(0))
+  base = _init(base_cfg, jax.random.key(0))
   toks = tokens_of(2, 2, 7)
   want, _ = apply(base_cfg, base, toks)
   for kind in ('prompt', 'prefix'):
     cfg = prompted(base_cfg, kind)
-    params = lora.with_base(init_params(cfg, jax.random.key(1)), base)
+    params = lora.with_base(_init(cfg, jax.random.key(1)), base)
     got, _ = apply(cfg, params, toks)
     assert float(jnp.max(jnp.abs(got - want))) > 1e-3
 
 
 def test_text_init_repeats_and_cuts_ids_like_peft():
   cfg = prompted(tiny(), n=5)
-  params = init_params(cfg, jax.random.key(0))
+  params = _init(cfg, jax.random.key(0))
   table = params['embed']['embedding']
   got = init_prompt_from_tokens(params, [7, 8])['prompt_embedding']
   np.testing.assert_array_equal(got, table[jnp.array([7, 8, 7, 8, 7])])
@@ -160,7 +165,7 @@ def test_text_init_repeats_and_cuts_ids_like_peft():
 @pytest.mark.parametrize('kind', ['prompt', 'prefix'])
 def test_only_the_virtual_tokens_train_and_the_loss_falls(kind):
   cfg = prompted(tiny(), kind, n=4)
-  params = init_params(cfg, jax.random.key(0))
+  params = _init(cfg, jax.random.key(0))
   mask = state_lib.trainable_mask(cfg, params)
   flat = traverse_util.flatten_dict(mask)
   assert {p[-1] for p, m in flat.items() if m} == (
@@ -340,7 +345,7 @@ def test_prefix_tuning_run_trains_the_prefix_only(tmp_path):
   work = str(tmp_path / 'run')
   train_and_evaluate(run_config('prefix_tuning', steps=2, lr=1e-2), work)
   got, _ = checkpoint.restore_params(work)
-  fresh = init_params(checkpoint.read_model_config(work), jax.random.key(0))
+  fresh = _init(checkpoint.read_model_config(work), jax.random.key(0))
   trained, kept = lora.split(got)
   _, base, _ = load_hf(PROMPT_BASE)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), kept, base)
@@ -354,7 +359,7 @@ def test_greedy_sampling_continues_as_the_full_forward_argmax(kind):
   # see the virtual tokens as the training forward does.
   from llmjax.infer import sampler
   cfg = prompted(tiny(), kind)
-  params = init_params(cfg, jax.random.key(0))
+  params = _init(cfg, jax.random.key(0))
   prompts = [[5, 9, 11], [7, 3, 2, 8, 4]]
   outs = sampler.generate(cfg, params, prompts, sampler.SamplingParams(max_new_tokens=4, temperature=0.0),
                           eos_id=-1)
@@ -377,7 +382,8 @@ def test_peft_prefix_tuning_adapter_gives_peft_logits(scan_layers):
   assert (cfg.virtual_tokens, cfg.num_virtual_tokens) == ('prefix', 4)
   params = lora.combine(peft.read_prefix_tuning(PREFIX_ADAPTER, cfg), params)
   # The leaves read are exactly the ones the model declares.
-  assert jax.tree.structure(params) == jax.tree.structure(init_params(cfg, jax.random.key(0)))
+  assert jax.tree.structure(params) == jax.tree.structure(
+      jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
   g = np.load(os.path.join(PREFIX_ADAPTER, 'logits.npz'))
   logits, _ = apply(cfg, params, jnp.asarray(g['tokens']))
   np.testing.assert_allclose(np.asarray(logits), g['logits'], atol=1e-4, rtol=0)
