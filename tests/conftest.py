@@ -2,6 +2,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Tests run on the CPU even where libtpu is installed (it comes with the test extra for TPU
 # AOT-compile tests); several test processes may load libtpu at once.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
@@ -50,3 +52,29 @@ def pytest_unconfigure(config):
   # plain run) removes it, after every worker has finished.
   if _OWN_CACHE_DIR is not None:
     shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
+
+
+# A test that kills its xdist worker (a native crash: a segfault or an abort inside XLA) is run
+# once more on a fresh worker, and the rerun is named in the summary. CI saw one such crash in
+# ~1,100 tests (tests/test_train.py's chunked-loss test, which passes on every rerun): a
+# nondeterministic fault in the native runtime, not a wrong result. Ordinary failures are never
+# rerun, and a test that crashes twice fails.
+_CRASH_RERUNS: dict[str, int] = {}
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: absent under -p no:xdist
+def pytest_handlecrashitem(crashitem, report, sched):
+  if _CRASH_RERUNS.get(crashitem, 0) == 0 and hasattr(sched, 'mark_test_pending'):
+    _CRASH_RERUNS[crashitem] = 1
+    sched.mark_test_pending(crashitem)
+    report.outcome = 'rerun'
+
+
+def pytest_report_teststatus(report):
+  if report.outcome == 'rerun':
+    return 'rerun', 'R', 'RERUN'
+
+
+def pytest_terminal_summary(terminalreporter):
+  for nodeid in _CRASH_RERUNS:
+    terminalreporter.write_line(f'rerun after a worker crash: {nodeid}')
