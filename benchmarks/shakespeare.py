@@ -68,7 +68,8 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--data', required=True, help='the Tiny Shakespeare text file')
   p.add_argument('--torch_python', default='')
-  p.add_argument('--nanogpt_dir', default=os.path.join(ROOT, '..', 'shared', 'bench', 'nanogpt'))
+  p.add_argument('--nanogpt_dir', default=os.path.join(ROOT, '..', 'shared', 'bench', 'nanogpt'),
+                 help="nanoGPT's checkout with its CPU recipe (run.sh); '' runs llmjax's side only")
   p.add_argument('--rounds', type=int, default=1)
   p.add_argument('--variants', default=',long',
                  help="the config args to run, comma-separated: variant names ('' = the default) or"
@@ -76,10 +77,11 @@ def main() -> None:
   a = p.parse_args()
   if not os.path.isfile(a.data):
     raise SystemExit(f'--data={a.data} is not a file; pass the Tiny Shakespeare text.')
-  if not os.path.isfile(os.path.join(a.nanogpt_dir, 'run.sh')):
-    raise SystemExit(f'--nanogpt_dir={a.nanogpt_dir} has no run.sh (nanoGPT and its recipe).')
-  py = torch_python(a.torch_python)
-  entries = [('nanoGPT baby GPT (CPU recipe)', None)] + [
+  if a.nanogpt_dir and not os.path.isfile(os.path.join(a.nanogpt_dir, 'run.sh')):
+    raise SystemExit(f"--nanogpt_dir={a.nanogpt_dir} has no run.sh (nanoGPT and its recipe); "
+                     "--nanogpt_dir='' runs llmjax's side only.")
+  py = torch_python(a.torch_python) if a.nanogpt_dir else ''
+  entries = [('nanoGPT baby GPT (CPU recipe)', None)] * bool(a.nanogpt_dir) + [
       (f"llmjax shakespeare_char.py{':' + v if v else ''}", v) for v in a.variants.split(',')]
   results = {name: [] for name, _ in entries}
   for r in range(a.rounds):
