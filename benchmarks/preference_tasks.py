@@ -35,6 +35,7 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--sft', default='/tmp/sft_bench/full', help='the tiny SFT run (workdir)')
   p.add_argument('--root', default='/tmp/pref_bench')
+  p.add_argument('--steps', type=int, default=0, help='steps of each run (0: the variant default)')
   p.add_argument('--reuse', action='store_true',
                  help="keep a run already finished under ROOT (its recorded time)")
   args = p.parse_args()
@@ -44,7 +45,9 @@ def main():
   os.makedirs(root, exist_ok=True)
   results = {'sft': logged_scores(sft)}
   for label, experiment in (('dpo', 'dpo.py:tiny'), ('reward', 'reward.py:tiny')):
-    results[f'{label}_s'] = timed_train(root, label, f'{experiment},params_dir={sft}', args.reuse)
+    steps = f',steps={args.steps}' if args.steps else ''
+    results[f'{label}_s'] = timed_train(root, label, f'{experiment},params_dir={sft}{steps}',
+                                        args.reuse)
   dpo_dir = os.path.join(root, 'dpo')
   results['dpo'] = logged_scores(dpo_dir)
   results['dpo_evals'] = [{k: r[k] for k in r if k == 'step' or k.startswith('eval_rewards')}

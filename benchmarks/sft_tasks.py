@@ -1,7 +1,7 @@
 """SFT of the quickstart model on the built-in tasks: held-out exact match before and after,
 full fine-tuning and LoRA, and the wall time of each run (issue 11's end-to-end proof).
 
-    python benchmarks/sft_tasks.py [--root=/tmp/sft_tasks] [--steps=N]
+    python benchmarks/sft_tasks.py [--root=/tmp/sft_tasks] [--steps=N] [--variants=full,lora]
 
 1. Pretrains the quickstart model into ROOT/quickstart (skipped when it is already there):
    `python -m llmjax.main --config=experiments/quickstart.py --workdir=ROOT/quickstart`.
@@ -93,10 +93,16 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--root', default='/tmp/sft_tasks')
   p.add_argument('--steps', type=int, default=0, help='SFT steps (0: the variant default)')
+  p.add_argument('--variants', default=','.join(l for l, _ in VARIANTS),
+                 help='the runs to make, comma-separated labels of VARIANTS')
   p.add_argument('--reuse', action='store_true',
                  help='keep a run already finished under ROOT (its recorded time) instead of'
                       ' refusing; remove a run\'s folder to time it again')
   args = p.parse_args()
+  variants = [(l, v) for l, v in VARIANTS if l in args.variants.split(',')]
+  if unknown := set(args.variants.split(',')) - {l for l, _ in VARIANTS}:
+    raise SystemExit(f'--variants: unknown {sorted(unknown)}; choose from '
+                     f"{','.join(l for l, _ in VARIANTS)}.")
   root = os.path.abspath(args.root)
   os.makedirs(root, exist_ok=True)
   qs = os.path.join(root, 'quickstart')
@@ -106,7 +112,7 @@ def main():
                                    f'--workdir={qs}'], os.path.join(root, 'quickstart.log'))
   results['before'] = heldout_scores(qs, root)
   steps = f',steps={args.steps}' if args.steps else ''
-  for label, variant in VARIANTS:
+  for label, variant in variants:
     results[f'{label}_s'] = timed_train(root, label, f'sft.py:{variant},params_dir={qs}{steps}',
                                         args.reuse)
     results[label] = logged_scores(os.path.join(root, label))
@@ -120,11 +126,11 @@ def main():
   heads = {'full': 'SFT full', 'lora': 'LoRA rank 8', 'dora': 'DoRA rank 8',
            'qlora': 'QLoRA rank 8 (NF4 base)'}
   print('| held-out exact match | quickstart model | '
-        + ' | '.join(f"{heads[l]} ({results[f'{l}_s']:.0f} s)" for l, _ in VARIANTS) + ' |')
-  print('|---' * (2 + len(VARIANTS)) + '|')
+        + ' | '.join(f"{heads[l]} ({results[f'{l}_s']:.0f} s)" for l, _ in variants) + ' |')
+  print('|---' * (2 + len(variants)) + '|')
   for name in TASKS + ('',):
     print(f"| {name or 'all'} | {cell(results['before'], name)} | "
-          + ' | '.join(cell(results[l], name) for l, _ in VARIANTS) + ' |')
+          + ' | '.join(cell(results[l], name) for l, _ in variants) + ' |')
   print(f"\nLoRA rank 8 trains {100 * results['lora_trainable_fraction']:.1f}% of the parameters.")
 
 
