@@ -245,6 +245,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
       # ... and its head: a reward experiment (model.head='score') may start from an LM.
       hf.check_matches(init.hf_dir, dataclasses.replace(theirs, head=model.head))
       model = dataclasses.replace(theirs, head=model.head)
+  if init.get('params_dir') and not config.model.get('preset'):
+    # As from a config.json above: the run's architecture, the experiment's way to run it.
+    from llmjax.train import checkpoint  # reads model_config.json only
+    if files.exists(files.join(init.params_dir, 'model_config.json')):
+      theirs = checkpoint.read_model_config(init.params_dir)
+      model = dataclasses.replace(theirs, head=model.head,
+                                  **{f: getattr(model, f) for f in RUNTIME_FIELDS})
   if init.get('peft_dir'):
     if not init.get('hf_dir'):
       raise ConfigError(f"init.peft_dir='{init.peft_dir}' needs init.hf_dir: set it to the"

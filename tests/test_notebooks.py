@@ -81,17 +81,39 @@ def test_generator_rejects_text_outside_cells(tmp_path):
   assert cells[1]['source'] == ['x = 1']
 
 
+def _run_notebook(name, tmp_path):
+  nbclient = pytest.importorskip('nbclient')
+  nbformat = pytest.importorskip('nbformat')
+  nb = nbformat.read(os.path.join(COLAB, name + '.ipynb'), as_version=4)
+  client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name='python3',
+                                   resources={'metadata': {'path': str(tmp_path)}})
+  client.execute()  # raises CellExecutionError, with the cell and its traceback, on failure
+
+
+@pytest.mark.slow
+def test_finetune_notebook_runs_from_a_hugging_face_checkpoint(tmp_path, monkeypatch):
+  # The notebook's HF_DIR path: SFT, DPO, the chat and both exports from a transformers
+  # checkpoint (a tiny random Llama with a tokenizer) instead of the quickstart model.
+  monkeypatch.setenv('LLMJAX_NOTEBOOK_TEST', '1')
+  monkeypatch.setenv('LLMJAX_NOTEBOOK_WORKDIRS', str(tmp_path))
+  monkeypatch.setenv('LLMJAX_NOTEBOOK_HF_DIR', os.path.join(os.path.dirname(__file__), 'golden',
+                                                            'dpo', 'policy'))
+  _run_notebook('finetune', tmp_path)
+  assert 'quickstart' not in os.listdir(tmp_path), 'the HF path must not train the quickstart'
+  # The exported model is the checkpoint's architecture (a 2-layer Llama of width 32).
+  exported = json.load(open(tmp_path / 'export' / 'dpo_hf' / 'config.json'))
+  source = json.load(open(os.path.join(os.path.dirname(__file__), 'golden', 'dpo', 'policy',
+                                       'config.json')))
+  for key in ('num_hidden_layers', 'hidden_size', 'vocab_size', 'num_key_value_heads'):
+    assert exported[key] == source[key], key
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('name', NAMES)
 def test_notebook_runs(name, tmp_path, monkeypatch):
-  nbclient = pytest.importorskip('nbclient')
-  nbformat = pytest.importorskip('nbformat')
   # The kernel inherits this environment: the small setting, workdirs under tmp_path, and
   # conftest's JAX_PLATFORMS=cpu, XLA flags and compilation cache (shared by the notebooks,
   # which compile the same quickstart programs).
   monkeypatch.setenv('LLMJAX_NOTEBOOK_TEST', '1')
   monkeypatch.setenv('LLMJAX_NOTEBOOK_WORKDIRS', str(tmp_path))
-  nb = nbformat.read(os.path.join(COLAB, name + '.ipynb'), as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name='python3',
-                                   resources={'metadata': {'path': str(tmp_path)}})
-  client.execute()  # raises CellExecutionError, with the cell and its traceback, on failure
+  _run_notebook(name, tmp_path)

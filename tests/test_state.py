@@ -132,6 +132,23 @@ def test_hf_dir_without_a_pinned_preset_takes_the_checkpoints_architecture():
     config_lib.validate(c)
 
 
+def test_params_dir_without_a_pinned_preset_takes_the_runs_architecture(tmp_path):
+  # As from an HF dir: an unpinned experiment (experiments/dpo.py, sft.py without a variant)
+  # continues whatever model the run holds, run the experiment's way (its runtime fields).
+  src_cfg = ModelConfig.from_dict(_config(num_layers=3, mlp_dim=96).model)
+  _write_workdir(tmp_path / 'src', src_cfg, init_params(src_cfg, jax.random.key(0)))
+  c = config_lib.base_config()
+  assert c.model.preset == ''
+  c.init.params_dir = str(tmp_path / 'src')
+  c.model.update(remat='full', lora_rank=2)
+  c.data.seq_len = 16
+  cfg = config_lib.validate(c)
+  for f in dataclasses.fields(ModelConfig):
+    if f.name not in ('remat', 'lora_rank'):
+      assert getattr(cfg, f.name) == getattr(src_cfg, f.name), f.name
+  assert (cfg.remat, cfg.lora_rank) == ('full', 2)
+
+
 def _run_config(**train):
   import test_loop  # the quickstart shrunk to seconds
   c = test_loop.tiny_config(**train)

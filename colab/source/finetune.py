@@ -29,6 +29,7 @@ print(f'{RUNTIME}: {jax.device_count()} device(s): {jax.devices()}')
 # `huggingface-cli download Qwen/Qwen2.5-0.5B --local-dir /content/Qwen2.5-0.5B`; '' or a
 # missing dir: the tiny quickstart model, trained below.
 HF_DIR = ''  # @param {type:"string"}
+HF_DIR = os.environ.get('LLMJAX_NOTEBOOK_HF_DIR') or HF_DIR  # tests/test_notebooks.py sets it
 FROM_HF = bool(HF_DIR) and os.path.isdir(HF_DIR)
 # Steps of each stage. The tiny model's accelerator sizes are the experiments' defaults
 # (measured on CPU there: SFT 571 s, DPO 723 s); a CPU runtime takes half of them; the test's
@@ -141,22 +142,19 @@ for stage, scores in EXACT_MATCH.items():
 # ## Chat with the result
 #
 # `llmjax.chat.Chat` is the conversation behind `python -m llmjax.chat`: each message is
-# rendered with a chat template and the reply streamed. A Hugging Face checkpoint brings its
-# template; the tiny model was tuned on the built-in tasks' `Q: ...\nA:` layout, written here
-# as one.
+# rendered with a chat template and the reply streamed. Both stages trained the built-in
+# tasks' `Q: ...\nA:` layout (`data.format='prompt_completion'`), whatever template a Hugging
+# Face checkpoint brings, so that layout is the template here.
 
 # %%
 from llmjax import chat as chat_lib
 from llmjax.data import chat as templates
 
 cfg, params, tokenizer = generate.load({'workdir': DPO, 'hf': ''})
-if FROM_HF:
-  template = generate.chat_template({'workdir': DPO, 'hf': ''}, tokenizer)
-else:
-  QA = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
-        "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}A:{% endif %}")
-  template = templates.ChatTemplate(QA, tokenizer, 'the built-in tasks\' Q/A layout')
+QA = ("{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+      "{% else %}A: {{ m['content'] }}{{ eos_token }}\n{% endif %}{% endfor %}"
+      "{% if add_generation_prompt %}A:{% endif %}")
+template = templates.ChatTemplate(QA, tokenizer, 'the built-in tasks\' Q/A layout')
 conversation = chat_lib.Chat(cfg, params, tokenizer, template,
                              {'system': '', 'stop': ['\n'], 'seed': 0, 'temperature': 0.0,
                               'max_new_tokens': 16})
