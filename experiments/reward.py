@@ -22,6 +22,10 @@ params_dir= for another) on the built-in preference pairs, eval accuracy on thei
 split. From the SFT model of `benchmarks/sft_tasks.py` (`python benchmarks/preference_tasks.py
 --sft=/tmp/sft_bench/full`, 300 steps, 133 s on 2 CPU cores): held-out accuracy 0.869
 (arithmetic 0.995, strings 0.824, facts 0.558: the facts' held-out phrasing is not learned).
+Not a misread token (`benchmarks/reward_diagnosis.py`): the trunk keeps every fact (its SFT
+LM head still prefers all held-out chosen answers) and retrieves it by the first layer, but the
+score at the EOS has to learn the check from the 379 facts pairs, and it memorises them: on
+facts alone it fits the train pairs (1.00) and reaches 0.61-0.75 held out.
 
 Arguments (after ':'): [VARIANT,]lora=RANK, seq_len=N, batch=N (pairs); `:tiny` takes
 params_dir=DIR, steps=N instead.
