@@ -236,3 +236,32 @@ def test_config_accepts_exactly_the_names_the_implementations_register(key, regi
     dataclasses.replace(base, **{key: 'nope'}).validate()
   listed = set(ast.literal_eval(str(e.value).split('is not one of ')[1].split(']')[0] + ']'))
   assert listed == names
+
+
+@pytest.mark.parametrize('out_dtype', ['bfloat16', 'float32'])
+def test_projection_matmul_gradients_are_autodiffs_of_the_plain_dot(out_dtype):
+  # layers.matmul: on the CPU, 16-bit operands with a 16-bit output take a custom backward
+  # pass (materialized transposes, for XLA:CPU's fast matmuls); its dx and dw must be what
+  # autodiff of the plain dot gives, up to float32 summation order, in every case.
+  import jax.numpy as jnp
+  from llmjax.models import layers
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (48, 32)).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (32, 40)).astype(jnp.bfloat16)
+  g = jax.random.normal(kg, (48, 40))
+  dt = jnp.dtype(out_dtype)
+
+  def loss(mm):
+    return lambda x, w: jnp.sum(mm(x, w).astype(dt).astype(jnp.float32) * g)
+
+  ours = jax.jit(jax.grad(loss(lambda x, w: layers.matmul(x, w, dt)), argnums=(0, 1)))(x, w)
+  plain = jax.jit(jax.grad(loss(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)),
+                           argnums=(0, 1)))(x, w)
+  for a, b in zip(ours, plain):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    # One bfloat16 rounding apart at most (the float32 sums may round to neighbours).
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                               rtol=2 ** -7, atol=1e-6)
+  out = jax.jit(lambda x, w: layers.matmul(x, w, dt))(x, w)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, jnp.dot(x, w, preferred_element_type=jnp.float32))
