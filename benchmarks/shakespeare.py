@@ -77,6 +77,7 @@ def main() -> None:
   a = p.parse_args()
   if not os.path.isfile(a.data):
     raise SystemExit(f'--data={a.data} is not a file; pass the Tiny Shakespeare text.')
+  a.data = os.path.abspath(a.data)  # run.sh reads it from its own scratch directory
   if a.nanogpt_dir and not os.path.isfile(os.path.join(a.nanogpt_dir, 'run.sh')):
     raise SystemExit(f"--nanogpt_dir={a.nanogpt_dir} has no run.sh (nanoGPT and its recipe); "
                      "--nanogpt_dir='' runs llmjax's side only.")
