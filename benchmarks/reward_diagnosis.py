@@ -25,13 +25,13 @@ pairs, 73 s): 1. facts 1.000 held out (arithmetic 0.995, strings 0.745); 2. the 
 is the top token from the first layer's output on (0.95, 0.95, 0.97, 0.99 after layers 0-3);
 3. the probe reads facts at chance (0.61 train, 0.47 held out; arithmetic 0.64, strings 0.67
 held out); 4. after 300 steps the trunk still prefers every held-out fact (1.000) but the
-score at the EOS does not (facts train 0.60, held out 0.56; arithmetic 0.995). The fact is there and visible to the EOS; the reward model has to learn to
-check the answer against it from the facts pairs alone, 379 of the 10,768 train pairs.
+score at the EOS does not (facts train 0.60, held out 0.56; arithmetic 0.995). The fact is
+there and visible to the EOS; the reward model has to learn to check the answer against it
+from the facts pairs alone, 379 of the 10,768 train pairs.
 """
 
 import argparse
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -138,8 +138,8 @@ def main():
   w = jnp.zeros(x.shape[1])
   for _ in range(2000):  # plain gradient descent on a convex loss: no tuning to speak of
     w = w - 0.1 * grad(w)
-  results['eos_linear_probe'] = {f'{n}/{s}': float(np.mean((feats[n, s] / scale) @ np.asarray(w) > 0))
-                                 for n, s in feats}
+  results['eos_linear_probe'] = {
+      f'{n}/{s}': float(np.mean((feats[n, s] / scale) @ np.asarray(w) > 0)) for n, s in feats}
 
   if args.reward:
     rcfg = checkpoint.read_model_config(args.reward)

@@ -31,6 +31,7 @@ The bias (added by the projection after the adapter) is not rescaled, as in PEFT
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -72,6 +73,9 @@ class LoRA:
   alpha: float
   dropout: float = 0.0
   rslora: bool = False
+  # The base output reaches the adapted one unscaled (base + delta), so its cotangent is the
+  # adapted output's (`layers.matmul` relies on it).
+  adds_base: ClassVar[bool] = True
 
   @property
   def scale(self) -> float:
@@ -121,6 +125,7 @@ class DoRA(LoRA):
   """Weight-decomposed LoRA: LoRA's direction update plus a learned magnitude per output
   feature, `lora_magnitude` [out...] float32, initialised to ||W||_c so a fresh adapter is the
   base model."""
+  adds_base: ClassVar[bool] = False  # the base output is scaled by magnitude / norm
 
   def __call__(self, module, x2d, base, kernel, in_shape, features, deterministic=True):
     a, b = self.factors(module, in_shape, features)

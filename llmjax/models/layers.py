@@ -218,8 +218,9 @@ _matmul_16bit_cpu.defvjp(_matmul_fwd, _matmul_bwd)
 
 
 def matmul(x, w, out_dtype):
-  """x [tokens, in] @ w [in, out] -> [tokens, out], accumulated and returned in float32; the
-  caller casts it to `out_dtype`.
+  """x [tokens, in] @ w [in, out] -> [tokens, out], accumulated and returned in float32;
+  `out_dtype`: what the caller casts it to, unscaled (a scaled output's cotangent is not
+  16-bit: pass float32).
 
   On XLA:CPU with 16-bit operands and a 16-bit output, the backward matmuls (dx = g @ w.T,
   dw = x.T @ g) run on materialized transposes (`_materialized_t`), ~5x faster there. They
@@ -270,8 +271,12 @@ class DenseGeneral(nn.Module):
     # several times slower; on TPU/GPU the two forms compile the same).
     lead = x.shape[:x.ndim - len(contract)]
     x2d = x.astype(dtype).reshape(-1, math.prod(in_shape))  # [tokens, in]
+    # What `out` is cast to on its way out (float32 where an adapter rescales it: DoRA), which
+    # decides whether its cotangent is 16-bit (see `matmul`).
+    cast_to = (self.out_dtype or dtype) if self.adapter is None or self.adapter.adds_base \
+        else jnp.float32
     out = matmul(x2d, kernel.astype(dtype).reshape(math.prod(in_shape), -1),
-                 self.out_dtype or dtype)  # [tokens, out]
+                 cast_to)  # [tokens, out]
     if self.adapter is not None:
       out = self.adapter(self, x2d, out, kernel, in_shape, features, deterministic)
     out = out.reshape(*lead, *features).astype(self.out_dtype or dtype)
