@@ -171,7 +171,8 @@ COMMANDS: dict[str, Entry] = {
               small=('--steps=1', '--rows=4', '--workdir=tmp/dpo_packing')),
     # --- running on a TPU VM, a GPU ---
     "pip install -e '.[tpu]'":
-        Entry('plan_sft', ci=True),
+        Entry('plan_sft', ".ci/run installs '.[test]', which holds jax[tpu] (not gcsfs, the tpu "
+              "extra's GCS client)", ci=True),
     'JAX_PLATFORMS=cpu ALLOW_MULTIPLE_LIBTPU_LOAD=1 python -m llmjax.plan --config=experiments/sft.py:qwen2.5-0.5b --topology=v5e:2x2':
         Entry('plan_sft'),
     'python -m llmjax.main --config=experiments/sft.py:qwen2.5-0.5b --workdir=gs://BUCKET/sft --config.init.hf_dir=/data/Qwen2.5-0.5B --config.data.path=sft.jsonl':
