@@ -202,6 +202,13 @@ def validate(config: ml_collections.ConfigDict, *, num_devices: int = 1,
                       f"{model.max_seq_len} (learned positions); lower one of them.")
   from llmjax.data import sources  # imported here: `llmjax.data` pulls in Grain
   sources.check_data_format(config.data, data_files=data_files)
+  if config.data.get('builtin_tasks', ()) and len(config.data.get('builtin_weights', ())):
+    from llmjax.data import tasks  # the names were checked with the format
+    tasks.check_weights(tuple(config.data.builtin_tasks), config.data.builtin_weights)
+  elif len(config.data.get('builtin_weights', ())):
+    raise ConfigError(f"data.builtin_weights={tuple(config.data.builtin_weights)} but"
+                      " data.builtin_tasks is empty; the weights mix built-in tasks, so set"
+                      " data.builtin_tasks or drop the weights.")
   from llmjax.data.tokenizer import TOKENIZER_TYPES
   kind = config.data.get('tokenizer_type', 'bpe')
   if kind not in TOKENIZER_TYPES:
@@ -396,6 +403,10 @@ def base_config(model: str | None = None, **model_overrides) -> ml_collections.C
   # exact match on each held-out split (eval_<task>_exact_match). On the command line:
   # --config.data.builtin_tasks=arithmetic,facts.
   c.data.builtin_tasks = ()
+  # One weight a task, each task's share of the train data (a small task is cycled, never a
+  # large one cut: llmjax.data.tasks.mixture_counts); () trains each train split once, so a
+  # task of 379 examples beside one of 10,000 is 4% of every batch.
+  c.data.builtin_weights = ()
   c.data.builtin_seed = 0  # which problems are held out; apart from train.seed, so a sweep
   # over train.seed is scored on the same held-out questions
 

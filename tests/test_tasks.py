@@ -283,3 +283,47 @@ def test_builtin_validation_split_interleaves_the_tasks(fmt):
   for k in range(1, total + 1):
     for n in names:
       assert abs(order[:k].count(n) - k * sizes[n] / total) <= 1.0, (k, n)
+
+
+def test_builtin_weights_mix_the_train_splits_and_never_the_held_out():
+  """data.builtin_weights=(1, 2): facts is a third of the train source and arithmetic two
+  thirds; the smaller share is cycled (every record at least once, counts differ by at most
+  one), nothing is cut, and the held-out split is the unweighted one."""
+  names = ('facts', 'arithmetic')
+  plain = tasks.builtin_sources(names, 'preference', 0)
+  mixed = tasks.builtin_sources(names, 'preference', 0, weights=(1, 2))
+  sizes = [len(tasks.preference_pairs(n, 'train', 0)) for n in names]
+  counts = tasks.mixture_counts(sizes, (1.0, 2.0))
+  assert counts[1] == sizes[1] and abs(counts[0] - sizes[1] / 2) <= 1  # arithmetic once
+  prompts = [mixed['train'][i].prompt for i in range(len(mixed['train']))]
+  assert len(prompts) == sum(counts)
+  facts = [p for p in tasks.preference_pairs('facts', 'train', 0)]
+  seen = {}
+  for p in prompts[:counts[0]]:
+    seen[p] = seen.get(p, 0) + 1
+  assert set(seen) == {r['prompt'] for r in facts}
+  assert max(seen.values()) - min(seen.values()) <= 1
+  assert len(mixed['validation']) == len(plain['validation'])
+  assert ([mixed['validation'][i].prompt for i in range(len(plain['validation']))]
+          == [plain['validation'][i].prompt for i in range(len(plain['validation']))])
+  # Equal weights: the sizes' ratio no longer matters.
+  assert tasks.mixture_counts([10_000, 379, 389], [1, 1, 1]) == [10_000] * 3
+
+
+@pytest.mark.parametrize('weights, needle', [((1,), 'has 1 weight(s) for 2'),
+                                             ((1, 0), "task 'arithmetic' has weight 0"),
+                                             ((1, -2.5), 'positive number')])
+def test_builtin_weights_errors_are_one_line_before_training(weights, needle):
+  from llmjax import config as config_lib
+  c = config_lib.base_config('tiny')
+  c.data.format = 'prompt_completion'
+  c.data.builtin_tasks = ('facts', 'arithmetic')
+  c.data.builtin_weights = weights
+  with pytest.raises(ConfigError, match=re.escape(needle)) as e:
+    config_lib.validate(c)
+  assert '\n' not in str(e.value) and 'data.builtin_weights' in str(e.value)
+  c.data.builtin_tasks = ()
+  c.data.format = 'text'  # the embedded corpus
+  c.data.builtin_weights = (1, 1)
+  with pytest.raises(ConfigError, match='data.builtin_tasks is empty'):
+    config_lib.validate(c)

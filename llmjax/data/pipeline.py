@@ -362,7 +362,8 @@ def get_sources(data_cfg, workdir: str) -> dict:
     from llmjax.data import tasks  # generated in memory: nothing to prepare on disk
     return tasks.builtin_sources(data_cfg.builtin_tasks, data_format,
                                  data_cfg.get('builtin_seed', 0),
-                                 conversational=bool(data_cfg.get('chat_template', '')))
+                                 conversational=bool(data_cfg.get('chat_template', '')),
+                                 weights=tuple(data_cfg.get('builtin_weights', ())))
   if data_cfg.path and data_cfg.get('split', 'documents') == 'tail':
     files.check_local('data.path', data_cfg.path)
     return sources.tail_split_source(data_cfg.path, data_cfg.get('val_fraction', 0.1),

@@ -31,6 +31,7 @@ seed here: a task about the corpus must agree with the corpus the model was pret
 
 import functools
 import json
+import math
 import random
 from typing import Callable, NamedTuple, Sequence
 
@@ -391,8 +392,37 @@ def _interleave(lists: list[list]) -> list:
   return [x for _, _, x in sorted(keyed, key=lambda t: t[:2])]
 
 
+def mixture_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
+  """How many train examples each task contributes so that task k is a share
+  weights[k] / sum(weights) of the train source: the task with the most examples per unit of
+  weight appears once, the others are cycled (never cut, so every example is seen).
+
+  >>> mixture_counts([10_000, 379, 389], [1, 1, 1])
+  [10000, 10000, 10000]
+  """
+  total = sum(weights)
+  length = max(math.ceil(n * total / w) for n, w in zip(sizes, weights))
+  return [max(n, round(length * w / total)) for n, w in zip(sizes, weights)]
+
+
+def check_weights(names: Sequence[str], weights: Sequence[float]) -> tuple[float, ...]:
+  """`data.builtin_weights` as floats, or a one-line ConfigError: one positive weight a task."""
+  weights = tuple(weights)
+  if len(weights) != len(names):
+    raise ConfigError(f"data.builtin_weights has {len(weights)} weight(s) for"
+                      f" {len(names)} data.builtin_tasks ({', '.join(names)}); give one weight a"
+                      " task, in the same order, e.g. --config.data.builtin_weights="
+                      f"{','.join('1' for _ in names)}, or () for the splits' own sizes.")
+  for name, w in zip(names, weights):
+    if not isinstance(w, (int, float)) or isinstance(w, bool) or not w > 0:
+      raise ConfigError(f"data.builtin_weights: task '{name}' has weight {w!r}; each weight must"
+                        " be a positive number.")
+  return tuple(float(w) for w in weights)
+
+
 def builtin_sources(names: Sequence[str], data_format: str, seed: int = 0,
-                    conversational: bool = False) -> dict:
+                    conversational: bool = False,
+                    weights: Sequence[float] = ()) -> dict:
   """{'train', 'validation'} sources of `data.builtin_tasks`: the train splits of `names`
   (concatenated; the pipeline shuffles) and their held-out splits (the run's eval_loss),
   interleaved task by task, so that the first data.eval_batches batches (read in order) sample
@@ -404,12 +434,24 @@ def builtin_sources(names: Sequence[str], data_format: str, seed: int = 0,
   `conversational`: data.chat_template is set); 'unpaired_preference' the same pairs unpaired
   as TRL's unpair_preference_dataset does (chosen desirable, rejected undesirable), each
   pair's two examples one after the other.
+
+  weights (`data.builtin_weights`): one per task, the task's share of the train source
+  (`mixture_counts`); empty, each train split once, so a task's share is its size. The
+  held-out splits are never reweighted.
   """
   from llmjax.data import sources  # here: sources imports nothing of ours, keep it that way
   names = check_task_names(names, where='data.builtin_tasks')
+  weights = check_weights(names, weights) if len(weights) else ()
+
+  def concat(lists):
+    if weights:
+      counts = mixture_counts([len(l) for l in lists], weights)
+      lists = [[l[i % len(l)] for i in range(n)] for l, n in zip(lists, counts)]
+    return [x for l in lists for x in l]
+
   out = {}
   for split, source_split in (('train', 'train'), ('validation', 'heldout')):
-    order = _interleave if split == 'validation' else lambda lists: [x for l in lists for x in l]
+    order = _interleave if split == 'validation' else concat
     if data_format in sources.PREFERENCE_FORMATS:
       features = []
       pairs = order([[(name, i, r) for i, r in enumerate(preference_pairs(name, source_split,
