@@ -265,3 +265,35 @@ def test_projection_matmul_gradients_are_autodiffs_of_the_plain_dot(out_dtype):
   out = jax.jit(lambda x, w: layers.matmul(x, w, dt))(x, w)
   assert out.dtype == jnp.float32
   np.testing.assert_array_equal(out, jnp.dot(x, w, preferred_element_type=jnp.float32))
+
+
+@pytest.mark.parametrize('platform', ['cpu', 'tpu'])
+def test_head_matmul_backward_rounds_the_float32_cotangent_once(platform):
+  # layers.matmul(round_cotangent=True), the heads: float32 logits from bfloat16 operands; the
+  # backward takes the logits' float32 cotangent rounded to bfloat16 (a TPU's default-precision
+  # dot): dx and dw within one bfloat16 rounding of that product in numpy; 'tpu' lowers the non-CPU branch (plain transposes) as
+  # `llmjax.plan` does, and its value is checked through the same jaxpr on the CPU.
+  import jax.numpy as jnp
+  from llmjax.models import layers
+  kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (48, 32)).astype(jnp.bfloat16)
+  w = jax.random.normal(kw, (32, 40)).astype(jnp.bfloat16)
+  g = jax.random.normal(kg, (48, 40))  # float32, not bfloat16-representable
+  loss = lambda mm: lambda x, w: jnp.sum(mm(x, w) * g)
+  if platform == 'cpu':
+    head = lambda x, w: layers.matmul(x, w, jnp.float32, round_cotangent=True)
+  else:
+    head = lambda x, w: layers._matmul_16bit(x, w, False)  # the default= branch
+    lowered = jax.jit(jax.grad(loss(lambda x, w: layers.matmul(
+        x, w, jnp.float32, round_cotangent=True)), argnums=(0, 1))).trace(x, w).lower(
+            lowering_platforms=('tpu',))
+    assert 'transpose' in lowered.as_text()
+  dx, dw = jax.jit(jax.grad(loss(head), argnums=(0, 1)))(x, w)
+  g16 = np.asarray(g.astype(jnp.bfloat16), np.float32)
+  x32, w32 = np.asarray(x, np.float32), np.asarray(w, np.float32)
+  for ours, want in ((dx, g16 @ w32.T), (dw, x32.T @ g16)):
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(ours, np.float32), want, rtol=2 ** -7, atol=1e-6)
+  out = jax.jit(head)(x, w)  # the logits themselves: float32, unrounded
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, jnp.dot(x, w, preferred_element_type=jnp.float32))

@@ -4,6 +4,7 @@ Every parameter carries logical axis names (`nn.with_logical_partitioning`); `pa
 is the storage dtype and `cfg.dtype` the compute dtype. Norm statistics are float32.
 """
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -197,28 +198,30 @@ def _materialized_t(a):
   return jnp.transpose(a.reshape(m, n, 1), (1, 0, 2)).reshape(n, m)
 
 
-@jax.custom_vjp
-def _matmul_16bit_cpu(x, w):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_16bit(x, w, copies: bool):
   return jnp.dot(x, w, preferred_element_type=jnp.float32)
 
 
-def _matmul_fwd(x, w):
-  return _matmul_16bit_cpu(x, w), (x, w)
+def _matmul_fwd(x, w, copies):
+  return _matmul_16bit(x, w, copies), (x, w)
 
 
-def _matmul_bwd(res, g):
+def _matmul_bwd(copies, res, g):
   x, w = res
-  # Exact: the caller casts the output to x's 16-bit dtype, so g holds 16-bit values.
+  # Exact where the caller casts the output to x's 16-bit dtype (g then holds 16-bit values);
+  # for a head's float32 output (`round_cotangent`) this is the one rounding of the cotangent.
   gx = g.astype(x.dtype)  # [tokens, out]
-  dx = jnp.dot(gx, _materialized_t(w), preferred_element_type=jnp.float32)  # [tokens, in]
-  dw = jnp.dot(_materialized_t(x), gx, preferred_element_type=jnp.float32)  # [in, out]
+  t = _materialized_t if copies else jnp.transpose
+  dx = jnp.dot(gx, t(w), preferred_element_type=jnp.float32)  # [tokens, in]
+  dw = jnp.dot(t(x), gx, preferred_element_type=jnp.float32)  # [in, out]
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
-_matmul_16bit_cpu.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul_16bit.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def matmul(x, w, out_dtype):
+def matmul(x, w, out_dtype, round_cotangent: bool = False):
   """x [tokens, in] @ w [in, out] -> [tokens, out], accumulated and returned in float32;
   `out_dtype`: what the caller casts it to, unscaled (a scaled output's cotangent is not
   16-bit: pass float32).
@@ -226,14 +229,26 @@ def matmul(x, w, out_dtype):
   On XLA:CPU with 16-bit operands and a 16-bit output, the backward matmuls (dx = g @ w.T,
   dw = x.T @ g) run on materialized transposes (`_materialized_t`), ~5x faster there. They
   compute what autodiff's would: the cotangent of a 16-bit output is 16-bit, products of
-  16-bit values are exact in float32, and both accumulate in float32. Elsewhere (TPU, GPU,
-  float32, a float32 output such as the logits) the plain dot and its autodiff."""
+  16-bit values are exact in float32, and both accumulate in float32.
+
+  round_cotangent (the heads: float32 logits or scores from 16-bit operands): the backward
+  matmuls take the output's float32 cotangent rounded to x's 16-bit dtype, on every platform
+  (on XLA:CPU through the same copies). That is what a TPU's default-precision dot does with a
+  float32 operand anyway, what transformers' bf16 autocast and MaxText's bf16 logits do (their
+  logits are 16-bit), and on a GPU it puts the head's backward on 16-bit tensor cores; the
+  logits, softmax and loss stay float32. Elsewhere (float32 operands, a float32 output that
+  is not a head's) the plain dot and its autodiff."""
   plain = lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32)
-  if not (jnp.dtype(x.dtype).itemsize == 2 and jnp.dtype(w.dtype).itemsize == 2
-          and jnp.dtype(out_dtype).itemsize == 2):
+  if not (jnp.dtype(x.dtype).itemsize == 2 and jnp.dtype(w.dtype).itemsize == 2):
+    return plain(x, w)
+  if round_cotangent:
+    return jax.lax.platform_dependent(x, w, cpu=functools.partial(_matmul_16bit, copies=True),
+                                      default=functools.partial(_matmul_16bit, copies=False))
+  if jnp.dtype(out_dtype).itemsize != 2:
     return plain(x, w)
   # By the platform compiled for, not the host's: `llmjax.plan` compiles TPU programs on a CPU.
-  return jax.lax.platform_dependent(x, w, cpu=_matmul_16bit_cpu, default=plain)
+  return jax.lax.platform_dependent(x, w, cpu=functools.partial(_matmul_16bit, copies=True),
+                                    default=plain)
 
 
 class DenseGeneral(nn.Module):
@@ -277,7 +292,7 @@ class DenseGeneral(nn.Module):
     cast_to = (self.out_dtype or dtype) if self.adapter is None or self.adapter.adds_base \
         else jnp.float32
     out = matmul(x2d, kernel.astype(dtype).reshape(math.prod(in_shape), -1),
-                 cast_to)  # [tokens, out]
+                 cast_to, round_cotangent=self.kernel_axes[-1] in HEAD_OUT_AXES)  # [tokens, out]
     if self.adapter is not None:
       out = self.adapter(self, x2d, out, kernel, in_shape, features, deterministic)
     out = out.reshape(*lead, *features).astype(self.out_dtype or dtype)
@@ -344,8 +359,8 @@ class Embed(nn.Module):
     dtype = jnp.dtype(self.cfg.dtype)
     b, l, d = x.shape
     # As a 2-D matmul for the same XLA:CPU reason as DenseGeneral.
-    logits = jnp.einsum('nd,vd->nv', x.astype(dtype).reshape(b * l, d),
-                        self.embedding.astype(dtype), preferred_element_type=jnp.float32)
+    logits = matmul(x.astype(dtype).reshape(b * l, d), self.embedding.astype(dtype).T,
+                    jnp.float32, round_cotangent=True)  # [b * l, vocab]
     return logits.reshape(b, l, -1)  # [batch, length, vocab]
 
 
