@@ -20,12 +20,13 @@ pairs with it.
 `:tiny` starts from the tiny SFT model (`experiments/sft.py:tiny`, in /tmp/sft_tiny;
 params_dir= for another) on the built-in preference pairs, eval accuracy on their held-out
 split. From the SFT model of `benchmarks/sft_tasks.py` (`python benchmarks/preference_tasks.py
---sft=/tmp/sft_bench/full`, 300 steps, 133 s on 2 CPU cores): held-out accuracy 0.869
-(arithmetic 0.995, strings 0.824, facts 0.558: the facts' held-out phrasing is not learned).
-Not a misread token (`benchmarks/reward_diagnosis.py`): the trunk keeps every fact (its SFT
-LM head still prefers all held-out chosen answers) and retrieves it by the first layer, but the
-score at the EOS has to learn the check from the 379 facts pairs, and it memorises them: on
-facts alone it fits the train pairs (1.00) and reaches 0.61-0.75 held out.
+--sft=/tmp/sft_bench/full --runs=reward`, 900 steps, 223 s on 2 CPU cores): held-out accuracy
+0.909 on all 328 held-out pairs (arithmetic 1.000, facts 0.740, strings 0.804); with
+--config.train.seed=1, 0.890 (1.000, 0.714, 0.725). The tasks are mixed 2:1:1
+(data.builtin_weights): by size, facts are 4% of the pairs and the score never learns them
+(0.869 in all, facts 0.558). Not a misread token (`benchmarks/reward_diagnosis.py`): the trunk
+keeps every fact and retrieves it by the first layer, but the score at the EOS has to learn
+the check from the 379 facts pairs, which it fits (1.00) well before it generalises (0.74).
 
 Arguments (after ':'): [VARIANT,]lora=RANK, seq_len=N, batch=N (pairs); `:tiny` takes
 params_dir=DIR, steps=N instead.
